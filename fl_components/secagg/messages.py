@@ -1,0 +1,333 @@
+"""The protocol's messages and their wire format (no pickle).
+
+Bonawitz et al. 2017, "Practical Secure Aggregation for Privacy-Preserving Machine
+Learning", CCS (arXiv:1611.04482), Figure 4, has four rounds; we run them as two stages
+because each stage is a remote dispatch (Section 4's AdvertiseKeys round is replaced by
+long-term keys in the registry, and ConsistencyCheck is not run: see the threat model).
+
+Wire format of every message::
+
+    b"FPSA" | version (1 byte) | header length (u32 BE) | header (canonical JSON, UTF-8)
+           | array length (u64 BE) | array (raw little-endian uint32) | signature length (u16 BE)
+           | signature (Ed25519, 64 bytes, or empty for unsigned requests)
+
+The signature covers every byte before the signature length. Parsing checks every field's
+type and raises :class:`~fl_components.secagg.errors.MalformedMessageError` on anything else.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import json
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Self
+
+import numpy as np
+import numpy.typing as npt
+
+from fl_components.secagg.errors import MalformedMessageError
+
+MAGIC = b"FPSA"
+VERSION = 1
+_WORD = np.dtype("<u4")
+
+
+class Stage(enum.StrEnum):
+    """The message kinds, in protocol order."""
+
+    MASKED_UPDATE = "masked_update"
+    UNMASK_REQUEST = "unmask_request"
+    UNMASK_RESPONSE = "unmask_response"
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def _unb64(text: object, name: str) -> bytes:
+    if not isinstance(text, str):
+        raise MalformedMessageError(f"field {name!r} must be a base64 string")
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError as exc:
+        raise MalformedMessageError(f"field {name!r} is not valid base64") from exc
+
+
+def _frame(header: Mapping[str, Any], array: bytes) -> bytes:
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    return b"".join(
+        (
+            MAGIC,
+            bytes([VERSION]),
+            struct.pack(">I", len(text)),
+            text,
+            struct.pack(">Q", len(array)),
+            array,
+        )
+    )
+
+
+def _seal(payload: bytes, signature: bytes) -> bytes:
+    return payload + struct.pack(">H", len(signature)) + signature
+
+
+def _unframe(data: bytes, stage: Stage) -> tuple[dict[str, Any], bytes, bytes]:
+    """Split bytes into (header, array bytes, signature); checks framing and stage."""
+    view = memoryview(data)
+    try:
+        if bytes(view[:4]) != MAGIC or view[4] != VERSION:
+            raise MalformedMessageError(
+                f"not a fedpipe secure-aggregation v{VERSION} message (bad magic or version)"
+            )
+        (header_len,) = struct.unpack(">I", view[5:9])
+        header_end = 9 + header_len
+        header = json.loads(bytes(view[9:header_end]))
+        (array_len,) = struct.unpack(">Q", view[header_end : header_end + 8])
+        array_end = header_end + 8 + array_len
+        array = bytes(view[header_end + 8 : array_end])
+        (sig_len,) = struct.unpack(">H", view[array_end : array_end + 2])
+        signature = bytes(view[array_end + 2 : array_end + 2 + sig_len])
+    except (struct.error, IndexError, ValueError, UnicodeDecodeError) as exc:
+        raise MalformedMessageError(f"truncated or corrupt {stage} message: {exc}") from exc
+    if len(array) != array_len or len(signature) != sig_len or array_end + 2 + sig_len != len(data):
+        raise MalformedMessageError(f"{stage} message length does not match its framing")
+    got = header.get("stage") if isinstance(header, dict) else None
+    if got != stage.value:
+        raise MalformedMessageError(f"expected a {stage} message, got stage {got!r}")
+    return header, array, signature
+
+
+def _get(header: Mapping[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    value = header.get(name)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise MalformedMessageError(f"field {name!r} is missing or not of type {kind}")
+    return value
+
+
+def _str_map(header: Mapping[str, Any], name: str) -> dict[str, Any]:
+    value = _get(header, name, dict)
+    if not all(isinstance(k, str) for k in value):
+        raise MalformedMessageError(f"field {name!r} must map site names to values")
+    return value
+
+
+def _sites(header: Mapping[str, Any], name: str) -> tuple[str, ...]:
+    value = _get(header, name, list)
+    if not all(isinstance(v, str) for v in value):
+        raise MalformedMessageError(f"field {name!r} must be a list of site names")
+    return tuple(value)
+
+
+@dataclass(frozen=True, eq=False)
+class MaskedUpdate:
+    """Stage 1, participant -> coordinator: the masked vector and the encrypted shares.
+
+    Attributes
+    ----------
+    run_id, round, sender : str, int, str
+        Binding of the message.
+    num_examples : int
+        The sender's example count, in the clear (FedAvg weighting; not secret here).
+    masked : numpy.ndarray of uint32, shape (d,)
+        y_u = x_u + PRG(b_u) + sum_v +-PRG(s_{u,v}) mod 2^32.
+    shares : Mapping[str, bytes]
+        receiver -> AES-GCM blob of the receiver's Shamir share of b_u.
+    self_mask_commitment : bytes
+        SHA-256 commitment to b_u (checked after reconstruction).
+    pairwise_commitments : Mapping[str, bytes]
+        neighbour -> SHA-256 commitment to s_{u,v} (checked when a dropout is recovered).
+    mask_seconds : float
+        Time the sender spent quantizing and masking (reported to tracking).
+    signature : bytes
+        Ed25519 signature of the sender over :meth:`signed_payload`.
+    """
+
+    run_id: str
+    round: int
+    sender: str
+    num_examples: int
+    masked: npt.NDArray[np.uint32]
+    shares: Mapping[str, bytes]
+    self_mask_commitment: bytes
+    pairwise_commitments: Mapping[str, bytes]
+    mask_seconds: float = 0.0
+    signature: bytes = field(default=b"", repr=False)
+
+    stage = Stage.MASKED_UPDATE
+
+    def _header(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage.value,
+            "run_id": self.run_id,
+            "round": self.round,
+            "sender": self.sender,
+            "num_examples": self.num_examples,
+            "dimension": int(self.masked.shape[0]),
+            "shares": {k: _b64(v) for k, v in self.shares.items()},
+            "self_mask_commitment": _b64(self.self_mask_commitment),
+            "pairwise_commitments": {k: _b64(v) for k, v in self.pairwise_commitments.items()},
+            "mask_seconds": self.mask_seconds,
+        }
+
+    def signed_payload(self) -> bytes:
+        """The canonical bytes the signature covers."""
+        return _frame(self._header(), np.ascontiguousarray(self.masked, dtype=_WORD).tobytes())
+
+    def with_signature(self, signature: bytes) -> Self:
+        """Return a copy carrying ``signature``."""
+        return replace(self, signature=signature)
+
+    def to_bytes(self) -> bytes:
+        """Serialize (header, raw vector, signature)."""
+        return _seal(self.signed_payload(), self.signature)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Self:
+        """Parse bytes written by :meth:`to_bytes` (the signature is not checked here)."""
+        header, array, signature = _unframe(data, Stage.MASKED_UPDATE)
+        dimension = _get(header, "dimension", int)
+        if len(array) != 4 * dimension:
+            raise MalformedMessageError(
+                f"masked vector holds {len(array)} bytes, header says {dimension} uint32 values"
+            )
+        mask_seconds = _get(header, "mask_seconds", (int, float))
+        return cls(
+            run_id=_get(header, "run_id", str),
+            round=_get(header, "round", int),
+            sender=_get(header, "sender", str),
+            num_examples=_get(header, "num_examples", int),
+            masked=np.frombuffer(array, dtype=_WORD).astype(np.uint32),
+            shares={k: _unb64(v, "shares") for k, v in _str_map(header, "shares").items()},
+            self_mask_commitment=_unb64(header.get("self_mask_commitment"), "self_mask_commitment"),
+            pairwise_commitments={
+                k: _unb64(v, "pairwise_commitments")
+                for k, v in _str_map(header, "pairwise_commitments").items()
+            },
+            mask_seconds=float(mask_seconds),
+            signature=signature,
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class UnmaskRequest:
+    """Stage 2, coordinator -> one survivor: who survived, who dropped, its shares.
+
+    Attributes
+    ----------
+    run_id, round, receiver : str, int, str
+        Binding of the request.
+    survivors : tuple[str, ...]
+        Sites whose masked update was received (sorted).
+    dropped : tuple[str, ...]
+        Selected sites whose masked update never arrived (sorted).
+    ciphertexts : Mapping[str, bytes]
+        sender -> the AES-GCM blob the sender addressed to ``receiver``.
+    """
+
+    run_id: str
+    round: int
+    receiver: str
+    survivors: tuple[str, ...]
+    dropped: tuple[str, ...]
+    ciphertexts: Mapping[str, bytes]
+
+    stage = Stage.UNMASK_REQUEST
+
+    def to_bytes(self) -> bytes:
+        """Serialize (unsigned: the coordinator holds no signing key)."""
+        header = {
+            "stage": self.stage.value,
+            "run_id": self.run_id,
+            "round": self.round,
+            "receiver": self.receiver,
+            "survivors": list(self.survivors),
+            "dropped": list(self.dropped),
+            "ciphertexts": {k: _b64(v) for k, v in self.ciphertexts.items()},
+        }
+        return _seal(_frame(header, b""), b"")
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Self:
+        """Parse bytes written by :meth:`to_bytes`."""
+        header, _, _ = _unframe(data, Stage.UNMASK_REQUEST)
+        return cls(
+            run_id=_get(header, "run_id", str),
+            round=_get(header, "round", int),
+            receiver=_get(header, "receiver", str),
+            survivors=_sites(header, "survivors"),
+            dropped=_sites(header, "dropped"),
+            ciphertexts={
+                k: _unb64(v, "ciphertexts") for k, v in _str_map(header, "ciphertexts").items()
+            },
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class UnmaskResponse:
+    """Stage 2, survivor -> coordinator: b-shares of survivors, pairwise seeds of dropouts.
+
+    Attributes
+    ----------
+    run_id, round, sender : str, int, str
+        Binding of the response.
+    self_mask_shares : Mapping[str, int]
+        owner -> y of the sender's Shamir share of b_owner (x is the sender's index).
+    pairwise_seeds : Mapping[str, bytes]
+        dropped neighbour -> s_{sender,dropped} for this round.
+    signature : bytes
+        Ed25519 signature of the sender over :meth:`signed_payload`.
+    """
+
+    run_id: str
+    round: int
+    sender: str
+    self_mask_shares: Mapping[str, int]
+    pairwise_seeds: Mapping[str, bytes]
+    signature: bytes = field(default=b"", repr=False)
+
+    stage = Stage.UNMASK_RESPONSE
+
+    def signed_payload(self) -> bytes:
+        """The canonical bytes the signature covers."""
+        header = {
+            "stage": self.stage.value,
+            "run_id": self.run_id,
+            "round": self.round,
+            "sender": self.sender,
+            "self_mask_shares": {k: format(v, "x") for k, v in self.self_mask_shares.items()},
+            "pairwise_seeds": {k: _b64(v) for k, v in self.pairwise_seeds.items()},
+        }
+        return _frame(header, b"")
+
+    def with_signature(self, signature: bytes) -> Self:
+        """Return a copy carrying ``signature``."""
+        return replace(self, signature=signature)
+
+    def to_bytes(self) -> bytes:
+        """Serialize (header, signature)."""
+        return _seal(self.signed_payload(), self.signature)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Self:
+        """Parse bytes written by :meth:`to_bytes` (the signature is not checked here)."""
+        header, _, signature = _unframe(data, Stage.UNMASK_RESPONSE)
+        shares: dict[str, int] = {}
+        for owner, text in _str_map(header, "self_mask_shares").items():
+            try:
+                shares[owner] = int(text, 16)
+            except (TypeError, ValueError) as exc:
+                raise MalformedMessageError(f"share of {owner!r} is not a hex integer") from exc
+        return cls(
+            run_id=_get(header, "run_id", str),
+            round=_get(header, "round", int),
+            sender=_get(header, "sender", str),
+            self_mask_shares=shares,
+            pairwise_seeds={
+                k: _unb64(v, "pairwise_seeds")
+                for k, v in _str_map(header, "pairwise_seeds").items()
+            },
+            signature=signature,
+        )
