@@ -1,0 +1,243 @@
+"""The federation's configuration: one pydantic model tree, the only way settings enter.
+
+Flows take :class:`FederationConfig` as their parameter, so the Prefect UI renders it as a
+form and validates it before a run is submitted; ``fedpipe run FILE.yaml`` loads the same
+model from YAML. Every validation error names the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fl_components.errors import ConfigError
+
+BundledDataset = Literal["digits", "breast_cancer", "wine"]
+Partitioner = Literal["iid", "dirichlet", "shards", "quantity_skew"]
+ModelKind = Literal["logreg", "mlp", "cnn"]
+OptimizerKind = Literal["sgd", "adam"]
+StrategyKind = Literal["fedavg"]
+BackendKind = Literal["local", "work-pool"]
+InitFrom = Literal["fresh", "champion", "run"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    """Where the sites' data comes from and how a bundled set is split among them."""
+
+    source: Literal["bundled", "site_files"] = Field(
+        default="bundled",
+        description="'bundled': split a scikit-learn set among generated sites; "
+        "'site_files': every site brings its own file (see sites[].data_path).",
+    )
+    dataset: BundledDataset = Field(default="digits", description="Bundled scikit-learn set.")
+    partitioner: Partitioner = Field(default="dirichlet", description="How labels are split.")
+    alpha: float = Field(default=0.5, gt=0, description="Dirichlet concentration (lower = skew).")
+    shards_per_site: int = Field(default=2, ge=1, description="Labels per site for 'shards'.")
+    quantity_sigma: float = Field(
+        default=1.0, gt=0, description="Log-normal sigma of site sizes for 'quantity_skew'."
+    )
+    test_fraction: float = Field(
+        default=0.2, gt=0, lt=1, description="Central test split held out before partitioning."
+    )
+    site_test_fraction: float = Field(
+        default=0.2, gt=0, lt=1, description="Each site's held-out split for federated eval."
+    )
+    label_column: str = Field(default="label", description="Label column of CSV/Parquet files.")
+    sites_dir: str = Field(
+        default="sites", description="Generated site folders go to <sites_dir>/<federation>/<site>."
+    )
+    n_features: int | None = Field(
+        default=None, ge=1, description="Input width; required for site_files (bundled: known)."
+    )
+    n_classes: int | None = Field(
+        default=None, ge=2, description="Number of classes; required for site_files."
+    )
+
+
+class SiteConfig(_Section):
+    """One site of the federation."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+    data_path: str | None = Field(
+        default=None,
+        description="Folder with the site's own train.<ext> and test.<ext> "
+        "(.npz, .csv or .parquet). Only for data.source = 'site_files'.",
+    )
+    work_pool: str | None = Field(
+        default=None, description="Prefect work pool of this site (work-pool backend)."
+    )
+
+
+class ParticipationConfig(_Section):
+    """How many sites take part in each round."""
+
+    fraction: float = Field(default=1.0, gt=0, le=1, description="Share of sites per round.")
+    min_participants: int = Field(default=2, ge=1, description="Fewer than this aborts a round.")
+
+
+class ModelConfig(_Section):
+    """The model every site trains."""
+
+    kind: ModelKind = "mlp"
+    hidden: tuple[int, ...] = Field(default=(128,), description="MLP hidden layer widths.")
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive_widths(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(width < 1 for width in value):
+            raise ValueError(f"every hidden width must be >= 1 (got {list(value)})")
+        return value
+
+
+class TrainingConfig(_Section):
+    """Local training at each site."""
+
+    epochs: int = Field(default=5, ge=1, le=1000)
+    batch_size: int = Field(default=32, ge=1, le=65536)
+    lr: float = Field(default=0.05, gt=0, le=10)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    optimizer: OptimizerKind = "sgd"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="'auto' picks CUDA when a GPU is present."
+    )
+
+
+class StrategyConfig(_Section):
+    """How the coordinator combines updates and moves the global model."""
+
+    name: StrategyKind = "fedavg"
+    server_lr: float = Field(default=1.0, gt=0, le=10, description="Step on the averaged delta.")
+
+
+class TrackingConfig(_Section):
+    """MLflow tracking."""
+
+    tracking_uri: str = Field(
+        default="sqlite:///mlflow/mlflow.db",
+        description="MLflow tracking URI; the default store lives under mlflow/.",
+    )
+    artifact_root: str = Field(default="mlflow/artifacts", description="Artifacts folder.")
+    register_model: bool = Field(default=True, description="Register the final model.")
+
+
+class FederationConfig(_Section):
+    """A whole federation: sites, rounds, model, training, strategy, tracking."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")] = "digits-demo"
+    sites: tuple[SiteConfig, ...] = Field(
+        default_factory=lambda: tuple(SiteConfig(name=f"site-{i:02d}") for i in range(10)),
+        min_length=1,
+    )
+    rounds: int = Field(default=20, ge=1, le=10000)
+    participation: ParticipationConfig = ParticipationConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    training: TrainingConfig = TrainingConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    backend: BackendKind = Field(default="local", description="Where participants run.")
+    init_from: InitFrom = Field(
+        default="fresh", description="Start fresh, from the registry's champion, or a run."
+    )
+    init_run_id: str | None = Field(default=None, description="MLflow run id for init_from=run.")
+    seed: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FederationConfig:
+        names = [site.name for site in self.sites]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"sites: names must be unique (repeated: {', '.join(duplicates)})")
+        if self.participation.min_participants > len(self.sites):
+            raise ValueError(
+                f"participation.min_participants ({self.participation.min_participants}) "
+                f"exceeds the number of sites ({len(self.sites)}); lower it or add sites"
+            )
+        if self.data.source == "site_files":
+            missing = [s.name for s in self.sites if s.data_path is None]
+            if missing:
+                raise ValueError(
+                    "data.source is 'site_files' but these sites have no data_path: "
+                    f"{', '.join(missing)}; set sites[].data_path"
+                )
+        if self.data.source == "site_files" and (
+            self.data.n_features is None or self.data.n_classes is None
+        ):
+            raise ValueError(
+                "data.source is 'site_files': set data.n_features and data.n_classes "
+                "(the coordinator never opens a site's files to find them)"
+            )
+        if self.init_from == "run" and not self.init_run_id:
+            raise ValueError("init_from is 'run' but init_run_id is empty; set init_run_id")
+        return self
+
+    @property
+    def site_names(self) -> tuple[str, ...]:
+        """Names of all sites, in config order."""
+        return tuple(site.name for site in self.sites)
+
+
+def format_validation_error(error: ValidationError, *, source: str) -> str:
+    """Turn pydantic's error into lines naming field, value and what is allowed."""
+    lines = [f"{source}: {error.error_count()} invalid setting(s)"]
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "literal_error":
+            allowed = item.get("ctx", {}).get("expected", "")
+            message = f"must be one of {allowed}"
+        elif item["type"] == "extra_forbidden":
+            message = "is not a known setting (check its spelling and section)"
+        value = item.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"  {field}: {message}{shown}")
+    return "\n".join(lines)
+
+
+def config_from_dict(raw: dict[str, Any], *, source: str = "config") -> FederationConfig:
+    """Validate a plain mapping, raising :class:`ConfigError` with a readable message."""
+    try:
+        return FederationConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, source=source)) from None
+
+
+def load_config(path: str | Path) -> FederationConfig:
+    """Load and validate a federation config from a YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; see examples/ for templates")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    return config_from_dict(raw, source=str(path))
+
+
+def flatten_config(config: BaseModel, prefix: str = "") -> dict[str, str]:
+    """Flatten the config into ``section.field -> str`` pairs (MLflow params)."""
+    flat: dict[str, str] = {}
+    for key, value in config.model_dump(mode="json").items():
+        _flatten_into(flat, f"{prefix}{key}", value)
+    return flat
+
+
+def _flatten_into(flat: dict[str, str], key: str, value: Any) -> None:
+    if isinstance(value, dict):
+        for sub_key, sub_value in value.items():
+            _flatten_into(flat, f"{key}.{sub_key}", sub_value)
+    elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        flat[f"{key}.count"] = str(len(value))
+        for index, item in enumerate(value):
+            _flatten_into(flat, f"{key}.{index}", item)
+    else:
+        flat[key] = str(value)

@@ -1,0 +1,152 @@
+"""The federation's plain-Python pieces: site folders, participant selection, the site side.
+
+The coordinator only ever learns a site's folder *name*; a :class:`Site` object, created
+where the site's data lives, reads its own folder and returns updates and scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fl_components.config import FederationConfig
+from fl_components.data import (
+    DatasetInfo,
+    SiteData,
+    Split,
+    load_bundled,
+    load_site,
+    partition_bundled,
+    read_split,
+    write_site,
+    write_split,
+)
+from fl_components.errors import ConfigError, DataError, RoundError
+from fl_components.models import build_model
+from fl_components.parameters import NDArrays
+from fl_components.training import LocalUpdate, Metrics, evaluate, local_train
+
+CENTRAL_DIR = "_central"
+
+
+def federation_dir(config: FederationConfig) -> Path:
+    """Folder under which generated sites of this federation live."""
+    return Path(config.data.sites_dir) / config.name
+
+
+def site_folder(config: FederationConfig, name: str) -> Path:
+    """The data folder of site ``name``."""
+    for site in config.sites:
+        if site.name == name:
+            if site.data_path is not None:
+                return Path(site.data_path)
+            return federation_dir(config) / name
+    raise ConfigError(f"no site named {name!r} in the federation (sites: {config.site_names})")
+
+
+def dataset_info(config: FederationConfig) -> DatasetInfo:
+    """Input width and class count, from the bundled set or from the config."""
+    if config.data.source == "bundled":
+        split = load_bundled(config.data.dataset)
+        return DatasetInfo(int(split.features.shape[1]), int(split.labels.max()) + 1)
+    if config.data.n_features is None or config.data.n_classes is None:
+        raise ConfigError("data.n_features and data.n_classes must be set for site_files")
+    return DatasetInfo(config.data.n_features, config.data.n_classes)
+
+
+def materialize_sites(config: FederationConfig, *, overwrite: bool = False) -> list[Path]:
+    """Partition a bundled set into ``sites/<federation>/<site>/`` (train.npz, test.npz).
+
+    Also writes the central test split to ``sites/<federation>/_central/test.npz``. Existing
+    folders are kept unless ``overwrite`` (the same seed rebuilds the same split).
+    """
+    if config.data.source != "bundled":
+        raise ConfigError(
+            "data.source is 'site_files': sites bring their own data; nothing to partition"
+        )
+    root = federation_dir(config)
+    folders = [root / name for name in config.site_names]
+    central = root / CENTRAL_DIR / "test.npz"
+    if not overwrite and central.is_file() and all((f / "train.npz").is_file() for f in folders):
+        return folders
+    d = config.data
+    sites, central_test = partition_bundled(
+        dataset=d.dataset,
+        site_names=config.site_names,
+        partitioner=d.partitioner,
+        alpha=d.alpha,
+        shards_per_site=d.shards_per_site,
+        quantity_sigma=d.quantity_sigma,
+        test_fraction=d.test_fraction,
+        site_test_fraction=d.site_test_fraction,
+        seed=config.seed,
+    )
+    for site in sites:
+        write_site(root, site)
+    write_split(central, central_test)
+    return folders
+
+
+def central_test_split(config: FederationConfig) -> Split | None:
+    """The coordinator's central test split (bundled sets only; None for real sites)."""
+    if config.data.source != "bundled":
+        return None
+    return read_split(federation_dir(config) / CENTRAL_DIR / "test.npz")
+
+
+def select_participants(
+    site_names: tuple[str, ...], *, fraction: float, minimum: int, round_num: int, seed: int
+) -> tuple[str, ...]:
+    """Draw max(minimum, ceil(fraction * n)) sites uniformly, reproducibly per round."""
+    n = len(site_names)
+    count = min(n, max(minimum, int(np.ceil(fraction * n))))
+    if count < minimum:
+        raise RoundError(f"only {n} site(s) available, participation.min_participants is {minimum}")
+    rng = np.random.default_rng([seed, round_num, 0xF3D])
+    chosen = rng.choice(n, size=count, replace=False)
+    return tuple(site_names[i] for i in sorted(chosen))
+
+
+@dataclass
+class Site:
+    """A participant's side: it reads only its own folder."""
+
+    name: str
+    folder: Path
+    config: FederationConfig
+    info: DatasetInfo
+
+    def load(self) -> SiteData:
+        """The site's own train and held-out splits."""
+        try:
+            data = load_site(self.folder, label_column=self.config.data.label_column)
+        except DataError as error:
+            raise DataError(f"site {self.name!r}: {error}") from None
+        if data.train.features.shape[1] != self.info.n_features:
+            raise DataError(
+                f"site {self.name!r}: data has {data.train.features.shape[1]} features, the model "
+                f"expects {self.info.n_features}; fix the site's files or data.n_features"
+            )
+        return data
+
+    def train(self, global_parameters: NDArrays, *, round_num: int, seed: int) -> LocalUpdate:
+        """Local training from the global parameters."""
+        data = self.load()
+        model = build_model(self.config.model, self.info, seed=self.config.seed)
+        return local_train(
+            model,
+            global_parameters,
+            data.train,
+            self.config.training,
+            site=self.name,
+            round_num=round_num,
+            seed=seed,
+        )
+
+    def evaluate(self, parameters: NDArrays) -> Metrics:
+        """Score the given global parameters on the site's held-out split."""
+        data = self.load()
+        model = build_model(self.config.model, self.info, seed=self.config.seed)
+        return evaluate(model, parameters, data.test, device=self.config.training.device)

@@ -1,0 +1,218 @@
+"""MLflow tracking: the one module that speaks to MLflow.
+
+One experiment per federation; one run per training flow run, tagged with the Prefect flow
+run id; params are the whole config, flat; metrics use ``step = round``. The final model is
+logged with a signature and registered under the federation's name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from fl_components.config import FederationConfig, TrackingConfig, flatten_config
+
+log = logging.getLogger(__name__)
+
+# MLflow infers requirements by importing the model's environment (~6 s) and writes torch
+# without its local "+cpu" tag; state them instead.
+_PIP_REQUIREMENTS = ["torch==2.13.0", "numpy", "mlflow==3.17.2"]
+
+
+def _quiet_mlflow() -> None:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def resolve_tracking_uri(config: TrackingConfig) -> str:
+    """The tracking URI, with a relative SQLite path's folder created."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or config.tracking_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return uri
+
+
+@dataclass(frozen=True)
+class RunLink:
+    """Where a run can be found."""
+
+    experiment_id: str
+    run_id: str
+    tracking_uri: str
+
+
+class RunTracker:
+    """Records one federated training run in MLflow."""
+
+    def __init__(self, config: FederationConfig) -> None:
+        _quiet_mlflow()
+        from mlflow.tracking import MlflowClient
+
+        import mlflow
+
+        self._mlflow = mlflow
+        self.config = config
+        self.tracking_uri = resolve_tracking_uri(config.tracking)
+        mlflow.set_tracking_uri(self.tracking_uri)
+        self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        self.run_id: str | None = None
+        self.experiment_id = self._experiment()
+
+    def _experiment(self) -> str:
+        existing = self.client.get_experiment_by_name(self.config.name)
+        if existing is not None:
+            return str(existing.experiment_id)
+        artifact_root = Path(self.config.tracking.artifact_root).resolve() / self.config.name
+        is_remote = self.tracking_uri.startswith(("http://", "https://"))
+        return str(
+            self.client.create_experiment(
+                self.config.name,
+                artifact_location=None if is_remote else artifact_root.as_uri(),
+                tags={"fedpipe.federation": self.config.name},
+            )
+        )
+
+    def start(self, *, run_name: str, tags: Mapping[str, str]) -> RunLink:
+        """Create the run, log the flat config as params and the given tags."""
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=run_name,
+            tags={"fedpipe.federation": self.config.name, **tags},
+        )
+        self.run_id = run.info.run_id
+        self.log_params(flatten_config(self.config))
+        return RunLink(self.experiment_id, self.run_id, self.tracking_uri)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log params in batches (MLflow caps a batch at 100)."""
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self._run(), params=items[start : start + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
+        """Log a round's metrics at ``step = round`` in one batch."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(key, float(value), now, step)
+            for key, value in metrics.items()
+            if value is not None and np.isfinite(value)
+        ]
+        for start in range(0, len(items), 1000):
+            self.client.log_batch(self._run(), metrics=items[start : start + 1000])
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Set run tags."""
+        for key, value in tags.items():
+            self.client.set_tag(self._run(), key, value)
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        """Store a matplotlib figure as a run artifact."""
+        self.client.log_figure(self._run(), figure, artifact_file)
+
+    def log_dict(self, payload: dict[str, Any], artifact_file: str) -> None:
+        """Store a JSON document as a run artifact."""
+        self.client.log_dict(self._run(), payload, artifact_file)
+
+    def log_model(
+        self, model: Any, *, input_example: npt.NDArray[np.float32], register: bool
+    ) -> str | None:
+        """Log the final torch model with a signature; register it; return its version."""
+        import torch
+        from mlflow.models import infer_signature
+
+        model.eval()
+        with torch.no_grad():
+            output = model(torch.from_numpy(input_example)).numpy()
+        signature = infer_signature(input_example, output)
+        with self._mlflow.start_run(run_id=self._run()):
+            info = self._mlflow.pytorch.log_model(
+                model,
+                name="model",
+                signature=signature,
+                input_example=input_example,
+                pip_requirements=_PIP_REQUIREMENTS,
+                registered_model_name=self.config.name if register else None,
+                await_registration_for=60,
+            )
+        version = getattr(info, "registered_model_version", None)
+        return None if version is None else str(version)
+
+    def set_alias(self, alias: str, version: str) -> None:
+        """Point a registry alias (champion, challenger) at a version."""
+        self.client.set_registered_model_alias(self.config.name, alias, version)
+
+    def end(self, *, status: str = "FINISHED") -> None:
+        """Close the run."""
+        if self.run_id is not None:
+            self.client.set_terminated(self.run_id, status=status)
+
+    def _run(self) -> str:
+        if self.run_id is None:
+            raise RuntimeError("RunTracker.start() must be called before logging")
+        return self.run_id
+
+
+def accuracy_plot(history: list[dict[str, float]]) -> Any:
+    """A matplotlib figure of global (and per-site mean) accuracy per round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    rounds = [row["round"] for row in history]
+    axis.plot(
+        rounds, [row["global/accuracy"] for row in history], marker="o", label="global (test)"
+    )
+    if all("sites/mean_accuracy" in row for row in history):
+        axis.plot(rounds, [row["sites/mean_accuracy"] for row in history], label="sites (mean)")
+    axis.set_xlabel("round")
+    axis.set_ylabel("accuracy")
+    axis.set_ylim(0, 1)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    return figure
+
+
+def load_registered_parameters(tracking: TrackingConfig, *, name: str, alias: str) -> Any:
+    """Load the torch model behind ``models:/name@alias``; None if there is no such alias."""
+    _quiet_mlflow()
+    from mlflow.exceptions import MlflowException
+
+    import mlflow
+
+    mlflow.set_tracking_uri(resolve_tracking_uri(tracking))
+    try:
+        return mlflow.pytorch.load_model(f"models:/{name}@{alias}")
+    except MlflowException:
+        return None
+
+
+def load_run_model(tracking: TrackingConfig, *, run_id: str) -> Any:
+    """Load the torch model logged by run ``run_id``."""
+    _quiet_mlflow()
+    from mlflow.exceptions import MlflowException
+
+    import mlflow
+    from fl_components.errors import ConfigError
+
+    mlflow.set_tracking_uri(resolve_tracking_uri(tracking))
+    try:
+        return mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+    except MlflowException as error:
+        raise ConfigError(f"init_run_id {run_id!r}: no model could be loaded ({error})") from None

@@ -1,0 +1,233 @@
+"""The coordinator flow: one federated training run, round after round.
+
+Per round: select participants, train them where their data lives, aggregate, update the
+global model, evaluate it on every site and on the central test split, log the round.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from fl_components.config import FederationConfig
+from fl_components.data import DatasetInfo, Split
+from fl_components.errors import RoundError
+from fl_components.federation import (
+    central_test_split,
+    dataset_info,
+    materialize_sites,
+    select_participants,
+)
+from fl_components.models import build_model
+from fl_components.parameters import NDArrays, get_parameters, nbytes, set_parameters
+from fl_components.strategies import ServerState, build_strategy
+from fl_components.tracking import (
+    RunTracker,
+    accuracy_plot,
+    load_registered_parameters,
+    load_run_model,
+)
+from fl_components.training import Metrics
+from flows.progress import report
+from tasks.participants import ParticipantBackend, build_backend
+from tasks.tracking import log_round, round_markdown
+from tasks.training import aggregate, evaluate_global, update_global
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingSummary:
+    """What a finished run reports back."""
+
+    federation: str
+    mlflow_run_id: str
+    experiment_id: str
+    tracking_uri: str
+    rounds: int
+    final_accuracy: float
+    final_loss: float
+    model_version: str | None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _initial_parameters(config: FederationConfig, model: Any) -> tuple[NDArrays, str]:
+    """Global θ_0: fresh weights from the seed, or the registry champion's weights."""
+    if config.init_from == "champion":
+        champion = load_registered_parameters(config.tracking, name=config.name, alias="champion")
+        if champion is not None:
+            return get_parameters(champion), "champion"
+        get_run_logger().warning(
+            "no 'champion' model registered for %s; starting fresh", config.name
+        )
+    if config.init_from == "run" and config.init_run_id:
+        return get_parameters(load_run_model(config.tracking, run_id=config.init_run_id)), "run"
+    return get_parameters(model), "fresh"
+
+
+def _evaluate_with_sites(
+    config: FederationConfig,
+    info: DatasetInfo,
+    backend: ParticipantBackend,
+    state: ServerState,
+    central_test: Split | None,
+    *,
+    round_num: int,
+) -> tuple[dict[str, float], dict[str, Metrics]]:
+    """Federated evaluation on every site, plus the central test split when there is one."""
+    site_scores = backend.evaluate(config.site_names, state.parameters, round_num=round_num)
+    metrics: dict[str, float] = {}
+    for site, score in site_scores.items():
+        metrics[f"site/{site}/accuracy"] = score.accuracy
+        metrics[f"site/{site}/loss"] = score.loss
+    total = sum(s.examples for s in site_scores.values())
+    if total:
+        metrics["sites/mean_accuracy"] = (
+            sum(s.accuracy * s.examples for s in site_scores.values()) / total
+        )
+        metrics["sites/mean_loss"] = sum(s.loss * s.examples for s in site_scores.values()) / total
+    if central_test is not None:
+        score = evaluate_global(config, info, state.parameters, central_test, round_num=round_num)
+        metrics["global/accuracy"], metrics["global/loss"] = score.accuracy, score.loss
+    else:  # real sites: the global score is the example-weighted federated evaluation
+        metrics["global/accuracy"] = metrics.get("sites/mean_accuracy", float("nan"))
+        metrics["global/loss"] = metrics.get("sites/mean_loss", float("nan"))
+    return metrics, site_scores
+
+
+def _log_final_model(
+    config: FederationConfig,
+    info: DatasetInfo,
+    tracker: RunTracker,
+    state: ServerState,
+    central_test: Split | None,
+) -> str | None:
+    """Log (and register) the final global model with a signature."""
+    import numpy as np
+
+    final_model = build_model(config.model, info, seed=config.seed)
+    set_parameters(final_model, state.parameters)
+    # an input example from the public central split; for real sites, zeros (no site data)
+    example = (
+        central_test.features[:4]
+        if central_test is not None
+        else np.zeros((2, info.n_features), dtype=np.float32)
+    )
+    return tracker.log_model(
+        final_model, input_example=example, register=config.tracking.register_model
+    )
+
+
+@flow(name="federated-training", flow_run_name="{config.name}", log_prints=True)
+def federated_training(config: FederationConfig = FederationConfig()) -> TrainingSummary:  # noqa: B008
+    """Train a global model across the federation's sites for ``config.rounds`` rounds."""
+    logger = get_run_logger()
+    if config.data.source == "bundled":
+        materialize_sites(config)
+    info = dataset_info(config)
+    central_test = central_test_split(config)
+    model = build_model(config.model, info, seed=config.seed)
+    initial, origin = _initial_parameters(config, model)
+    state = ServerState(round=0, parameters=initial)
+    strategy = build_strategy(config.strategy)
+    backend = build_backend(config, info)
+
+    tracker = RunTracker(config)
+    link = tracker.start(
+        run_name=f"{config.name}-{flow_run.get_name() or 'local'}",
+        tags={
+            "prefect.flow_run_id": str(flow_run.get_id() or ""),
+            "prefect.flow_run_name": str(flow_run.get_name() or ""),
+            "prefect.flow_run_url": str(flow_run.get_flow_run_ui_url() or ""),
+            "fedpipe.init_from": origin,
+            "fedpipe.backend": config.backend,
+        },
+    )
+    report("start", {"config": config, "run_id": link.run_id})
+    logger.info("MLflow run %s in experiment %s", link.run_id, link.experiment_id)
+
+    history: list[dict[str, float]] = []
+    status = "FAILED"
+    try:
+        baseline, _ = _evaluate_with_sites(config, info, backend, state, central_test, round_num=0)
+        tracker.log_metrics(baseline, step=0)
+        for round_num in range(1, config.rounds + 1):
+            started = time.perf_counter()
+            selected = select_participants(
+                config.site_names,
+                fraction=config.participation.fraction,
+                minimum=config.participation.min_participants,
+                round_num=round_num,
+                seed=config.seed,
+            )
+            outcome = backend.train(selected, state.parameters, round_num=round_num)
+            if len(outcome.updates) < config.participation.min_participants:
+                reasons = "; ".join(f"{d.site}: {d.reason}" for d in outcome.dropouts)
+                raise RoundError(
+                    f"round {round_num}: only {len(outcome.updates)} of {len(selected)} sites "
+                    f"returned an update, participation.min_participants is "
+                    f"{config.participation.min_participants} ({reasons}); the global model "
+                    "was left unchanged"
+                )
+            mean_update = aggregate(outcome.updates, round_num=round_num)
+            state = update_global(strategy, state, mean_update, round_num=round_num)
+            metrics, site_scores = _evaluate_with_sites(
+                config, info, backend, state, central_test, round_num=round_num
+            )
+            metrics.update(
+                {
+                    "participants": float(len(outcome.updates)),
+                    "dropouts": float(len(outcome.dropouts)),
+                    "bytes/down": float(nbytes(state.parameters) * len(selected)),
+                    "bytes/up": float(sum(nbytes(u.delta) for u in outcome.updates)),
+                    "train/loss": sum(u.train_loss * u.num_examples for u in outcome.updates)
+                    / max(1, sum(u.num_examples for u in outcome.updates)),
+                    "round_seconds": time.perf_counter() - started,
+                }
+            )
+            markdown = round_markdown(
+                federation=config.name,
+                round_num=round_num,
+                metrics=metrics,
+                site_metrics=site_scores,
+                examples={u.site: u.num_examples for u in outcome.updates},
+                dropouts={d.site: d.reason for d in outcome.dropouts},
+            )
+            log_round(tracker, metrics, markdown, federation=config.name, round_num=round_num)
+            history.append({"round": float(round_num), **metrics})
+            report("round", {"round": round_num, "metrics": metrics, "selected": selected})
+            logger.info(
+                "round %d/%d: accuracy %.4f loss %.4f (%d participants, %.2fs)",
+                round_num,
+                config.rounds,
+                metrics["global/accuracy"],
+                metrics["global/loss"],
+                len(outcome.updates),
+                metrics["round_seconds"],
+            )
+
+        tracker.log_figure(accuracy_plot(history), "plots/accuracy.png")
+        version = _log_final_model(config, info, tracker, state, central_test)
+        status = "FINISHED"
+    finally:
+        tracker.end(status=status)
+
+    last = history[-1] if history else baseline
+    summary = TrainingSummary(
+        federation=config.name,
+        mlflow_run_id=link.run_id,
+        experiment_id=link.experiment_id,
+        tracking_uri=link.tracking_uri,
+        rounds=config.rounds,
+        final_accuracy=last["global/accuracy"],
+        final_loss=last["global/loss"],
+        model_version=version,
+        history=history,
+    )
+    report("end", {"summary": summary})
+    return summary

@@ -1,0 +1,73 @@
+"""Prefect tasks that record a round: MLflow metrics and Prefect artifacts."""
+
+from __future__ import annotations
+
+import re
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from fl_components.tracking import RunTracker
+from fl_components.training import Metrics
+
+
+def artifact_key(federation: str, suffix: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    slug = re.sub(r"[^a-z0-9-]+", "-", federation.lower()).strip("-") or "federation"
+    return f"{slug}-{suffix}"
+
+
+def round_markdown(
+    *,
+    federation: str,
+    round_num: int,
+    metrics: dict[str, float],
+    site_metrics: dict[str, Metrics],
+    examples: dict[str, int],
+    dropouts: dict[str, str],
+    extra_columns: dict[str, dict[str, str]] | None = None,
+) -> str:
+    """A markdown summary of one round: global scores and a table of sites."""
+    extra_columns = extra_columns or {}
+    lines = [
+        f"# {federation}: round {round_num}",
+        "",
+        f"- global accuracy: **{metrics.get('global/accuracy', float('nan')):.4f}**, "
+        f"loss {metrics.get('global/loss', float('nan')):.4f}",
+        f"- participants: {int(metrics.get('participants', 0))}, "
+        f"dropouts: {int(metrics.get('dropouts', 0))}, "
+        f"seconds: {metrics.get('round_seconds', 0.0):.2f}",
+        "",
+    ]
+    header = ["site", "trained on", "held-out examples", "loss", "accuracy", *extra_columns]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for site, score in sorted(site_metrics.items()):
+        trained = str(examples[site]) if site in examples else "—"
+        if site in dropouts:
+            trained = f"dropped: {dropouts[site]}"
+        extras = [extra_columns[col].get(site, "") for col in extra_columns]
+        lines.append(
+            f"| {site} | {trained} | {score.examples} | {score.loss:.4f} | {score.accuracy:.4f} | "
+            + " | ".join(extras)
+            + (" |" if extras else "|")
+        )
+    return "\n".join(lines)
+
+
+@task(name="log_round", task_run_name="log_round-r{round_num}", cache_policy=NO_CACHE, retries=2)
+def log_round(
+    tracker: RunTracker,
+    metrics: dict[str, float],
+    markdown: str,
+    *,
+    federation: str,
+    round_num: int,
+) -> None:
+    """Log the round's metrics to MLflow at ``step = round`` and leave a Prefect artifact."""
+    tracker.log_metrics(metrics, step=round_num)
+    create_markdown_artifact(
+        markdown=markdown,
+        key=artifact_key(federation, "round"),
+        description=f"Round {round_num} of {federation}",
+    )
