@@ -8,8 +8,14 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fl_components.secagg import KeyFileError, Registry, SiteKeys, UnknownSiteError
-from fl_components.secagg import agreement, shamir
+from fl_components.secagg import (
+    KeyFileError,
+    Registry,
+    SiteKeys,
+    UnknownSiteError,
+    agreement,
+    shamir,
+)
 from fl_components.secagg.graph import neighbour_graph
 from fl_components.secagg.prg import MaskExpander, expand
 from fl_components.secagg.quantize import Quantizer, max_bits

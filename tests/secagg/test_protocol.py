@@ -20,7 +20,11 @@ def test_hand_worked_three_sites():
     fed = Federation.make(3)
     ctx = fed.context(dimension=4, threshold=2, clip_range=2.0)
     updates = dict(
-        zip(fed.sites, [np.array([1.0, -1.0, 0.5, 0.0]), np.full(4, 0.25), np.full(4, -3.0)])
+        zip(
+            fed.sites,
+            [np.array([1.0, -1.0, 0.5, 0.0]), np.full(4, 0.25), np.full(4, -3.0)],
+            strict=True,
+        )
     )
     result = fed.run_round(ctx, updates)
     # third update is clipped to -2.0
