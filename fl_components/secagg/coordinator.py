@@ -177,7 +177,7 @@ class SecAggCoordinator:
                 "sent; too late for this round"
             )
         self._registry[message.sender].verify(
-            message.signature, message.signed_payload(), site=message.sender
+            message.signature, message.signed_digest(), site=message.sender
         )
         self._check_binding(message.run_id, message.round, message.sender, "masked update")
         if message.sender in self._received:
@@ -399,7 +399,7 @@ class SecAggCoordinator:
 
 def _without_vector(message: MaskedUpdate) -> MaskedUpdate:
     """The message's metadata with an empty vector (the coordinator keeps only the sum)."""
-    return MaskedUpdate(
+    return MaskedUpdate(  # no _wire_digest: the metadata copy is never re-verified
         run_id=message.run_id,
         round=message.round,
         sender=message.sender,

@@ -11,14 +11,15 @@ Wire format of every message::
            | array length (u64 BE) | array (raw little-endian uint32) | signature length (u16 BE)
            | signature (Ed25519, 64 bytes, or empty for unsigned requests)
 
-The signature covers every byte before the signature length. Parsing checks every field's
-type and raises :class:`~fl_components.secagg.errors.MalformedMessageError` on anything else.
+A masked update's signature is Ed25519 over SHA-256 of every byte before the signature
+length (a response's, over those bytes directly). Parsing checks every field's type and raises :class:`~fl_components.secagg.errors.MalformedMessageError` on anything else.
 """
 
 from __future__ import annotations
 
 import base64
 import enum
+import hashlib
 import json
 import struct
 from collections.abc import Mapping
@@ -74,8 +75,8 @@ def _seal(payload: bytes, signature: bytes) -> bytes:
     return payload + struct.pack(">H", len(signature)) + signature
 
 
-def _unframe(data: bytes, stage: Stage) -> tuple[dict[str, Any], bytes, bytes]:
-    """Split bytes into (header, array bytes, signature); checks framing and stage."""
+def _unframe(data: bytes, stage: Stage) -> tuple[dict[str, Any], memoryview, bytes, bytes]:
+    """Split bytes into (header, array view, signature, payload digest); checks framing."""
     view = memoryview(data)
     try:
         if bytes(view[:4]) != MAGIC or view[4] != VERSION:
@@ -87,7 +88,7 @@ def _unframe(data: bytes, stage: Stage) -> tuple[dict[str, Any], bytes, bytes]:
         header = json.loads(bytes(view[9:header_end]))
         (array_len,) = struct.unpack(">Q", view[header_end : header_end + 8])
         array_end = header_end + 8 + array_len
-        array = bytes(view[header_end + 8 : array_end])
+        array = view[header_end + 8 : array_end]
         (sig_len,) = struct.unpack(">H", view[array_end : array_end + 2])
         signature = bytes(view[array_end + 2 : array_end + 2 + sig_len])
     except (struct.error, IndexError, ValueError, UnicodeDecodeError) as exc:
@@ -97,7 +98,7 @@ def _unframe(data: bytes, stage: Stage) -> tuple[dict[str, Any], bytes, bytes]:
     got = header.get("stage") if isinstance(header, dict) else None
     if got != stage.value:
         raise MalformedMessageError(f"expected a {stage} message, got stage {got!r}")
-    return header, array, signature
+    return header, array, signature, hashlib.sha256(view[:array_end]).digest()
 
 
 def _get(header: Mapping[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
@@ -155,6 +156,8 @@ class MaskedUpdate:
     pairwise_commitments: Mapping[str, bytes]
     mask_seconds: float = 0.0
     signature: bytes = field(default=b"", repr=False)
+    # Set only by from_bytes, never copied by replace(): an edited copy is re-hashed.
+    _wire_digest: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     stage = Stage.MASKED_UPDATE
 
@@ -176,6 +179,17 @@ class MaskedUpdate:
         """The canonical bytes the signature covers."""
         return _frame(self._header(), np.ascontiguousarray(self.masked, dtype=_WORD).tobytes())
 
+    def signed_digest(self) -> bytes:
+        """SHA-256 of :meth:`signed_payload`: what Ed25519 signs.
+
+        Signing the digest rather than 4 MB of payload costs one SHA-256 pass (about
+        1.5 GB/s here) instead of Ed25519's SHA-512 passes (two to sign, one to verify).
+        For a parsed message it is the digest of the bytes actually received.
+        """
+        if self._wire_digest is not None:
+            return self._wire_digest
+        return hashlib.sha256(self.signed_payload()).digest()
+
     def with_signature(self, signature: bytes) -> Self:
         """Return a copy carrying ``signature``."""
         return replace(self, signature=signature)
@@ -187,19 +201,20 @@ class MaskedUpdate:
     @classmethod
     def from_bytes(cls, data: bytes) -> Self:
         """Parse bytes written by :meth:`to_bytes` (the signature is not checked here)."""
-        header, array, signature = _unframe(data, Stage.MASKED_UPDATE)
+        header, array, signature, digest = _unframe(data, Stage.MASKED_UPDATE)
         dimension = _get(header, "dimension", int)
         if len(array) != 4 * dimension:
             raise MalformedMessageError(
                 f"masked vector holds {len(array)} bytes, header says {dimension} uint32 values"
             )
         mask_seconds = _get(header, "mask_seconds", (int, float))
-        return cls(
+        message = cls(
             run_id=_get(header, "run_id", str),
             round=_get(header, "round", int),
             sender=_get(header, "sender", str),
             num_examples=_get(header, "num_examples", int),
-            masked=np.frombuffer(array, dtype=_WORD).astype(np.uint32),
+            # A read-only view of the received bytes: no copy of the vector.
+            masked=np.frombuffer(array, dtype=_WORD),
             shares={k: _unb64(v, "shares") for k, v in _str_map(header, "shares").items()},
             self_mask_commitment=_unb64(header.get("self_mask_commitment"), "self_mask_commitment"),
             pairwise_commitments={
@@ -209,6 +224,8 @@ class MaskedUpdate:
             mask_seconds=float(mask_seconds),
             signature=signature,
         )
+        object.__setattr__(message, "_wire_digest", digest)
+        return message
 
 
 @dataclass(frozen=True, eq=False)
@@ -252,7 +269,7 @@ class UnmaskRequest:
     @classmethod
     def from_bytes(cls, data: bytes) -> Self:
         """Parse bytes written by :meth:`to_bytes`."""
-        header, _, _ = _unframe(data, Stage.UNMASK_REQUEST)
+        header, _, _, _ = _unframe(data, Stage.UNMASK_REQUEST)
         return cls(
             run_id=_get(header, "run_id", str),
             round=_get(header, "round", int),
@@ -313,7 +330,7 @@ class UnmaskResponse:
     @classmethod
     def from_bytes(cls, data: bytes) -> Self:
         """Parse bytes written by :meth:`to_bytes` (the signature is not checked here)."""
-        header, _, signature = _unframe(data, Stage.UNMASK_RESPONSE)
+        header, _, signature, _ = _unframe(data, Stage.UNMASK_RESPONSE)
         shares: dict[str, int] = {}
         for owner, text in _str_map(header, "self_mask_shares").items():
             try:

@@ -189,7 +189,7 @@ class SecAggParticipant:
             },
             mask_seconds=time.perf_counter() - started,
         )
-        return message.with_signature(self._keys.sign(message.signed_payload()))
+        return message.with_signature(self._keys.sign(message.signed_digest()))
 
     # -- stage 2 ------------------------------------------------------------------------
     def unmask_response(self, ctx: RoundContext, request: UnmaskRequest) -> UnmaskResponse:

@@ -104,10 +104,15 @@ class Quantizer:
                 "update holds NaN or infinite values; fix training (lower the learning rate, "
                 "check the loss) before secure aggregation"
             )
-        scaled = (np.clip(values, -self.clip_range, self.clip_range) + self.clip_range) * self.scale
-        scaled += rng.random(scaled.shape[0])
+        # In place on one float64 buffer: this runs on every parameter of every update.
+        scaled = np.clip(values, -self.clip_range, self.clip_range)
+        scaled += self.clip_range
+        scaled *= self.scale
+        noise = rng.random(scaled.shape[0])
+        scaled += noise
         np.floor(scaled, out=scaled)
-        np.clip(scaled, 0, self.levels, out=scaled)
+        # clip() made scaled >= 0; float rounding of 2c * scale may touch levels + 1.
+        np.minimum(scaled, self.levels, out=scaled)
         return scaled.astype(np.uint32)
 
     def dequantize_sum(

@@ -12,6 +12,7 @@ import pytest
 from fl_components.secagg import (
     ContextMismatchError,
     MalformedMessageError,
+    MaskedUpdate,
     ReconstructionError,
     Registry,
     SecAggCoordinator,
@@ -263,3 +264,12 @@ def test_refuses_too_few_survivors_and_non_partitions(fed):
         )
     with pytest.raises(UnsafeRequestError, match="partition"):
         fed.participants[me].unmask_response(ctx, _request(fed, ctx, me, fed.sites[:4], []))
+
+
+def test_edited_copy_of_a_parsed_message_is_rehashed_and_rejected(fed):
+    ctx = fed.context(dimension=D)
+    raw = fed.participants[fed.sites[0]].mask_update(ctx, np.zeros(D)).to_bytes()
+    parsed = MaskedUpdate.from_bytes(raw)
+    edited = replace(parsed, masked=np.zeros(D, dtype=np.uint32))
+    with pytest.raises(SignatureError):
+        SecAggCoordinator(ctx, fed.registry).receive(edited)
