@@ -127,6 +127,105 @@ class TrackingConfig(_Section):
     register_model: bool = Field(default=True, description="Register the final model.")
 
 
+PrivacyMode = Literal["off", "record", "participant", "both"]
+AccountantKind = Literal["rdp", "prv", "gdp"]
+GradSampleMode = Literal["auto", "ew", "ghost", "hooks", "functorch"]
+
+
+class PrivacyConfig(_Section):
+    """Differential privacy: record-level DP-SGD at each site, participant-level DP-FedAvg.
+
+    ``record`` runs Opacus DP-SGD at every site and enforces each site's ``max_epsilon``
+    from its own ledger; ``participant`` clips each update to ``clip_norm`` and adds Gaussian
+    noise of std ``client_noise_multiplier * clip_norm`` to their sum; ``both`` does both.
+    """
+
+    mode: PrivacyMode = Field(default="off", description="off | record | participant | both.")
+    accountant: AccountantKind = Field(default="rdp", description="Opacus accountant.")
+    delta: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="Target delta; None picks a power of ten below 1/(10 n) "
+        "(n: the site's training examples, or the number of sites for participant-level).",
+    )
+    # record-level (DP-SGD at each site)
+    noise_multiplier: float | None = Field(
+        default=None, gt=0, description="DP-SGD noise multiplier sigma (record-level)."
+    )
+    target_epsilon: float | None = Field(
+        default=None,
+        gt=0,
+        description="Epsilon the whole run may spend at each site; Opacus picks sigma for "
+        "rounds x epochs (record-level; instead of noise_multiplier).",
+    )
+    max_grad_norm: float = Field(default=1.0, gt=0, description="Per-sample clip norm C.")
+    grad_sample_mode: GradSampleMode = Field(
+        default="auto",
+        description="Per-sample gradients: 'auto' picks the fastest the model supports "
+        "(ew 2.8x < ghost 3.4x < hooks 4.4x < functorch 5.6x of non-private cost).",
+    )
+    max_epsilon: float | None = Field(
+        default=None,
+        gt=0,
+        description="Per-site budget across rounds and runs (the site's ledger); "
+        "None = unlimited. A round that would pass it is declined.",
+    )
+    # participant-level (DP-FedAvg)
+    clip_norm: float = Field(default=1.0, gt=0, description="L2 clip of each site's update.")
+    client_noise_multiplier: float = Field(
+        default=1.0, gt=0, description="z: noise std on the sum is z * clip_norm."
+    )
+    adaptive_clipping: bool = Field(
+        default=False, description="Adapt clip_norm to a quantile of update norms (Andrew+ 2021)."
+    )
+    target_quantile: float = Field(
+        default=0.5, gt=0, lt=1, description="Quantile of update norms adaptive clipping tracks."
+    )
+    clip_learning_rate: float = Field(
+        default=0.2, gt=0, le=10, description="Step of the geometric clip-norm update."
+    )
+    sampling: Literal["random", "fixed"] = Field(
+        default="random",
+        description="'random': participants drawn at random and kept secret, so client "
+        "sampling amplifies privacy (q = fraction); 'fixed': selection is public, q = 1.",
+    )
+
+    @property
+    def record_level(self) -> bool:
+        """True when sites run DP-SGD."""
+        return self.mode in ("record", "both")
+
+    @property
+    def participant_level(self) -> bool:
+        """True when updates are clipped and noised (DP-FedAvg)."""
+        return self.mode in ("participant", "both")
+
+    @model_validator(mode="after")
+    def _one_noise_source(self) -> PrivacyConfig:
+        if self.record_level:
+            if self.noise_multiplier is None and self.target_epsilon is None:
+                raise ValueError(
+                    f"privacy.mode is {self.mode!r}: set privacy.noise_multiplier "
+                    "(e.g. 1.1) or privacy.target_epsilon (e.g. 3)"
+                )
+            if self.noise_multiplier is not None and self.target_epsilon is not None:
+                raise ValueError(
+                    f"privacy.noise_multiplier ({self.noise_multiplier}) and "
+                    f"privacy.target_epsilon ({self.target_epsilon}) are both set; keep one"
+                )
+        if (
+            self.target_epsilon is not None
+            and self.max_epsilon is not None
+            and self.target_epsilon > self.max_epsilon
+        ):
+            raise ValueError(
+                f"privacy.target_epsilon ({self.target_epsilon}) exceeds privacy.max_epsilon "
+                f"({self.max_epsilon}); every round would be declined, lower target_epsilon"
+            )
+        return self
+
+
 class FederationConfig(_Section):
     """A whole federation: sites, rounds, model, training, strategy, tracking."""
 
@@ -142,6 +241,7 @@ class FederationConfig(_Section):
     training: TrainingConfig = TrainingConfig()
     strategy: StrategyConfig = StrategyConfig()
     tracking: TrackingConfig = TrackingConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     backend: BackendKind = Field(default="local", description="Where participants run.")
     init_from: InitFrom = Field(
         default="fresh", description="Start fresh, from the registry's champion, or a run."

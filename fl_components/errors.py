@@ -15,3 +15,7 @@ class DataError(FedpipeError):
 
 class RoundError(FedpipeError):
     """A round cannot complete (too few participants, all declined, ...)."""
+
+
+class BudgetExhaustedError(FedpipeError):
+    """A site declines a round that would take it past its privacy budget (max_epsilon)."""

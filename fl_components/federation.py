@@ -135,6 +135,18 @@ class Site:
         """Local training from the global parameters."""
         data = self.load()
         model = build_model(self.config.model, self.info, seed=self.config.seed)
+        if self.config.privacy.record_level:
+            from fl_components.privacy.dpsgd import private_local_train
+
+            return private_local_train(
+                model,
+                global_parameters,
+                data.train,
+                self.config,
+                site=self.name,
+                folder=self.folder,
+                round_num=round_num,
+            )
         return local_train(
             model,
             global_parameters,
