@@ -12,7 +12,8 @@ Wire format of every message::
            | signature (Ed25519, 64 bytes, or empty for unsigned requests)
 
 A masked update's signature is Ed25519 over SHA-256 of every byte before the signature
-length (a response's, over those bytes directly). Parsing checks every field's type and raises :class:`~fl_components.secagg.errors.MalformedMessageError` on anything else.
+length (a response's, over those bytes directly). Parsing checks every
+field's type and raises :class:`~fl_components.secagg.errors.MalformedMessageError` otherwise.
 """
 
 from __future__ import annotations
