@@ -189,6 +189,57 @@ def accuracy_plot(history: list[dict[str, float]]) -> Any:
     return figure
 
 
+def registered_version(tracking: TrackingConfig, *, name: str, alias: str) -> str | None:
+    """The version number behind ``models:/name@alias``; None if there is no such alias."""
+    _quiet_mlflow()
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking))
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def epsilon_plots(history: list[dict[str, float]]) -> tuple[Any, Any]:
+    """Two figures: epsilon per round (federation max and per site), accuracy vs epsilon."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [row for row in history if "privacy/epsilon" in row]
+    per_round, axis = plt.subplots(figsize=(6, 4))
+    rounds = [row["round"] for row in rows]
+    axis.plot(rounds, [row["privacy/epsilon"] for row in rows], marker="o", label="max (sites)")
+    site_keys = sorted({k for row in rows for k in row if k.startswith("privacy/site/")})
+    for key in (k for k in site_keys if k.endswith("/epsilon")):
+        points = [(row["round"], row[key]) for row in rows if key in row]
+        axis.plot(*zip(*points, strict=True), alpha=0.5, label=key.split("/")[2])
+    if any("privacy/client_epsilon" in row for row in rows):
+        key = "privacy/client_epsilon"
+        points = [(row["round"], row[key]) for row in rows if key in row]
+        axis.plot(*zip(*points, strict=True), linestyle="--", label="participant-level")
+    axis.set_xlabel("round")
+    axis.set_ylabel("epsilon")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize="small")
+    per_round.tight_layout()
+    trade_off, axis = plt.subplots(figsize=(6, 4))
+    axis.plot(
+        [row["privacy/epsilon"] for row in rows],
+        [row["global/accuracy"] for row in rows],
+        marker="o",
+    )
+    axis.set_xlabel("epsilon spent (federation max)")
+    axis.set_ylabel("global accuracy")
+    axis.set_ylim(0, 1)
+    axis.grid(alpha=0.3)
+    trade_off.tight_layout()
+    return per_round, trade_off
+
+
 def load_registered_parameters(tracking: TrackingConfig, *, name: str, alias: str) -> Any:
     """Load the torch model behind ``models:/name@alias``; None if there is no such alias."""
     _quiet_mlflow()

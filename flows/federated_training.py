@@ -25,16 +25,19 @@ from fl_components.federation import (
 )
 from fl_components.models import build_model
 from fl_components.parameters import NDArrays, get_parameters, nbytes, set_parameters
+from fl_components.privacy.rounds import PrivacyRounds, dropout_reason
 from fl_components.strategies import ServerState, build_strategy
 from fl_components.tracking import (
     RunTracker,
     accuracy_plot,
+    epsilon_plots,
     load_registered_parameters,
     load_run_model,
 )
 from fl_components.training import Metrics
 from flows.progress import report
 from tasks.participants import ParticipantBackend, build_backend
+from tasks.privacy import dp_aggregate, log_privacy
 from tasks.tracking import log_round, round_markdown
 from tasks.training import aggregate, evaluate_global, update_global
 
@@ -152,6 +155,7 @@ def federated_training(config: FederationConfig = FederationConfig()) -> Trainin
     logger.info("MLflow run %s in experiment %s", link.run_id, link.experiment_id)
 
     history: list[dict[str, float]] = []
+    privacy = PrivacyRounds(config)
     status = "FAILED"
     try:
         baseline, _ = _evaluate_with_sites(config, info, backend, state, central_test, round_num=0)
@@ -174,7 +178,14 @@ def federated_training(config: FederationConfig = FederationConfig()) -> Trainin
                     f"{config.participation.min_participants} ({reasons}); the global model "
                     "was left unchanged"
                 )
-            mean_update = aggregate(outcome.updates, round_num=round_num)
+            dropouts = {d.site: dropout_reason(d.reason) for d in outcome.dropouts}
+            dp_result = None
+            if config.privacy.participant_level:  # DP-FedAvg noise added here (no secagg)
+                dp_result = dp_aggregate(privacy, outcome.updates, round_num=round_num)
+                privacy.account(dp_result, participants=tuple(u.site for u in outcome.updates))
+                mean_update = dp_result.mean_update
+            else:
+                mean_update = aggregate(outcome.updates, round_num=round_num)
             state = update_global(strategy, state, mean_update, round_num=round_num)
             metrics, site_scores = _evaluate_with_sites(
                 config, info, backend, state, central_test, round_num=round_num
@@ -190,13 +201,19 @@ def federated_training(config: FederationConfig = FederationConfig()) -> Trainin
                     "round_seconds": time.perf_counter() - started,
                 }
             )
+            if privacy.enabled:
+                metrics.update(privacy.metrics(outcome.updates, dropouts, dp_result))
+                log_privacy(
+                    tracker, privacy.params(outcome.updates), dropouts, round_num=round_num
+                )
             markdown = round_markdown(
                 federation=config.name,
                 round_num=round_num,
                 metrics=metrics,
                 site_metrics=site_scores,
                 examples={u.site: u.num_examples for u in outcome.updates},
-                dropouts={d.site: d.reason for d in outcome.dropouts},
+                dropouts=dropouts,
+                extra_columns=privacy.columns(outcome.updates, dropouts),
             )
             log_round(tracker, metrics, markdown, federation=config.name, round_num=round_num)
             history.append({"round": float(round_num), **metrics})
@@ -212,6 +229,10 @@ def federated_training(config: FederationConfig = FederationConfig()) -> Trainin
             )
 
         tracker.log_figure(accuracy_plot(history), "plots/accuracy.png")
+        if privacy.enabled and any("privacy/epsilon" in row for row in history):
+            per_round, trade_off = epsilon_plots(history)
+            tracker.log_figure(per_round, "plots/epsilon.png")
+            tracker.log_figure(trade_off, "plots/accuracy_vs_epsilon.png")
         version = _log_final_model(config, info, tracker, state, central_test)
         status = "FINISHED"
     finally:

@@ -45,7 +45,8 @@ def round_markdown(
     for site, score in sorted(site_metrics.items()):
         trained = str(examples[site]) if site in examples else "—"
         if site in dropouts:
-            trained = f"dropped: {dropouts[site]}"
+            reason = dropouts[site]
+            trained = reason if reason.startswith("declined") else f"dropped: {reason}"
         extras = [extra_columns[col].get(site, "") for col in extra_columns]
         lines.append(
             f"| {site} | {trained} | {score.examples} | {score.loss:.4f} | {score.accuracy:.4f} | "
