@@ -226,6 +226,25 @@ class PrivacyConfig(_Section):
         return self
 
 
+class DeploymentConfig(_Section):
+    """The work-pool backend: where the global model is handed over, how long to wait."""
+
+    exchange_dir: str = Field(
+        default="state/exchange",
+        description="Shared folder for global-model files (sites read them by path and hash).",
+    )
+    participant_deployment: str = Field(
+        default="federated-participant",
+        description="Flow name of the participant deployments ('<flow>/<site>' per site).",
+    )
+    timeout_seconds: float = Field(
+        default=300, gt=0, le=86400, description="A site with no result by then drops out."
+    )
+    poll_interval: float = Field(
+        default=0.5, gt=0, le=60, description="Seconds between checks of a site's flow run."
+    )
+
+
 class FederationConfig(_Section):
     """A whole federation: sites, rounds, model, training, strategy, tracking."""
 
@@ -243,6 +262,7 @@ class FederationConfig(_Section):
     tracking: TrackingConfig = TrackingConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     backend: BackendKind = Field(default="local", description="Where participants run.")
+    deployment: DeploymentConfig = DeploymentConfig()
     init_from: InitFrom = Field(
         default="fresh", description="Start fresh, from the registry's champion, or a run."
     )

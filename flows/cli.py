@@ -223,6 +223,151 @@ def partition(
     console.print(f"[green]{len(folders)} site folders ready[/]")
 
 
+STACK_DIR = STATE_DIR / "stack"
+site_app = typer.Typer(help="Onboard and manage the federation's sites.", no_args_is_help=True)
+app.add_typer(site_app, name="site")
+
+
+@app.command()
+def up(
+    config_path: Annotated[
+        Path, typer.Option("--config", help="Federation to deploy (YAML).")
+    ] = Path("infra/federation.yaml"),
+    state_dir: Annotated[Path, typer.Option(help="Stack state (SQLite, logs, PIDs).")] = STACK_DIR,
+    mlflow_dir: Annotated[Path, typer.Option(help="MLflow store.")] = Path("mlflow/server"),
+    prefect_port: Annotated[int, typer.Option(help="Prefect server port (0: any free).")] = 4200,
+    mlflow_port: Annotated[int, typer.Option(help="MLflow server port (0: any free).")] = 5000,
+    database_url: Annotated[
+        str | None,
+        typer.Option(help="Prefect database (postgresql+asyncpg://...); SQLite if unset."),
+    ] = None,
+) -> None:
+    """Start Prefect + MLflow servers, a work pool and worker per site, and the deployments."""
+    from flows import stack
+
+    started = time.perf_counter()
+    try:
+        record = stack.up(
+            config_path=config_path,
+            root=state_dir,
+            mlflow_dir=mlflow_dir,
+            prefect_port=prefect_port,
+            mlflow_port=mlflow_port,
+            database_url=database_url,
+        )
+    except FedpipeError as error:
+        _fail(error)
+    console.print(f"[bold green]stack up[/] in {time.perf_counter() - started:.1f}s")
+    console.print(f"Prefect UI: {record['prefect_ui_url']}  (API {record['prefect_api_url']})")
+    console.print(f"MLflow UI:  {record['mlflow_url']}")
+    for site, entry in record["sites"].items():
+        console.print(f"  site {site}: pool {entry['pool']}, data {entry['data']}")
+    console.print(
+        "Run it: Prefect UI > Deployments > federated-training > Run (or "
+        f"`PREFECT_API_URL={record['prefect_api_url']} prefect deployment run "
+        "federated-training/federated-training`); stop it: `fedpipe down`",
+        soft_wrap=True,
+    )
+
+
+@app.command()
+def down(
+    state_dir: Annotated[Path, typer.Option(help="Stack state folder.")] = STACK_DIR,
+) -> None:
+    """Stop exactly what `fedpipe up` started and check that nothing is left."""
+    from flows import stack
+
+    try:
+        lines = stack.down(root=state_dir)
+    except FedpipeError as error:
+        _fail(error)
+    for line in lines:
+        console.print(line)
+    console.print("[green]stack down: no process left[/]")
+
+
+@app.command()
+def status(
+    state_dir: Annotated[Path, typer.Option(help="Stack state folder.")] = STACK_DIR,
+) -> None:
+    """Show the stack's processes, servers and work pools."""
+    from flows import stack
+
+    try:
+        report = stack.status(root=state_dir)
+    except FedpipeError as error:
+        _fail(error)
+    console.print(f"Prefect {report['prefect_ui_url']}: healthy={report['prefect_healthy']}")
+    console.print(f"MLflow  {report['mlflow_url']}: healthy={report['mlflow_healthy']}")
+    for process in report["processes"]:
+        state = "[green]running[/]" if process["running"] else "[red]stopped[/]"
+        console.print(f"  {process['name']:<24} pid {process['pid']:<8} {state}")
+    for pool, pool_status in report["pools"].items():
+        console.print(f"  pool {pool:<28} {pool_status}")
+
+
+@site_app.command("init")
+def site_init(
+    name: Annotated[str, typer.Argument(help="Site name (lowercase, digits, - and _).")],
+    data: Annotated[Path, typer.Option(help="The site's data folder (train/test files).")],
+    state_dir: Annotated[Path, typer.Option(help="Stack state folder.")] = STACK_DIR,
+) -> None:
+    """Onboard a site: keys, registry entry, work pool and participant deployment."""
+    from flows import stack
+
+    try:
+        entry = stack.site_init(name=name, data=data, root=state_dir)
+    except FedpipeError as error:
+        _fail(error)
+    console.print(f"[green]site {name} enrolled[/]: pool {entry['pool']}, keys {entry['keys']}")
+    console.print("On the site's host, start its worker:")
+    console.print(f"  {entry['worker_command']}", soft_wrap=True)
+
+
+@app.command()
+def budget(
+    site_dir: Annotated[Path, typer.Argument(help="A site's folder (holds privacy_ledger.json).")],
+    delta: Annotated[
+        float | None, typer.Option(help="Report epsilon at this delta (default: the ledger's).")
+    ] = None,
+) -> None:
+    """Print a site's privacy ledger: rounds, steps, sigma, q, epsilon spent, budget left."""
+    from rich.table import Table
+
+    from fl_components.privacy.ledger import LEDGER_FILE, PrivacyLedger, epsilon_of
+
+    path = site_dir / LEDGER_FILE
+    if not path.is_file():
+        _fail(FedpipeError(f"{path} does not exist: this site has not trained with DP yet"))
+    try:
+        ledger = PrivacyLedger.load(path)
+    except FedpipeError as error:
+        _fail(error)
+    at = delta if delta is not None else ledger.delta or 1e-5
+    table = Table(title=f"privacy ledger of {ledger.site} ({ledger.accountant}, delta {at:g})")
+    for column in ("federation", "round", "steps", "sigma", "q", "epsilon after", "left"):
+        table.add_column(column, justify="right")
+    for index, entry in enumerate(ledger.entries):
+        spent = epsilon_of(ledger.history[: index + 1], delta=at, accountant=ledger.accountant)
+        left = "∞" if ledger.max_epsilon is None else f"{max(0.0, ledger.max_epsilon - spent):.3f}"
+        table.add_row(
+            entry.federation,
+            str(entry.round),
+            str(entry.steps),
+            f"{entry.noise_multiplier:.4g}",
+            f"{entry.sample_rate:.4g}",
+            f"{spent:.3f}",
+            left,
+        )
+    console.print(table)
+    total = ledger.epsilon(at)
+    limit = "unlimited" if ledger.max_epsilon is None else f"{ledger.max_epsilon:g}"
+    console.print(
+        f"{len(ledger.entries)} rounds, epsilon spent [bold]{total:.3f}[/] at delta {at:g}, "
+        f"max_epsilon {limit}"
+    )
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -38,6 +38,7 @@ from fl_components.training import Metrics
 from flows.progress import report
 from tasks.participants import ParticipantBackend, build_backend
 from tasks.privacy import dp_aggregate, log_privacy
+from tasks.promotion import promote_if_better
 from tasks.tracking import log_round, round_markdown
 from tasks.training import aggregate, evaluate_global, update_global
 
@@ -130,10 +131,11 @@ def _log_final_model(
 def federated_training(config: FederationConfig = FederationConfig()) -> TrainingSummary:  # noqa: B008
     """Train a global model across the federation's sites for ``config.rounds`` rounds."""
     logger = get_run_logger()
-    if config.data.source == "bundled":
-        materialize_sites(config)
+    if config.data.source == "bundled" and config.backend == "local":
+        materialize_sites(config)  # work-pool: sites hold their own data; never touch it here
     info = dataset_info(config)
-    central_test = central_test_split(config)
+    # work-pool: the coordinator holds no data; the global score is the federated evaluation
+    central_test = central_test_split(config) if config.backend == "local" else None
     model = build_model(config.model, info, seed=config.seed)
     initial, origin = _initial_parameters(config, model)
     state = ServerState(round=0, parameters=initial)
@@ -158,7 +160,9 @@ def federated_training(config: FederationConfig = FederationConfig()) -> Trainin
     privacy = PrivacyRounds(config)
     status = "FAILED"
     try:
-        baseline, _ = _evaluate_with_sites(config, info, backend, state, central_test, round_num=0)
+        baseline, site_scores = _evaluate_with_sites(
+            config, info, backend, state, central_test, round_num=0
+        )
         tracker.log_metrics(baseline, step=0)
         for round_num in range(1, config.rounds + 1):
             started = time.perf_counter()
@@ -234,6 +238,11 @@ def federated_training(config: FederationConfig = FederationConfig()) -> Trainin
             tracker.log_figure(per_round, "plots/epsilon.png")
             tracker.log_figure(trade_off, "plots/accuracy_vs_epsilon.png")
         version = _log_final_model(config, info, tracker, state, central_test)
+        if version is not None:
+            # site_scores: the last federated evaluation (the baseline's if no round ran)
+            promote_if_better(
+                config, backend, tracker, version=version, challenger_scores=site_scores
+            )
         status = "FINISHED"
     finally:
         tracker.end(status=status)
