@@ -140,7 +140,14 @@ def read_split(path: Path, *, label_column: str = "label") -> Split:
         raise DataError(f"{path} does not exist; a site folder needs train and test files")
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as archive:
+        try:
+            archive_file = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as error:
+            raise DataError(
+                f"{path} is not a readable .npz of numeric arrays ({error.__class__.__name__}); "
+                "write it with numpy.savez(path, x=features, y=labels)"
+            ) from None
+        with archive_file as archive:
             missing = {"x", "y"} - set(archive.files)
             if missing:
                 raise DataError(

@@ -35,8 +35,12 @@ def _quiet_mlflow() -> None:
 
 
 def resolve_tracking_uri(config: TrackingConfig) -> str:
-    """The tracking URI, with a relative SQLite path's folder created."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or config.tracking_uri
+    """The configured tracking URI, with a relative SQLite path's folder created.
+
+    The config wins over ``MLFLOW_TRACKING_URI``: MLflow itself sets that variable on
+    ``set_tracking_uri``, so it would otherwise leak from one run into the next.
+    """
+    uri = config.tracking_uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     return uri
@@ -64,6 +68,7 @@ class RunTracker:
         self.config = config
         self.tracking_uri = resolve_tracking_uri(config.tracking)
         mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.tracking_uri)
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         self.run_id: str | None = None
         self.experiment_id = self._experiment()
@@ -247,7 +252,9 @@ def load_registered_parameters(tracking: TrackingConfig, *, name: str, alias: st
 
     import mlflow
 
-    mlflow.set_tracking_uri(resolve_tracking_uri(tracking))
+    uri = resolve_tracking_uri(tracking)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     try:
         return mlflow.pytorch.load_model(f"models:/{name}@{alias}")
     except MlflowException:
@@ -262,7 +269,9 @@ def load_run_model(tracking: TrackingConfig, *, run_id: str) -> Any:
     import mlflow
     from fl_components.errors import ConfigError
 
-    mlflow.set_tracking_uri(resolve_tracking_uri(tracking))
+    uri = resolve_tracking_uri(tracking)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     try:
         return mlflow.pytorch.load_model(f"runs:/{run_id}/model")
     except MlflowException as error:

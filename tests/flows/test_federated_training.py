@@ -1,0 +1,82 @@
+"""The real coordinator flow under a real (temporary) Prefect server, tracked in real MLflow."""
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from fl_components.errors import RoundError
+from fl_components.federation import federation_dir, materialize_sites
+from flows.federated_training import federated_training
+from flows.progress import listening
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def test_three_sites_two_rounds_end_to_end(small_config) -> None:
+    events = []
+
+    with listening(lambda event, payload: events.append(event)):
+        summary = federated_training(small_config)
+
+    client = MlflowClient(tracking_uri=small_config.tracking.tracking_uri)
+    run = client.get_run(summary.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["prefect.flow_run_id"]
+    assert run.data.params["training.epochs"] == "2"
+    assert run.data.params["sites.count"] == "3"
+    for key in ("global/accuracy", "global/loss", "participants", "bytes/up", "round_seconds"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert {1, 2} <= set(steps), key
+    for site in ("site-0", "site-1", "site-2"):
+        steps = [
+            m.step for m in client.get_metric_history(run.info.run_id, f"site/{site}/accuracy")
+        ]
+        assert sorted(steps) == [0, 1, 2]
+    participants = client.get_metric_history(run.info.run_id, "participants")
+    assert all(m.value == 3 for m in participants)
+    assert events == ["start", "round", "round", "end"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert "plots/accuracy.png" in artifacts
+
+    import mlflow
+
+    mlflow.set_tracking_uri(small_config.tracking.tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{small_config.name}/{summary.model_version}")
+    test = np.load(federation_dir(small_config) / "_central" / "test.npz")
+    predictions = np.asarray(model.predict(test["x"]))
+    assert predictions.shape == (len(test["y"]), 10)
+    # the registered model is the final global model: it scores what the run logged
+    accuracy = float((predictions.argmax(axis=1) == test["y"]).mean())
+    assert accuracy == pytest.approx(summary.final_accuracy, abs=1e-6)
+    assert summary.final_accuracy > 0.5
+
+
+def test_a_broken_site_drops_out_and_the_round_goes_on(small_config) -> None:
+    materialize_sites(small_config)
+    (federation_dir(small_config) / "site-2" / "train.npz").write_bytes(b"not an npz")
+
+    summary = federated_training(small_config)
+
+    client = MlflowClient(tracking_uri=small_config.tracking.tracking_uri)
+    dropouts = client.get_metric_history(summary.mlflow_run_id, "dropouts")
+    participants = client.get_metric_history(summary.mlflow_run_id, "participants")
+    assert [m.value for m in dropouts] == [1.0, 1.0]
+    assert [m.value for m in participants] == [2.0, 2.0]
+
+
+def test_too_few_participants_aborts_without_touching_the_model(small_config) -> None:
+    config = small_config.model_copy(
+        update={
+            "participation": small_config.participation.model_copy(update={"min_participants": 3})
+        }
+    )
+    materialize_sites(config)
+    (federation_dir(config) / "site-0" / "train.npz").write_bytes(b"tampered")
+
+    with pytest.raises(RoundError, match="only 2 of 3 sites returned an update"):
+        federated_training(config)
+
+    client = MlflowClient(tracking_uri=config.tracking.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(config.name).experiment_id])
+    assert runs[0].info.status == "FAILED"
+    assert client.search_registered_models() == []
