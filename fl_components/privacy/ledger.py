@@ -23,6 +23,10 @@ import numpy as np
 
 from fl_components.errors import BudgetExhaustedError, ConfigError
 
+# RDP warns when the best Rényi order is the largest one tried: the bound is then loose,
+# i.e. conservative (epsilon over-, never under-stated); once per process is enough.
+warnings.filterwarnings("once", message=r".*Optimal order is the largest alpha.*")
+
 LEDGER_FILE = "privacy_ledger.json"
 LEDGER_VERSION = 1
 
