@@ -245,6 +245,43 @@ class DeploymentConfig(_Section):
     )
 
 
+class SecureAggregationConfig(_Section):
+    """Secure aggregation (Bonawitz et al. 2017; SecAgg+ with ``neighbours``).
+
+    With ``enabled``, each site masks its update and the coordinator learns only their sum.
+    Updates are weighted for FedAvg at the site before masking: Δ_k is scaled by
+    ``min(n_k, max_weight) / max_weight`` (as Flower's SecAgg+ does), and the unmasked sum is
+    divided by the sum of those weights.
+    """
+
+    enabled: bool = Field(default=False, description="Mask updates; the coordinator sees the sum.")
+    threshold: int | None = Field(
+        default=None,
+        ge=1,
+        description="t: minimum survivors and unmask responses; None = floor(n/2) + 1 over "
+        "the round's participants.",
+    )
+    neighbours: int | None = Field(
+        default=None, ge=1, description="k for SecAgg+ (sparse graph); None = every pair."
+    )
+    clip_range: float = Field(
+        default=1.0, gt=0, description="Each weighted update value is clipped to ±clip_range."
+    )
+    bits: int | None = Field(
+        default=None, ge=1, le=32, description="Fixed-point bits; None = 32 - ceil(log2 n)."
+    )
+    max_weight: int = Field(
+        default=1000,
+        ge=1,
+        description="Examples at which a site's FedAvg weight saturates (weight = "
+        "min(n_k, max_weight) / max_weight).",
+    )
+    registry: str | None = Field(
+        default=None,
+        description="Public-key registry JSON; None = <sites_dir>/<federation>/registry.json.",
+    )
+
+
 class FederationConfig(_Section):
     """A whole federation: sites, rounds, model, training, strategy, tracking."""
 
@@ -263,6 +300,7 @@ class FederationConfig(_Section):
     privacy: PrivacyConfig = PrivacyConfig()
     backend: BackendKind = Field(default="local", description="Where participants run.")
     deployment: DeploymentConfig = DeploymentConfig()
+    secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
     init_from: InitFrom = Field(
         default="fresh", description="Start fresh, from the registry's champion, or a run."
     )
@@ -293,6 +331,18 @@ class FederationConfig(_Section):
             raise ValueError(
                 "data.source is 'site_files': set data.n_features and data.n_classes "
                 "(the coordinator never opens a site's files to find them)"
+            )
+        secagg = self.secure_aggregation
+        if secagg.enabled and secagg.threshold is not None and secagg.threshold > len(self.sites):
+            raise ValueError(
+                f"secure_aggregation.threshold ({secagg.threshold}) exceeds the number of "
+                f"sites ({len(self.sites)}); lower it or set it to null for a majority"
+            )
+        if secagg.enabled and self.privacy.participant_level and self.privacy.adaptive_clipping:
+            raise ValueError(
+                "privacy.adaptive_clipping needs each update's norm, which secure aggregation "
+                "hides from the coordinator; set privacy.adaptive_clipping: false or "
+                "secure_aggregation.enabled: false"
             )
         if self.init_from == "run" and not self.init_run_id:
             raise ValueError("init_from is 'run' but init_run_id is empty; set init_run_id")

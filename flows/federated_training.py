@@ -39,6 +39,7 @@ from flows.progress import report
 from tasks.participants import ParticipantBackend, build_backend
 from tasks.privacy import dp_aggregate, log_privacy
 from tasks.promotion import promote_if_better
+from tasks.secure_aggregation import secure_round
 from tasks.tracking import log_round, round_markdown
 from tasks.training import aggregate, evaluate_global, update_global
 
@@ -173,7 +174,20 @@ def federated_training(config: FederationConfig = FederationConfig()) -> Trainin
                 round_num=round_num,
                 seed=config.seed,
             )
-            outcome = backend.train(selected, state.parameters, round_num=round_num)
+            secure = None
+            if config.secure_aggregation.enabled:  # the coordinator learns only the sum
+                secure = secure_round(
+                    config,
+                    backend,
+                    privacy,
+                    selected,
+                    state.parameters,
+                    run_id=link.run_id,
+                    round_num=round_num,
+                )
+                outcome = secure.outcome
+            else:
+                outcome = backend.train(selected, state.parameters, round_num=round_num)
             if len(outcome.updates) < config.participation.min_participants:
                 reasons = "; ".join(f"{d.site}: {d.reason}" for d in outcome.dropouts)
                 raise RoundError(
@@ -184,7 +198,9 @@ def federated_training(config: FederationConfig = FederationConfig()) -> Trainin
                 )
             dropouts = {d.site: dropout_reason(d.reason) for d in outcome.dropouts}
             dp_result = None
-            if config.privacy.participant_level:  # DP-FedAvg noise added here (no secagg)
+            if secure is not None:  # weighted (or DP-noised) at the sites, unmasked as a sum
+                mean_update, dp_result = secure.mean_update, secure.dp_result
+            elif config.privacy.participant_level:  # DP-FedAvg noise added here (no secagg)
                 dp_result = dp_aggregate(privacy, outcome.updates, round_num=round_num)
                 privacy.account(dp_result, participants=tuple(u.site for u in outcome.updates))
                 mean_update = dp_result.mean_update
@@ -203,6 +219,8 @@ def federated_training(config: FederationConfig = FederationConfig()) -> Trainin
                     "train/loss": sum(u.train_loss * u.num_examples for u in outcome.updates)
                     / max(1, sum(u.num_examples for u in outcome.updates)),
                     "round_seconds": time.perf_counter() - started,
+                    "secagg/enabled": float(secure is not None),
+                    **(secure.metrics if secure is not None else {}),
                 }
             )
             if privacy.enabled:

@@ -1,0 +1,243 @@
+"""Secure aggregation inside the real coordinator flow (Prefect harness, real MLflow)."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from fl_components import secure_round
+from fl_components.config import FederationConfig, config_from_dict
+from fl_components.errors import ConfigError, RoundError
+from fl_components.federation import federation_dir
+from fl_components.secagg import MaskedUpdate, SecAggCoordinator
+from fl_components.tracking import load_run_model
+from flows.federated_training import federated_training
+from tasks.participants import LocalBackend
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def _secure(config: FederationConfig, **settings: Any) -> FederationConfig:
+    section = config.secure_aggregation.model_copy(update={"enabled": True, **settings})
+    return config.model_copy(update={"secure_aggregation": section})
+
+
+def _one_round(config: FederationConfig) -> FederationConfig:
+    return config.model_copy(update={"rounds": 1})
+
+
+def _metric(client: MlflowClient, run_id: str, key: str) -> list[float]:
+    return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def _flat(model: Any) -> np.ndarray:
+    return np.concatenate([t.detach().numpy().ravel() for t in model.state_dict().values()])
+
+
+def test_secure_run_matches_plaintext_run(small_config: FederationConfig) -> None:
+    plain = federated_training(small_config)
+    config = _secure(small_config)
+
+    secure = federated_training(config)
+
+    client = MlflowClient(tracking_uri=config.tracking.tracking_uri)
+    run = client.get_run(secure.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["secure_aggregation.enabled"] == "True"
+    assert _metric(client, secure.mlflow_run_id, "secagg/enabled") == [1.0, 1.0]
+    assert _metric(client, plain.mlflow_run_id, "secagg/enabled") == [0.0, 0.0]
+    assert _metric(client, secure.mlflow_run_id, "secagg/dropouts_recovered") == [0.0, 0.0]
+    for key in ("secagg/mask_seconds", "secagg/unmask_seconds"):
+        assert all(v > 0 for v in _metric(client, secure.mlflow_run_id, key)), key
+    expansion = _metric(client, secure.mlflow_run_id, "secagg/expansion")
+    assert all(1.0 < v < 1.2 for v in expansion)  # 4 bytes per parameter + shares + header
+    up = _metric(client, secure.mlflow_run_id, "bytes/up")
+    assert up == pytest.approx(_metric(client, plain.mlflow_run_id, "bytes/up"), rel=0.2)
+    # same seed, same data: the two global models differ only by quantization (~1e-8 per
+    # value per round) and its effect through round 2's training
+    plain_model = _flat(load_run_model(config.tracking, run_id=plain.mlflow_run_id))
+    secure_model = _flat(load_run_model(config.tracking, run_id=secure.mlflow_run_id))
+    assert np.max(np.abs(plain_model - secure_model)) < 1e-3
+    assert secure.final_accuracy == pytest.approx(plain.final_accuracy, abs=0.01)
+    # keys stay in each site's folder (0600); the registry holds public keys only
+    registry = json.loads(secure_round.registry_path(config).read_text())
+    assert sorted(registry) == ["site-0", "site-1", "site-2"]
+    assert all(set(entry) == {"x25519", "ed25519"} for entry in registry.values())
+    for site in config.site_names:
+        keys = secure_round.site_keys_dir(federation_dir(config) / site)
+        for name in ("x25519.key", "ed25519.key"):
+            assert stat.S_IMODE((keys / name).stat().st_mode) == 0o600
+
+
+def _tamper_site(monkeypatch: pytest.MonkeyPatch, victim: str) -> None:
+    original = secure_round.mask_at_site
+
+    def tampered(site, *args, **kwargs):  # type: ignore[no-untyped-def]
+        contribution = original(site, *args, **kwargs)
+        if site.name != victim:
+            return contribution
+        payload = bytearray(contribution.payload)
+        payload[-200] ^= 0x01  # one bit of the masked vector
+        return secure_round.MaskedContribution(**{**vars(contribution), "payload": bytes(payload)})
+
+    monkeypatch.setattr(secure_round, "mask_at_site", tampered)
+
+
+def _fail_unmask(monkeypatch: pytest.MonkeyPatch, victim: str) -> None:
+    original = secure_round.unmask_at_site
+
+    def failing(site, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if site == victim:
+            raise ConnectionError(f"{site} went offline after stage 1")
+        return original(site, *args, **kwargs)
+
+    monkeypatch.setattr(secure_round, "unmask_at_site", failing)
+
+
+def test_tampered_masked_update_is_rejected_and_the_round_recovers(
+    small_config: FederationConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _one_round(_secure(small_config))
+    _tamper_site(monkeypatch, "site-1")
+
+    summary = federated_training(config)
+
+    client = MlflowClient(tracking_uri=config.tracking.tracking_uri)
+    assert _metric(client, summary.mlflow_run_id, "secagg/rejected") == [1.0]
+    assert _metric(client, summary.mlflow_run_id, "secagg/dropouts_recovered") == [1.0]
+    assert _metric(client, summary.mlflow_run_id, "participants") == [2.0]
+    assert summary.final_accuracy > 0.3
+
+
+def test_site_that_drops_after_masking_is_recovered(
+    small_config: FederationConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _one_round(_secure(small_config))  # t = 2 of 3
+    _fail_unmask(monkeypatch, "site-2")
+
+    summary = federated_training(config)
+
+    client = MlflowClient(tracking_uri=config.tracking.tracking_uri)
+    assert _metric(client, summary.mlflow_run_id, "secagg/unmask_failures") == [1.0]
+    assert _metric(client, summary.mlflow_run_id, "participants") == [3.0]  # its update counts
+
+
+def test_below_threshold_the_round_aborts_and_no_model_is_registered(
+    small_config: FederationConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _one_round(_secure(small_config, threshold=3))
+    _fail_unmask(monkeypatch, "site-2")
+
+    with pytest.raises(RoundError, match=r"below threshold 3.*global model was left unchanged"):
+        federated_training(config)
+
+    client = MlflowClient(tracking_uri=config.tracking.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(config.name).experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert client.search_model_versions(f"name='{config.name}'") == []
+
+
+def _arrays(value: Any, seen: set[int] | None = None) -> list[np.ndarray]:
+    """Every array reachable from ``value`` (masked messages parsed from their bytes)."""
+    seen = seen if seen is not None else set()
+    if id(value) in seen:
+        return []
+    seen.add(id(value))
+    if isinstance(value, np.ndarray):
+        return [value]
+    if isinstance(value, bytes | bytearray):
+        try:
+            return [MaskedUpdate.from_bytes(bytes(value)).masked]
+        except Exception:
+            return []
+    if isinstance(value, dict):
+        return [a for item in value.values() for a in _arrays(item, seen)]
+    if isinstance(value, list | tuple | set):
+        return [a for item in value for a in _arrays(item, seen)]
+    if hasattr(value, "__dict__"):
+        return _arrays(vars(value), seen)
+    return []
+
+
+def test_coordinator_never_holds_an_individual_unmasked_update(
+    small_config: FederationConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _one_round(_secure(small_config))
+    plain: dict[str, np.ndarray] = {}  # recorded at the sites, before masking
+    held: list[Any] = []  # everything that reaches the coordinator's side
+    original_prepare = secure_round.prepare_update
+
+    def record_site(cfg, update, ctx):  # type: ignore[no-untyped-def]
+        vector, units = original_prepare(cfg, update, ctx)
+        plain[update.site] = vector.copy()
+        return vector, units
+
+    monkeypatch.setattr(secure_round, "prepare_update", record_site)
+    for name in ("train_masked", "unmask"):
+        original = getattr(LocalBackend, name)
+
+        def recorded(self, *args, _original=original, **kwargs):  # type: ignore[no-untyped-def]
+            result = _original(self, *args, **kwargs)
+            held.append(result)
+            return result
+
+        monkeypatch.setattr(LocalBackend, name, recorded)
+    for name in ("receive", "finish"):
+        original = getattr(SecAggCoordinator, name)
+
+        def spied(self, *args, _original=original, **kwargs):  # type: ignore[no-untyped-def]
+            held.append(args)
+            result = _original(self, *args, **kwargs)
+            held.append((result, vars(self)))
+            return result
+
+        monkeypatch.setattr(SecAggCoordinator, name, spied)
+
+    federated_training(config)
+
+    assert sorted(plain) == ["site-0", "site-1", "site-2"]
+    arrays = _arrays(held)
+    assert any(a.dtype == np.uint32 and a.size > 1000 for a in arrays)  # masked vectors seen
+    for site, vector in plain.items():
+        scale = (2**30 - 1) / 2.0  # bits = 32 - ceil(log2 3), clip_range 1
+        quantized = np.floor((np.clip(vector, -1, 1) + 1) * scale)
+        for array in arrays:
+            if array.shape != vector.shape:
+                continue
+            values = array.astype(np.float64)
+            if array.dtype == np.uint32:  # a masked vector: uniform, unrelated to the input
+                assert np.mean(np.abs(values - quantized) <= 1) < 0.01, site
+            else:  # a float vector: never one site's update
+                assert not np.allclose(values, vector, atol=1e-4), site
+
+
+def test_threshold_above_the_round_participants_is_a_clear_error(
+    small_config: FederationConfig,
+) -> None:
+    config = _secure(
+        small_config.model_copy(
+            update={
+                "participation": small_config.participation.model_copy(update={"fraction": 0.5})
+            }
+        ),
+        threshold=3,
+    )
+    with pytest.raises(ConfigError, match=r"threshold \(3\) exceeds the 2 participants"):
+        secure_round.round_context(
+            config, run_id="r", round_num=1, participants=("site-0", "site-1"), dimension=4
+        )
+    raw = small_config.model_dump(mode="json")
+    raw["secure_aggregation"] = {"enabled": True, "threshold": 4}
+    with pytest.raises(ConfigError, match=r"secure_aggregation.threshold \(4\) exceeds the number"):
+        config_from_dict(raw)
+
+
+def test_registry_missing_names_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="fedpipe site init"):
+        secure_round.load_registry(tmp_path / "registry.json", sites=("a",))
