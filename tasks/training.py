@@ -10,14 +10,27 @@ from __future__ import annotations
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import State
 
 from fl_components.config import FederationConfig
 from fl_components.data import DatasetInfo, Split
+from fl_components.errors import FedpipeError
 from fl_components.federation import Site, site_folder
 from fl_components.models import build_model
 from fl_components.parameters import NDArrays
 from fl_components.strategies import ServerState, Strategy, weighted_average
 from fl_components.training import LocalUpdate, Metrics, evaluate
+
+
+def retry_unless_deliberate(task: object, task_run: object, state: State) -> bool:
+    """Retry transient failures only: a refused budget or bad data fails the same way again."""
+    try:
+        state.result()
+    except FedpipeError:
+        return False
+    except Exception:
+        return True
+    return True
 
 
 def _site(config: FederationConfig, info: DatasetInfo, name: str) -> Site:
@@ -30,6 +43,7 @@ def _site(config: FederationConfig, info: DatasetInfo, name: str) -> Site:
     cache_policy=NO_CACHE,
     retries=1,
     retry_delay_seconds=1,
+    retry_condition_fn=retry_unless_deliberate,
 )
 def local_train(
     config: FederationConfig,
