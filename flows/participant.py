@@ -9,6 +9,7 @@ storage the workers are configured with, where the coordinator reads it back.
 
 from __future__ import annotations
 
+import base64
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
@@ -19,10 +20,12 @@ from fl_components.exchange import (
     read_global_model,
     update_payload,
 )
+from fl_components.secure_round import context_from_json
 from fl_components.training import seed_for
+from tasks.secure_site import site_mask, site_unmask
 from tasks.site_side import site_evaluate, site_train, this_site
 
-Stage = Literal["train", "unmask", "evaluate"]
+Stage = Literal["train", "mask", "unmask", "evaluate"]
 
 
 @flow(
@@ -40,15 +43,22 @@ def federated_participant(
     model_uri: str,
     model_sha256: str,
     run_id: str,
+    secagg: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Run ``stage`` of round ``round_num`` at ``site`` and return its JSON-safe payload."""
+    """Run ``stage`` of round ``round_num`` at ``site`` and return its JSON-safe payload.
+
+    Secure aggregation's stages take ``secagg``: ``{"context": <RoundContext JSON>}`` for
+    ``mask`` (train, then return the masked, signed update) and, for ``unmask``, also
+    ``"request"``: the base64 unmask request (survivors, dropped, encrypted shares).
+    """
     logger = get_run_logger()
     participant = this_site(federation, site)
+    if stage in ("mask", "unmask") and not (secagg and "context" in secagg):
+        raise ValueError(f"stage {stage!r} needs the secagg parameter with the round context")
     if stage == "unmask":
-        raise NotImplementedError(
-            "stage 'unmask' answers secure aggregation's share requests; it is wired when "
-            "secure aggregation runs over the work-pool backend"
-        )
+        ctx = context_from_json(secagg["context"])
+        request = base64.b64decode(secagg["request"], validate=True)
+        return site_unmask(participant, ctx, request, round_num=round_num)
     parameters = read_global_model(model_uri, sha256=model_sha256)
     logger.info(
         "site %s run %s round %d: global model %s verified",
@@ -62,5 +72,8 @@ def federated_participant(
         return metrics_payload(metrics, site=site, round_num=round_num)
     index = federation.site_names.index(site)
     seed = seed_for(base=federation.seed, round_num=round_num, site_index=index)
+    if stage == "mask":
+        ctx = context_from_json(secagg["context"])
+        return site_mask(participant, parameters, ctx, round_num=round_num, seed=seed)
     update = site_train(participant, parameters, round_num=round_num, seed=seed)
     return update_payload(update)

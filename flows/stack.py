@@ -197,6 +197,11 @@ def stack_config(config: FederationConfig, paths: StackPaths, mlflow_url: str) -
     raw["backend"] = "work-pool"
     raw["deployment"] = {**raw.get("deployment", {}), "exchange_dir": str(paths.exchange)}
     raw["tracking"] = {**raw["tracking"], "tracking_uri": mlflow_url}
+    # the one registry `enrol_keys` writes; sites and coordinator read public keys from it
+    raw["secure_aggregation"] = {
+        **raw.get("secure_aggregation", {}),
+        "registry": str(paths.root / "registry.json"),
+    }
     if config.data.source == "bundled":
         raw["data"] = {**raw["data"], "sites_dir": str(Path(config.data.sites_dir).resolve())}
     return FederationConfig.model_validate(raw)

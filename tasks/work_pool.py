@@ -11,6 +11,7 @@ result stored with any other serializer is refused, never unpickled.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import threading
@@ -40,8 +41,22 @@ from fl_components.exchange import (
     write_global_model,
 )
 from fl_components.parameters import NDArrays
+from fl_components.secagg import Registry, RoundContext
+from fl_components.secure_round import (
+    MaskedContribution,
+    context_to_json,
+    load_registry,
+    registry_path,
+)
 from fl_components.training import Metrics
-from tasks.participants import Dropout, ParticipantBackend, TrainingOutcome
+from tasks.participants import (
+    Dropout,
+    MaskedOutcome,
+    ParticipantBackend,
+    TrainingOutcome,
+    UnmaskOutcome,
+)
+from tasks.secure_site import response_from_payload
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +138,13 @@ def run_participant(
     model_uri: str,
     model_sha256: str,
     run_id: str,
+    secagg: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Dispatch one site's stage to its work pool and return its JSON payload."""
+    """Dispatch one site's stage to its work pool and return its JSON payload.
+
+    ``secagg`` (secure aggregation's ``mask``/``unmask`` stages) carries the round context
+    and, for ``unmask``, the site's unmask request: small, and never an update.
+    """
     pool = site_pool_name(config, site)
     name = f"{config.deployment.participant_deployment}/{site}"
     parameters = {
@@ -135,6 +155,7 @@ def run_participant(
         "model_uri": model_uri,
         "model_sha256": model_sha256,
         "run_id": run_id,
+        **({"secagg": secagg} if secagg is not None else {}),
     }
     with _CREATE_LOCK:
         try:
@@ -215,6 +236,73 @@ class WorkPoolBackend(ParticipantBackend):
                 outcome.updates.append(update_from_payload(result, site=site, round_num=round_num))
             except Exception as error:
                 log.warning("site %s dropped out of round %d: %s", site, round_num, error)
+                outcome.dropouts.append(
+                    Dropout(site=site, reason=f"{type(error).__name__}: {error}")
+                )
+        return outcome
+
+    def registry(self) -> Registry:
+        """The registry written by ``fedpipe site init`` (public keys only)."""
+        return load_registry(registry_path(self.config), sites=self.config.site_names)
+
+    def train_masked(
+        self, sites: tuple[str, ...], global_parameters: NDArrays, ctx: RoundContext
+    ) -> MaskedOutcome:
+        """Stage ``mask`` on every selected site's pool; failures become dropouts."""
+        uri, sha = write_global_model(global_parameters, self.exchange)
+        context = {"context": context_to_json(ctx)}
+        futures = {
+            site: run_participant.submit(
+                self.config,
+                site=site,
+                round_num=ctx.round,
+                stage="mask",
+                model_uri=uri,
+                model_sha256=sha,
+                run_id=self.run_id,
+                secagg=context,
+            )
+            for site in sites
+        }
+        outcome = MaskedOutcome(contributions=[], dropouts=[])
+        for site, future in futures.items():
+            try:
+                outcome.contributions.append(
+                    MaskedContribution.from_payload(future.result(), site=site, round_num=ctx.round)
+                )
+            except Exception as error:  # a site's failure must not sink the round
+                log.warning("site %s dropped out of round %d: %s", site, ctx.round, error)
+                outcome.dropouts.append(
+                    Dropout(site=site, reason=f"{type(error).__name__}: {error}")
+                )
+        return outcome
+
+    def unmask(self, requests: dict[str, bytes], ctx: RoundContext) -> UnmaskOutcome:
+        """Stage ``unmask`` on every survivor's pool (no model is sent)."""
+        futures = {
+            site: run_participant.submit(
+                self.config,
+                site=site,
+                round_num=ctx.round,
+                stage="unmask",
+                model_uri="",
+                model_sha256="",
+                run_id=self.run_id,
+                secagg={
+                    "context": context_to_json(ctx),
+                    "request": base64.b64encode(request).decode("ascii"),
+                },
+            )
+            for site, request in requests.items()
+        }
+        outcome = UnmaskOutcome(responses={}, dropouts=[])
+        for site, future in futures.items():
+            try:
+                outcome.responses[site] = response_from_payload(
+                    future.result(), site=site, round_num=ctx.round
+                )
+            except Exception as error:
+                log.warning("site %s failed to unmask round %d: %s", site, ctx.round, error)
                 outcome.dropouts.append(
                     Dropout(site=site, reason=f"{type(error).__name__}: {error}")
                 )

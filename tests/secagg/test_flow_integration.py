@@ -241,3 +241,89 @@ def test_threshold_above_the_round_participants_is_a_clear_error(
 def test_registry_missing_names_the_fix(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="fedpipe site init"):
         secure_round.load_registry(tmp_path / "registry.json", sites=("a",))
+
+
+class _Done:
+    """A finished future holding a result or an error."""
+
+    def __init__(self, call: Any) -> None:
+        try:
+            self._value, self._error = call(), None
+        except Exception as error:
+            self._value, self._error = None, error
+
+    def result(self) -> Any:
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def test_work_pool_backend_runs_both_stages_through_the_participant_flow(
+    small_config: FederationConfig, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The work-pool path with each site's deployment run in-process (no workers here)."""
+    import os
+
+    from fl_components.exchange import SITE_DIR_ENV, SITE_KEYS_ENV, SITE_NAME_ENV
+    from fl_components.federation import dataset_info, materialize_sites
+    from fl_components.models import build_model
+    from fl_components.parameters import get_parameters
+    from fl_components.privacy.rounds import PrivacyRounds
+    from flows.participant import federated_participant
+    from tasks import work_pool
+    from tasks.secure_aggregation import secure_round as run_secure_round
+
+    config = _secure(
+        small_config.model_copy(
+            update={
+                "backend": "work-pool",
+                "deployment": small_config.deployment.model_copy(
+                    update={"exchange_dir": str(tmp_path / "exchange")}
+                ),
+            }
+        ),
+        registry=str(tmp_path / "stack" / "registry.json"),
+    )
+    materialize_sites(config)
+    keys = {s: tmp_path / "stack" / "keys" / s for s in config.site_names}  # as `fedpipe up`
+    secure_round.publish_public_keys(
+        secure_round.registry_path(config),
+        {s: secure_round.enroll_site(folder) for s, folder in keys.items()},
+    )
+    dispatched: list[dict[str, Any]] = []
+
+    class _Deployment:  # what a site's worker would run, here in this process
+        @staticmethod
+        def submit(cfg: FederationConfig, *, site: str, **parameters: Any) -> _Done:
+            dispatched.append({"site": site, **parameters})
+            env = {
+                SITE_DIR_ENV: str(federation_dir(cfg) / site),
+                SITE_NAME_ENV: site,
+                SITE_KEYS_ENV: str(keys[site]),
+            }
+            with monkeypatch.context() as scoped:
+                for name, value in env.items():
+                    scoped.setenv(name, value)
+                return _Done(lambda: federated_participant(federation=cfg, site=site, **parameters))
+
+    monkeypatch.setattr(work_pool, "run_participant", _Deployment)
+    info = dataset_info(config)
+    backend = work_pool.WorkPoolBackend(config, info)
+    parameters = get_parameters(build_model(config.model, info, seed=config.seed))
+
+    result = run_secure_round(
+        config,
+        backend,
+        PrivacyRounds(config),
+        config.site_names,
+        parameters,
+        run_id="wp-run",
+        round_num=1,
+    )
+
+    assert [d["stage"] for d in dispatched] == ["mask"] * 3 + ["unmask"] * 3
+    assert all(len(json.dumps(d["secagg"])) < 512_000 for d in dispatched)  # parameter cap
+    assert result.metrics["secagg/survivors"] == 3.0
+    assert [u.delta for u in result.outcome.updates] == [[], [], []]
+    assert all(np.isfinite(m).all() for m in result.mean_update)
+    assert SITE_DIR_ENV not in os.environ  # each site's environment was scoped to its run
