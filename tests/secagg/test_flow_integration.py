@@ -327,3 +327,28 @@ def test_work_pool_backend_runs_both_stages_through_the_participant_flow(
     assert [u.delta for u in result.outcome.updates] == [[], [], []]
     assert all(np.isfinite(m).all() for m in result.mean_update)
     assert SITE_DIR_ENV not in os.environ  # each site's environment was scoped to its run
+
+
+def test_participant_dp_under_secagg_clips_and_adds_a_noise_share(
+    small_config: FederationConfig,
+) -> None:
+    from fl_components.training import LocalUpdate
+
+    privacy = small_config.privacy.model_copy(
+        update={"mode": "participant", "clip_norm": 1.0, "client_noise_multiplier": 0.5}
+    )
+    config = _secure(small_config.model_copy(update={"privacy": privacy}), clip_range=4.0)
+    ctx = secure_round.round_context(
+        config, run_id="r", round_num=1, participants=config.site_names, dimension=40_000
+    )
+    delta = np.full(40_000, 0.05, dtype=np.float32)  # norm 10: clipped to 1
+    update = LocalUpdate("site-0", 1, [delta], num_examples=500, train_loss=0.0, seconds=0.0)
+
+    vector, units = secure_round.prepare_update(config, update, ctx)
+
+    assert units == 1  # DP-FedAvg: every site weighs the same
+    noise = vector - 0.005  # the clipped update is 0.05 / 10 per value
+    expected_std = 0.5 * 1.0 / np.sqrt(ctx.threshold)  # z C / sqrt(t): t shares carry (z C)^2
+    assert np.std(noise) == pytest.approx(expected_std, rel=0.03)
+    assert abs(np.mean(noise)) < 4 * expected_std / np.sqrt(noise.size)
+    assert secure_round.noise_fits_clip_range(config, ctx.threshold)
