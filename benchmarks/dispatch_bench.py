@@ -1,0 +1,124 @@
+"""Dispatch overhead per round: work-pool backend against local backend, same federation.
+
+Starts a private stack (`flows.stack.up`, free ports, temp folder) with N sites, runs the
+same federation with both backends (the coordinator in this process, against the stack's
+Prefect server), and reports per-round seconds; the difference is what dispatching to the
+sites' work pools costs (worker polling, a flow-run subprocess per site and stage, result
+storage). A round is two dispatches: train, then the federated evaluation.
+
+    .venv/bin/python -m benchmarks.dispatch_bench --sites 5 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RESULTS = Path(__file__).resolve().parent / "results" / "dispatch.json"
+
+
+def _federation(root: Path, sites: int, rounds: int) -> Path:
+    config = {
+        "name": "dispatch-bench",
+        "rounds": rounds,
+        "sites": [{"name": f"site-{i}"} for i in range(sites)],
+        "participation": {"fraction": 1.0, "min_participants": 2},
+        "data": {"dataset": "digits", "sites_dir": str(root / "sites")},
+        "model": {"kind": "mlp", "hidden": [32]},
+        "training": {"epochs": 1, "batch_size": 32},
+        "tracking": {"register_model": False},
+        "deployment": {"poll_interval": 0.2},
+        "seed": 0,
+    }
+    path = root / "federation.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sites", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_FLOW_RUNS_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_TASK_RUNS_LEVEL", "WARNING")
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from fl_components.config import FederationConfig
+    from flows import stack
+    from flows.federated_training import federated_training
+
+    root = Path(tempfile.mkdtemp(prefix="fedpipe-dispatch-"))
+    started = time.perf_counter()
+    record = stack.up(
+        config_path=_federation(root, args.sites, args.rounds),
+        root=root / "state",
+        mlflow_dir=root / "mlflow",
+        prefect_port=0,
+        mlflow_port=0,
+    )
+    up_seconds = time.perf_counter() - started
+    rows: dict[str, Any] = {}
+    try:
+        deployed = FederationConfig.model_validate_json(
+            (root / "state" / "federation.json").read_text()
+        )
+        with temporary_settings(updates={PREFECT_API_URL: record["prefect_api_url"]}):
+            for backend in ("local", "work-pool"):
+                config = FederationConfig.model_validate(
+                    {**deployed.model_dump(mode="json"), "backend": backend}
+                )
+                t0 = time.perf_counter()
+                summary = federated_training(config)
+                seconds = [row["round_seconds"] for row in summary.history]
+                rows[backend] = {
+                    "round_seconds": seconds,
+                    "median_round_seconds": statistics.median(seconds),
+                    "run_seconds": time.perf_counter() - t0,
+                    "final_accuracy": summary.final_accuracy,
+                }
+    finally:
+        stack.down(root=root / "state")
+    overhead = rows["work-pool"]["median_round_seconds"] - rows["local"]["median_round_seconds"]
+    result = {
+        "benchmark": "dispatch",
+        "sites": args.sites,
+        "rounds": args.rounds,
+        "stack_up_seconds": up_seconds,
+        "backends": rows,
+        "dispatch_overhead_per_round_seconds": overhead,
+        "dispatches_per_round": 2,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "load": os.getloadavg(),
+        },
+        "settings": {"PREFECT_WORKER_QUERY_SECONDS": 1, "poll_interval": 0.2, "database": "sqlite"},
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        f"dispatch overhead, {args.sites} sites x {args.rounds} rounds (stack up {up_seconds:.1f}s)"
+    )
+    print(f"{'backend':<10} {'median round s':>15} {'rounds (s)':>30} {'accuracy':>9}")
+    for backend, row in rows.items():
+        per_round = " ".join(f"{s:.2f}" for s in row["round_seconds"])
+        print(
+            f"{backend:<10} {row['median_round_seconds']:>15.2f} {per_round:>30} "
+            f"{row['final_accuracy']:>9.4f}"
+        )
+    print(f"overhead per round (2 dispatches): {overhead:.2f}s -> {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
