@@ -352,3 +352,18 @@ def test_participant_dp_under_secagg_clips_and_adds_a_noise_share(
     assert np.std(noise) == pytest.approx(expected_std, rel=0.03)
     assert abs(np.mean(noise)) < 4 * expected_std / np.sqrt(noise.size)
     assert secure_round.noise_fits_clip_range(config, ctx.threshold)
+
+
+def test_participant_dp_and_secure_aggregation_in_one_run(small_config: FederationConfig) -> None:
+    privacy = small_config.privacy.model_copy(
+        update={"mode": "participant", "clip_norm": 1.0, "client_noise_multiplier": 0.3}
+    )
+    config = _one_round(
+        _secure(small_config.model_copy(update={"privacy": privacy}), clip_range=2.0)
+    )
+
+    summary = federated_training(config)
+
+    client = MlflowClient(tracking_uri=config.tracking.tracking_uri)
+    assert _metric(client, summary.mlflow_run_id, "secagg/enabled") == [1.0]
+    assert _metric(client, summary.mlflow_run_id, "privacy/client_epsilon")[0] > 0
