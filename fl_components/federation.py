@@ -6,6 +6,7 @@ where the site's data lives, reads its own folder and returns updates and scores
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,14 +98,26 @@ def central_test_split(config: FederationConfig) -> Split | None:
 
 
 def select_participants(
-    site_names: tuple[str, ...], *, fraction: float, minimum: int, round_num: int, seed: int
+    site_names: tuple[str, ...],
+    *,
+    fraction: float,
+    minimum: int,
+    round_num: int,
+    seed: int,
+    secret: bool = False,
 ) -> tuple[str, ...]:
-    """Draw max(minimum, ceil(fraction * n)) sites uniformly, reproducibly per round."""
+    """Draw max(minimum, ceil(fraction * n)) sites uniformly.
+
+    Reproducible from ``(seed, round_num)`` by default. With ``secret=True`` the draw comes
+    from the OS's CSPRNG instead, so that nobody holding the config can replay it: privacy
+    amplification by client sampling (DP-FedAvg) assumes a random *and* secret selection.
+    """
     n = len(site_names)
     count = min(n, max(minimum, int(np.ceil(fraction * n))))
     if count < minimum:
         raise RoundError(f"only {n} site(s) available, participation.min_participants is {minimum}")
-    rng = np.random.default_rng([seed, round_num, 0xF3D])
+    entropy = secrets.randbits(128) if secret else [seed, round_num, 0xF3D]
+    rng = np.random.default_rng(entropy)
     chosen = rng.choice(n, size=count, replace=False)
     return tuple(site_names[i] for i in sorted(chosen))
 

@@ -26,7 +26,7 @@ from fl_components.federation import (
 from fl_components.models import build_model
 from fl_components.parameters import NDArrays, get_parameters, nbytes, set_parameters
 from fl_components.privacy.rounds import PrivacyRounds, dropout_reason
-from fl_components.strategies import ServerState, build_strategy
+from fl_components.strategies import ServerState, Strategy, build_strategy
 from fl_components.tracking import (
     RunTracker,
     accuracy_plot,
@@ -36,7 +36,7 @@ from fl_components.tracking import (
 )
 from fl_components.training import Metrics
 from flows.progress import report
-from tasks.participants import ParticipantBackend, build_backend
+from tasks.participants import ParticipantBackend, TrainingOutcome, build_backend
 from tasks.privacy import dp_aggregate, log_privacy
 from tasks.promotion import promote_if_better
 from tasks.secure_aggregation import secure_round
@@ -75,17 +75,132 @@ def _initial_parameters(config: FederationConfig, model: Any) -> tuple[NDArrays,
     return get_parameters(model), "fresh"
 
 
-def _evaluate_with_sites(
+@dataclass(frozen=True)
+class _Run:
+    """What stays fixed across the rounds of one run."""
+
+    config: FederationConfig
+    info: DatasetInfo
+    backend: ParticipantBackend
+    strategy: Strategy
+    privacy: PrivacyRounds
+    tracker: RunTracker
+    central_test: Split | None
+    run_id: str
+
+
+@dataclass(frozen=True)
+class _Aggregate:
+    """A round's training outcome and the mean update it yields."""
+
+    outcome: TrainingOutcome
+    mean_update: NDArrays
+    dp_result: Any
+    metrics: dict[str, float]
+
+
+def _train_and_aggregate(
+    run: _Run, state: ServerState, selected: tuple[str, ...], *, round_num: int
+) -> _Aggregate:
+    """Train the selected sites and aggregate: securely, with DP noise, or in the clear."""
+    config = run.config
+    if config.secure_aggregation.enabled:  # the coordinator learns only the sum
+        secure = secure_round(
+            config,
+            run.backend,
+            run.privacy,
+            selected,
+            state.parameters,
+            run_id=run.run_id,
+            round_num=round_num,
+        )
+        _require_quorum(config, secure.outcome, selected, round_num=round_num)
+        # weighted (or DP-noised) at the sites, unmasked as a sum
+        return _Aggregate(secure.outcome, secure.mean_update, secure.dp_result, secure.metrics)
+    outcome = run.backend.train(selected, state.parameters, round_num=round_num)
+    _require_quorum(config, outcome, selected, round_num=round_num)
+    plain = {"bytes/up": float(sum(nbytes(u.delta) for u in outcome.updates))}
+    if config.privacy.participant_level:  # DP-FedAvg noise added here (no secagg)
+        dp_result = dp_aggregate(run.privacy, outcome.updates, round_num=round_num)
+        run.privacy.account(dp_result, participants=tuple(u.site for u in outcome.updates))
+        return _Aggregate(outcome, dp_result.mean_update, dp_result, plain)
+    return _Aggregate(outcome, aggregate(outcome.updates, round_num=round_num), None, plain)
+
+
+def _require_quorum(
     config: FederationConfig,
-    info: DatasetInfo,
-    backend: ParticipantBackend,
-    state: ServerState,
-    central_test: Split | None,
+    outcome: TrainingOutcome,
+    selected: tuple[str, ...],
     *,
     round_num: int,
+) -> None:
+    """Abort the round, global model untouched, when too few sites returned an update."""
+    if len(outcome.updates) >= config.participation.min_participants:
+        return
+    reasons = "; ".join(f"{d.site}: {d.reason}" for d in outcome.dropouts)
+    raise RoundError(
+        f"round {round_num}: only {len(outcome.updates)} of {len(selected)} sites "
+        f"returned an update, participation.min_participants is "
+        f"{config.participation.min_participants} ({reasons}); the global model "
+        "was left unchanged"
+    )
+
+
+def _federated_round(
+    run: _Run, state: ServerState, *, round_num: int
+) -> tuple[ServerState, dict[str, float], dict[str, Metrics]]:
+    """One round: select, train, aggregate, update, evaluate, log."""
+    config = run.config
+    started = time.perf_counter()
+    selected = select_participants(
+        config.site_names,
+        fraction=config.participation.fraction,
+        minimum=config.participation.min_participants,
+        round_num=round_num,
+        seed=config.seed,
+        # client-sampling amplification holds only if nobody can replay the selection
+        secret=config.privacy.participant_level and config.privacy.sampling == "random",
+    )
+    result = _train_and_aggregate(run, state, selected, round_num=round_num)
+    outcome = result.outcome
+    state = update_global(run.strategy, state, result.mean_update, round_num=round_num)
+    metrics, site_scores = _evaluate_with_sites(run, state, round_num=round_num)
+    dropouts = {d.site: dropout_reason(d.reason) for d in outcome.dropouts}
+    examples = sum(u.num_examples for u in outcome.updates)
+    metrics.update(
+        {
+            "participants": float(len(outcome.updates)),
+            "dropouts": float(len(outcome.dropouts)),
+            "bytes/down": float(nbytes(state.parameters) * len(selected)),
+            "train/loss": sum(u.train_loss * u.num_examples for u in outcome.updates)
+            / max(1, examples),
+            "round_seconds": time.perf_counter() - started,
+            "secagg/enabled": float(config.secure_aggregation.enabled),
+            **result.metrics,
+        }
+    )
+    if run.privacy.enabled:
+        metrics.update(run.privacy.metrics(outcome.updates, dropouts, result.dp_result))
+        log_privacy(run.tracker, run.privacy.params(outcome.updates), dropouts, round_num=round_num)
+    markdown = round_markdown(
+        federation=config.name,
+        round_num=round_num,
+        metrics=metrics,
+        site_metrics=site_scores,
+        examples={u.site: u.num_examples for u in outcome.updates},
+        dropouts=dropouts,
+        extra_columns=run.privacy.columns(outcome.updates, dropouts),
+    )
+    log_round(run.tracker, metrics, markdown, federation=config.name, round_num=round_num)
+    return state, metrics, site_scores
+
+
+def _evaluate_with_sites(
+    run: _Run, state: ServerState, *, round_num: int
 ) -> tuple[dict[str, float], dict[str, Metrics]]:
     """Federated evaluation on every site, plus the central test split when there is one."""
-    site_scores = backend.evaluate(config.site_names, state.parameters, round_num=round_num)
+    config, info, central_test = run.config, run.info, run.central_test
+    site_scores = run.backend.evaluate(config.site_names, state.parameters, round_num=round_num)
     metrics: dict[str, float] = {}
     for site, score in site_scores.items():
         metrics[f"site/{site}/accuracy"] = score.accuracy
@@ -158,100 +273,36 @@ def federated_training(config: FederationConfig = FederationConfig()) -> Trainin
     logger.info("MLflow run %s in experiment %s", link.run_id, link.experiment_id)
 
     history: list[dict[str, float]] = []
-    privacy = PrivacyRounds(config)
+    run = _Run(
+        config=config,
+        info=info,
+        backend=backend,
+        strategy=strategy,
+        privacy=PrivacyRounds(config),
+        tracker=tracker,
+        central_test=central_test,
+        run_id=link.run_id,
+    )
     status = "FAILED"
     try:
-        baseline, site_scores = _evaluate_with_sites(
-            config, info, backend, state, central_test, round_num=0
-        )
+        baseline, site_scores = _evaluate_with_sites(run, state, round_num=0)
         tracker.log_metrics(baseline, step=0)
         for round_num in range(1, config.rounds + 1):
-            started = time.perf_counter()
-            selected = select_participants(
-                config.site_names,
-                fraction=config.participation.fraction,
-                minimum=config.participation.min_participants,
-                round_num=round_num,
-                seed=config.seed,
-            )
-            secure = None
-            if config.secure_aggregation.enabled:  # the coordinator learns only the sum
-                secure = secure_round(
-                    config,
-                    backend,
-                    privacy,
-                    selected,
-                    state.parameters,
-                    run_id=link.run_id,
-                    round_num=round_num,
-                )
-                outcome = secure.outcome
-            else:
-                outcome = backend.train(selected, state.parameters, round_num=round_num)
-            if len(outcome.updates) < config.participation.min_participants:
-                reasons = "; ".join(f"{d.site}: {d.reason}" for d in outcome.dropouts)
-                raise RoundError(
-                    f"round {round_num}: only {len(outcome.updates)} of {len(selected)} sites "
-                    f"returned an update, participation.min_participants is "
-                    f"{config.participation.min_participants} ({reasons}); the global model "
-                    "was left unchanged"
-                )
-            dropouts = {d.site: dropout_reason(d.reason) for d in outcome.dropouts}
-            dp_result = None
-            if secure is not None:  # weighted (or DP-noised) at the sites, unmasked as a sum
-                mean_update, dp_result = secure.mean_update, secure.dp_result
-            elif config.privacy.participant_level:  # DP-FedAvg noise added here (no secagg)
-                dp_result = dp_aggregate(privacy, outcome.updates, round_num=round_num)
-                privacy.account(dp_result, participants=tuple(u.site for u in outcome.updates))
-                mean_update = dp_result.mean_update
-            else:
-                mean_update = aggregate(outcome.updates, round_num=round_num)
-            state = update_global(strategy, state, mean_update, round_num=round_num)
-            metrics, site_scores = _evaluate_with_sites(
-                config, info, backend, state, central_test, round_num=round_num
-            )
-            metrics.update(
-                {
-                    "participants": float(len(outcome.updates)),
-                    "dropouts": float(len(outcome.dropouts)),
-                    "bytes/down": float(nbytes(state.parameters) * len(selected)),
-                    "bytes/up": float(sum(nbytes(u.delta) for u in outcome.updates)),
-                    "train/loss": sum(u.train_loss * u.num_examples for u in outcome.updates)
-                    / max(1, sum(u.num_examples for u in outcome.updates)),
-                    "round_seconds": time.perf_counter() - started,
-                    "secagg/enabled": float(secure is not None),
-                    **(secure.metrics if secure is not None else {}),
-                }
-            )
-            if privacy.enabled:
-                metrics.update(privacy.metrics(outcome.updates, dropouts, dp_result))
-                log_privacy(
-                    tracker, privacy.params(outcome.updates), dropouts, round_num=round_num
-                )
-            markdown = round_markdown(
-                federation=config.name,
-                round_num=round_num,
-                metrics=metrics,
-                site_metrics=site_scores,
-                examples={u.site: u.num_examples for u in outcome.updates},
-                dropouts=dropouts,
-                extra_columns=privacy.columns(outcome.updates, dropouts),
-            )
-            log_round(tracker, metrics, markdown, federation=config.name, round_num=round_num)
+            state, metrics, site_scores = _federated_round(run, state, round_num=round_num)
             history.append({"round": float(round_num), **metrics})
-            report("round", {"round": round_num, "metrics": metrics, "selected": selected})
+            report("round", {"round": round_num, "metrics": metrics})
             logger.info(
                 "round %d/%d: accuracy %.4f loss %.4f (%d participants, %.2fs)",
                 round_num,
                 config.rounds,
                 metrics["global/accuracy"],
                 metrics["global/loss"],
-                len(outcome.updates),
+                int(metrics["participants"]),
                 metrics["round_seconds"],
             )
 
         tracker.log_figure(accuracy_plot(history), "plots/accuracy.png")
-        if privacy.enabled and any("privacy/epsilon" in row for row in history):
+        if run.privacy.enabled and any("privacy/epsilon" in row for row in history):
             per_round, trade_off = epsilon_plots(history)
             tracker.log_figure(per_round, "plots/epsilon.png")
             tracker.log_figure(trade_off, "plots/accuracy_vs_epsilon.png")

@@ -176,6 +176,8 @@ def test_champion_run_never_opens_site_data(stack: dict[str, Any]) -> None:
             "needs the first run's champion (test_run_button_trains_on_site_pools_and_tracks)"
         )
     from mlflow.tracking import MlflowClient
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from fl_components.config import FederationConfig
@@ -202,7 +204,14 @@ def test_champion_run_never_opens_site_data(stack: dict[str, Any]) -> None:
     auditing["on"] = True
     try:
         with temporary_settings(updates={PREFECT_API_URL: stack["prefect_api_url"]}):
-            summary = federated_training(config)
+            try:
+                summary = federated_training(config)
+            finally:
+                # flush this process's events and logs to the stack's server while it is up:
+                # a worker left pointing at a stopped server would hang the session's teardown
+                auditing["on"] = False
+                EventsWorker.drain_all(timeout=30)
+                APILogWorker.drain_all(timeout=30)
     finally:
         auditing["on"] = False
     assert opened, "the audit hook saw no file at all"
