@@ -476,10 +476,14 @@ def down(*, root: Path, grace: float = 10.0) -> list[str]:
         time.sleep(0.2)
     for process in groups:
         if _group_members(process["pgid"]):
-            os.killpg(process["pgid"], signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # it may exit just now
+                os.killpg(process["pgid"], signal.SIGKILL)
             lines.append(f"{process['name']}: killed (pgid {process['pgid']}, ignored SIGTERM)")
         else:
             lines.append(f"{process['name']}: stopped (pgid {process['pgid']})")
+    for process in record["processes"]:  # e.g. a worker that crashed or was killed
+        if process not in groups:
+            lines.append(f"{process['name']}: already stopped (pgid {process['pgid']})")
     for pid in tagged_processes(root):  # anything that left its group
         try:
             os.kill(pid, signal.SIGKILL)
@@ -531,6 +535,18 @@ def site_init(*, name: str, data: Path, root: Path) -> dict[str, Any]:
     dict[str, Any]
         The site's pool, data folder, keys folder and the command its worker runs.
     """
+    from pydantic import ValidationError
+
+    from fl_components.config import SiteConfig
+
+    try:
+        SiteConfig(name=name)
+    except ValidationError:
+        raise StackError(
+            f"site name {name!r}: must be 1-63 lowercase letters, digits, '-' or '_', starting "
+            "with a letter or digit (e.g. 'west' or 'site-2'); it names the site's work pool "
+            "and key folder"
+        ) from None
     if not data.is_dir():
         raise StackError(f"--data {data}: no such folder; it must hold the site's train/test files")
     paths = StackPaths(root.resolve(), Path("mlflow").resolve())

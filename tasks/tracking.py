@@ -42,16 +42,21 @@ def round_markdown(
     ]
     header = ["site", "trained on", "held-out examples", "loss", "accuracy", *extra_columns]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for site, score in sorted(site_metrics.items()):
+    # a site that dropped out and could not evaluate either still gets its row and reason
+    for site in sorted(set(site_metrics) | set(dropouts)):
         trained = str(examples[site]) if site in examples else "—"
         if site in dropouts:
             reason = dropouts[site]
             trained = reason if reason.startswith("declined") else f"dropped: {reason}"
+        score = site_metrics.get(site)
+        scores = (
+            f"{score.examples} | {score.loss:.4f} | {score.accuracy:.4f}"
+            if score is not None
+            else "— | — | —"
+        )
         extras = [extra_columns[col].get(site, "") for col in extra_columns]
         lines.append(
-            f"| {site} | {trained} | {score.examples} | {score.loss:.4f} | {score.accuracy:.4f} | "
-            + " | ".join(extras)
-            + (" |" if extras else "|")
+            f"| {site} | {trained} | {scores} | " + " | ".join(extras) + (" |" if extras else "|")
         )
     return "\n".join(lines)
 

@@ -104,6 +104,22 @@ def read_json_result(run: FlowRun) -> dict[str, Any]:
     return payload
 
 
+def _timeout_message(site: str, pool: str, timeout: float, state: str) -> str:
+    """Why site ``site`` missed the deadline and what to do, by its flow run's last state."""
+    head = f"site {site!r} timed out: no result within {timeout:g}s"
+    if state in ("Running", "Retrying"):  # picked up, but too slow
+        return (
+            f"{head} (its flow run on pool {pool!r} was still {state}); the site is slower "
+            "than the deadline: raise deployment.timeout_seconds or check the run's logs"
+        )
+    return (
+        f"{head}: its flow run was still {state}, never picked up by a worker of pool "
+        f"{pool!r}; its worker is not running or cannot reach this server. Check with "
+        f"`fedpipe status`, then start it on the site: `prefect worker start --pool {pool}` "
+        "(or `fedpipe up` for the local stack)"
+    )
+
+
 def _wait(run_id: uuid.UUID, *, site: str, pool: str, timeout: float, poll: float) -> FlowRun:
     deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
@@ -116,11 +132,7 @@ def _wait(run_id: uuid.UUID, *, site: str, pool: str, timeout: float, poll: floa
                 client.set_flow_run_state(
                     run_id, Cancelled(message=f"no result within {timeout:g}s"), force=True
                 )
-                raise ParticipantError(
-                    f"site {site!r}: no result within {timeout:g}s (its flow run was still "
-                    f"{state}); is the worker of pool {pool!r} running? Start it on the site "
-                    f"with `prefect worker start --pool {pool}` (or `fedpipe up` here)"
-                )
+                raise ParticipantError(_timeout_message(site, pool, timeout, state))
             time.sleep(poll)
 
 

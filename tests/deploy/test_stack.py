@@ -1,12 +1,16 @@
 """End to end on 127.0.0.1: `fedpipe up` with 3 sites, a run from the UI's Run button,
-MLflow and Prefect checked, a champion run whose coordinator never opens site data, `down`.
+MLflow and Prefect checked, a champion run whose coordinator never opens site data, a site
+enrolled with `fedpipe site init`, a dead worker whose site drops out, `down`.
 
 One stack serves the module (about 35 s to start); the tests run in file order.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -65,6 +69,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         down = _fedpipe("down", "--state-dir", str(state), timeout=120)
         assert down.returncode == 0, down.stdout + down.stderr
         assert "no process left" in down.stdout
+        if "killed_worker" in SHARED:  # a worker the test killed counts as stopped
+            assert f"{SHARED['killed_worker']}: already stopped" in down.stdout
         assert not tagged_processes(state.resolve())
         for process in record["processes"]:
             assert not Path(f"/proc/{process['pid']}").exists() or (
@@ -239,3 +245,148 @@ def test_champion_run_never_opens_site_data(stack: dict[str, Any]) -> None:
         assert aliases["champion"] == SHARED["champion_version"]
         assert aliases["challenger"] == new_version
         assert "does not beat" in run.data.tags["fedpipe.promotion_reason"]
+
+
+def test_site_init_enrolls_a_site(stack: dict[str, Any], tmp_path: Path) -> None:
+    """`fedpipe site init` on the running stack: keys (0600), public registry entry, work
+    pool, participant deployment, the worker's command; a second run changes nothing."""
+    from flows.stack import StackError, site_init
+
+    state = Path(stack["root"])
+    api = stack["prefect_api_url"]
+    data = tmp_path / "west-data"
+    data.mkdir()
+    args = ("site", "init", "west", "--data", str(data), "--state-dir", str(state))
+
+    first = _fedpipe(*args, timeout=120)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "prefect worker start --type process --pool fedpipe-west" in first.stdout
+    assert f"PREFECT_API_URL={api}" in first.stdout
+    assert f"FEDPIPE_SITE_DIR={data.resolve()}" in first.stdout
+
+    keys = state / "keys" / "west"
+    private = {name: (keys / name).read_bytes() for name in ("x25519.key", "ed25519.key")}
+    for name in private:
+        assert (keys / name).stat().st_mode & 0o777 == 0o600, name
+    assert keys.stat().st_mode & 0o077 == 0
+    registry_text = (state / "registry.json").read_text()
+    registry = json.loads(registry_text)
+    assert {"north", "south", "east", "west"} <= set(registry)
+    assert registry["west"] == json.loads((keys / "public.json").read_text())
+    assert set(registry["west"]) == {"x25519", "ed25519"}
+    for raw in private.values():  # public keys only: no private key, in any encoding
+        assert base64.b64encode(raw).decode() not in registry_text
+        assert raw.hex() not in registry_text
+
+    pool = httpx.get(f"{api}/work_pools/fedpipe-west")
+    assert pool.status_code == 200 and pool.json()["type"] == "process"
+    deployment = httpx.get(f"{api}/deployments/name/federated-participant/west")
+    assert deployment.status_code == 200, deployment.text
+    assert deployment.json()["work_pool_name"] == "fedpipe-west"
+    assert "site:west" in deployment.json()["tags"]
+    record = json.loads((state / "stack.json").read_text())
+    assert record["sites"]["west"]["pool"] == "fedpipe-west"
+    assert record["processes"], "site init must keep the stack's process record"
+
+    again = _fedpipe(*args, timeout=120)  # idempotent: same keys, same registry
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert {name: (keys / name).read_bytes() for name in private} == private
+    assert (state / "registry.json").read_text() == registry_text
+    assert (
+        httpx.get(f"{api}/deployments/name/federated-participant/west").json()["id"]
+        == (deployment.json()["id"])
+    )
+
+    # a bad name or a missing folder: a clear error, and nothing written
+    for bad in ("../evil", "West", "-x", "a" * 64):
+        with pytest.raises(StackError, match=r"site name .*lowercase letters, digits"):
+            site_init(name=bad, data=data, root=state)
+    assert not (state / "evil").exists() and not (state / "keys" / "West").exists()
+    with pytest.raises(StackError, match=r"--data .*no such folder.*train/test"):
+        site_init(name="nowhere", data=tmp_path / "missing", root=state)
+    assert not (state / "keys" / "nowhere").exists()
+    assert "nowhere" not in json.loads((state / "registry.json").read_text())
+
+
+def test_dead_worker_drops_out_and_the_round_goes_on(stack: dict[str, Any]) -> None:
+    """Kill one site's worker: its runs are never picked up, it drops out with a reason
+    that says what to do, and the round completes with the other two (min_participants 2).
+
+    Runs last: it leaves the stack one worker short (`down` reports it already stopped).
+    """
+    from mlflow.tracking import MlflowClient
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from fl_components.config import FederationConfig
+    from flows.federated_training import federated_training
+    from flows.stack import _group_members
+
+    state = Path(stack["root"])
+    api = stack["prefect_api_url"]
+    dead = "east"
+    record = json.loads((state / "stack.json").read_text())
+    worker = next(p for p in record["processes"] if p["name"] == f"worker-{dead}")
+    os.killpg(worker["pgid"], signal.SIGKILL)
+    SHARED["killed_worker"] = worker["name"]
+    deadline = time.monotonic() + 10
+    while _group_members(worker["pgid"]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _group_members(worker["pgid"])
+
+    raw = json.loads((state / "federation.json").read_text())
+    raw.update(
+        name="e2e-dropout",
+        rounds=1,
+        init_from="fresh",
+        sites=[s for s in raw["sites"] if s["name"] in SITES],  # not a site enrolled later
+        participation={**raw["participation"], "fraction": 1.0, "min_participants": 2},
+        deployment={**raw["deployment"], "timeout_seconds": 20},
+        secure_aggregation={**raw["secure_aggregation"], "enabled": False},
+        tracking={**raw["tracking"], "register_model": False},
+    )
+    config = FederationConfig.model_validate(raw)
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        try:
+            summary = federated_training(config)
+        finally:  # flush events and logs while the server is up (see the champion test)
+            EventsWorker.drain_all(timeout=30)
+            APILogWorker.drain_all(timeout=30)
+
+    assert summary.history[0]["participants"] == 2
+    assert summary.history[0]["dropouts"] == 1
+
+    client = MlflowClient(stack["mlflow_url"])
+    run = client.get_run(summary.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    dropouts = client.get_metric_history(run.info.run_id, "dropouts")
+    assert [(m.step, m.value) for m in dropouts] == [(1, 1.0)]
+    for site in SITES:
+        steps = {
+            m.step for m in client.get_metric_history(run.info.run_id, f"site/{site}/accuracy")
+        }
+        assert steps == (set() if site == dead else {0, 1}), site
+
+    # Prefect: the live sites trained; the dead site's run was never picked up, then cancelled
+    flow_run_id = run.data.tags["prefect.flow_run_id"]
+    children = httpx.post(
+        f"{api}/flow_runs/filter",
+        json={"flows": {"name": {"any_": ["federated-participant"]}}, "limit": 200},
+    ).json()
+    train = {
+        c["parameters"]["site"]: c["state_type"]
+        for c in children
+        if c["parameters"].get("run_id") == flow_run_id and c["parameters"]["stage"] == "train"
+    }
+    assert train == {"north": "COMPLETED", "south": "COMPLETED", dead: "CANCELLED"}
+
+    # the reason, in the round's table: the site, its pool, and what to do about it
+    artifact = httpx.get(f"{api}/artifacts/e2e-dropout-round/latest")
+    assert artifact.status_code == 200, artifact.text
+    markdown = artifact.json()["data"]
+    row = next(line for line in markdown.splitlines() if line.startswith(f"| {dead} |"))
+    assert "dropped: ParticipantError: site 'east' timed out: no result within 20s" in row
+    assert "never picked up by a worker of pool 'fedpipe-east'" in row
+    assert "`fedpipe status`" in row and "`prefect worker start --pool fedpipe-east`" in row
+    assert "| north | " in markdown and "| south | " in markdown
