@@ -100,9 +100,15 @@ def run_with_progress(config: FederationConfig) -> Any:
 
         with listening(on_event):
             summary = federated_training(config)
-        # the temporary Prefect server stops at exit; give its event recorder a moment to
-        # flush the last task-run events so the Prefect UI shows every run complete
+        # the temporary Prefect server stops at exit: send this process's last events and
+        # logs now, then give the server's recorder a moment to write them, so that the
+        # Prefect UI shows every task run complete
         progress.update(bar, status="flushing Prefect events")
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        EventsWorker.drain_all(timeout=15)
+        APILogWorker.drain_all(timeout=15)
         time.sleep(3)
         return summary
 
