@@ -44,6 +44,37 @@ def _federation(root: Path, sites: int, rounds: int) -> Path:
     return path
 
 
+def _single_dispatch_seconds(config: Any, *, repeats: int) -> list[float]:
+    """Dispatch-to-result time of one site's stage when nothing else competes for the CPU.
+
+    On one host that simulates N sites, N flow-run subprocesses share its cores; on a real
+    deployment each site's worker has its own host, so this is the per-round floor there.
+    """
+    from fl_components.exchange import write_global_model
+    from fl_components.federation import dataset_info
+    from fl_components.models import build_model
+    from fl_components.parameters import get_parameters
+    from tasks.work_pool import run_participant
+
+    model = build_model(config.model, dataset_info(config), seed=0)
+    root = Path(config.deployment.exchange_dir).resolve() / "single-dispatch"
+    uri, sha = write_global_model(get_parameters(model), root)
+    seconds = []
+    for attempt in range(repeats):
+        t0 = time.perf_counter()
+        run_participant.fn(
+            config,
+            site=config.site_names[0],
+            round_num=1000 + attempt,
+            stage="evaluate",
+            model_uri=uri,
+            model_sha256=sha,
+            run_id="single-dispatch",
+        )
+        seconds.append(time.perf_counter() - t0)
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sites", type=int, default=5)
@@ -87,6 +118,7 @@ def main() -> None:
                     "run_seconds": time.perf_counter() - t0,
                     "final_accuracy": summary.final_accuracy,
                 }
+            single = _single_dispatch_seconds(deployed, repeats=3)
     finally:
         stack.down(root=root / "state")
     overhead = rows["work-pool"]["median_round_seconds"] - rows["local"]["median_round_seconds"]
@@ -98,6 +130,8 @@ def main() -> None:
         "backends": rows,
         "dispatch_overhead_per_round_seconds": overhead,
         "dispatches_per_round": 2,
+        "single_site_dispatch_seconds": single,
+        "single_site_dispatch_median_seconds": statistics.median(single),
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
@@ -118,6 +152,11 @@ def main() -> None:
             f"{row['final_accuracy']:>9.4f}"
         )
     print(f"overhead per round (2 dispatches): {overhead:.2f}s -> {RESULTS}")
+    print(
+        "one site's evaluate stage alone, nothing else running (dispatch to result): "
+        + " ".join(f"{s:.2f}" for s in single)
+        + f" s (median {statistics.median(single):.2f})"
+    )
 
 
 if __name__ == "__main__":

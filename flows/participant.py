@@ -35,7 +35,7 @@ Stage = Literal["train", "mask", "unmask", "evaluate"]
     persist_result=True,
     log_prints=True,
 )
-def federated_participant(
+async def federated_participant(
     federation: FederationConfig,
     site: str,
     round_num: int,
@@ -46,6 +46,10 @@ def federated_participant(
     secagg: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run ``stage`` of round ``round_num`` at ``site`` and return its JSON-safe payload.
+
+    An ``async`` flow on purpose: a sync flow run costs ~1 s more at its end (measured:
+    1.07 s against 0.15 s for a one-task flow), and every round dispatches this flow to
+    every site. The site's work inside runs as ordinary (sync) tasks.
 
     Secure aggregation's stages take ``secagg``: ``{"context": <RoundContext JSON>}`` for
     ``mask`` (train, then return the masked, signed update) and, for ``unmask``, also

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import stat
 from pathlib import Path
@@ -304,7 +305,11 @@ def test_work_pool_backend_runs_both_stages_through_the_participant_flow(
             with monkeypatch.context() as scoped:
                 for name, value in env.items():
                     scoped.setenv(name, value)
-                return _Done(lambda: federated_participant(federation=cfg, site=site, **parameters))
+                return _Done(
+                    lambda: asyncio.run(
+                        federated_participant(federation=cfg, site=site, **parameters)
+                    )
+                )
 
     monkeypatch.setattr(work_pool, "run_participant", _Deployment)
     info = dataset_info(config)
