@@ -74,9 +74,14 @@ def train_epochs(
     *,
     epochs: int,
     device: torch.device,
+    loss_fn: nn.Module | None = None,
 ) -> float:
-    """Run ``epochs`` passes; return the mean training loss of the last epoch."""
-    loss_fn = nn.CrossEntropyLoss()
+    """Run ``epochs`` passes; return the mean training loss of the last epoch.
+
+    ``loss_fn`` defaults to cross-entropy; DP-SGD passes the criterion Opacus wrapped
+    (ghost clipping needs its own).
+    """
+    loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
     model.train()
     last_loss = float("nan")
     for _ in range(epochs):

@@ -30,7 +30,7 @@ from fl_components.data import Split
 from fl_components.errors import ConfigError
 from fl_components.parameters import NDArrays, get_parameters, set_parameters, subtract
 from fl_components.privacy.ledger import PrivacyLedger, default_delta
-from fl_components.training import LocalUpdate, make_optimizer, pick_device
+from fl_components.training import LocalUpdate, make_optimizer, pick_device, train_epochs
 
 # Installed once for the process: Opacus's hooks make torch warn at every step, and
 # warnings.catch_warnings is not thread-safe (sites train on concurrent threads).
@@ -198,21 +198,14 @@ def dp_train(
         private_model, private_optimizer, criterion, private_loader = wrapped
     else:
         private_model, private_optimizer, private_loader = wrapped
-    private_model.train()
-    last_loss = float("nan")
-    for _ in range(training.epochs):
-        total, count = 0.0, 0
-        for features, labels in private_loader:
-            if len(labels) == 0:  # an empty Poisson batch: nothing to step on
-                continue
-            features, labels = features.to(device), labels.to(device)
-            private_optimizer.zero_grad(set_to_none=True)
-            loss = criterion(private_model(features), labels)
-            loss.backward()
-            private_optimizer.step()
-            total += float(loss.detach()) * len(labels)
-            count += len(labels)
-        last_loss = total / max(count, 1)
+    last_loss = train_epochs(
+        private_model,
+        private_loader,
+        private_optimizer,
+        epochs=training.epochs,
+        device=device,
+        loss_fn=criterion,
+    )
     if hasattr(private_model, "_close"):
         private_model._close()  # remove Opacus's hooks so the model can be reused
     return last_loss
