@@ -327,6 +327,17 @@ def _wait_pools_ready(api_url: str, pools: list[str], timeout: float) -> None:
         raise StackError(f"no worker came online for pool(s) {sorted(waiting)} in {timeout:.0f}s")
 
 
+def _redacted(url: str) -> str:
+    """The database URL without its password: the state file is not a secret store."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def up(
     *,
     config_path: Path = DEFAULT_FEDERATION,
@@ -358,7 +369,7 @@ def up(
         "prefect_api_url": api_url,
         "prefect_ui_url": f"http://127.0.0.1:{prefect_port}",
         "mlflow_url": mlflow_url,
-        "database": database_url or "sqlite",
+        "database": _redacted(database_url) if database_url else "sqlite",
         "federation": config.name,
         "processes": [],
         "sites": {},

@@ -86,3 +86,14 @@ def test_promotion_rule() -> None:
     assert better.alias == "champion"
     tie = decide_promotion(challenger_accuracy=0.7, champion_accuracy=0.7, champion_version="1")
     assert tie.alias == "challenger" and "does not beat" in tie.reason
+
+
+def test_stack_state_never_records_the_database_password() -> None:
+    from flows.stack import _redacted
+
+    assert _redacted("postgresql+asyncpg://fed:s3cret@127.0.0.1:5432/prefect") == (
+        "postgresql+asyncpg://fed:***@127.0.0.1:5432/prefect"
+    )
+    assert _redacted("postgresql+asyncpg://fed@127.0.0.1/prefect") == (
+        "postgresql+asyncpg://fed@127.0.0.1/prefect"
+    )
