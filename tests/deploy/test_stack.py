@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +38,21 @@ def _fedpipe(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+@contextmanager
+def running_stack(
+    root: Path,
+    *,
+    name: str,
+    extra_args: tuple[str, ...] = (),
+    shared: dict[str, Any] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """`fedpipe up` a 3-site stack under ``root`` and yield its record; on exit `fedpipe
+    down` and check that nothing it started is left (a worker a test killed, named in
+    ``shared["killed_worker"]``, must be reported as already stopped)."""
     from flows.stack import tagged_processes
 
-    root = tmp_path_factory.mktemp("stack")
     federation = {
-        "name": "e2e-fed",
+        "name": name,
         "rounds": 2,
         "sites": [{"name": s} for s in SITES],
         "participation": {"fraction": 1.0, "min_participants": 2},
@@ -59,6 +68,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     args = ["--state-dir", str(state), "--mlflow-dir", str(root / "mlflow")]
     result = _fedpipe(
         "up", "--config", str(config_file), *args, "--prefect-port", "0", "--mlflow-port", "0",
+        *extra_args,
         timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
@@ -69,13 +79,20 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         down = _fedpipe("down", "--state-dir", str(state), timeout=120)
         assert down.returncode == 0, down.stdout + down.stderr
         assert "no process left" in down.stdout
-        if "killed_worker" in SHARED:  # a worker the test killed counts as stopped
-            assert f"{SHARED['killed_worker']}: already stopped" in down.stdout
+        if shared and "killed_worker" in shared:
+            assert f"{shared['killed_worker']}: already stopped" in down.stdout
         assert not tagged_processes(state.resolve())
         for process in record["processes"]:
             assert not Path(f"/proc/{process['pid']}").exists() or (
                 Path(f"/proc/{process['pid']}/stat").read_text().split(") ")[1][0] == "Z"
             )
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    root = tmp_path_factory.mktemp("stack")
+    with running_stack(root, name="e2e-fed", shared=SHARED) as record:
+        yield record
 
 
 def _wait_flow_run(api: str, run_id: str, timeout: float) -> dict[str, Any]:

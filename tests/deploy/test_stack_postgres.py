@@ -7,7 +7,6 @@ skips, never fails, when the package cannot be had.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
@@ -20,9 +19,13 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
-from tests.deploy.test_stack import SITES, _fedpipe, _mlflow_run_for, _wait_flow_run
+from tests.deploy.test_stack import (
+    SITES,
+    _mlflow_run_for,
+    _wait_flow_run,
+    running_stack,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -118,38 +121,9 @@ def postgres() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def stack(postgres: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    from flows.stack import tagged_processes
-
     root = tmp_path_factory.mktemp("pgstack")
-    federation = {
-        "name": "e2e-pg",
-        "rounds": 2,
-        "sites": [{"name": s} for s in SITES],
-        "participation": {"fraction": 1.0, "min_participants": 2},
-        "data": {"dataset": "digits", "sites_dir": str(root / "sites")},
-        "model": {"kind": "mlp", "hidden": [16]},
-        "training": {"epochs": 1, "batch_size": 64},
-        "deployment": {"timeout_seconds": 120, "poll_interval": 0.3},
-        "seed": 3,
-    }
-    config_file = root / "federation.yaml"
-    config_file.write_text(yaml.safe_dump(federation))
-    state = root / "state"
-    result = _fedpipe(
-        "up", "--config", str(config_file), "--state-dir", str(state),
-        "--mlflow-dir", str(root / "mlflow"), "--prefect-port", "0", "--mlflow-port", "0",
-        "--database-url", postgres,
-        timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
-    record = json.loads((state / "stack.json").read_text())
-    try:
+    with running_stack(root, name="e2e-pg", extra_args=("--database-url", postgres)) as record:
         yield record
-    finally:
-        down = _fedpipe("down", "--state-dir", str(state), timeout=120)
-        assert down.returncode == 0, down.stdout + down.stderr
-        assert "no process left" in down.stdout
-        assert not tagged_processes(state.resolve())
 
 
 def test_run_button_on_postgres(stack: dict[str, Any]) -> None:
