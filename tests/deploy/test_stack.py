@@ -32,6 +32,25 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 SHARED: dict[str, Any] = {}
 
 
+def _api(method: str, url: str, **kwargs: Any) -> httpx.Response:
+    """One Prefect REST call, retried on 502/503/504 as Prefect's own client does: an
+    SQLite-backed server under load answers 503 when its database is briefly locked."""
+    for delay in (1, 2, 4, 8):
+        response = httpx.request(method, url, timeout=30, **kwargs)
+        if response.status_code not in (502, 503, 504):
+            return response
+        time.sleep(delay)
+    return httpx.request(method, url, timeout=30, **kwargs)
+
+
+def _api_get(url: str, **kwargs: Any) -> httpx.Response:
+    return _api("GET", url, **kwargs)
+
+
+def _api_post(url: str, **kwargs: Any) -> httpx.Response:
+    return _api("POST", url, **kwargs)
+
+
 def _fedpipe(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [FEDPIPE, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False
@@ -98,7 +117,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 def _wait_flow_run(api: str, run_id: str, timeout: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        run = httpx.get(f"{api}/flow_runs/{run_id}").json()
+        run = _api_get(f"{api}/flow_runs/{run_id}").json()
         if run["state"]["type"] in FINAL_STATES:
             return dict(run)
         time.sleep(1)
@@ -128,20 +147,20 @@ def test_run_button_trains_on_site_pools_and_tracks(stack: dict[str, Any]) -> No
     from mlflow.tracking import MlflowClient
 
     api = stack["prefect_api_url"]
-    deployment = httpx.get(f"{api}/deployments/name/federated-training/federated-training").json()
+    deployment = _api_get(f"{api}/deployments/name/federated-training/federated-training").json()
     assert "config" in deployment["parameter_openapi_schema"]["properties"]  # the UI form
     assert deployment["schedules"] and not deployment["schedules"][0]["active"]
     config = deployment["parameters"]["config"]
     assert config["backend"] == "work-pool"
 
-    bad = httpx.post(
+    bad = _api_post(
         f"{api}/deployments/{deployment['id']}/create_flow_run",
         json={"parameters": {"config": {**config, "rounds": 0}}},
     )
     assert bad.status_code == 409 and "rounds" in bad.text
 
     started = time.perf_counter()
-    created = httpx.post(  # what the UI's Run button sends
+    created = _api_post(  # what the UI's Run button sends
         f"{api}/deployments/{deployment['id']}/create_flow_run",
         json={"parameters": {"config": {**config, "rounds": 2, "init_from": "fresh"}}},
     )
@@ -151,7 +170,7 @@ def test_run_button_trains_on_site_pools_and_tracks(stack: dict[str, Any]) -> No
     SHARED["first_seconds"] = time.perf_counter() - started
 
     # Prefect: one participant run per site per round and stage, each on its own pool
-    children = httpx.post(
+    children = _api_post(
         f"{api}/flow_runs/filter",
         json={"flows": {"name": {"any_": ["federated-participant"]}}, "limit": 200},
     ).json()
@@ -295,9 +314,9 @@ def test_site_init_enrolls_a_site(stack: dict[str, Any], tmp_path: Path) -> None
         assert base64.b64encode(raw).decode() not in registry_text
         assert raw.hex() not in registry_text
 
-    pool = httpx.get(f"{api}/work_pools/fedpipe-west")
+    pool = _api_get(f"{api}/work_pools/fedpipe-west")
     assert pool.status_code == 200 and pool.json()["type"] == "process"
-    deployment = httpx.get(f"{api}/deployments/name/federated-participant/west")
+    deployment = _api_get(f"{api}/deployments/name/federated-participant/west")
     assert deployment.status_code == 200, deployment.text
     assert deployment.json()["work_pool_name"] == "fedpipe-west"
     assert "site:west" in deployment.json()["tags"]
@@ -310,7 +329,7 @@ def test_site_init_enrolls_a_site(stack: dict[str, Any], tmp_path: Path) -> None
     assert {name: (keys / name).read_bytes() for name in private} == private
     assert (state / "registry.json").read_text() == registry_text
     assert (
-        httpx.get(f"{api}/deployments/name/federated-participant/west").json()["id"]
+        _api_get(f"{api}/deployments/name/federated-participant/west").json()["id"]
         == (deployment.json()["id"])
     )
 
@@ -387,7 +406,7 @@ def test_dead_worker_drops_out_and_the_round_goes_on(stack: dict[str, Any]) -> N
 
     # Prefect: the live sites trained; the dead site's run was never picked up, then cancelled
     flow_run_id = run.data.tags["prefect.flow_run_id"]
-    children = httpx.post(
+    children = _api_post(
         f"{api}/flow_runs/filter",
         json={"flows": {"name": {"any_": ["federated-participant"]}}, "limit": 200},
     ).json()
@@ -399,7 +418,7 @@ def test_dead_worker_drops_out_and_the_round_goes_on(stack: dict[str, Any]) -> N
     assert train == {"north": "COMPLETED", "south": "COMPLETED", dead: "CANCELLED"}
 
     # the reason, in the round's table: the site, its pool, and what to do about it
-    artifact = httpx.get(f"{api}/artifacts/e2e-dropout-round/latest")
+    artifact = _api_get(f"{api}/artifacts/e2e-dropout-round/latest")
     assert artifact.status_code == 200, artifact.text
     markdown = artifact.json()["data"]
     row = next(line for line in markdown.splitlines() if line.startswith(f"| {dead} |"))

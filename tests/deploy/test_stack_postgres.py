@@ -17,11 +17,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from tests.deploy.test_stack import (
     SITES,
+    _api_get,
+    _api_post,
     _mlflow_run_for,
     _wait_flow_run,
     running_stack,
@@ -134,10 +135,10 @@ def test_run_button_on_postgres(stack: dict[str, Any]) -> None:
     assert Path(f"/proc/{server['pid']}").exists()
     assert not (Path(stack["root"]) / "prefect" / "prefect.db").exists()  # not SQLite
 
-    deployment = httpx.get(f"{api}/deployments/name/federated-training/federated-training").json()
+    deployment = _api_get(f"{api}/deployments/name/federated-training/federated-training").json()
     config = deployment["parameters"]["config"]
     assert config["backend"] == "work-pool"
-    created = httpx.post(  # what the UI's Run button sends
+    created = _api_post(  # what the UI's Run button sends
         f"{api}/deployments/{deployment['id']}/create_flow_run",
         json={"parameters": {"config": {**config, "rounds": 2, "init_from": "fresh"}}},
     )
@@ -146,7 +147,7 @@ def test_run_button_on_postgres(stack: dict[str, Any]) -> None:
     assert run["state"]["type"] == "COMPLETED", run["state"]
 
     # Prefect: one participant run per site per round and stage, each on its own pool
-    children = httpx.post(
+    children = _api_post(
         f"{api}/flow_runs/filter",
         json={"flows": {"name": {"any_": ["federated-participant"]}}, "limit": 200},
     ).json()
