@@ -294,7 +294,7 @@ def deploy_participant(config: FederationConfig, site: str) -> None:
         work_pool_name=site_pool_name(config, site),
         description=f"Site {site}'s stage of a round, run by its own worker.",
         tags=[*spec.get("tags", []), f"site:{site}"],
-        job_variables=spec.get("job_variables"),
+        job_variables=spec.get("work_pool", {}).get("job_variables"),
         build=False,
         push=False,
         print_next_steps=False,
@@ -304,8 +304,10 @@ def deploy_participant(config: FederationConfig, site: str) -> None:
 
 def _worker_env(base: dict[str, str], api_url: str, home: Path) -> dict[str, str]:
     home.mkdir(parents=True, exist_ok=True)
+    path = os.pathsep.join([str(Path(sys.executable).parent), base.get("PATH", os.defpath)])
     return {
         **base,
+        "PATH": path,  # the job command `fedpipe-site-exec` is this environment's
         **WORKER_ENV,
         "PREFECT_API_URL": api_url,
         "PREFECT_HOME": str(home),
@@ -412,6 +414,7 @@ def up(
         (paths.root / "federation.json").write_text(config.model_dump_json(indent=2) + "\n")
 
         from fl_components.federation import site_folder
+        from flows.site_executor import default_socket
 
         coordinator_env = _worker_env(base, api_url, paths.root / "workers" / "coordinator")
         coordinator_env["MLFLOW_TRACKING_URI"] = mlflow_url
@@ -430,7 +433,11 @@ def up(
             keys = enrol_keys(paths, site)
             if keys is not None:
                 env[SITE_KEYS_ENV] = str(keys)
-            processes.append(_spawn(f"worker-{site}", [*worker_cmd, pool], env, paths.logs))
+            # the site's worker runs its flow runs through a warm executor (flows.site_executor)
+            home = paths.root / "workers" / site
+            site_cmd = [sys.executable, "-m", "flows.site_executor", "worker", "--pool", pool]
+            site_cmd += ["--socket", str(default_socket(home))]
+            processes.append(_spawn(f"worker-{site}", site_cmd, env, paths.logs))
             record["sites"][site] = {
                 "pool": pool,
                 "data": env[SITE_DIR_ENV],
@@ -589,6 +596,6 @@ def site_init(*, name: str, data: Path, root: Path) -> dict[str, Any]:
         f"PREFECT_API_URL={api_url} {SITE_NAME_ENV}={name} {SITE_DIR_ENV}={data.resolve()} "
         f"{SITE_KEYS_ENV}={keys} PREFECT_RESULTS_PERSIST_BY_DEFAULT=true "
         f"PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK=local-file-system/{RESULTS_BLOCK} "
-        f"PREFECT_WORKER_QUERY_SECONDS=1 prefect worker start --type process --pool {pool}"
+        f"PREFECT_WORKER_QUERY_SECONDS=1 python -m flows.site_executor worker --pool {pool}"
     )
     return entry
