@@ -1,11 +1,15 @@
 """The coordinator flow: one federated training run, round after round.
 
 Per round: select participants, train them where their data lives, aggregate, update the
-global model, evaluate it on every site and on the central test split, log the round.
+global model, evaluate it on every site and on the central test split, log the round. The
+evaluation of round t's model travels with round t+1's training dispatch (the sites score the
+model they receive before training from it), so a round costs one dispatch to the sites; a
+round is logged once its evaluation is in, and one last evaluation follows the last round.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -146,10 +150,20 @@ def _require_quorum(
     )
 
 
-def _federated_round(
-    run: _Run, state: ServerState, *, round_num: int
-) -> tuple[ServerState, dict[str, float], dict[str, Metrics]]:
-    """One round: select, train, aggregate, update, evaluate, log."""
+@dataclass
+class _TrainedRound:
+    """A round trained and aggregated, waiting for its federated evaluation to be logged."""
+
+    round_num: int
+    state: ServerState
+    metrics: dict[str, float]
+    outcome: TrainingOutcome
+    dropouts: dict[str, str]
+    started: float
+
+
+def _train_round(run: _Run, state: ServerState, *, round_num: int) -> _TrainedRound:
+    """Select, train, aggregate, update; the evaluation comes with the next dispatch."""
     config = run.config
     started = time.perf_counter()
     selected = select_participants(
@@ -164,43 +178,50 @@ def _federated_round(
     result = _train_and_aggregate(run, state, selected, round_num=round_num)
     outcome = result.outcome
     state = update_global(run.strategy, state, result.mean_update, round_num=round_num)
-    metrics, site_scores = _evaluate_with_sites(run, state, round_num=round_num)
     dropouts = {d.site: dropout_reason(d.reason) for d in outcome.dropouts}
     examples = sum(u.num_examples for u in outcome.updates)
-    metrics.update(
-        {
-            "participants": float(len(outcome.updates)),
-            "dropouts": float(len(outcome.dropouts)),
-            "bytes/down": float(nbytes(state.parameters) * len(selected)),
-            "train/loss": sum(u.train_loss * u.num_examples for u in outcome.updates)
-            / max(1, examples),
-            "round_seconds": time.perf_counter() - started,
-            "secagg/enabled": float(config.secure_aggregation.enabled),
-            **result.metrics,
-        }
-    )
+    metrics = {
+        "participants": float(len(outcome.updates)),
+        "dropouts": float(len(outcome.dropouts)),
+        "bytes/down": float(nbytes(state.parameters) * len(selected)),
+        "train/loss": sum(u.train_loss * u.num_examples for u in outcome.updates)
+        / max(1, examples),
+        "secagg/enabled": float(config.secure_aggregation.enabled),
+        **result.metrics,
+    }
     if run.privacy.enabled:
         metrics.update(run.privacy.metrics(outcome.updates, dropouts, result.dp_result))
         log_privacy(run.tracker, run.privacy.params(outcome.updates), dropouts, round_num=round_num)
+    return _TrainedRound(round_num, state, metrics, outcome, dropouts, started)
+
+
+def _log_trained_round(
+    run: _Run, trained: _TrainedRound, site_scores: dict[str, Metrics], *, ended: float
+) -> dict[str, float]:
+    """Log a round once its federated evaluation is in: metrics at step = round, markdown."""
+    config = run.config
+    metrics, _ = _evaluation_metrics(run, trained.state, site_scores, round_num=trained.round_num)
+    # from the round's start to the next round's (the last: until its evaluation is in)
+    metrics.update(trained.metrics, round_seconds=ended - trained.started)
+    outcome = trained.outcome
     markdown = round_markdown(
         federation=config.name,
-        round_num=round_num,
+        round_num=trained.round_num,
         metrics=metrics,
         site_metrics=site_scores,
         examples={u.site: u.num_examples for u in outcome.updates},
-        dropouts=dropouts,
-        extra_columns=run.privacy.columns(outcome.updates, dropouts),
+        dropouts=trained.dropouts,
+        extra_columns=run.privacy.columns(outcome.updates, trained.dropouts),
     )
-    log_round(run.tracker, metrics, markdown, federation=config.name, round_num=round_num)
-    return state, metrics, site_scores
+    log_round(run.tracker, metrics, markdown, federation=config.name, round_num=trained.round_num)
+    return metrics
 
 
-def _evaluate_with_sites(
-    run: _Run, state: ServerState, *, round_num: int
+def _evaluation_metrics(
+    run: _Run, state: ServerState, site_scores: dict[str, Metrics], *, round_num: int
 ) -> tuple[dict[str, float], dict[str, Metrics]]:
-    """Federated evaluation on every site, plus the central test split when there is one."""
+    """Metrics of a federated evaluation, plus the central test split when there is one."""
     config, info, central_test = run.config, run.info, run.central_test
-    site_scores = run.backend.evaluate(config.site_names, state.parameters, round_num=round_num)
     metrics: dict[str, float] = {}
     for site, score in site_scores.items():
         metrics[f"site/{site}/accuracy"] = score.accuracy
@@ -284,22 +305,46 @@ def federated_training(config: FederationConfig = FederationConfig()) -> Trainin
         run_id=link.run_id,
     )
     status = "FAILED"
+    baseline: dict[str, float] = {}
+    initial_state = state
+
+    def record(awaiting: _TrainedRound | None, scores: dict[str, Metrics], *, ended: float) -> None:
+        """Log the round (None: the baseline, round 0) whose evaluation just came in."""
+        nonlocal baseline
+        if awaiting is None:
+            baseline, _ = _evaluation_metrics(run, initial_state, scores, round_num=0)
+            tracker.log_metrics(baseline, step=0)
+            return
+        metrics = _log_trained_round(run, awaiting, scores, ended=ended)
+        history.append({"round": float(awaiting.round_num), **metrics})
+        report("round", {"round": awaiting.round_num, "metrics": metrics})
+        logger.info(
+            "round %d/%d: accuracy %.4f loss %.4f (%d participants, %.2fs)",
+            awaiting.round_num,
+            config.rounds,
+            metrics["global/accuracy"],
+            metrics["global/loss"],
+            int(metrics["participants"]),
+            metrics["round_seconds"],
+        )
+
     try:
-        baseline, site_scores = _evaluate_with_sites(run, state, round_num=0)
-        tracker.log_metrics(baseline, step=0)
+        # a round's federated evaluation rides along with the next round's dispatch (the
+        # next round trains from that very model), then one last evaluation after the end
+        backend.request_evaluation(config.site_names, state.parameters, round_num=0)
+        awaiting: _TrainedRound | None = None
         for round_num in range(1, config.rounds + 1):
-            state, metrics, site_scores = _federated_round(run, state, round_num=round_num)
-            history.append({"round": float(round_num), **metrics})
-            report("round", {"round": round_num, "metrics": metrics})
-            logger.info(
-                "round %d/%d: accuracy %.4f loss %.4f (%d participants, %.2fs)",
-                round_num,
-                config.rounds,
-                metrics["global/accuracy"],
-                metrics["global/loss"],
-                int(metrics["participants"]),
-                metrics["round_seconds"],
-            )
+            try:
+                trained = _train_round(run, state, round_num=round_num)
+            except BaseException:
+                with contextlib.suppress(Exception):  # keep what the previous round measured
+                    record(awaiting, backend.collect_evaluation(), ended=time.perf_counter())
+                raise
+            record(awaiting, backend.collect_evaluation(), ended=trained.started)
+            state, awaiting = trained.state, trained
+            backend.request_evaluation(config.site_names, state.parameters, round_num=round_num)
+        site_scores = backend.collect_evaluation()
+        record(awaiting, site_scores, ended=time.perf_counter())
 
         tracker.log_figure(accuracy_plot(history), "plots/accuracy.png")
         if run.privacy.enabled and any("privacy/epsilon" in row for row in history):

@@ -44,6 +44,7 @@ async def federated_participant(
     model_sha256: str,
     run_id: str,
     secagg: dict[str, str] | None = None,
+    evaluate_round: int | None = None,
 ) -> dict[str, Any]:
     """Run ``stage`` of round ``round_num`` at ``site`` and return its JSON-safe payload.
 
@@ -54,6 +55,11 @@ async def federated_participant(
     Secure aggregation's stages take ``secagg``: ``{"context": <RoundContext JSON>}`` for
     ``mask`` (train, then return the masked, signed update) and, for ``unmask``, also
     ``"request"``: the base64 unmask request (survivors, dropped, encrypted shares).
+
+    ``evaluate_round`` (``train``/``mask``): first score the received global model on the
+    site's held-out split, as the federated evaluation of that round, and return it under
+    ``"evaluation"``; the coordinator folds each round's evaluation into the next round's
+    training dispatch instead of a dispatch of its own.
     """
     logger = get_run_logger()
     participant = this_site(federation, site)
@@ -74,10 +80,15 @@ async def federated_participant(
     if stage == "evaluate":
         metrics = site_evaluate(participant, parameters, round_num=round_num)
         return metrics_payload(metrics, site=site, round_num=round_num)
+    folded: dict[str, Any] = {}
+    if evaluate_round is not None:  # the previous round's federated evaluation, folded in
+        metrics = site_evaluate(participant, parameters, round_num=evaluate_round)
+        folded = {"evaluation": metrics_payload(metrics, site=site, round_num=evaluate_round)}
     index = federation.site_names.index(site)
     seed = seed_for(base=federation.seed, round_num=round_num, site_index=index)
     if stage == "mask":
         ctx = context_from_json(secagg["context"])
-        return site_mask(participant, parameters, ctx, round_num=round_num, seed=seed)
+        masked = site_mask(participant, parameters, ctx, round_num=round_num, seed=seed)
+        return {**masked, **folded}
     update = site_train(participant, parameters, round_num=round_num, seed=seed)
-    return update_payload(update)
+    return {**update_payload(update), **folded}

@@ -87,6 +87,33 @@ class ParticipantBackend(ABC):
     ) -> dict[str, Metrics]:
         """Score the parameters on every given site's held-out split."""
 
+    _evaluation: tuple[tuple[str, ...], NDArrays, int] | None = None
+
+    def request_evaluation(
+        self, sites: tuple[str, ...], parameters: NDArrays, *, round_num: int
+    ) -> None:
+        """Ask for the federated evaluation of round ``round_num``'s model on ``sites``.
+
+        :meth:`collect_evaluation` returns the scores. A backend may fold the evaluation into
+        its next dispatch (the next round trains from these very parameters) rather than give
+        it a dispatch of its own; this one evaluates when the scores are collected.
+        """
+        self._evaluation = (tuple(sites), parameters, round_num)
+
+    def collect_evaluation(self) -> dict[str, Metrics]:
+        """The scores of the evaluation last requested (a failing site is left out).
+
+        Raises
+        ------
+        RuntimeError
+            If no evaluation was requested.
+        """
+        if self._evaluation is None:
+            raise RuntimeError("collect_evaluation() without request_evaluation()")
+        sites, parameters, round_num = self._evaluation
+        self._evaluation = None
+        return self.evaluate(sites, parameters, round_num=round_num)
+
     def registry(self) -> Registry:
         """The federation's public-key registry (public keys only)."""
         raise NotImplementedError(

@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,11 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
-from prefect.context import TaskRunContext
+from prefect.deployments import run_deployment
 from prefect.exceptions import MissingContextError, ObjectNotFound
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL
-from prefect.states import Cancelled, Scheduled
+from prefect.states import Cancelled
 
 from fl_components.config import FederationConfig
 from fl_components.data import DatasetInfo
@@ -62,8 +63,6 @@ log = logging.getLogger(__name__)
 
 # one creation at a time per coordinator process (SQLite serializes writes anyway)
 _CREATE_LOCK = threading.Lock()
-# (API URL, participant deployment name) -> deployment id
-_DEPLOYMENTS: dict[tuple[str, str], uuid.UUID] = {}
 
 
 class ParticipantError(FedpipeError):
@@ -138,56 +137,6 @@ def _wait(run_id: uuid.UUID, *, site: str, pool: str, timeout: float, poll: floa
             time.sleep(poll)
 
 
-def _deployment_id(name: str) -> uuid.UUID:
-    """The participant deployment's id, read once per coordinator process.
-
-    One API call less per site and stage; a clear error when the site was never onboarded.
-    """
-    key = (str(PREFECT_API_URL.value()), name)  # a name means another deployment on another server
-    cached = _DEPLOYMENTS.get(key)
-    if cached is not None:
-        return cached
-    with get_client(sync_client=True) as client:
-        try:
-            deployment = client.read_deployment_by_name(name)
-        except ObjectNotFound:
-            site = name.rsplit("/", 1)[-1]
-            raise ParticipantError(
-                f"site {site!r}: no deployment {name!r}; onboard the site with "
-                f"`fedpipe site init {site} --data PATH` or start the stack with `fedpipe up`"
-            ) from None
-    _DEPLOYMENTS[key] = deployment.id
-    return deployment.id
-
-
-def _create_run(
-    name: str, parameters: dict[str, Any], *, run_name: str, tags: list[str]
-) -> FlowRun:
-    """Create a run of deployment ``name``, shown in the UI under this participant task.
-
-    What ``run_deployment(..., timeout=0)`` does, in one API call instead of three: the
-    deployment id is cached and the run's parent is this task run itself, not an extra
-    placeholder task run.
-    """
-    parent = TaskRunContext.get()
-    with get_client(sync_client=True) as client:
-        for attempt in (1, 2):
-            try:
-                return client.create_flow_run_from_deployment(
-                    _deployment_id(name),
-                    parameters=parameters,
-                    state=Scheduled(),
-                    name=run_name,
-                    tags=tags,
-                    parent_task_run_id=parent.task_run.id if parent is not None else None,
-                )
-            except ObjectNotFound:  # deleted since it was cached: look it up afresh, once
-                _DEPLOYMENTS.pop((str(PREFECT_API_URL.value()), name), None)
-                if attempt == 2:
-                    raise
-    raise AssertionError("unreachable")
-
-
 @task(
     name="participant",
     task_run_name="participant-{site}-r{round_num}-{stage}",
@@ -203,6 +152,7 @@ def run_participant(
     model_sha256: str,
     run_id: str,
     secagg: dict[str, str] | None = None,
+    evaluate_round: int | None = None,
 ) -> dict[str, Any]:
     """Dispatch one site's stage to its work pool and return its JSON payload.
 
@@ -220,15 +170,23 @@ def run_participant(
         "model_sha256": model_sha256,
         "run_id": run_id,
         **({"secagg": secagg} if secagg is not None else {}),
+        **({"evaluate_round": evaluate_round} if evaluate_round is not None else {}),
     }
     started = time.perf_counter()
     with _CREATE_LOCK:
-        created = _create_run(
-            name,
-            parameters,
-            run_name=f"{site}-r{round_num}-{stage}",
-            tags=["fedpipe", f"site:{site}", f"round:{round_num}"],
-        )
+        try:
+            created = run_deployment(
+                name,
+                parameters=parameters,
+                timeout=0,
+                flow_run_name=f"{site}-r{round_num}-{stage}",
+                tags=["fedpipe", f"site:{site}", f"round:{round_num}"],
+            )
+        except ObjectNotFound:
+            raise ParticipantError(
+                f"site {site!r}: no deployment {name!r}; onboard the site with "
+                f"`fedpipe site init {site} --data PATH` or start the stack with `fedpipe up`"
+            ) from None
     created_after = time.perf_counter() - started
     run = _wait(
         created.id,
@@ -257,8 +215,26 @@ def run_participant(
     return payload
 
 
+@dataclass
+class _PendingEvaluation:
+    """A requested federated evaluation, waiting to ride along with the next dispatch."""
+
+    sites: tuple[str, ...]
+    parameters: NDArrays
+    round_num: int
+    sha: str
+    dispatched: bool = False
+    scores: dict[str, Metrics] = field(default_factory=dict)
+
+
 class WorkPoolBackend(ParticipantBackend):
-    """Sites run the participant flow on their own work pools, through a Prefect server."""
+    """Sites run the participant flow on their own work pools, through a Prefect server.
+
+    One dispatch per round where it can: a round's federated evaluation is folded into the
+    next round's training dispatch (the ``train``/``mask`` stage scores the model it receives
+    before training from it, and sites not training that round get an ``evaluate`` stage in
+    the same wave), so a round costs one flow run per site instead of two.
+    """
 
     def __init__(self, config: FederationConfig, info: DatasetInfo) -> None:
         if not PREFECT_API_URL.value():
@@ -270,47 +246,135 @@ class WorkPoolBackend(ParticipantBackend):
         self.info = info
         self.run_id = str(flow_run.get_id() or uuid.uuid4())
         self.exchange = Path(config.deployment.exchange_dir).resolve() / self.run_id
+        self._pending: _PendingEvaluation | None = None
 
-    def _dispatch(
-        self, sites: tuple[str, ...], parameters: NDArrays, *, round_num: int, stage: str
-    ) -> dict[str, dict[str, Any] | Exception]:
-        uri, sha = write_global_model(parameters, self.exchange)
+    # --------------------------------------------------------------- evaluation folding
+
+    def request_evaluation(
+        self, sites: tuple[str, ...], parameters: NDArrays, *, round_num: int
+    ) -> None:
+        """Hold the evaluation for the next dispatch of the same model (see the class)."""
+        _, sha = write_global_model(parameters, self.exchange)
+        self._pending = _PendingEvaluation(tuple(sites), parameters, round_num, sha)
+
+    def collect_evaluation(self) -> dict[str, Metrics]:
+        """The folded scores, or (nothing was dispatched since the request) a wave of its own."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            raise RuntimeError("collect_evaluation() without request_evaluation()")
+        if not pending.dispatched:
+            return self.evaluate(pending.sites, pending.parameters, round_num=pending.round_num)
+        for site in pending.sites:
+            if site not in pending.scores:
+                log.warning("site %s could not evaluate round %d", site, pending.round_num)
+        return pending.scores
+
+    def _fold(self, sha: str, wave: tuple[str, ...]) -> tuple[int | None, tuple[str, ...]]:
+        """If an evaluation of this very model waits: its round and the sites outside ``wave``."""
+        pending = self._pending
+        if pending is None or pending.dispatched or pending.sha != sha:
+            return None, ()
+        pending.dispatched = True
+        return pending.round_num, tuple(s for s in pending.sites if s not in wave)
+
+    def _take_evaluation(self, site: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """Move a folded ``"evaluation"`` out of ``payload`` into the pending scores."""
+        evaluation = payload.pop("evaluation", None)
+        pending = self._pending
+        if evaluation is not None and pending is not None:
+            try:
+                pending.scores[site] = metrics_from_payload(
+                    evaluation, site=site, round_num=pending.round_num
+                )
+            except ExchangeError as error:
+                log.warning("site %s: folded evaluation refused: %s", site, error)
+        return payload
+
+    def _collect_evaluate_only(self, futures: dict[str, Any]) -> None:
+        pending = self._pending
+        for site, future in futures.items():
+            try:
+                result = future.result()
+                if pending is not None:
+                    pending.scores[site] = metrics_from_payload(
+                        result, site=site, round_num=pending.round_num
+                    )
+            except Exception as error:
+                log.warning("site %s could not evaluate: %s", site, error)
+
+    # --------------------------------------------------------------- dispatch
+
+    def _submit(
+        self,
+        site: str,
+        stage: str,
+        *,
+        round_num: int,
+        model: tuple[str, str],
+        secagg: dict[str, str] | None = None,
+        evaluate_round: int | None = None,
+    ) -> Any:
+        uri, sha = model
+        return run_participant.submit(
+            self.config,
+            site=site,
+            round_num=round_num,
+            stage=stage,
+            model_uri=uri,
+            model_sha256=sha,
+            run_id=self.run_id,
+            secagg=secagg,
+            evaluate_round=evaluate_round,
+        )
+
+    def _training_wave(
+        self,
+        sites: tuple[str, ...],
+        parameters: NDArrays,
+        *,
+        stage: str,
+        round_num: int,
+        secagg: dict[str, str] | None = None,
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Submit ``stage`` to ``sites`` (plus any evaluation folded in); return both futures."""
+        model = write_global_model(parameters, self.exchange)
+        evaluate_round, others = self._fold(model[1], sites)
         futures = {
-            site: run_participant.submit(
-                self.config,
-                site=site,
+            site: self._submit(
+                site,
+                stage,
                 round_num=round_num,
-                stage=stage,
-                model_uri=uri,
-                model_sha256=sha,
-                run_id=self.run_id,
+                model=model,
+                secagg=secagg,
+                evaluate_round=evaluate_round,
             )
             for site in sites
         }
-        results: dict[str, dict[str, Any] | Exception] = {}
-        for site, future in futures.items():
-            try:
-                results[site] = future.result()
-            except Exception as error:  # a site's failure must not sink the round
-                results[site] = error
-        return results
+        evaluate_only = {
+            site: self._submit(site, "evaluate", round_num=evaluate_round, model=model)
+            for site in others
+            if evaluate_round is not None
+        }
+        return futures, evaluate_only
 
     def train(
         self, sites: tuple[str, ...], global_parameters: NDArrays, *, round_num: int
     ) -> TrainingOutcome:
         """Dispatch training to every selected site's pool; failures become dropouts."""
         outcome = TrainingOutcome(updates=[], dropouts=[])
-        results = self._dispatch(sites, global_parameters, round_num=round_num, stage="train")
-        for site, result in results.items():
+        futures, evaluate_only = self._training_wave(
+            sites, global_parameters, stage="train", round_num=round_num
+        )
+        for site, future in futures.items():
             try:
-                if isinstance(result, Exception):
-                    raise result
-                outcome.updates.append(update_from_payload(result, site=site, round_num=round_num))
-            except Exception as error:
+                payload = self._take_evaluation(site, future.result())
+                outcome.updates.append(update_from_payload(payload, site=site, round_num=round_num))
+            except Exception as error:  # a site's failure must not sink the round
                 log.warning("site %s dropped out of round %d: %s", site, round_num, error)
                 outcome.dropouts.append(
                     Dropout(site=site, reason=f"{type(error).__name__}: {error}")
                 )
+        self._collect_evaluate_only(evaluate_only)
         return outcome
 
     def registry(self) -> Registry:
@@ -321,45 +385,36 @@ class WorkPoolBackend(ParticipantBackend):
         self, sites: tuple[str, ...], global_parameters: NDArrays, ctx: RoundContext
     ) -> MaskedOutcome:
         """Stage ``mask`` on every selected site's pool; failures become dropouts."""
-        uri, sha = write_global_model(global_parameters, self.exchange)
-        context = {"context": context_to_json(ctx)}
-        futures = {
-            site: run_participant.submit(
-                self.config,
-                site=site,
-                round_num=ctx.round,
-                stage="mask",
-                model_uri=uri,
-                model_sha256=sha,
-                run_id=self.run_id,
-                secagg=context,
-            )
-            for site in sites
-        }
+        futures, evaluate_only = self._training_wave(
+            sites,
+            global_parameters,
+            stage="mask",
+            round_num=ctx.round,
+            secagg={"context": context_to_json(ctx)},
+        )
         outcome = MaskedOutcome(contributions=[], dropouts=[])
         for site, future in futures.items():
             try:
+                payload = self._take_evaluation(site, future.result())
                 outcome.contributions.append(
-                    MaskedContribution.from_payload(future.result(), site=site, round_num=ctx.round)
+                    MaskedContribution.from_payload(payload, site=site, round_num=ctx.round)
                 )
             except Exception as error:  # a site's failure must not sink the round
                 log.warning("site %s dropped out of round %d: %s", site, ctx.round, error)
                 outcome.dropouts.append(
                     Dropout(site=site, reason=f"{type(error).__name__}: {error}")
                 )
+        self._collect_evaluate_only(evaluate_only)
         return outcome
 
     def unmask(self, requests: dict[str, bytes], ctx: RoundContext) -> UnmaskOutcome:
         """Stage ``unmask`` on every survivor's pool (no model is sent)."""
         futures = {
-            site: run_participant.submit(
-                self.config,
-                site=site,
+            site: self._submit(
+                site,
+                "unmask",
                 round_num=ctx.round,
-                stage="unmask",
-                model_uri="",
-                model_sha256="",
-                run_id=self.run_id,
+                model=("", ""),
                 secagg={
                     "context": context_to_json(ctx),
                     "request": base64.b64encode(request).decode("ascii"),
@@ -384,13 +439,14 @@ class WorkPoolBackend(ParticipantBackend):
         self, sites: tuple[str, ...], parameters: NDArrays, *, round_num: int
     ) -> dict[str, Metrics]:
         """Dispatch evaluation to every site's pool; a failing site is left out and logged."""
+        model = write_global_model(parameters, self.exchange)
+        futures = {
+            site: self._submit(site, "evaluate", round_num=round_num, model=model) for site in sites
+        }
         scores: dict[str, Metrics] = {}
-        results = self._dispatch(sites, parameters, round_num=round_num, stage="evaluate")
-        for site, result in results.items():
+        for site, future in futures.items():
             try:
-                if isinstance(result, Exception):
-                    raise result
-                scores[site] = metrics_from_payload(result, site=site, round_num=round_num)
+                scores[site] = metrics_from_payload(future.result(), site=site, round_num=round_num)
             except Exception as error:
                 log.warning("site %s could not evaluate round %d: %s", site, round_num, error)
         return scores

@@ -7,18 +7,14 @@ skips, never fails, when the package cannot be had.
 
 from __future__ import annotations
 
-import os
-import secrets
-import shutil
 import statistics
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from benchmarks.postgres import PostgresUnavailable, throwaway_postgres
 from tests.deploy.test_stack import (
     SITES,
     _api_get,
@@ -30,94 +26,15 @@ from tests.deploy.test_stack import (
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-PG_USER = "fedpipe"
-PG_DB = "prefect"
-
-
-def _pg_bindir() -> Path | None:
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name))
-    found = [b for b in found if (b / "initdb").is_file() and (b / "pg_ctl").is_file()]
-    return found[-1] if found else None
-
-
-def _ensure_postgresql() -> Path:
-    """The newest PostgreSQL bin folder; installs Debian's package when there is none."""
-    if (bindir := _pg_bindir()) is not None:
-        return bindir
-    if shutil.which("apt-get") is None or os.geteuid() != 0:
-        pytest.skip("PostgreSQL is not installed and apt-get (as root) is not available")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "--no-install-recommends", "postgresql"]
-    errors = []
-    for before in ([], [["apt-get", "update"]]):
-        try:
-            for command in [*before, install]:
-                done = subprocess.run(
-                    command, capture_output=True, text=True, timeout=300, env=env, check=False
-                )
-                if done.returncode != 0:
-                    errors.append(f"{' '.join(command)}: {done.stderr.strip()[-300:]}")
-                    break
-        except subprocess.TimeoutExpired as exc:
-            errors.append(f"{' '.join(exc.cmd)}: timed out")
-        if (bindir := _pg_bindir()) is not None:
-            return bindir
-    pytest.skip(f"could not install PostgreSQL: {'; '.join(errors)}")
-
-
-def _as_postgres(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    """Run a server command as the `postgres` user (initdb and postgres refuse root)."""
-    if os.geteuid() == 0:
-        command = ["runuser", "-u", "postgres", "--", *command]
-    return subprocess.run(command, capture_output=True, text=True, check=False, **kwargs)
-
 
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[str]:
-    """A throwaway cluster on a free 127.0.0.1 port; yields its asyncpg URL."""
-    from flows.stack import free_port
-
-    bindir = _ensure_postgresql()
-    base = Path(tempfile.mkdtemp(prefix="fedpipe-pg-"))  # not under pytest's 0700 root tmp
-    data, sockets, log = base / "data", base / "sockets", base / "postgres.log"
-    sockets.mkdir()
-    password = secrets.token_hex(16)
-    (base / "pwfile").write_text(password + "\n")
-    if os.geteuid() == 0:
-        shutil.chown(base, "postgres", "postgres")
-        for path in (sockets, base / "pwfile"):
-            shutil.chown(path, "postgres", "postgres")
-    pg_ctl = [str(bindir / "pg_ctl"), "-D", str(data)]
-    started = False
+    """A throwaway cluster (benchmarks/postgres.py); the test skips when PostgreSQL is absent."""
     try:
-        init = _as_postgres(
-            [
-                str(bindir / "initdb"), "-D", str(data), "-U", PG_USER,
-                "--pwfile", str(base / "pwfile"), "--auth-local", "trust",
-                "--auth-host", "scram-sha-256", "--encoding", "UTF8", "--no-sync",
-            ],
-            timeout=120,
-        )  # fmt: skip
-        assert init.returncode == 0, init.stdout + init.stderr
-        port = free_port()
-        options = (
-            f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 "
-            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-        )
-        start = _as_postgres([*pg_ctl, "-l", str(log), "-o", options, "-w", "-t", "60", "start"])
-        started = start.returncode == 0
-        assert started, start.stdout + start.stderr + (log.read_text() if log.exists() else "")
-        created = _as_postgres(
-            [str(bindir / "createdb"), "-h", str(sockets), "-p", str(port), "-U", PG_USER, PG_DB],
-            timeout=60,
-        )
-        assert created.returncode == 0, created.stdout + created.stderr
-        yield f"postgresql+asyncpg://{PG_USER}:{password}@127.0.0.1:{port}/{PG_DB}"
-    finally:
-        if started:
-            stop = _as_postgres([*pg_ctl, "-m", "fast", "-w", "stop"], timeout=60)
-            assert stop.returncode == 0, stop.stdout + stop.stderr
-        shutil.rmtree(base, ignore_errors=True)
+        with throwaway_postgres() as url:
+            yield url
+    except PostgresUnavailable as error:  # raised while setting up, before the yield
+        pytest.skip(str(error))
 
 
 @pytest.fixture(scope="module")
