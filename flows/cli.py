@@ -330,6 +330,33 @@ def site_init(
     console.print(f"  {entry['worker_command']}", soft_wrap=True)
 
 
+@site_app.command(
+    "worker", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)
+def site_worker(
+    ctx: typer.Context,
+    pool: Annotated[str, typer.Option(help="The site's work pool (fedpipe-<site>).")],
+    socket_path: Annotated[
+        Path | None,
+        typer.Option("--socket", help="Warm executor socket [default: under PREFECT_HOME]."),
+    ] = None,
+) -> None:
+    """Run a site's worker: a warm executor plus `prefect worker start --type process`.
+
+    Flow runs of the participant deployment are forked from the executor, with Prefect,
+    torch and fedpipe already imported (~2 s per dispatch instead of ~6 s); extra options
+    are passed to `prefect worker start`. Stop it with Ctrl-C or SIGTERM.
+    """
+    import os
+
+    from flows.site_executor import default_socket, run_worker
+
+    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect")
+    path = socket_path or default_socket(home)
+    console.print(f"site worker for pool {pool}: warm executor on {path}")
+    raise typer.Exit(run_worker(pool, path, worker_args=list(ctx.args)))
+
+
 @app.command()
 def budget(
     site_dir: Annotated[Path, typer.Argument(help="A site's folder (holds privacy_ledger.json).")],

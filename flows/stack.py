@@ -596,6 +596,6 @@ def site_init(*, name: str, data: Path, root: Path) -> dict[str, Any]:
         f"PREFECT_API_URL={api_url} {SITE_NAME_ENV}={name} {SITE_DIR_ENV}={data.resolve()} "
         f"{SITE_KEYS_ENV}={keys} PREFECT_RESULTS_PERSIST_BY_DEFAULT=true "
         f"PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK=local-file-system/{RESULTS_BLOCK} "
-        f"PREFECT_WORKER_QUERY_SECONDS=1 python -m flows.site_executor worker --pool {pool}"
+        f"PREFECT_WORKER_QUERY_SECONDS=1 fedpipe site worker --pool {pool}"
     )
     return entry

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -169,28 +170,38 @@ def test_run_button_trains_on_site_pools_and_tracks(stack: dict[str, Any]) -> No
     assert run["state"]["type"] == "COMPLETED", run["state"]
     SHARED["first_seconds"] = time.perf_counter() - started
 
-    # Prefect: one participant run per site per round and stage, each on its own pool
+    # Prefect: one participant run per site per round, each on its own pool; a round's
+    # training run also evaluates the model it receives (the previous round's), and one
+    # evaluation run per site follows the last round
     children = _api_post(
         f"{api}/flow_runs/filter",
         json={"flows": {"name": {"any_": ["federated-participant"]}}, "limit": 200},
     ).json()
     mine = [c for c in children if c["parameters"].get("run_id") == run["id"]]
-    for round_num in (1, 2):
-        for stage in ("train", "evaluate"):
-            for site in SITES:
-                match = [
-                    c
-                    for c in mine
-                    if (
-                        c["parameters"]["site"],
-                        c["parameters"]["round_num"],
-                        c["parameters"]["stage"],
-                    )
-                    == (site, round_num, stage)
-                ]
-                assert len(match) == 1, (site, round_num, stage)
-                assert match[0]["work_pool_name"] == f"fedpipe-{site}"
-                assert match[0]["state_type"] == "COMPLETED"
+    expected = [(round_num, "train", round_num - 1) for round_num in (1, 2)]
+    for round_num, stage, evaluates in [*expected, (2, "evaluate", None)]:
+        for site in SITES:
+            match = [
+                c
+                for c in mine
+                if (
+                    c["parameters"]["site"],
+                    c["parameters"]["round_num"],
+                    c["parameters"]["stage"],
+                )
+                == (site, round_num, stage)
+            ]
+            assert len(match) == 1, (site, round_num, stage)
+            assert match[0]["parameters"].get("evaluate_round") == evaluates
+            assert match[0]["work_pool_name"] == f"fedpipe-{site}"
+            assert match[0]["state_type"] == "COMPLETED"
+    assert len(mine) == 3 * len(SITES)
+
+    # each ran in a child of the site's warm executor, none started cold
+    for site in SITES:
+        log = (Path(stack["root"]) / "logs" / f"worker-{site}.log").read_text()
+        assert len(re.findall(r"started in child \d+", log)) >= 3, site
+        assert "starting the flow run cold" not in log, site
 
     # MLflow: metrics at step = round, the flow run id tag, the registered model and alias
     client = MlflowClient(stack["mlflow_url"])
@@ -296,7 +307,7 @@ def test_site_init_enrolls_a_site(stack: dict[str, Any], tmp_path: Path) -> None
 
     first = _fedpipe(*args, timeout=120)
     assert first.returncode == 0, first.stdout + first.stderr
-    assert "prefect worker start --type process --pool fedpipe-west" in first.stdout
+    assert "fedpipe site worker --pool fedpipe-west" in first.stdout
     assert f"PREFECT_API_URL={api}" in first.stdout
     assert f"FEDPIPE_SITE_DIR={data.resolve()}" in first.stdout
 
