@@ -20,6 +20,7 @@ import os
 import platform
 import re
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -79,6 +80,25 @@ def _single_dispatch_seconds(config: Any, *, repeats: int) -> list[float]:
     return seconds
 
 
+def _cpu_seconds(root: Path) -> float:
+    """CPU seconds used so far by this process and every process of the stack under ``root``.
+
+    Includes reaped children (cutime/cstime): the flow runs forked by the warm executors.
+    """
+    from flows.stack import tagged_processes
+
+    tick = os.sysconf("SC_CLK_TCK")
+    total = sum(os.times()[:4])
+    for pid in tagged_processes(root):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        total += sum(int(f) for f in fields[11:15]) / tick  # utime stime cutime cstime
+    return total
+
+
 class _DispatchTimings(logging.Handler):
     """Collects the participant tasks' "created in Xs, result in Ys" lines, per backend run."""
 
@@ -114,7 +134,10 @@ def main() -> None:
                 results[database] = _measure(args, database_url=url)
         else:
             results[database] = _measure(args, database_url=None)
-    result = results.get("sqlite") or results["postgres"]
+    result = {
+        "command": "python -m benchmarks.dispatch_bench " + " ".join(sys.argv[1:]),
+        **(results.get("sqlite") or results["postgres"]),
+    }
     if len(results) > 1:
         result["postgres"] = results["postgres"]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -158,7 +181,9 @@ def _measure(args: argparse.Namespace, *, database_url: str | None) -> dict[str,
                     {**deployed.model_dump(mode="json"), "backend": backend}
                 )
                 t0 = time.perf_counter()
+                cpu0 = _cpu_seconds(root / "state")
                 summary = federated_training(config)
+                cpu = _cpu_seconds(root / "state") - cpu0
                 seconds = [row["round_seconds"] for row in summary.history]
                 if backend == "work-pool" and timings.rows:
                     creates = [c for c, _ in timings.rows]
@@ -174,6 +199,9 @@ def _measure(args: argparse.Namespace, *, database_url: str | None) -> dict[str,
                     "median_round_seconds": statistics.median(seconds),
                     "run_seconds": time.perf_counter() - t0,
                     "final_accuracy": summary.final_accuracy,
+                    # all processes together; 2 cores give at most 2 CPU-seconds a second
+                    "cpu_seconds": cpu,
+                    "cpu_busy_fraction": cpu / (os.cpu_count() or 1) / (time.perf_counter() - t0),
                 }
             single = _single_dispatch_seconds(deployed, repeats=3)
     finally:
@@ -213,6 +241,11 @@ def _measure(args: argparse.Namespace, *, database_url: str | None) -> dict[str,
             f"{row['final_accuracy']:>9.4f}"
         )
     print(f"overhead per round (1 dispatch): {overhead:.2f}s")
+    for backend, row in rows.items():
+        print(
+            f"{backend}: {row['cpu_seconds']:.1f} CPU-s over the run, all processes; the "
+            f"{os.cpu_count()} cores {100 * row['cpu_busy_fraction']:.0f}% busy"
+        )
     if stats:
         print(
             f"participant tasks ({stats['dispatches']}): median creation "

@@ -80,3 +80,31 @@ def test_too_few_participants_aborts_without_touching_the_model(small_config) ->
     runs = client.search_runs([client.get_experiment_by_name(config.name).experiment_id])
     assert runs[0].info.status == "FAILED"
     assert client.search_registered_models() == []
+
+
+def test_a_failing_round_still_logs_the_previous_rounds_evaluation(
+    small_config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Round t's evaluation travels with round t+1's dispatch: when round t+1 fails, round t
+    is still evaluated and logged before the run fails."""
+    from flows import federated_training as module
+
+    config = small_config.model_copy(update={"rounds": 3})
+    real = module._train_and_aggregate
+
+    def fails_in_round_2(run, state, selected, *, round_num):  # type: ignore[no-untyped-def]
+        if round_num == 2:
+            raise RoundError("round 2: only 1 of 3 sites returned an update (test)")
+        return real(run, state, selected, round_num=round_num)
+
+    monkeypatch.setattr(module, "_train_and_aggregate", fails_in_round_2)
+    with pytest.raises(RoundError, match="round 2"):
+        federated_training(config)
+
+    client = MlflowClient(tracking_uri=config.tracking.tracking_uri)
+    run = client.search_runs([client.get_experiment_by_name(config.name).experiment_id])[0]
+    assert run.info.status == "FAILED"
+    history = client.get_metric_history(run.info.run_id, "global/accuracy")
+    assert sorted(m.step for m in history) == [0, 1]
+    steps = client.get_metric_history(run.info.run_id, "site/site-0/accuracy")
+    assert sorted(m.step for m in steps) == [0, 1]
