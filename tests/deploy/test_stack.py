@@ -125,6 +125,33 @@ def _wait_flow_run(api: str, run_id: str, timeout: float) -> dict[str, Any]:
     raise AssertionError(f"flow run {run_id} not finished after {timeout}s")
 
 
+def _assert_one_participant_run_per_site_and_round(api: str, run_id: str, *, rounds: int) -> None:
+    """Prefect: one participant run per site per round, each on its own pool, completed.
+
+    A round's ``train`` run also evaluates the model it receives (the previous round's,
+    parameter ``evaluate_round``); one ``evaluate`` run per site follows the last round.
+    """
+    children = _api_post(
+        f"{api}/flow_runs/filter",
+        json={"flows": {"name": {"any_": ["federated-participant"]}}, "limit": 200},
+    ).json()
+    seen: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+    for child in children:
+        params = child["parameters"]
+        if params.get("run_id") == run_id:
+            seen.setdefault((params["site"], params["round_num"], params["stage"]), []).append(
+                child
+            )
+    stages = [(r, "train", r - 1) for r in range(1, rounds + 1)] + [(rounds, "evaluate", None)]
+    assert set(seen) == {(site, r, stage) for site in SITES for r, stage, _ in stages}
+    for site in SITES:
+        for r, stage, evaluates in stages:
+            (match,) = seen[(site, r, stage)]
+            assert match["parameters"].get("evaluate_round") == evaluates
+            assert match["work_pool_name"] == f"fedpipe-{site}"
+            assert match["state_type"] == "COMPLETED"
+
+
 def _mlflow_run_for(client: Any, experiment: str, flow_run_id: str) -> Any:
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs(
@@ -170,32 +197,7 @@ def test_run_button_trains_on_site_pools_and_tracks(stack: dict[str, Any]) -> No
     assert run["state"]["type"] == "COMPLETED", run["state"]
     SHARED["first_seconds"] = time.perf_counter() - started
 
-    # Prefect: one participant run per site per round, each on its own pool; a round's
-    # training run also evaluates the model it receives (the previous round's), and one
-    # evaluation run per site follows the last round
-    children = _api_post(
-        f"{api}/flow_runs/filter",
-        json={"flows": {"name": {"any_": ["federated-participant"]}}, "limit": 200},
-    ).json()
-    mine = [c for c in children if c["parameters"].get("run_id") == run["id"]]
-    expected = [(round_num, "train", round_num - 1) for round_num in (1, 2)]
-    for round_num, stage, evaluates in [*expected, (2, "evaluate", None)]:
-        for site in SITES:
-            match = [
-                c
-                for c in mine
-                if (
-                    c["parameters"]["site"],
-                    c["parameters"]["round_num"],
-                    c["parameters"]["stage"],
-                )
-                == (site, round_num, stage)
-            ]
-            assert len(match) == 1, (site, round_num, stage)
-            assert match[0]["parameters"].get("evaluate_round") == evaluates
-            assert match[0]["work_pool_name"] == f"fedpipe-{site}"
-            assert match[0]["state_type"] == "COMPLETED"
-    assert len(mine) == 3 * len(SITES)
+    _assert_one_participant_run_per_site_and_round(api, run["id"], rounds=2)
 
     # each ran in a child of the site's warm executor, none started cold
     for site in SITES:

@@ -19,6 +19,7 @@ from tests.deploy.test_stack import (
     SITES,
     _api_get,
     _api_post,
+    _assert_one_participant_run_per_site_and_round,
     _mlflow_run_for,
     _wait_flow_run,
     running_stack,
@@ -63,24 +64,7 @@ def test_run_button_on_postgres(stack: dict[str, Any]) -> None:
     run = _wait_flow_run(api, created.json()["id"], timeout=400)
     assert run["state"]["type"] == "COMPLETED", run["state"]
 
-    # Prefect: one participant run per site per round and stage, each on its own pool
-    children = _api_post(
-        f"{api}/flow_runs/filter",
-        json={"flows": {"name": {"any_": ["federated-participant"]}}, "limit": 200},
-    ).json()
-    seen: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
-    for child in children:
-        params = child["parameters"]
-        if params.get("run_id") == run["id"]:
-            key = (params["site"], params["round_num"], params["stage"])
-            seen.setdefault(key, []).append(child)
-    expected = {(s, r, st) for s in SITES for r in (1, 2) for st in ("train", "evaluate")}
-    expected |= {(s, 0, "evaluate") for s in SITES}  # the initial model's evaluation
-    assert set(seen) == expected
-    for (site, _, _), match in seen.items():
-        assert len(match) == 1
-        assert match[0]["work_pool_name"] == f"fedpipe-{site}"
-        assert match[0]["state_type"] == "COMPLETED"
+    _assert_one_participant_run_per_site_and_round(api, run["id"], rounds=2)
 
     # MLflow: per-round metrics at step = round
     client = MlflowClient(stack["mlflow_url"])
