@@ -7,7 +7,6 @@ hands back: the same scores as an evaluation dispatched on its own.
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +14,11 @@ import numpy as np
 import pytest
 
 from fl_components.config import FederationConfig
-from fl_components.exchange import SITE_DIR_ENV, SITE_NAME_ENV
-from fl_components.federation import dataset_info, federation_dir, materialize_sites
+from fl_components.federation import dataset_info, materialize_sites
 from fl_components.models import build_model
 from fl_components.parameters import NDArrays, get_parameters
-from flows.participant import federated_participant
 from tasks import work_pool
-from tests.secagg.test_flow_integration import _Done
+from tests.in_process_sites import dispatch_in_process
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -39,22 +36,7 @@ def backend_and_calls(
         }
     )
     materialize_sites(config)
-    calls: list[dict[str, Any]] = []
-
-    class _Deployment:  # what a site's worker would run, here in this process
-        @staticmethod
-        def submit(cfg: FederationConfig, *, site: str, **parameters: Any) -> _Done:
-            calls.append({"site": site, **parameters})
-            with monkeypatch.context() as scoped:
-                scoped.setenv(SITE_DIR_ENV, str(federation_dir(cfg) / site))
-                scoped.setenv(SITE_NAME_ENV, site)
-                return _Done(
-                    lambda: asyncio.run(
-                        federated_participant(federation=cfg, site=site, **parameters)
-                    )
-                )
-
-    monkeypatch.setattr(work_pool, "run_participant", _Deployment)
+    calls = dispatch_in_process(monkeypatch)
     info = dataset_info(config)
     parameters = get_parameters(build_model(config.model, info, seed=config.seed))
     return work_pool.WorkPoolBackend(config, info), calls, parameters

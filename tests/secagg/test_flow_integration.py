@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import stat
 from pathlib import Path
@@ -20,6 +19,7 @@ from fl_components.secagg import MaskedUpdate, SecAggCoordinator
 from fl_components.tracking import load_run_model
 from flows.federated_training import federated_training
 from tasks.participants import LocalBackend
+from tests.in_process_sites import dispatch_in_process
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -244,33 +244,17 @@ def test_registry_missing_names_the_fix(tmp_path: Path) -> None:
         secure_round.load_registry(tmp_path / "registry.json", sites=("a",))
 
 
-class _Done:
-    """A finished future holding a result or an error."""
-
-    def __init__(self, call: Any) -> None:
-        try:
-            self._value, self._error = call(), None
-        except Exception as error:
-            self._value, self._error = None, error
-
-    def result(self) -> Any:
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-
 def test_work_pool_backend_runs_both_stages_through_the_participant_flow(
     small_config: FederationConfig, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """The work-pool path with each site's deployment run in-process (no workers here)."""
     import os
 
-    from fl_components.exchange import SITE_DIR_ENV, SITE_KEYS_ENV, SITE_NAME_ENV
+    from fl_components.exchange import SITE_DIR_ENV
     from fl_components.federation import dataset_info, materialize_sites
     from fl_components.models import build_model
     from fl_components.parameters import get_parameters
     from fl_components.privacy.rounds import PrivacyRounds
-    from flows.participant import federated_participant
     from tasks import work_pool
     from tasks.secure_aggregation import secure_round as run_secure_round
 
@@ -291,27 +275,7 @@ def test_work_pool_backend_runs_both_stages_through_the_participant_flow(
         secure_round.registry_path(config),
         {s: secure_round.enroll_site(folder) for s, folder in keys.items()},
     )
-    dispatched: list[dict[str, Any]] = []
-
-    class _Deployment:  # what a site's worker would run, here in this process
-        @staticmethod
-        def submit(cfg: FederationConfig, *, site: str, **parameters: Any) -> _Done:
-            dispatched.append({"site": site, **parameters})
-            env = {
-                SITE_DIR_ENV: str(federation_dir(cfg) / site),
-                SITE_NAME_ENV: site,
-                SITE_KEYS_ENV: str(keys[site]),
-            }
-            with monkeypatch.context() as scoped:
-                for name, value in env.items():
-                    scoped.setenv(name, value)
-                return _Done(
-                    lambda: asyncio.run(
-                        federated_participant(federation=cfg, site=site, **parameters)
-                    )
-                )
-
-    monkeypatch.setattr(work_pool, "run_participant", _Deployment)
+    dispatched = dispatch_in_process(monkeypatch, keys=keys)
     info = dataset_info(config)
     backend = work_pool.WorkPoolBackend(config, info)
     parameters = get_parameters(build_model(config.model, info, seed=config.seed))
