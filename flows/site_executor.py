@@ -50,6 +50,7 @@ _HEADER = struct.Struct("!Q")  # length of the JSON request that follows the des
 _MAX_REQUEST = 4 * 1024 * 1024
 _SOCKET_NAME = "executor.sock"
 _MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes
+_TEMP_PREFIX = "fedpipe-exec-"
 
 
 # ----------------------------------------------------------------------------- client
@@ -323,6 +324,9 @@ def serve(path: Path, *, module: str = ENGINE_MODULE) -> _Request | None:
             selector.close()
             listener.close()
             path.unlink(missing_ok=True)
+            if path.parent.name.startswith(_TEMP_PREFIX):  # default_socket's fallback folder
+                with contextlib.suppress(OSError):
+                    path.parent.rmdir()
             _log("stopped")
     return None
 
@@ -413,7 +417,7 @@ def default_socket(home: Path) -> Path:
     path = home / "executor" / _SOCKET_NAME
     if len(str(path)) <= _MAX_SOCKET_PATH:
         return path
-    return Path(tempfile.mkdtemp(prefix="fedpipe-exec-")) / _SOCKET_NAME
+    return Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX)) / _SOCKET_NAME
 
 
 def _wait_ready(path: Path, executor: subprocess.Popen[bytes], timeout: float) -> None:
@@ -426,30 +430,49 @@ def _wait_ready(path: Path, executor: subprocess.Popen[bytes], timeout: float) -
         time.sleep(0.1)
 
 
-def run_worker(pool: str, socket_path: Path, *, worker_args: list[str]) -> int:
+def run_worker(
+    pool: str,
+    socket_path: Path,
+    *,
+    worker_args: list[str],
+    worker_command: list[str] | None = None,
+    module: str = ENGINE_MODULE,
+) -> int:
     """Start an executor, then Prefect's process worker for ``pool`` pointed at it.
 
-    Both stay in this process's group; SIGTERM/SIGINT reach both; returns the worker's status
-    once it exits (and stops the executor).
+    All stay in this process's group; SIGTERM/SIGINT reach both. An executor that dies is
+    started again (flow runs start cold meanwhile, never fail for it). Returns the worker's
+    status once it exits (and stops the executor). ``worker_command`` and ``module``
+    replace Prefect's worker and engine in tests.
     """
     env = {**os.environ, EXECUTOR_ENV: str(socket_path)}
-    executor = subprocess.Popen(
-        [sys.executable, "-m", "flows.site_executor", "serve", "--socket", str(socket_path)],
-        env=env,
-    )
+    serve_command = [sys.executable, "-m", "flows.site_executor", "serve"]
+    serve_command += ["--socket", str(socket_path), "--module", module]
+    executor = subprocess.Popen(serve_command, env=env)
+    stopping = False
     try:
         _wait_ready(socket_path, executor, timeout=120)
         prefect = str(Path(sys.executable).parent / "prefect")
-        command = [prefect, "worker", "start", "--type", "process", "--pool", pool, *worker_args]
-        worker = subprocess.Popen(command, env=env)
+        command = worker_command or [prefect, "worker", "start", "--type", "process"]
+        worker = subprocess.Popen([*command, "--pool", pool, *worker_args], env=env)
 
         def forward(signum: int, _frame: object) -> None:
+            nonlocal stopping
+            stopping = True
             for process in (worker, executor):
                 _signal(process.pid, signum)
 
         signal.signal(signal.SIGTERM, forward)
         signal.signal(signal.SIGINT, forward)
-        return worker.wait()
+        while True:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                return worker.wait(timeout=1.0)
+            if executor.poll() is not None and not stopping:
+                _log(
+                    f"the warm executor exited ({executor.returncode}); starting it again "
+                    "(flow runs start cold until it is back)"
+                )
+                executor = subprocess.Popen(serve_command, env=env)
     finally:
         if executor.poll() is None:
             executor.terminate()

@@ -166,3 +166,53 @@ def test_default_socket_fits_a_unix_socket_path(tmp_path: Path) -> None:
     path = default_socket(long_home)
     assert len(str(path)) <= 100
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+
+
+def test_the_site_worker_starts_a_dead_executor_again(tmp_path: Path) -> None:
+    """`fedpipe site worker`: an executor killed under a running worker comes back; runs in
+    between start cold rather than fail; SIGTERM stops the worker and the executor."""
+    (tmp_path / "probe.py").write_text(PROBE)
+    sock = tmp_path / "run" / "executor.sock"
+    log = tmp_path / "worker.log"
+    stand_in = [sys.executable, "-c", "import time; time.sleep(300)"]  # Prefect's worker
+    code = (
+        "from pathlib import Path; from flows.site_executor import run_worker; "
+        f"raise SystemExit(run_worker('pool-a', Path({str(sock)!r}), worker_args=[], "
+        f"worker_command={stand_in!r}, module='probe'))"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
+    with log.open("wb") as out:
+        worker = subprocess.Popen(
+            [sys.executable, "-c", code], env=env, cwd=REPO, stdout=out, stderr=out
+        )
+    try:
+
+        def serving() -> list[int]:
+            return [
+                int(p)
+                for p in re.findall(r"serving flow runs on .* \(pid (\d+)\)", log.read_text())
+            ]
+
+        deadline = time.monotonic() + 60
+        while not serving():
+            assert worker.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        first = serving()[0]
+        os.kill(first, signal.SIGKILL)
+        while len(serving()) < 2:
+            assert worker.poll() is None and time.monotonic() < deadline + 60, log.read_text()
+            time.sleep(0.1)
+        assert serving()[1] != first
+        assert "starting it again" in log.read_text()
+        while not sock.exists():
+            time.sleep(0.1)
+
+        client = _client(sock, tmp_path, PROBE_CODE="5")
+        out, err = client.communicate(timeout=30)
+        assert client.returncode == 5
+        assert "started cold" not in err  # served by the new executor
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        # the stand-in worker died of the forwarded SIGTERM; its status is the exit status
+        assert worker.wait(timeout=60) == (-signal.SIGTERM) % 256
+    assert not _alive(serving()[1])
