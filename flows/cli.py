@@ -101,16 +101,48 @@ def run_with_progress(config: FederationConfig) -> Any:
         with listening(on_event):
             summary = federated_training(config)
         # the temporary Prefect server stops at exit: send this process's last events and
-        # logs now, then give the server's recorder a moment to write them, so that the
-        # Prefect UI shows every task run complete
+        # logs now, then wait for the server to record them, so that the Prefect UI shows
+        # every task run complete and the server stops with nothing half-written
         progress.update(bar, status="flushing Prefect events")
         from prefect.events.worker import EventsWorker
         from prefect.logging.handlers import APILogWorker
 
         EventsWorker.drain_all(timeout=15)
         APILogWorker.drain_all(timeout=15)
-        time.sleep(3)
+        _wait_task_runs_recorded(summary.prefect_flow_run_id, timeout=30)
         return summary
+
+
+def _wait_task_runs_recorded(flow_run_id: str, *, timeout: float) -> None:
+    """Wait until the server has recorded this flow run's task runs, all in a final state.
+
+    Task runs reach a Prefect 3 server as events, written in batches by its task-run
+    recorder; stopping the server mid-batch loses them (and prints the recorder's
+    traceback). Done when two polls in a row see the same number, all final.
+    """
+    if not flow_run_id:
+        time.sleep(3)
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+    deadline = time.monotonic() + timeout
+    seen = -1
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            task_runs: list[Any] = []
+            while True:  # the API returns at most 200 a page
+                page = client.read_task_runs(flow_run_filter=runs, limit=200, offset=len(task_runs))
+                task_runs += page
+                if len(page) < 200:
+                    break
+            done = all(t.state is not None and t.state.is_final() for t in task_runs)
+            if done and len(task_runs) == seen:
+                time.sleep(1.0)  # one recorder batch for the events that came last
+                return
+            seen = len(task_runs) if done else -1
+            time.sleep(1.0)
 
 
 def _round_header(config: FederationConfig) -> str:

@@ -63,6 +63,7 @@ class TrainingSummary:
     final_loss: float
     model_version: str | None
     history: list[dict[str, float]] = field(default_factory=list)
+    prefect_flow_run_id: str = ""
 
 
 def _initial_parameters(config: FederationConfig, model: Any) -> tuple[NDArrays, str]:
@@ -372,6 +373,7 @@ def federated_training(config: FederationConfig = FederationConfig()) -> Trainin
         final_loss=last["global/loss"],
         model_version=version,
         history=history,
+        prefect_flow_run_id=str(flow_run.get_id() or ""),
     )
     report("end", {"summary": summary})
     return summary
