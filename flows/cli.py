@@ -342,6 +342,8 @@ def status(
         console.print(f"  {process['name']:<24} pid {process['pid']:<8} {state}")
     for pool, pool_status in report["pools"].items():
         console.print(f"  pool {pool:<28} {pool_status}")
+    for site, executor in report.get("executors", {}).items():
+        console.print(f"  site {site:<28} executor {executor}")
 
 
 @site_app.command("init")

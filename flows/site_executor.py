@@ -143,10 +143,27 @@ def _log(message: str) -> None:
     print(f"{stamp} fedpipe-site-executor: {message}", file=sys.stderr, flush=True)
 
 
+class _Probe(Exception):
+    """A connection closed without a request: a liveness check, not an error."""
+
+
+def executor_answers(path: Path | str, *, timeout: float = 2.0) -> bool:
+    """Whether a warm executor accepts connections on ``path`` (what `fedpipe status` shows)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 def _receive(conn: socket.socket) -> _Request:
     """Read one request: the header with the client's standard streams, then the JSON."""
     conn.settimeout(10)
     header, fds, _flags, _addr = socket.recv_fds(conn, _HEADER.size, 3)
+    if not header and not fds:
+        raise _Probe  # connected and closed: `fedpipe status` asking whether we answer
     while len(header) < _HEADER.size:
         more = conn.recv(_HEADER.size - len(header))
         if not more:
@@ -348,6 +365,9 @@ def _accept(
         if uid != os.getuid():
             raise PermissionError(f"peer uid {uid} is not this executor's uid {os.getuid()}")
         request = _receive(conn)
+    except _Probe:
+        conn.close()
+        return None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         _log(f"refused a connection: {error}")
         with contextlib.suppress(OSError, KeyError):

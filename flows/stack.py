@@ -436,12 +436,14 @@ def up(
             # the site's worker runs its flow runs through a warm executor (flows.site_executor)
             home = paths.root / "workers" / site
             site_cmd = [sys.executable, "-m", "flows.site_executor", "worker", "--pool", pool]
-            site_cmd += ["--socket", str(default_socket(home))]
+            executor = default_socket(home)
+            site_cmd += ["--socket", str(executor)]
             processes.append(_spawn(f"worker-{site}", site_cmd, env, paths.logs))
             record["sites"][site] = {
                 "pool": pool,
                 "data": env[SITE_DIR_ENV],
                 "keys": env.get(SITE_KEYS_ENV),
+                "executor": str(executor),
             }
             pools.append(pool)
         save()
@@ -536,6 +538,13 @@ def status(*, root: Path) -> dict[str, Any]:
             report[f"{name}_healthy"] = httpx.get(url, timeout=2).status_code == 200
         except httpx.HTTPError:
             report[f"{name}_healthy"] = False
+    from flows.site_executor import executor_answers
+
+    report["executors"] = {
+        site: "warm" if executor_answers(entry["executor"]) else "not answering (runs start cold)"
+        for site, entry in record["sites"].items()
+        if entry.get("executor")
+    }
     if report["prefect_healthy"]:
         pools = [COORDINATOR_POOL, *(s["pool"] for s in record["sites"].values())]
         for pool in pools:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.site_executor import EXECUTOR_ENV, default_socket
+from flows.site_executor import EXECUTOR_ENV, default_socket, executor_answers
 
 REPO = Path(__file__).resolve().parents[2]
 CLIENT = str(Path(sys.executable).parent / "fedpipe-site-exec")
@@ -100,6 +100,18 @@ def test_child_gets_the_clients_argv_env_cwd_and_streams_and_its_exit_code_retur
     assert "probe-stderr" in err
     assert "started cold" not in err
     assert re.search(r"child \d+ exited 3", log.read_text())
+
+
+def test_a_liveness_probe_is_answered_quietly(
+    executor: tuple[Path, Path, subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    sock, log, _ = executor
+    assert executor_answers(sock)
+    assert not executor_answers(tmp_path / "nothing-here.sock")
+    client = _client(sock, tmp_path, PROBE_CODE="0")  # still serving after the probe
+    client.communicate(timeout=30)
+    assert client.returncode == 0
+    assert "refused" not in log.read_text()
 
 
 def test_socket_is_private_and_removed_when_the_executor_stops(

@@ -169,6 +169,7 @@ def test_status_shows_every_process_and_pool(stack: dict[str, Any]) -> None:
     assert all(p["running"] for p in report["processes"])
     assert {f"fedpipe-{s}" for s in SITES} <= set(report["pools"])
     assert all(v == "READY" for v in report["pools"].values())
+    assert report["executors"] == dict.fromkeys(SITES, "warm")
 
 
 def test_run_button_trains_on_site_pools_and_tracks(stack: dict[str, Any]) -> None:
