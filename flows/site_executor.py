@@ -16,6 +16,9 @@ Prefect's worker sees an ordinary flow-run process. Without an executor (``FEDPI
 unset, or nothing answering there) the client runs ``python -m prefect.engine`` in its place:
 the same run, started cold, with one line on stderr saying why.
 
+CUDA: the executor imports torch but never touches the GPU (it refuses to serve if CUDA was
+initialized before forking); each child initializes CUDA itself, as a fresh process would.
+
 Safety: the socket lives in a 0700 folder and the executor serves only peers with its own
 uid (``SO_PEERCRED``); it runs Prefect's engine and nothing a peer names (the optional
 ``module`` is fixed when the executor starts). Code is imported once: after upgrading
@@ -227,6 +230,9 @@ def _preload(module: str) -> None:
         importlib.import_module(name)
     if threading.active_count() != 1:  # a thread would not survive fork(): refuse to serve
         raise RuntimeError(f"imports started threads {threading.enumerate()}; cannot fork safely")
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():  # CUDA does not survive fork()
+        raise RuntimeError("CUDA was initialized before fork; the children could not use it")
     _log(f"preloaded {module} and what its runs import in {time.perf_counter() - started:.1f}s")
 
 
