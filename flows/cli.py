@@ -381,12 +381,9 @@ def site_worker(
     torch and fedpipe already imported (~2 s per dispatch instead of ~6 s); extra options
     are passed to `prefect worker start`. Stop it with Ctrl-C or SIGTERM.
     """
-    import os
-
     from flows.site_executor import default_socket, run_worker
 
-    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect")
-    path = socket_path or default_socket(home)
+    path = socket_path or default_socket()
     console.print(f"site worker for pool {pool}: warm executor on {path}")
     raise typer.Exit(run_worker(pool, path, worker_args=list(ctx.args)))
 

@@ -201,7 +201,7 @@ def _log_trained_round(
 ) -> dict[str, float]:
     """Log a round once its federated evaluation is in: metrics at step = round, markdown."""
     config = run.config
-    metrics, _ = _evaluation_metrics(run, trained.state, site_scores, round_num=trained.round_num)
+    metrics = _evaluation_metrics(run, trained.state, site_scores, round_num=trained.round_num)
     # from the round's start to the next round's (the last: until its evaluation is in)
     metrics.update(trained.metrics, round_seconds=ended - trained.started)
     outcome = trained.outcome
@@ -220,7 +220,7 @@ def _log_trained_round(
 
 def _evaluation_metrics(
     run: _Run, state: ServerState, site_scores: dict[str, Metrics], *, round_num: int
-) -> tuple[dict[str, float], dict[str, Metrics]]:
+) -> dict[str, float]:
     """Metrics of a federated evaluation, plus the central test split when there is one."""
     config, info, central_test = run.config, run.info, run.central_test
     metrics: dict[str, float] = {}
@@ -239,7 +239,7 @@ def _evaluation_metrics(
     else:  # real sites: the global score is the example-weighted federated evaluation
         metrics["global/accuracy"] = metrics.get("sites/mean_accuracy", float("nan"))
         metrics["global/loss"] = metrics.get("sites/mean_loss", float("nan"))
-    return metrics, site_scores
+    return metrics
 
 
 def _log_final_model(
@@ -313,7 +313,7 @@ def federated_training(config: FederationConfig = FederationConfig()) -> Trainin
         """Log the round (None: the baseline, round 0) whose evaluation just came in."""
         nonlocal baseline
         if awaiting is None:
-            baseline, _ = _evaluation_metrics(run, initial_state, scores, round_num=0)
+            baseline = _evaluation_metrics(run, initial_state, scores, round_num=0)
             tracker.log_metrics(baseline, step=0)
             return
         metrics = _log_trained_round(run, awaiting, scores, ended=ended)

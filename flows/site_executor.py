@@ -438,8 +438,13 @@ def _reap(selector: selectors.BaseSelector, running: dict[int, _Running]) -> Non
 # ----------------------------------------------------------------------------- worker
 
 
-def default_socket(home: Path) -> Path:
-    """``home/executor/executor.sock``, or a private temp folder when that path is too long."""
+def default_socket(home: Path | None = None) -> Path:
+    """``home/executor/executor.sock``, or a private temp folder when that path is too long.
+
+    ``home`` defaults to the worker's ``PREFECT_HOME`` (or ``~/.prefect``).
+    """
+    if home is None:
+        home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect")
     path = home / "executor" / _SOCKET_NAME
     if len(str(path)) <= _MAX_SOCKET_PATH:
         return path
@@ -530,9 +535,7 @@ def main(argv: list[str] | None = None) -> None:
         if request is not None:  # forked child: run outside serve()'s clean-up
             _run_child(request, args.module)
         return
-    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect")
-    socket_path = args.socket or default_socket(home)
-    sys.exit(run_worker(args.pool, socket_path, worker_args=rest))
+    sys.exit(run_worker(args.pool, args.socket or default_socket(), worker_args=rest))
 
 
 if __name__ == "__main__":

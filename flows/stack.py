@@ -427,14 +427,14 @@ def up(
         pools = [COORDINATOR_POOL]
         for site in config.site_names:
             pool = site_pool_name(config, site)
-            env = _worker_env(base, api_url, paths.root / "workers" / site)
+            home = paths.root / "workers" / site
+            env = _worker_env(base, api_url, home)
             env[SITE_NAME_ENV] = site
             env[SITE_DIR_ENV] = str(site_folder(config, site).resolve())
             keys = enrol_keys(paths, site)
             if keys is not None:
                 env[SITE_KEYS_ENV] = str(keys)
             # the site's worker runs its flow runs through a warm executor (flows.site_executor)
-            home = paths.root / "workers" / site
             site_cmd = [sys.executable, "-m", "flows.site_executor", "worker", "--pool", pool]
             executor = default_socket(home)
             site_cmd += ["--socket", str(executor)]

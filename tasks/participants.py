@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,12 +57,23 @@ class UnmaskOutcome:
     dropouts: list[Dropout]
 
 
-def _collect(futures: dict[str, Any], *, what: str, round_num: int) -> tuple[dict, list[Dropout]]:
-    """Wait for each site's future; a failure becomes a :class:`Dropout` naming the reason."""
+def collect_results(
+    futures: dict[str, Any],
+    *,
+    what: str,
+    round_num: int,
+    parse: Callable[[str, Any], Any] | None = None,
+) -> tuple[dict, list[Dropout]]:
+    """Wait for each site's future; a failure becomes a :class:`Dropout` naming the reason.
+
+    ``parse(site, result)`` turns a result into what the round needs (a site's payload
+    into its update, say); a result it refuses fails that site like an error would.
+    """
     results, dropouts = {}, []
     for site, future in futures.items():
         try:
-            results[site] = future.result()
+            result = future.result()
+            results[site] = parse(site, result) if parse is not None else result
         except Exception as error:  # a site's failure must not sink the round
             log.warning("site %s failed %s in round %d: %s", site, what, round_num, error)
             dropouts.append(Dropout(site=site, reason=f"{type(error).__name__}: {error}"))
@@ -214,7 +226,7 @@ class LocalBackend(ParticipantBackend):
             )
             for site in sites
         }
-        results, dropouts = _collect(futures, what="masking", round_num=ctx.round)
+        results, dropouts = collect_results(futures, what="masking", round_num=ctx.round)
         return MaskedOutcome(contributions=list(results.values()), dropouts=dropouts)
 
     def unmask(self, requests: dict[str, bytes], ctx: RoundContext) -> UnmaskOutcome:
@@ -223,7 +235,7 @@ class LocalBackend(ParticipantBackend):
             site: unmask_site.submit(self.config, ctx, request, site=site, round_num=ctx.round)
             for site, request in requests.items()
         }
-        results, dropouts = _collect(futures, what="unmasking", round_num=ctx.round)
+        results, dropouts = collect_results(futures, what="unmasking", round_num=ctx.round)
         return UnmaskOutcome(responses=results, dropouts=dropouts)
 
 

@@ -41,7 +41,7 @@ from fl_components.exchange import (
     update_from_payload,
     write_global_model,
 )
-from fl_components.parameters import NDArrays
+from fl_components.parameters import NDArrays, digest
 from fl_components.secagg import Registry, RoundContext
 from fl_components.secure_round import (
     MaskedContribution,
@@ -51,11 +51,11 @@ from fl_components.secure_round import (
 )
 from fl_components.training import Metrics
 from tasks.participants import (
-    Dropout,
     MaskedOutcome,
     ParticipantBackend,
     TrainingOutcome,
     UnmaskOutcome,
+    collect_results,
 )
 from tasks.secure_site import response_from_payload
 
@@ -254,8 +254,7 @@ class WorkPoolBackend(ParticipantBackend):
         self, sites: tuple[str, ...], parameters: NDArrays, *, round_num: int
     ) -> None:
         """Hold the evaluation for the next dispatch of the same model (see the class)."""
-        _, sha = write_global_model(parameters, self.exchange)
-        self._pending = _PendingEvaluation(tuple(sites), parameters, round_num, sha)
+        self._pending = _PendingEvaluation(tuple(sites), parameters, round_num, digest(parameters))
 
     def collect_evaluation(self) -> dict[str, Metrics]:
         """The folded scores, or (nothing was dispatched since the request) a wave of its own."""
@@ -292,15 +291,16 @@ class WorkPoolBackend(ParticipantBackend):
 
     def _collect_evaluate_only(self, futures: dict[str, Any]) -> None:
         pending = self._pending
-        for site, future in futures.items():
-            try:
-                result = future.result()
-                if pending is not None:
-                    pending.scores[site] = metrics_from_payload(
-                        result, site=site, round_num=pending.round_num
-                    )
-            except Exception as error:
-                log.warning("site %s could not evaluate: %s", site, error)
+        if pending is not None:
+            scores, _ = collect_results(
+                futures,
+                what="evaluation",
+                round_num=pending.round_num,
+                parse=lambda site, result: metrics_from_payload(
+                    result, site=site, round_num=pending.round_num
+                ),
+            )
+            pending.scores.update(scores)
 
     # --------------------------------------------------------------- dispatch
 
@@ -361,21 +361,19 @@ class WorkPoolBackend(ParticipantBackend):
         self, sites: tuple[str, ...], global_parameters: NDArrays, *, round_num: int
     ) -> TrainingOutcome:
         """Dispatch training to every selected site's pool; failures become dropouts."""
-        outcome = TrainingOutcome(updates=[], dropouts=[])
         futures, evaluate_only = self._training_wave(
             sites, global_parameters, stage="train", round_num=round_num
         )
-        for site, future in futures.items():
-            try:
-                payload = self._take_evaluation(site, future.result())
-                outcome.updates.append(update_from_payload(payload, site=site, round_num=round_num))
-            except Exception as error:  # a site's failure must not sink the round
-                log.warning("site %s dropped out of round %d: %s", site, round_num, error)
-                outcome.dropouts.append(
-                    Dropout(site=site, reason=f"{type(error).__name__}: {error}")
-                )
+        updates, dropouts = collect_results(
+            futures,
+            what="training",
+            round_num=round_num,
+            parse=lambda site, payload: update_from_payload(
+                self._take_evaluation(site, payload), site=site, round_num=round_num
+            ),
+        )
         self._collect_evaluate_only(evaluate_only)
-        return outcome
+        return TrainingOutcome(updates=list(updates.values()), dropouts=dropouts)
 
     def registry(self) -> Registry:
         """The registry written by ``fedpipe site init`` (public keys only)."""
@@ -392,20 +390,16 @@ class WorkPoolBackend(ParticipantBackend):
             round_num=ctx.round,
             secagg={"context": context_to_json(ctx)},
         )
-        outcome = MaskedOutcome(contributions=[], dropouts=[])
-        for site, future in futures.items():
-            try:
-                payload = self._take_evaluation(site, future.result())
-                outcome.contributions.append(
-                    MaskedContribution.from_payload(payload, site=site, round_num=ctx.round)
-                )
-            except Exception as error:  # a site's failure must not sink the round
-                log.warning("site %s dropped out of round %d: %s", site, ctx.round, error)
-                outcome.dropouts.append(
-                    Dropout(site=site, reason=f"{type(error).__name__}: {error}")
-                )
+        contributions, dropouts = collect_results(
+            futures,
+            what="masking",
+            round_num=ctx.round,
+            parse=lambda site, payload: MaskedContribution.from_payload(
+                self._take_evaluation(site, payload), site=site, round_num=ctx.round
+            ),
+        )
         self._collect_evaluate_only(evaluate_only)
-        return outcome
+        return MaskedOutcome(contributions=list(contributions.values()), dropouts=dropouts)
 
     def unmask(self, requests: dict[str, bytes], ctx: RoundContext) -> UnmaskOutcome:
         """Stage ``unmask`` on every survivor's pool (no model is sent)."""
@@ -422,18 +416,15 @@ class WorkPoolBackend(ParticipantBackend):
             )
             for site, request in requests.items()
         }
-        outcome = UnmaskOutcome(responses={}, dropouts=[])
-        for site, future in futures.items():
-            try:
-                outcome.responses[site] = response_from_payload(
-                    future.result(), site=site, round_num=ctx.round
-                )
-            except Exception as error:
-                log.warning("site %s failed to unmask round %d: %s", site, ctx.round, error)
-                outcome.dropouts.append(
-                    Dropout(site=site, reason=f"{type(error).__name__}: {error}")
-                )
-        return outcome
+        responses, dropouts = collect_results(
+            futures,
+            what="unmasking",
+            round_num=ctx.round,
+            parse=lambda site, payload: response_from_payload(
+                payload, site=site, round_num=ctx.round
+            ),
+        )
+        return UnmaskOutcome(responses=responses, dropouts=dropouts)
 
     def evaluate(
         self, sites: tuple[str, ...], parameters: NDArrays, *, round_num: int
@@ -443,10 +434,12 @@ class WorkPoolBackend(ParticipantBackend):
         futures = {
             site: self._submit(site, "evaluate", round_num=round_num, model=model) for site in sites
         }
-        scores: dict[str, Metrics] = {}
-        for site, future in futures.items():
-            try:
-                scores[site] = metrics_from_payload(future.result(), site=site, round_num=round_num)
-            except Exception as error:
-                log.warning("site %s could not evaluate round %d: %s", site, round_num, error)
+        scores, _ = collect_results(
+            futures,
+            what="evaluation",
+            round_num=round_num,
+            parse=lambda site, payload: metrics_from_payload(
+                payload, site=site, round_num=round_num
+            ),
+        )
         return scores

@@ -152,6 +152,19 @@ def _assert_one_participant_run_per_site_and_round(api: str, run_id: str, *, rou
             assert match["state_type"] == "COMPLETED"
 
 
+def _assert_metrics_at_each_round(client: Any, run_id: str, *, rounds: int) -> list[Any]:
+    """MLflow: global and per-site accuracy at step = round (0: the initial model).
+
+    Returns the ``global/accuracy`` history.
+    """
+    history = client.get_metric_history(run_id, "global/accuracy")
+    assert sorted(m.step for m in history) == list(range(rounds + 1))
+    for site in SITES:
+        steps = {m.step for m in client.get_metric_history(run_id, f"site/{site}/accuracy")}
+        assert steps == set(range(rounds + 1)), site
+    return list(history)
+
+
 def _mlflow_run_for(client: Any, experiment: str, flow_run_id: str) -> Any:
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs(
@@ -209,13 +222,7 @@ def test_run_button_trains_on_site_pools_and_tracks(stack: dict[str, Any]) -> No
     # MLflow: metrics at step = round, the flow run id tag, the registered model and alias
     client = MlflowClient(stack["mlflow_url"])
     mlrun = _mlflow_run_for(client, "e2e-fed", run["id"])
-    history = client.get_metric_history(mlrun.info.run_id, "global/accuracy")
-    assert sorted(m.step for m in history) == [0, 1, 2]
-    for site in SITES:
-        steps = {
-            m.step for m in client.get_metric_history(mlrun.info.run_id, f"site/{site}/accuracy")
-        }
-        assert steps == {0, 1, 2}
+    history = _assert_metrics_at_each_round(client, mlrun.info.run_id, rounds=2)
     assert mlrun.data.tags["fedpipe.backend"] == "work-pool"
     model = client.get_registered_model("e2e-fed")
     version = mlrun.data.tags["fedpipe.model_version"]
