@@ -187,8 +187,15 @@ class PrivacyConfig(_Section):
     )
     sampling: Literal["random", "fixed"] = Field(
         default="random",
-        description="'random': participants drawn at random and kept secret, so client "
-        "sampling amplifies privacy (q = fraction); 'fixed': selection is public, q = 1.",
+        description="'random': each site drawn independently with probability q = "
+        "participation.fraction (Poisson, secret CSPRNG draw), so client sampling amplifies "
+        "privacy; 'fixed': selection is public, q = 1 over the rounds a site is selected in.",
+    )
+    max_client_epsilon: float | None = Field(
+        default=None,
+        gt=0,
+        description="Participant-level budget of a model across the runs it descends from "
+        "(the coordinator's federation ledger); None = unlimited. A round past it is refused.",
     )
 
     @property

@@ -29,7 +29,7 @@ from fl_components.config import FederationConfig, PrivacyConfig, TrainingConfig
 from fl_components.data import Split
 from fl_components.errors import ConfigError
 from fl_components.parameters import NDArrays, get_parameters, set_parameters, subtract
-from fl_components.privacy.ledger import PrivacyLedger, default_delta
+from fl_components.privacy.ledger import RDP_ORDERS, PrivacyLedger, default_delta
 from fl_components.training import LocalUpdate, make_optimizer, pick_device, train_epochs
 
 # Installed once for the process: Opacus's hooks make torch warn at every step, and
@@ -135,6 +135,9 @@ def plan_round(
     elif privacy.target_epsilon is not None:
         from opacus.accountants.utils import get_noise_multiplier
 
+        # the RDP search minimises over the same orders the ledger uses (no end-of-range
+        # warning, and the sigma found is the one the ledger's bound is tight for)
+        orders = {"alphas": list(RDP_ORDERS)} if privacy.accountant == "rdp" else {}
         sigma = float(
             get_noise_multiplier(
                 target_epsilon=privacy.target_epsilon,
@@ -142,6 +145,7 @@ def plan_round(
                 sample_rate=sample_rate,
                 steps=steps * rounds,
                 accountant=privacy.accountant,
+                **orders,
             )
         )
     else:
