@@ -207,6 +207,19 @@ def registered_version(tracking: TrackingConfig, *, name: str, alias: str) -> st
         return None
 
 
+def registered_run_id(tracking: TrackingConfig, *, name: str, alias: str) -> str | None:
+    """The MLflow run that logged ``models:/name@alias``; None if there is no such alias."""
+    _quiet_mlflow()
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking))
+    try:
+        return client.get_model_version_by_alias(name, alias).run_id
+    except MlflowException:
+        return None
+
+
 def epsilon_plots(history: list[dict[str, float]]) -> tuple[Any, Any]:
     """Two figures: epsilon per round (federation max and per site), accuracy vs epsilon."""
     import matplotlib

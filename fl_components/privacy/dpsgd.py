@@ -224,8 +224,13 @@ def private_local_train(
     site: str,
     folder: Path,
     round_num: int,
+    mlflow_run_id: str | None = None,
+    flow_run_id: str | None = None,
 ) -> LocalUpdate:
     """Local training with DP-SGD, after the site's ledger agrees to the round.
+
+    ``mlflow_run_id`` and ``flow_run_id`` (when the caller knows them) are written into
+    the ledger entry, naming the runs that spent it.
 
     The ledger in ``folder`` is checked first (a round that would pass
     ``privacy.max_epsilon`` raises :class:`~fl_components.errors.BudgetExhaustedError`
@@ -267,6 +272,8 @@ def private_local_train(
         steps=plan.steps,
         delta=plan.delta,
         max_epsilon=privacy.max_epsilon,
+        mlflow_run_id=mlflow_run_id,
+        flow_run_id=flow_run_id,
     )
     epsilon = ledger.epsilon(plan.delta)
     remaining = ledger.remaining(plan.delta)
