@@ -58,7 +58,7 @@ def bare_loop(config: Any) -> dict[str, Any]:
     )
     from fl_components.models import build_model
     from fl_components.parameters import get_parameters
-    from fl_components.strategies import ServerState, build_strategy, weighted_average
+    from fl_components.strategies import ServerState, build_strategy
     from fl_components.training import evaluate, seed_for
 
     started = time.perf_counter()
@@ -91,9 +91,7 @@ def bare_loop(config: Any) -> dict[str, Any]:
             )
             for s in selected
         ]
-        state = strategy.apply(
-            state, weighted_average([(u.delta, u.num_examples) for u in updates])
-        )
+        state = strategy.apply(state, strategy.aggregate(updates, state))
         for site in sites.values():
             site.evaluate(state.parameters)
         accuracy = evaluate(model, state.parameters, test).accuracy

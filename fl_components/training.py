@@ -40,6 +40,8 @@ class LocalUpdate:
     train_loss: float
     seconds: float
     extra: dict[str, float] = field(default_factory=dict)
+    control_delta: NDArrays | None = None  # SCAFFOLD: Δc_i = c_i⁺ − c_i
+    initial_loss: float | None = None  # q-FedAvg: F_k(θ_t) on the training split
 
 
 def pick_device(preference: str = "auto") -> torch.device:
