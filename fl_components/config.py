@@ -158,9 +158,7 @@ class StrategyConfig(_Section):
     beta1: float = Field(
         default=0.9, ge=0, lt=1, description="fedadagrad/fedadam/fedyogi: first moment β₁."
     )
-    beta2: float = Field(
-        default=0.99, ge=0, lt=1, description="fedadam/fedyogi: second moment β₂."
-    )
+    beta2: float = Field(default=0.99, ge=0, lt=1, description="fedadam/fedyogi: second moment β₂.")
     tau: float = Field(
         default=1e-3, gt=0, le=1, description="fedadagrad/fedadam/fedyogi: adaptivity τ."
     )

@@ -67,7 +67,9 @@ def build_strategy(
     if name == "fedavg":
         return FedAvg(server_lr=lr, aggregation=aggregation)
     if name == "fedavgm":
-        return FedAvgM(server_lr=lr, server_momentum=config.server_momentum, aggregation=aggregation)
+        return FedAvgM(
+            server_lr=lr, server_momentum=config.server_momentum, aggregation=aggregation
+        )
     if name == "fedprox":
         return FedProx(proximal_mu=config.proximal_mu, server_lr=lr, aggregation=aggregation)
     if name in _ADAPTIVE:
@@ -80,7 +82,9 @@ def build_strategy(
         )
     if name == "scaffold":
         if num_sites is None:
-            raise ConfigError("strategy.name 'scaffold' needs num_sites (N, the federation's sites)")
+            raise ConfigError(
+                "strategy.name 'scaffold' needs num_sites (N, the federation's sites)"
+            )
         return Scaffold(num_sites=num_sites, server_lr=lr, aggregation=aggregation)
     if name == "qfedavg":
         if local_lr is None:

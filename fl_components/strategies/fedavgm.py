@@ -44,7 +44,7 @@ class FedAvgM(FedAvg):
         self.server_momentum = server_momentum
 
     def apply(self, state: ServerState, update: AggregatedUpdate) -> ServerState:
-        """v ← βv + Δ̄, θ ← θ + ηv."""
+        """V ← βv + Δ̄, θ ← θ + ηv."""
         momentum = momentum_step(
             state_arrays(state, "momentum"), update.delta, beta=self.server_momentum
         )

@@ -42,7 +42,7 @@ def scaffold_correct_gradients(
     server_control: Sequence[torch.Tensor | np.ndarray],
     client_control: Sequence[torch.Tensor | np.ndarray],
 ) -> None:
-    """g ← g − c_i + c for every parameter, in place (Algorithm 1, line 10).
+    """G ← g − c_i + c for every parameter, in place (Algorithm 1, line 10).
 
     Call after ``loss.backward()`` and before ``optimizer.step()``. Pass tensors already on
     the model's device to avoid a copy per step.
@@ -163,7 +163,7 @@ class Scaffold(FedAvg):
         )
 
     def apply(self, state: ServerState, update: AggregatedUpdate) -> ServerState:
-        """x ← x + η_g Δx̄; c ← c + (|S|/N) Δc̄ (Algorithm 1, line 17)."""
+        """X ← x + η_g Δx̄; c ← c + (|S|/N) Δc̄ (Algorithm 1, line 17)."""
         if update.control_delta is None:
             raise RoundError("SCAFFOLD: the combined update carries no control_delta (Δc̄)")
         control = add(

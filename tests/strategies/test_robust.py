@@ -89,7 +89,7 @@ def test_bulyan_needs_4f_plus_3() -> None:
         lambda v, w: bulyan(v, w, f=0),
     ],
 )
-def test_every_rule_refuses_zero_updates(rule) -> None:  # noqa: ANN001
+def test_every_rule_refuses_zero_updates(rule) -> None:
     with pytest.raises(RoundError, match="zero updates"):
         rule([], [])
 
@@ -121,5 +121,5 @@ def test_aggregation_bounds_norms_before_the_mean() -> None:
 
 
 def test_aggregation_refuses_unknown_rule() -> None:
-    with pytest.raises(RoundError, match="strategy.aggregator must be one of"):
+    with pytest.raises(RoundError, match=r"strategy\.aggregator must be one of"):
         UpdateAggregation(rule="geomed")
