@@ -146,7 +146,7 @@ class StrategyConfig(_Section):
         default=None,
         gt=0,
         le=10,
-        description="Server step η on the combined update; null = 1.0, or 0.01 for "
+        description="Server step η on the combined update; null = 1.0, or 0.1 for "
         "fedadagrad / fedadam / fedyogi. Not used by qfedavg.",
     )
     server_momentum: float = Field(
@@ -184,7 +184,7 @@ class StrategyConfig(_Section):
         """``server_lr``, or the rule's default when it is null."""
         if self.server_lr is not None:
             return self.server_lr
-        return 0.01 if self.name in ADAPTIVE_RULES else 1.0
+        return 0.1 if self.name in ADAPTIVE_RULES else 1.0
 
     @model_validator(mode="after")
     def _knobs_match_rule(self) -> StrategyConfig:

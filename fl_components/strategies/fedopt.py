@@ -56,7 +56,7 @@ class FedAdam(FedAvg):
     def __init__(
         self,
         *,
-        server_lr: float = 0.01,
+        server_lr: float = 0.1,
         beta1: float = 0.9,
         beta2: float = 0.99,
         tau: float = 1e-3,

@@ -30,7 +30,7 @@ def test_builder_passes_the_federation_facts() -> None:
 
 def test_server_lr_default_depends_on_the_rule() -> None:
     assert StrategyConfig(name="fedavg").effective_server_lr == 1.0
-    assert StrategyConfig(name="fedadam").effective_server_lr == 0.01
+    assert StrategyConfig(name="fedadam").effective_server_lr == 0.1
     assert StrategyConfig(name="fedadam", server_lr=0.3).effective_server_lr == 0.3
 
 
