@@ -50,6 +50,8 @@ def site_folder(config: FederationConfig, name: str) -> Path:
 
 def dataset_info(config: FederationConfig) -> DatasetInfo:
     """Input width and class count, from the bundled set or from the config."""
+    if config.data.source == "bundled" and config.data.dataset == "synthetic":
+        return DatasetInfo(60, 10)  # Synthetic(alpha, beta): 60 features, 10 classes
     if config.data.source == "bundled":
         split = load_bundled(config.data.dataset)
         return DatasetInfo(int(split.features.shape[1]), int(split.labels.max()) + 1)
@@ -84,6 +86,8 @@ def materialize_sites(config: FederationConfig, *, overwrite: bool = False) -> l
         test_fraction=d.test_fraction,
         site_test_fraction=d.site_test_fraction,
         seed=config.seed,
+        synthetic_alpha=d.synthetic_alpha,
+        synthetic_beta=d.synthetic_beta,
     )
     for site in sites:
         write_site(root, site)
