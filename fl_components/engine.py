@@ -63,6 +63,7 @@ class Dropout:
     site: str
     kind: DropoutKind
     reason: str
+    epsilon_spent: float | None = None  # DECLINED: the epsilon the site's ledger holds
 
     def __str__(self) -> str:
         return f"{self.kind}: {self.reason}"

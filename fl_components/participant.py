@@ -106,7 +106,8 @@ def run_job(site: Site, job: SiteJob, *, keys_dir: str | os.PathLike[str]) -> Si
         evaluation = _evaluate_first(site, job)
         return _work(site, job, Path(keys_dir), evaluation)
     except BudgetExhaustedError as error:
-        refusal = Dropout(site.name, DropoutKind.DECLINED, str(error))
+        spent = getattr(error, "spent", None)  # SiteBudgetExhausted: the ledger's figure
+        refusal = Dropout(site.name, DropoutKind.DECLINED, str(error), epsilon_spent=spent)
     except DataError as error:
         refusal = Dropout(site.name, DropoutKind.BAD_DATA, str(error))
     return SiteResult(site=site.name, evaluation=evaluation, refusal=refusal)

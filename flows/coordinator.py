@@ -17,7 +17,7 @@ from prefect.runtime import flow_run
 
 from fl_components.config import FederationConfig
 from fl_components.data import DatasetInfo, Split
-from fl_components.engine import Dropout, EvaluationRequest, RoundPlan, RoundReport
+from fl_components.engine import Dropout, DropoutKind, EvaluationRequest, RoundPlan, RoundReport
 from fl_components.federation import (
     central_test_split,
     dataset_info,
@@ -26,7 +26,8 @@ from fl_components.federation import (
 )
 from fl_components.models import build_model
 from fl_components.parameters import NDArrays, get_parameters
-from fl_components.privacy.rounds import PrivacyRounds
+from fl_components.privacy.federation_ledger import FederationLedger, federation_ledger_path
+from fl_components.privacy.rounds import PrivacyRounds, declined_record
 from fl_components.secure_aggregation import SecureSum
 from fl_components.strategies import ServerState, Strategy, build_strategy
 from fl_components.strategies.private import DPFedAvg
@@ -35,6 +36,7 @@ from fl_components.tracking import (
     RunTracker,
     load_registered_parameters,
     load_run_model,
+    registered_run_id,
 )
 from fl_components.training import Metrics, seed_for
 from tasks.privacy import log_privacy
@@ -111,6 +113,8 @@ def start_run(config: FederationConfig) -> Run:
         },
     )
     tracker.log_params(strategy.params())
+    if config.privacy.participant_level:
+        attach_federation_ledger(config, privacy, mlflow_run_id=link.run_id, origin=origin)
     return Run(
         config=config,
         info=info,
@@ -123,6 +127,27 @@ def start_run(config: FederationConfig) -> Run:
         central_test=central_test_split(config) if config.backend == "local" else None,
         origin=origin,
         initial_parameters=parameters,
+    )
+
+
+def attach_federation_ledger(
+    config: FederationConfig, privacy: PrivacyRounds, *, mlflow_run_id: str, origin: str
+) -> None:
+    """Compose this run's participant-level rounds with those its starting model spent.
+
+    The parent is the champion's MLflow run (``init_from: champion``) or ``init_run_id``.
+    """
+    parent = None
+    if origin == "champion":
+        parent = registered_run_id(config.tracking, name=config.name, alias="champion")
+    elif origin == "run":
+        parent = config.init_run_id
+    path = federation_ledger_path(config.tracking, config.name)
+    privacy.attach_ledger(
+        FederationLedger.load(path, federation=config.name),
+        mlflow_run_id=mlflow_run_id,
+        flow_run_id=str(flow_run.get_id() or "") or None,
+        parent_run_id=parent,
     )
 
 
@@ -140,6 +165,8 @@ def plan_round(
         # client-sampling amplification holds only if nobody can replay the selection
         secret=config.privacy.participant_level and config.privacy.sampling == "random",
     )
+    if config.privacy.participant_level:  # refuse the round past privacy.max_client_epsilon
+        run.privacy.check_round(selected, round_num=round_num)
     index = {name: i for i, name in enumerate(config.site_names)}
     secure = None
     if config.secure_aggregation.enabled:
@@ -169,17 +196,76 @@ def dropout_reasons(dropouts: list[Dropout]) -> dict[str, str]:
     return {d.site: str(d) for d in dropouts}
 
 
+def declines(dropouts: list[Dropout]) -> dict[str, Dropout]:
+    """The sites that declined for budget (typed: DropoutKind.DECLINED)."""
+    return {d.site: d for d in dropouts if d.kind is DropoutKind.DECLINED}
+
+
 def account_round(run: Run, report: RoundReport) -> dict[str, float]:
-    """Account participant-level DP, log the privacy params; the round's privacy metrics."""
+    """Account participant-level DP, log the privacy params; the round's privacy metrics.
+
+    The accountant steps with the round's *selection* (q of the draw, not who answered).
+    """
     privacy = run.privacy
     if not privacy.enabled:
         return {}
-    survivors = tuple(u.site for u in report.updates)
-    if report.aggregated.private is not None:
-        privacy.account(report.aggregated.private, participants=survivors)
-    dropouts = dropout_reasons(report.dropouts)
-    log_privacy(run.tracker, privacy.params(report.updates), dropouts, round_num=report.round)
-    return privacy.metrics(report.updates, dropouts, report.aggregated.private)
+    if run.config.privacy.participant_level:
+        private = report.aggregated.private
+        privacy.account(private, selected=report.selected, round_num=report.round)
+    declined = declines(report.dropouts)
+    reasons = {site: d.reason for site, d in declined.items()}
+    log_privacy(run.tracker, privacy.params(report.updates), reasons, round_num=report.round)
+    return privacy.metrics(
+        report.updates,
+        report.aggregated.private,
+        declined={site: d.epsilon_spent for site, d in declined.items()},
+    )
+
+
+def skip_small_cohort(run: Run, plan: RoundPlan) -> bool:
+    """Under Poisson selection, skip (and still account) a cohort below min_participants.
+
+    Returns True when the round was skipped: the global model is left unchanged.
+    """
+    privacy = run.privacy
+    if not privacy.poisson or not privacy.cohort_too_small(plan.selected):
+        return False
+    privacy.account(None, selected=plan.selected, round_num=plan.round)
+    metrics = privacy.metrics([], None, declined={})
+    run.tracker.log_metrics(
+        {**metrics, "selected": float(len(plan.selected)), "privacy/skipped": 1.0},
+        step=plan.round,
+    )
+    log.warning(
+        "round %d: the Poisson draw selected %d site(s), below participation.min_participants "
+        "%d; round skipped (model unchanged) and accounted at q",
+        plan.round,
+        len(plan.selected),
+        run.config.participation.min_participants,
+    )
+    return True
+
+
+def record_aborted(run: Run, plan: RoundPlan, dropouts: list[Dropout]) -> None:
+    """Before an aborted round fails the run: account it, log who declined and the epsilon.
+
+    Accounting a round that released nothing over-counts at worst (never under-counts).
+    """
+    privacy = run.privacy
+    if not privacy.enabled:
+        return
+    if run.config.privacy.participant_level:
+        privacy.account(None, selected=plan.selected, round_num=plan.round)
+    declined = declines(dropouts)
+    metrics = privacy.metrics(
+        [], None, declined={site: d.epsilon_spent for site, d in declined.items()}
+    )
+    record, tags = declined_record(
+        {site: d.reason for site, d in declined.items()}, round_num=plan.round
+    )
+    run.tracker.log_metrics({**metrics, **record}, step=plan.round)
+    if tags:
+        run.tracker.set_tags(tags)
 
 
 def evaluation_metrics(
@@ -238,7 +324,7 @@ def record_round(
         site_metrics=scores,
         examples={u.site: u.num_examples for u in report.updates},
         dropouts=dropouts,
-        extra_columns=run.privacy.columns(report.updates, dropouts),
+        extra_columns=run.privacy.columns(report.updates, declines(report.dropouts)),
     )
     log_round(run.tracker, metrics, markdown, federation=run.config.name, round_num=report.round)
     return metrics

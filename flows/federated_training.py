@@ -29,7 +29,9 @@ from flows.coordinator import (
     account_round,
     evaluation_metrics,
     plan_round,
+    record_aborted,
     record_round,
+    skip_small_cohort,
     start_run,
 )
 from flows.progress import report
@@ -136,11 +138,14 @@ def federated_training(config: FederationConfig = FederationConfig()) -> Trainin
     try:
         for round_num in range(1, config.rounds + 1):
             plan = plan_round(run, state, round_num=round_num, evaluation=evaluation)
+            if skip_small_cohort(run, plan):  # Poisson draw too small: accounted, skipped
+                continue
             started = time.perf_counter()
             try:
                 next_state, outcome = run_round(state, plan, run.backend, run.strategy)
             except RoundAbortedError as error:  # the previous round's score still counts
                 _record(run, pending, error.evaluations, history, ended=time.perf_counter())
+                record_aborted(run, plan, error.dropouts)
                 raise
             privacy_metrics = account_round(run, outcome)
             _record(run, pending, outcome.evaluations, history, ended=started)

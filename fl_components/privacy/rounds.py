@@ -9,7 +9,7 @@ arXiv:1905.03871.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from fl_components.config import FederationConfig
@@ -28,14 +28,6 @@ from fl_components.privacy.ledger import default_delta
 from fl_components.training import LocalUpdate
 
 DECLINED = "declined"
-_BUDGET_ERROR = "BudgetExhaustedError"
-
-
-def dropout_reason(reason: str) -> str:
-    """Legacy: a budget refusal read 'BudgetExhaustedError: ...' (superseded by DropoutKind)."""
-    if reason.startswith(_BUDGET_ERROR):
-        return f"{DECLINED}: {reason.removeprefix(_BUDGET_ERROR).lstrip(': ')}"
-    return reason
 
 
 def declined_record(
@@ -192,21 +184,16 @@ class PrivacyRounds:
         self,
         result: DPAggregate | None,
         *,
-        selected: tuple[str, ...] | None = None,
-        round_num: int = 0,
-        participants: tuple[str, ...] | None = None,
+        selected: tuple[str, ...],
+        round_num: int,
     ) -> ClientRound:
         """Account the round with its *selection* (q from it) and adapt the clip norm.
 
         ``result`` is None for a round skipped after selection (cohort too small, every
         update lost): it is accounted all the same. Records it in the federation ledger.
-        ``participants`` is the pre-engine keyword (q never depends on it under Poisson
-        sampling); it goes once every caller passes ``selected``.
         """
         privacy = self.config.privacy
         accountant = self._participant_accountant()
-        if selected is None:
-            selected = participants if participants is not None else ()
         # the whole mechanism (update + noised count) has multiplier z: account z
         entry = accountant.step(noise_multiplier=privacy.client_noise_multiplier, selected=selected)
         if self.ledger is not None and self.run_id is not None:
@@ -236,20 +223,16 @@ class PrivacyRounds:
     def metrics(
         self,
         updates: list[LocalUpdate],
-        dropouts: Mapping[str, str],
         dp: DPAggregate | None,
         *,
-        declined: Mapping[str, float | None] | None = None,
+        declined: Mapping[str, float | None],
     ) -> dict[str, float]:
         """``privacy/...`` metrics of the round.
 
-        ``declined`` maps each site that declined for budget to the epsilon its ledger
-        holds (None if unknown); when omitted, declines are read from the legacy
-        'declined: ...' reasons in ``dropouts``. ``privacy/epsilon`` is the max over every
-        site's ledger seen in the run, decliners included.
+        ``declined`` maps each site that declined for budget (DropoutKind.DECLINED) to
+        the epsilon its ledger holds (None if unknown). ``privacy/epsilon`` is the max over
+        every site's ledger seen in the run, decliners included.
         """
-        if declined is None:
-            declined = {s: None for s, r in dropouts.items() if r.startswith(DECLINED)}
         metrics: dict[str, float] = {}
         for update in updates:
             if "epsilon" in update.extra:
@@ -315,9 +298,12 @@ class PrivacyRounds:
         return fresh
 
     def columns(
-        self, updates: list[LocalUpdate], dropouts: dict[str, str]
+        self, updates: list[LocalUpdate], declined: Collection[str]
     ) -> dict[str, dict[str, str]]:
-        """Extra columns of the round's markdown table: epsilon and budget left per site."""
+        """Extra columns of the round's markdown table: epsilon and budget left per site.
+
+        ``declined``: the sites whose dropout is DropoutKind.DECLINED.
+        """
         epsilon: dict[str, str] = {}
         remaining: dict[str, str] = {}
         for update in updates:
@@ -325,10 +311,9 @@ class PrivacyRounds:
                 epsilon[update.site] = f"{update.extra['epsilon']:.3f}"
                 left = update.extra.get("remaining", -1.0)
                 remaining[update.site] = "unlimited" if left < 0 else f"{left:.3f}"
-        for site, reason in dropouts.items():
-            if reason.startswith(DECLINED):
-                epsilon[site] = DECLINED
-                remaining[site] = "exhausted"
+        for site in declined:
+            epsilon[site] = DECLINED
+            remaining[site] = "exhausted"
         if not epsilon:
             return {}
         return {"epsilon": epsilon, "budget left": remaining}

@@ -40,7 +40,7 @@ def _update(site: str, epsilon: float) -> LocalUpdate:
 
 def test_federation_epsilon_is_the_max_over_every_sites_ledger_decliners_included() -> None:
     rounds = _rounds()
-    metrics = rounds.metrics([_update("h1", 2.19)], {}, None, declined={"h2": 2.99})
+    metrics = rounds.metrics([_update("h1", 2.19)], None, declined={"h2": 2.99})
     # the site that declined had spent 2.99 already: the old max over reporters gave 2.19
     assert metrics["privacy/epsilon"] == pytest.approx(2.99)
     assert metrics["privacy/site/h2/epsilon"] == pytest.approx(2.99)

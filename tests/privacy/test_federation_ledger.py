@@ -98,7 +98,7 @@ def test_second_run_continues_the_first_runs_client_epsilon(tmp_path: Path) -> N
     second.account(None, selected=("s2",), round_num=1)
     four = participant_epsilon([ClientRound(1.0, 0.3, 4)], delta=1e-3, accountant="rdp")
     # before the ledger, the second run reported one round's epsilon from zero
-    assert second.metrics([], {}, None)["privacy/client_epsilon"] == pytest.approx(four)
+    assert second.metrics([], None, declined={})["privacy/client_epsilon"] == pytest.approx(four)
 
 
 def test_max_client_epsilon_refuses_the_round_past_it(tmp_path: Path) -> None:

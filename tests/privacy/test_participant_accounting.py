@@ -57,7 +57,7 @@ def test_a_third_of_each_cohort_dropping_is_accounted_with_the_selection() -> No
         survivors = [_update(s, round_num) for s in selected[len(selected) // 3 :]]
         result = rounds.aggregate(survivors) if survivors else None
         rounds.account(result, selected=selected, round_num=round_num)
-        logged.append(rounds.metrics(survivors, {}, result))
+        logged.append(rounds.metrics(survivors, result, declined={}))
     epsilon = logged[-1]["privacy/client_epsilon"]
     # the old survivors-based q (6 of 30 for 9 selected, 3 dropped) reported 6.34
     assert epsilon == pytest.approx(9.5443, abs=1e-3)
@@ -110,7 +110,7 @@ def test_an_empty_cohort_is_skipped_but_still_accounted() -> None:
     rounds = PrivacyRounds(_config(sites=10, fraction=0.2))
     assert rounds.cohort_too_small(())
     rounds.account(None, selected=(), round_num=1)
-    metrics = rounds.metrics([], {}, None)
+    metrics = rounds.metrics([], None, declined={})
     expected = participant_epsilon([ClientRound(1.0, 0.2)], delta=1e-3, accountant="rdp")
     assert metrics["privacy/client_epsilon"] == pytest.approx(expected) and expected > 0
     assert metrics["privacy/client_sample_rate"] == 0.2
