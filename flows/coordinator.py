@@ -27,6 +27,7 @@ from fl_components.federation import (
 from fl_components.models import build_model
 from fl_components.parameters import NDArrays, get_parameters
 from fl_components.privacy.federation_ledger import FederationLedger, federation_ledger_path
+from fl_components.privacy.report import PRIVACY_REPORT_JSON, PRIVACY_REPORT_MD, report_markdown
 from fl_components.privacy.rounds import PrivacyRounds, declined_record
 from fl_components.secure_aggregation import SecureSum
 from fl_components.strategies import ServerState, Strategy, build_strategy
@@ -214,6 +215,8 @@ def account_round(run: Run, report: RoundReport) -> dict[str, float]:
         privacy.account(private, selected=report.selected, round_num=report.round)
     declined = declines(report.dropouts)
     reasons = {site: d.reason for site, d in declined.items()}
+    spent = {site: d.epsilon_spent for site, d in declined.items()}
+    privacy.note_declines(reasons, spent, round_num=report.round)
     log_privacy(run.tracker, privacy.params(report.updates), reasons, round_num=report.round)
     return privacy.metrics(
         report.updates,
@@ -257,15 +260,26 @@ def record_aborted(run: Run, plan: RoundPlan, dropouts: list[Dropout]) -> None:
     if run.config.privacy.participant_level:
         privacy.account(None, selected=plan.selected, round_num=plan.round)
     declined = declines(dropouts)
-    metrics = privacy.metrics(
-        [], None, declined={site: d.epsilon_spent for site, d in declined.items()}
-    )
-    record, tags = declined_record(
-        {site: d.reason for site, d in declined.items()}, round_num=plan.round
-    )
+    reasons = {site: d.reason for site, d in declined.items()}
+    spent = {site: d.epsilon_spent for site, d in declined.items()}
+    privacy.note_declines(reasons, spent, round_num=plan.round)
+    metrics = privacy.metrics([], None, declined=spent)
+    record, tags = declined_record(reasons, round_num=plan.round)
     run.tracker.log_metrics({**metrics, **record}, step=plan.round)
     if tags:
         run.tracker.set_tags(tags)
+    log_privacy_report(run)
+
+
+def log_privacy_report(run: Run) -> None:
+    """Log the run's privacy report: privacy/privacy_report.json and .md."""
+    if not run.privacy.enabled:
+        return
+    report = run.privacy.report(
+        mlflow_run_id=run.run_id, flow_run_id=str(flow_run.get_id() or "") or None
+    )
+    run.tracker.log_dict(report, PRIVACY_REPORT_JSON)
+    run.tracker.log_text(report_markdown(report), PRIVACY_REPORT_MD)
 
 
 def evaluation_metrics(

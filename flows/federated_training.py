@@ -28,6 +28,7 @@ from flows.coordinator import (
     TrainedRound,
     account_round,
     evaluation_metrics,
+    log_privacy_report,
     plan_round,
     record_aborted,
     record_round,
@@ -117,6 +118,7 @@ def _finish(
         per_round, trade_off = epsilon_plots(rounds)
         run.tracker.log_figure(per_round, "plots/epsilon.png")
         run.tracker.log_figure(trade_off, "plots/accuracy_vs_epsilon.png")
+    log_privacy_report(run)
     version = _log_final_model(run.config, run.info, run.tracker, state, run.central_test)
     if version is not None:  # scores: the last federated evaluation
         promote_if_better(

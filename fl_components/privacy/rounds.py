@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from fl_components.config import FederationConfig
 from fl_components.errors import BudgetExhaustedError
@@ -25,6 +26,7 @@ from fl_components.privacy.dp_fedavg import (
 from fl_components.privacy.dpsgd import GRAD_SAMPLE_MODES
 from fl_components.privacy.federation_ledger import FederationLedger
 from fl_components.privacy.ledger import default_delta
+from fl_components.privacy.run_record import RunPrivacyRecord
 from fl_components.training import LocalUpdate
 
 DECLINED = "declined"
@@ -54,6 +56,7 @@ class PrivacyRounds:
     last_aggregate: DPAggregate | None = None
     ledger: FederationLedger | None = None
     run_id: str | None = None
+    record: RunPrivacyRecord = field(default_factory=RunPrivacyRecord)
 
     def __post_init__(self) -> None:
         privacy = self.config.privacy
@@ -216,6 +219,29 @@ class PrivacyRounds:
         """Record sites' ledger epsilons: from their updates and from their declines."""
         self.site_epsilon.update({site: float(e) for site, e in site_epsilons.items()})
 
+    def note_declines(
+        self,
+        reasons: Mapping[str, str],
+        spent: Mapping[str, float | None],
+        *,
+        round_num: int,
+    ) -> None:
+        """Record the round's budget refusals for the privacy report."""
+        for site, reason in reasons.items():
+            self.record.decline(site, reason, epsilon=spent.get(site), round_num=round_num)
+
+    def report(self, *, mlflow_run_id: str, flow_run_id: str | None) -> dict[str, Any]:
+        """The run's privacy report (JSON-safe; markdown: ``report.report_markdown``)."""
+        return self.record.report(
+            self.config.privacy,
+            federation=self.config.name,
+            mlflow_run_id=mlflow_run_id,
+            flow_run_id=flow_run_id,
+            accountant=self.accountant,
+            ledger=self.ledger,
+            client_delta=self.client_delta if self.accountant is not None else None,
+        )
+
     def federation_epsilon(self) -> float | None:
         """Max over every site's ledger seen so far, declined ones included; None if none."""
         return max(self.site_epsilon.values()) if self.site_epsilon else None
@@ -235,6 +261,7 @@ class PrivacyRounds:
         """
         metrics: dict[str, float] = {}
         for update in updates:
+            self.record.site_update(update, run=self.run_id or "")
             if "epsilon" in update.extra:
                 self.note_site_epsilons({update.site: update.extra["epsilon"]})
                 metrics[f"privacy/site/{update.site}/epsilon"] = update.extra["epsilon"]
