@@ -63,9 +63,17 @@ class DPFedAvg(Strategy):
     def aggregate_sum(
         self, total: NDArrays, *, weight: float, participants: int, state: ServerState
     ) -> AggregatedUpdate:
-        """The sites clipped and noised before masking: the mean of the sum, recorded."""
+        """The sites clipped and noised before masking: the mean of the sum, recorded.
+
+        Under Poisson selection the sum is divided by the fixed denominator q·N (McMahan
+        et al. 2018, f̃_f), not by the weight that came back.
+        """
+        denominator = self.privacy.denominator
         mean = self.inner.aggregate_sum(
-            total, weight=weight, participants=participants, state=state
+            total,
+            weight=weight if denominator is None else denominator,
+            participants=participants,
+            state=state,
         )
         privacy = self.privacy.config.privacy
         dp = DPAggregate(
