@@ -23,10 +23,9 @@ from fl_components.privacy.dp_fedavg import (
     dp_fedavg_aggregate,
     update_noise_multiplier,
 )
-from fl_components.privacy.dpsgd import GRAD_SAMPLE_MODES
 from fl_components.privacy.federation_ledger import FederationLedger
 from fl_components.privacy.ledger import default_delta
-from fl_components.privacy.run_record import RunPrivacyRecord
+from fl_components.privacy.run_record import RunPrivacyRecord, round_columns, site_params
 from fl_components.training import LocalUpdate
 
 DECLINED = "declined"
@@ -303,20 +302,7 @@ class PrivacyRounds:
                 }
             )
         for update in updates:
-            extra = update.extra
-            if "epsilon" not in extra:
-                continue
-            prefix = f"privacy.site.{update.site}"
-            params.update(
-                {
-                    f"{prefix}.delta": repr(extra["delta"]),
-                    f"{prefix}.noise_multiplier": repr(extra["noise_multiplier"]),
-                    f"{prefix}.sample_rate": repr(extra["sample_rate"]),
-                    f"{prefix}.steps_per_round": str(int(extra["steps"])),
-                    f"{prefix}.max_grad_norm": repr(extra["max_grad_norm"]),
-                    f"{prefix}.grad_sample_mode": GRAD_SAMPLE_MODES[int(extra["grad_sample_mode"])],
-                }
-            )
+            params.update(site_params(update))
         if self.enabled:
             params["privacy.accountant_used"] = privacy.accountant
             params["privacy.mode_used"] = privacy.mode
@@ -331,16 +317,4 @@ class PrivacyRounds:
 
         ``declined``: the sites whose dropout is DropoutKind.DECLINED.
         """
-        epsilon: dict[str, str] = {}
-        remaining: dict[str, str] = {}
-        for update in updates:
-            if "epsilon" in update.extra:
-                epsilon[update.site] = f"{update.extra['epsilon']:.3f}"
-                left = update.extra.get("remaining", -1.0)
-                remaining[update.site] = "unlimited" if left < 0 else f"{left:.3f}"
-        for site in declined:
-            epsilon[site] = DECLINED
-            remaining[site] = "exhausted"
-        if not epsilon:
-            return {}
-        return {"epsilon": epsilon, "budget left": remaining}
+        return round_columns(updates, declined)

@@ -9,11 +9,13 @@ accountant (DP-FedAvg, McMahan et al. 2018, arXiv:1710.06963) and the federation
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 from fl_components.config import PrivacyConfig
 from fl_components.privacy.accounting import ParticipantAccountant
+from fl_components.privacy.dpsgd import GRAD_SAMPLE_MODES
 from fl_components.privacy.federation_ledger import FederationLedger
 from fl_components.privacy.report import SiteBudget, SiteRound, build_privacy_report
 from fl_components.training import LocalUpdate
@@ -103,3 +105,38 @@ def _client_rounds(
         SiteRound(run_id, i, r.noise_multiplier, r.sample_rate, r.steps, r.sites)
         for i, r in enumerate(accountant.rounds, start=1)
     ]
+
+
+def site_params(update: LocalUpdate) -> dict[str, str]:
+    """MLflow params of a site's DP-SGD round: what recomputes its epsilon (none without DP)."""
+    extra = update.extra
+    if "epsilon" not in extra:
+        return {}
+    prefix = f"privacy.site.{update.site}"
+    return {
+        f"{prefix}.delta": repr(extra["delta"]),
+        f"{prefix}.noise_multiplier": repr(extra["noise_multiplier"]),
+        f"{prefix}.sample_rate": repr(extra["sample_rate"]),
+        f"{prefix}.steps_per_round": str(int(extra["steps"])),
+        f"{prefix}.max_grad_norm": repr(extra["max_grad_norm"]),
+        f"{prefix}.grad_sample_mode": GRAD_SAMPLE_MODES[int(extra["grad_sample_mode"])],
+    }
+
+
+def round_columns(
+    updates: list[LocalUpdate], declined: Collection[str]
+) -> dict[str, dict[str, str]]:
+    """Extra columns of the round's table: epsilon and budget left per site, decliners too."""
+    epsilon: dict[str, str] = {}
+    remaining: dict[str, str] = {}
+    for update in updates:
+        if "epsilon" in update.extra:
+            epsilon[update.site] = f"{update.extra['epsilon']:.3f}"
+            left = update.extra.get("remaining", -1.0)
+            remaining[update.site] = "unlimited" if left < 0 else f"{left:.3f}"
+    for site in declined:
+        epsilon[site] = "declined"
+        remaining[site] = "exhausted"
+    if not epsilon:
+        return {}
+    return {"epsilon": epsilon, "budget left": remaining}

@@ -34,7 +34,15 @@ def _update(site: str, epsilon: float) -> LocalUpdate:
         num_examples=10,
         train_loss=0.1,
         seconds=0.0,
-        extra={"epsilon": epsilon, "remaining": 3.0 - epsilon},
+        extra={
+            "epsilon": epsilon,
+            "remaining": 3.0 - epsilon,
+            "max_epsilon": 3.0,
+            "delta": 1e-5,
+            "noise_multiplier": 1.1,
+            "sample_rate": 0.1,
+            "steps": 20.0,
+        },
     )
 
 
@@ -68,3 +76,16 @@ def test_a_decline_carries_the_spent_epsilon_through_pickle(tmp_path) -> None:
     assert isinstance(decline, SiteBudgetExhausted) and decline.site == "h1"
     assert decline.spent == pytest.approx(ledger.epsilon(1e-5))
     assert str(decline) == str(caught.value)
+
+
+def test_a_decline_keeps_its_kind_and_epsilon_across_the_work_pool_payload() -> None:
+    from fl_components.engine import Dropout, DropoutKind, JobKind, SiteJob, SiteResult
+    from fl_components.site_messages import answer_from_payload, answer_payload
+
+    job = SiteJob(site="h2", kind=JobKind.TRAIN, round=3)
+    refusal = Dropout("h2", DropoutKind.DECLINED, "site 'h2' declines", epsilon_spent=2.99)
+    payload = answer_payload(SiteResult(site="h2", refusal=refusal), job=job)
+    back = answer_from_payload(payload, job=job, size=100).refusal
+    # typed, not parsed from a wrapped "ParticipantError: ... BudgetExhaustedError" string
+    assert back is not None and back.kind is DropoutKind.DECLINED
+    assert back.epsilon_spent == pytest.approx(2.99)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,10 @@ def test_dropouts_every_round_and_a_champion_run_continue_one_budget(
     )
     ledger = FederationLedger.load(federation_ledger_path(config.tracking, config.name))
     assert ledger.lineage(second.mlflow_run_id) == [first.mlflow_run_id, second.mlflow_run_id]
+    report = client.download_artifacts(second.mlflow_run_id, "privacy/privacy_report.json")
+    client_part = json.loads(Path(report).read_text())["client"]
+    assert client_part["lineage"] == [first.mlflow_run_id, second.mlflow_run_id]
+    assert client_part["epsilon"]["rdp"] == pytest.approx(four, rel=1e-9)
     assert ledger.runs[second.mlflow_run_id].flow_run_id == second.prefect_flow_run_id
 
 
