@@ -256,9 +256,21 @@ def load_registered_parameters(tracking: TrackingConfig, *, name: str, alias: st
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
-        return mlflow.pytorch.load_model(f"models:/{name}@{alias}")
+        return _load_torch_model(mlflow, f"models:/{name}@{alias}")
     except MlflowException:
         return None
+
+
+def _load_torch_model(mlflow: Any, uri: str) -> Any:
+    """Load a logged torch model, its download folder removed once it is in memory.
+
+    Without a ``dst_path`` MLflow downloads into a fresh temporary folder it never removes:
+    one folder per champion load, per run, for the life of the machine.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="fedpipe-model-") as folder:
+        return mlflow.pytorch.load_model(uri, dst_path=folder)
 
 
 def load_run_model(tracking: TrackingConfig, *, run_id: str) -> Any:
@@ -273,6 +285,6 @@ def load_run_model(tracking: TrackingConfig, *, run_id: str) -> Any:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
-        return mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+        return _load_torch_model(mlflow, f"runs:/{run_id}/model")
     except MlflowException as error:
         raise ConfigError(f"init_run_id {run_id!r}: no model could be loaded ({error})") from None

@@ -67,6 +67,7 @@ def run_with_progress(config: FederationConfig, *, quiet: QuietRun) -> Any:
     Whether the run succeeds or fails, the temporary Prefect server is given this process's
     last events and logs, and time to record them, before it stops.
     """
+    from flows.deployed_training import run_name
     from flows.federated_training import federated_training
     from flows.progress import listening
 
@@ -111,7 +112,8 @@ def run_with_progress(config: FederationConfig, *, quiet: QuietRun) -> Any:
 
         try:
             with listening(on_event):
-                return federated_training.with_options(flow_run_name=run_name(config))(config)
+                named = run_name(config.name, started=datetime.now(UTC))
+                return federated_training.with_options(flow_run_name=named)(config)
         finally:
             # the temporary Prefect server stops at exit: send this process's last events
             # and logs now, then wait for the server to record them, so that the Prefect UI
@@ -123,12 +125,6 @@ def run_with_progress(config: FederationConfig, *, quiet: QuietRun) -> Any:
             EventsWorker.drain_all(timeout=15)
             APILogWorker.drain_all(timeout=15)
             _wait_task_runs_recorded(flow_run_ids[0] if flow_run_ids else "", timeout=30)
-
-
-def run_name(config: FederationConfig, *, now: datetime | None = None) -> str:
-    """A readable, unique-per-start name: ``<federation>-<YYYYmmdd-HHMMSS>`` (UTC)."""
-    moment = now or datetime.now(UTC)
-    return f"{config.name}-{moment:%Y%m%d-%H%M%S}"
 
 
 def train_and_report(config: FederationConfig) -> None:
@@ -429,7 +425,8 @@ def status(
     for pool, pool_status in report["pools"].items():
         console.print(f"  pool {pool:<28} {pool_status}")
     for site, executor in report.get("executors", {}).items():
-        console.print(f"  site {site:<28} executor {executor}")
+        colour = "green" if executor == "warm" else "red" if "down" in executor else "yellow"
+        console.print(f"  site {site:<28} [{colour}]{executor}[/]", soft_wrap=True)
 
 
 @site_app.command("init")
@@ -448,6 +445,26 @@ def site_init(
     console.print(f"[green]site {name} enrolled[/]: pool {entry['pool']}, keys {entry['keys']}")
     console.print("On the site's host, start its worker:")
     console.print(f"  {entry['worker_command']}", soft_wrap=True)
+
+
+@site_app.command("restart")
+def site_restart(
+    name: Annotated[str, typer.Argument(help="The site whose worker to restart.")],
+    state_dir: Annotated[Path, typer.Option(help="Stack state folder.")] = STACK_DIR,
+) -> None:
+    """Restart one site's worker on the local stack, with its data, keys and warm executor."""
+    from flows import stack
+
+    started = time.perf_counter()
+    try:
+        process = stack.restart_site(name=name, root=state_dir)
+    except FedpipeError as error:
+        _fail(error)
+    console.print(
+        f"[green]site {name}: worker restarted[/] (pid {process['pid']}, log {process['log']}) "
+        f"and its pool is ready, in {time.perf_counter() - started:.1f}s",
+        soft_wrap=True,
+    )
 
 
 @site_app.command(
