@@ -340,14 +340,25 @@ def server_environment(
     The UI asks ``/ui-settings`` where the API is; unset, the server answers with port
     4200 whatever port it serves, and the UI then shows "Can't connect to Server API" (or
     another server's runs).
+
+    SQLite takes one writer at a time: the server's API and its services (a second
+    process) queue on its lock. Prefect already sets WAL and a 60 s busy timeout; what is
+    set here is a longer statement timeout (10 s by default) and event batches ten times
+    larger (20 by default), so that fewer, longer write transactions compete for the lock.
+    Clients retry a 503 (five times, with backoff); PostgreSQL (``database_url``) has no
+    such lock.
     """
-    return {
+    env = {
         **base,
         "PREFECT_HOME": str(paths.root / "prefect"),
         "PREFECT_API_DATABASE_CONNECTION_URL": database_url
         or f"sqlite+aiosqlite:///{paths.root / 'prefect' / 'prefect.db'}",
         "PREFECT_SERVER_UI_API_URL": api_url,
     }
+    if database_url is None:
+        env["PREFECT_SERVER_DATABASE_TIMEOUT"] = "60"
+        env["PREFECT_SERVER_SERVICES_EVENT_PERSISTER_BATCH_SIZE"] = "200"
+    return env
 
 
 def _redacted(url: str) -> str:
