@@ -468,7 +468,7 @@ def up(
             record["sites"][site] = entry
             pools.append(entry["pool"])
         save()
-        _wait_pools_ready(api_url, pools, timeout=90)
+        _wait_pools_ready(api_url, pools, timeout=180)
     except BaseException:
         save()
         down(root=paths.root)
