@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 from fl_components.config import FederationConfig
+from fl_components.engine import Dispatch, EvaluationRequest, evaluate_sites
 from fl_components.parameters import get_parameters
 from fl_components.promotion import (
     PromotionDecision,
@@ -19,14 +20,13 @@ from fl_components.promotion import (
 )
 from fl_components.tracking import RunTracker, load_registered_parameters, registered_version
 from fl_components.training import Metrics
-from tasks.participants import ParticipantBackend
 
 log = logging.getLogger(__name__)
 
 
 def promote_if_better(
     config: FederationConfig,
-    backend: ParticipantBackend,
+    dispatch: Dispatch,
     tracker: RunTracker,
     *,
     version: str,
@@ -39,7 +39,11 @@ def promote_if_better(
     """
     champion_version = registered_version(config.tracking, name=config.name, alias="champion")
     champion_scores = _champion_scores(
-        config, backend, version=version, champion_version=champion_version, sites=challenger_scores
+        config,
+        dispatch,
+        version=version,
+        champion_version=champion_version,
+        sites=challenger_scores,
     )
     if champion_scores is not None:
         challenger_scores, champion_scores = common_scores(challenger_scores, champion_scores)
@@ -80,7 +84,7 @@ def promote_if_better(
 
 def _champion_scores(
     config: FederationConfig,
-    backend: ParticipantBackend,
+    dispatch: Dispatch,
     *,
     version: str,
     champion_version: str | None,
@@ -93,7 +97,8 @@ def _champion_scores(
     if model is None:
         return None
     try:
-        return backend.evaluate(tuple(sites), get_parameters(model), round_num=config.rounds)
+        request = EvaluationRequest(round=config.rounds, sites=tuple(sites))
+        return evaluate_sites(get_parameters(model), request, dispatch)
     except Exception as error:  # e.g. the champion has another architecture
         log.warning("champion version %s could not be evaluated: %s", champion_version, error)
         return None
