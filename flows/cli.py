@@ -61,14 +61,14 @@ def _fail(error: Exception) -> None:
     raise typer.Exit(code=2)
 
 
-def run_with_progress(config: FederationConfig, *, quiet: QuietRun) -> Any:
+def run_with_progress(config: FederationConfig, *, quiet: QuietRun, resume: str | None) -> Any:
     """Run the training flow in-process, showing a live progress bar and a row per round.
 
     Whether the run succeeds or fails, the temporary Prefect server is given this process's
     last events and logs, and time to record them, before it stops.
     """
-    from flows.deployed_training import run_name
     from flows.federated_training import federated_training
+    from flows.naming import run_name
     from flows.progress import listening
 
     console.print(
@@ -113,7 +113,8 @@ def run_with_progress(config: FederationConfig, *, quiet: QuietRun) -> Any:
         try:
             with listening(on_event):
                 named = run_name(config.name, started=datetime.now(UTC))
-                return federated_training.with_options(flow_run_name=named)(config)
+                flow = federated_training.with_options(flow_run_name=named)
+                return flow(config, resume=resume)
         finally:
             # the temporary Prefect server stops at exit: send this process's last events
             # and logs now, then wait for the server to record them, so that the Prefect UI
@@ -127,7 +128,7 @@ def run_with_progress(config: FederationConfig, *, quiet: QuietRun) -> Any:
             _wait_task_runs_recorded(flow_run_ids[0] if flow_run_ids else "", timeout=30)
 
 
-def train_and_report(config: FederationConfig) -> None:
+def train_and_report(config: FederationConfig, *, resume: str | None = None) -> None:
     """Run ``config`` in-process and tell the user how it went, in one paragraph.
 
     Exits 1 when the run failed (the reason, one line per site that dropped out, and the
@@ -139,7 +140,7 @@ def train_and_report(config: FederationConfig) -> None:
     log_file = (STATE_DIR / "logs" / f"{config.name}.log").resolve()
     quiet = quiet_console(log_file, sites=config.site_names)
     try:
-        summary = run_with_progress(config, quiet=quiet)
+        summary = run_with_progress(config, quiet=quiet, resume=resume)
     except FedpipeError as error:
         console.print(f"[bold red]run failed:[/] {error}")
         _print_dropouts(quiet, unless_named_in=str(error))
@@ -277,16 +278,20 @@ def demo(
 def run(
     config_path: Annotated[Path, typer.Argument(help="Federation config (YAML).")],
     rounds: Annotated[int | None, typer.Option(help="Override the config's rounds.")] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(help="Go on with this crashed run (its MLflow run id) from its last round."),
+    ] = None,
 ) -> None:
     """Train the federation described in CONFIG_PATH."""
     try:
         config = read_config_file(config_path)
         if rounds is not None:
-            raw = {**config.model_dump(mode="json"), "rounds": rounds}
+            raw = {**config.model_dump(mode="json", exclude_unset=True), "rounds": rounds}
             config = config_from_dict(raw, source=f"{config_path} with --rounds {rounds}")
     except FedpipeError as error:
         _fail(error)
-    train_and_report(config)
+    train_and_report(config, resume=resume)
 
 
 def read_config_file(path: Path) -> FederationConfig:

@@ -12,7 +12,6 @@ another backend is refused. The run's log says which fields came from where.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -21,6 +20,7 @@ from prefect.runtime import flow_run
 from fl_components.config import FederationConfig, config_from_dict
 from fl_components.errors import ConfigError
 from flows.federated_training import TrainingSummary, federated_training
+from flows.naming import coordinator_run_name
 
 
 def merge_fields(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
@@ -106,20 +106,15 @@ def _deployment_config() -> dict[str, Any] | None:
     return dict(config) if isinstance(config, dict) else None
 
 
-def run_name(federation: str, *, started: datetime) -> str:
-    """``<federation>-<YYYYmmdd-HHMMSS>`` (UTC): readable, and one per start."""
-    return f"{federation}-{started.astimezone(UTC):%Y%m%d-%H%M%S}"
+@flow(name="federated-training", flow_run_name=coordinator_run_name, log_prints=True)
+def deployed_training(
+    config: FederationConfig = FederationConfig(),  # noqa: B008
+    resume: str | None = None,
+) -> TrainingSummary:
+    """Train the federation with the run's config merged into the deployment's (see module).
 
-
-def _flow_run_name() -> str:
-    config = flow_run.parameters.get("config")
-    name = config.name if isinstance(config, FederationConfig) else dict(config or {}).get("name")
-    return run_name(str(name or "federation"), started=datetime.now(UTC))
-
-
-@flow(name="federated-training", flow_run_name=_flow_run_name, log_prints=True)
-def deployed_training(config: FederationConfig = FederationConfig()) -> TrainingSummary:  # noqa: B008
-    """Train the federation with the run's config merged into the deployment's (see module)."""
+    ``resume``: an MLflow run id to go on with from its last checkpoint (flows.resume).
+    """
     merged, how = run_config(config, _deployment_config())
     get_run_logger().info("config: %s", how)
-    return federated_training.fn(merged)
+    return federated_training.fn(merged, resume=resume)

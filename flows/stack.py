@@ -30,6 +30,7 @@ import yaml
 from fl_components.config import FederationConfig, load_config
 from fl_components.errors import FedpipeError
 from fl_components.exchange import SITE_DIR_ENV, SITE_KEYS_ENV, SITE_NAME_ENV, site_pool_name
+from flows.resume import CHECKPOINT_DIR_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_FILE = REPO / "infra" / "prefect.yaml"
@@ -195,18 +196,24 @@ def _deployment_settings() -> dict[str, Any]:
 
 
 def stack_config(config: FederationConfig, paths: StackPaths, mlflow_url: str) -> FederationConfig:
-    """The federation as the stack deploys it: work-pool backend, its exchange and tracking."""
-    raw = config.model_dump(mode="json")
+    """The federation as the stack deploys it: work-pool backend, its exchange and tracking.
+
+    Configs travel as the fields that were set (``exclude_unset``): validated again, a
+    dump of every field would read as a knob set on purpose (strategy knobs are checked
+    against the strategy they belong to).
+    """
+    raw = config.model_dump(mode="json", exclude_unset=True)
     raw["backend"] = "work-pool"
     raw["deployment"] = {**raw.get("deployment", {}), "exchange_dir": str(paths.exchange)}
-    raw["tracking"] = {**raw["tracking"], "tracking_uri": mlflow_url}
+    raw["tracking"] = {**raw.get("tracking", {}), "tracking_uri": mlflow_url}
     # the one registry `enrol_keys` writes; sites and coordinator read public keys from it
     raw["secure_aggregation"] = {
         **raw.get("secure_aggregation", {}),
         "registry": str(paths.root / "registry.json"),
     }
     if config.data.source == "bundled":
-        raw["data"] = {**raw["data"], "sites_dir": str(Path(config.data.sites_dir).resolve())}
+        sites_dir = str(Path(config.data.sites_dir).resolve())
+        raw["data"] = {**raw.get("data", {}), "sites_dir": sites_dir}
     return FederationConfig.model_validate(raw)
 
 
@@ -275,7 +282,7 @@ def deploy_coordinator(config: FederationConfig) -> None:
     source.deploy(
         name=spec["name"],
         work_pool_name=COORDINATOR_POOL,
-        parameters={"config": config.model_dump(mode="json")},
+        parameters={"config": config.model_dump(mode="json", exclude_unset=True)},
         schedules=schedules,
         description=spec.get("description"),
         tags=spec.get("tags"),
@@ -440,12 +447,15 @@ def up(
 
             materialize_sites(config)
         _register(config, paths, api_url)
-        (paths.root / "federation.json").write_text(config.model_dump_json(indent=2) + "\n")
+        (paths.root / "federation.json").write_text(
+            config.model_dump_json(indent=2, exclude_unset=True) + "\n"
+        )
 
         from fl_components.federation import site_folder
 
         coordinator_env = _worker_env(base, api_url, paths.root / "workers" / "coordinator")
         coordinator_env["MLFLOW_TRACKING_URI"] = mlflow_url
+        coordinator_env[CHECKPOINT_DIR_ENV] = str(paths.root / "checkpoints")  # flows.resume
         worker_cmd = [_bin("prefect"), "worker", "start", "--type", "process", "--pool"]
         processes.append(
             _spawn(
@@ -676,13 +686,13 @@ def site_init(*, name: str, data: Path, root: Path) -> dict[str, Any]:
         config_file = paths.root / "federation.json"
         config = FederationConfig.model_validate_json(config_file.read_text())
         if name not in config.site_names:
-            raw = config.model_dump(mode="json")
+            raw = config.model_dump(mode="json", exclude_unset=True)
             raw["sites"].append({"name": name, "data_path": str(data.resolve()), "work_pool": pool})
             config = FederationConfig.model_validate(raw)
         with temporary_settings(updates={PREFECT_API_URL: record["prefect_api_url"]}):
             ensure_pool(pool)
             deploy_participant(config, name)
-        config_file.write_text(config.model_dump_json(indent=2) + "\n")
+        config_file.write_text(config.model_dump_json(indent=2, exclude_unset=True) + "\n")
         record["sites"][name] = entry
         state_file.write_text(json.dumps(record, indent=2) + "\n")
         api_url = record["prefect_api_url"]

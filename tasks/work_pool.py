@@ -215,7 +215,8 @@ def run_participant(
     pool = site_pool_name(config, site)
     name = f"{config.deployment.participant_deployment}/{site}"
     parameters = {
-        "federation": config.model_dump(mode="json"),
+        # the fields set: a dump of every field would not validate again (strategy knobs)
+        "federation": config.model_dump(mode="json", exclude_unset=True),
         "site": site,
         "round_num": round_num,
         "stage": stage,
