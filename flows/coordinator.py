@@ -226,6 +226,8 @@ def evaluation_metrics(
         metrics["sites/accuracy_std"] = float(accuracies.std())
         metrics["sites/accuracy_p10"] = float(np.percentile(accuracies, 10))
     metrics["eval/sites"] = float(len(scores))
+    # a site missing from the evaluation moves the federated score: say so (promotion too)
+    metrics["eval/partial"] = float(len(scores) < len(run.config.site_names))
     if run.central_test is not None:
         score = evaluate_global(
             run.config, run.info, parameters, run.central_test, round_num=round_num

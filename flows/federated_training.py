@@ -88,23 +88,31 @@ def _record(
     *,
     ended: float,
 ) -> None:
-    """Log the round (None: the baseline, round 0) whose evaluation just came in; checkpoint it."""
-    if pending is None and run.resumed is not None and run.resumed.checkpoint is not None:
-        return  # resumed: the baseline and the checkpointed rounds are logged already
+    """Log the round (None: the baseline, round 0) whose evaluation just came in; checkpoint it.
+
+    Resumed, a round the crashed attempt logged already is only checkpointed (never logged
+    twice at one step), and the baseline is not logged again.
+    """
+    logged = run.resumed.logged_rounds if run.resumed is not None else frozenset()
+    round_num = 0 if pending is None else pending.report.round
+    if round_num in logged:  # (resumed from a checkpoint: round 0 is always among them)
+        if pending is not None:
+            save_round(
+                run.config, mlflow_run_id=run.run_id, state=pending.state,
+                round_num=round_num, history=history,
+            )  # fmt: skip
+        return
     if pending is None:
         baseline = evaluation_metrics(run, run.initial_parameters, scores, round_num=0)
         run.tracker.log_metrics(baseline, step=0)
         history.append({"round": 0.0, **baseline})
         return
     metrics = record_round(run, pending, scores, ended=ended)
-    history.append({"round": float(pending.report.round), **metrics})
+    history.append({"round": float(round_num), **metrics})
     save_round(
-        run.config,
-        mlflow_run_id=run.run_id,
-        state=pending.state,
-        round_num=pending.report.round,
-        history=history,
-    )
+        run.config, mlflow_run_id=run.run_id, state=pending.state,
+        round_num=round_num, history=history,
+    )  # fmt: skip
     report("round", {"round": pending.report.round, "metrics": metrics})
     log.info(
         "round %d/%d: accuracy %.4f loss %.4f (%d participants, %.2fs)",

@@ -44,6 +44,9 @@ class ResumePoint:
 
     mlflow_run_id: str
     checkpoint: Checkpoint | None
+    # rounds the crashed attempt logged: one may be past the checkpoint (a crash between
+    # logging a round and checkpointing it); logged again it would count twice
+    logged_rounds: frozenset[int] = frozenset()
 
     @property
     def next_round(self) -> int:
@@ -82,19 +85,29 @@ def find_resume_point(
                 f"resume {resume!r}: no checkpoint under {folder}; a run checkpoints each "
                 "round once it is logged, so this run completed none (start it again instead)"
             )
-        point = ResumePoint(resume, checkpoint)
+        point = ResumePoint(resume, checkpoint, _logged_rounds(tracker, resume))
     else:
         earlier = tracker.runs_of_flow_run(flow_run_id) if flow_run_id else []
         if not earlier:
             return None
         # a retry of a crashed flow run: the same MLflow run, from its last checkpoint
-        point = ResumePoint(earlier[0], load_latest(run_folder(config, earlier[0])))
+        point = ResumePoint(
+            earlier[0],
+            load_latest(run_folder(config, earlier[0])),
+            _logged_rounds(tracker, earlier[0]),
+        )
     if point.checkpoint is not None and config.privacy.participant_level:
         raise ConfigError(
             f"resume {point.mlflow_run_id!r}: participant-level DP runs cannot resume yet (the "
             "accountant is not checkpointed, so epsilon could be under-counted); start a new run"
         )
     return point
+
+
+def _logged_rounds(tracker: RunTracker, run_id: str) -> frozenset[int]:
+    return frozenset(
+        int(m.step) for m in tracker.client.get_metric_history(run_id, "global/accuracy")
+    )
 
 
 def save_round(
