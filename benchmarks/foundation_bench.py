@@ -70,7 +70,9 @@ def bare_loop(config: Any) -> dict[str, Any]:
     sites = InProcessSites(config)
     test = central_test_split(config)
     model = build_model(config.model, sites.info, seed=config.seed)
-    strategy = build_strategy(config.strategy)
+    strategy = build_strategy(
+        config.strategy, num_sites=len(config.sites), local_lr=config.training.lr
+    )
     state = strategy.initial_state(get_parameters(model))
     index = {name: i for i, name in enumerate(config.site_names)}
     evaluation = EvaluationRequest(round=0, sites=config.site_names)

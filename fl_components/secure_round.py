@@ -281,7 +281,12 @@ def prepare_update(
     tuple[numpy.ndarray of float64, int]
         The vector to mask (shape (d,)) and its weight in units (sent in the clear).
     """
-    vector = flatten(update.delta).astype(np.float64)
+    delta = update.delta
+    if config.strategy.norm_bound is not None:  # the coordinator sees only the sum: bound here
+        from fl_components.strategies.aggregation import bound_norm
+
+        delta = bound_norm(delta, config.strategy.norm_bound)
+    vector = flatten(delta).astype(np.float64)
     privacy = config.privacy
     if privacy.participant_level:
         from fl_components.privacy.dp_fedavg import SecureRandom, participant_noise

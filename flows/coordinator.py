@@ -101,7 +101,9 @@ def start_run(config: FederationConfig, *, resume: str | None = None) -> Run:
     model = build_model(config.model, info, seed=config.seed)
     parameters, origin = initial_parameters(config, model)
     privacy = PrivacyRounds(config)
-    strategy = build_strategy(config.strategy)
+    strategy = build_strategy(
+        config.strategy, num_sites=len(config.sites), local_lr=config.training.lr
+    )
     if config.privacy.participant_level:
         strategy = DPFedAvg(strategy, privacy)
     tracker = RunTracker(config)
@@ -132,9 +134,16 @@ def start_run(config: FederationConfig, *, resume: str | None = None) -> Run:
                 "fedpipe.init_from": origin,
                 "fedpipe.backend": config.backend,
                 "fedpipe.strategy": config.strategy.name,
+                "fedpipe.aggregator": config.strategy.aggregator,
             },
         )
-        tracker.log_params(strategy.params())
+        # what the rule really runs with (defaults resolved), beside the config as given
+        tracker.log_params(
+            {
+                f"strategy.effective.{k.removeprefix('strategy.')}": v
+                for k, v in strategy.params().items()
+            }
+        )
     return Run(
         config=config,
         info=info,
