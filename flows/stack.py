@@ -439,8 +439,8 @@ def up(
         ]  # fmt: skip
         processes.append(_spawn("mlflow-server", mlflow_cmd, mlflow_env, paths.logs))
         save()
-        _wait_http(f"{api_url}/health", process=processes[0], timeout=120, what="Prefect server")
-        _wait_http(f"{mlflow_url}/health", process=processes[1], timeout=120, what="MLflow server")
+        _wait_http(f"{api_url}/health", process=processes[0], timeout=300, what="Prefect server")
+        _wait_http(f"{mlflow_url}/health", process=processes[1], timeout=300, what="MLflow server")
 
         if config.data.source == "bundled":  # stand-in for data the sites already hold
             from fl_components.federation import materialize_sites

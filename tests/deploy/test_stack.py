@@ -90,7 +90,7 @@ def running_stack(
     result = _fedpipe(
         "up", "--config", str(config_file), *args, "--prefect-port", "0", "--mlflow-port", "0",
         *extra_args,
-        timeout=300,
+        timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     record = json.loads((state / "stack.json").read_text())
