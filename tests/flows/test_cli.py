@@ -21,7 +21,9 @@ FEDPIPE = [sys.executable, "-m", "flows.cli"]
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "FEDPIPE_"))
+    }
     return {
         **env,
         "PREFECT_HOME": str(tmp_path / "state" / "prefect"),
