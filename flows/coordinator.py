@@ -40,6 +40,7 @@ from fl_components.tracking import (
     registered_run_id,
 )
 from fl_components.training import Metrics, seed_for
+from flows.resume import ResumePoint, close_crashed_attempt, find_resume_point
 from tasks.privacy import log_privacy
 from tasks.sites import LocalBackend, SiteBackend
 from tasks.tracking import log_round, round_markdown
@@ -62,6 +63,7 @@ class Run:
     central_test: Split | None
     origin: str
     initial_parameters: NDArrays
+    resumed: ResumePoint | None = None  # a crashed run picked up again (flows.resume)
 
     @property
     def run_id(self) -> str:
@@ -90,8 +92,12 @@ def initial_parameters(config: FederationConfig, model: Any) -> tuple[NDArrays, 
     return get_parameters(model), "fresh"
 
 
-def start_run(config: FederationConfig) -> Run:
-    """Prepare the data (embedded sites only), the model, the strategy; open the MLflow run."""
+def start_run(config: FederationConfig, *, resume: str | None = None) -> Run:
+    """Prepare the data (embedded sites only), the model, the strategy; open the MLflow run.
+
+    The MLflow run is a new one, or, resuming (``resume``, or a Prefect retry of this very
+    flow run), the crashed run's, reopened (see :mod:`flows.resume`).
+    """
     if config.data.source == "bundled" and config.backend == "local":
         materialize_sites(config)  # work-pool: sites hold their own data; never touch it here
     info = dataset_info(config)
@@ -104,25 +110,43 @@ def start_run(config: FederationConfig) -> Run:
     if config.privacy.participant_level:
         strategy = DPFedAvg(strategy, privacy)
     tracker = RunTracker(config)
-    link = tracker.start(
-        run_name=f"{config.name}-{flow_run.get_name() or 'local'}",
-        tags={
-            "prefect.flow_run_id": str(flow_run.get_id() or ""),
-            "prefect.flow_run_name": str(flow_run.get_name() or ""),
-            "prefect.flow_run_url": str(flow_run.get_flow_run_ui_url() or ""),
-            "fedpipe.init_from": origin,
-            "fedpipe.backend": config.backend,
-            "fedpipe.strategy": config.strategy.name,
-            "fedpipe.aggregator": config.strategy.aggregator,
-        },
-    )
-    # what the rule really runs with (defaults resolved), beside the config as given
-    tracker.log_params(
-        {
-            f"strategy.effective.{k.removeprefix('strategy.')}": v
-            for k, v in strategy.params().items()
-        }
-    )
+    flow_run_id = str(flow_run.get_id() or "")
+    resumed = find_resume_point(config, tracker, resume=resume, flow_run_id=flow_run_id)
+    if resumed is not None:
+        crashed = tracker.client.get_run(resumed.mlflow_run_id).data.tags
+        for line in close_crashed_attempt(
+            crashed.get("prefect.flow_run_id", ""), current_flow_run_id=flow_run_id
+        ):
+            log.info("resume: %s", line)
+        link = tracker.reopen(
+            resumed.mlflow_run_id,
+            tags={
+                "fedpipe.resumed_by": flow_run_id,
+                "fedpipe.resumed_from": str(resumed.next_round),
+            },
+        )
+        log.warning("resuming MLflow run %s at round %d", link.run_id, resumed.next_round)
+    else:
+        link = tracker.start(
+            # the flow run's name is <federation>-<start time> (flows.naming)
+            run_name=str(flow_run.get_name() or f"{config.name}-local"),
+            tags={
+                "prefect.flow_run_id": flow_run_id,
+                "prefect.flow_run_name": str(flow_run.get_name() or ""),
+                "prefect.flow_run_url": str(flow_run.get_flow_run_ui_url() or ""),
+                "fedpipe.init_from": origin,
+                "fedpipe.backend": config.backend,
+                "fedpipe.strategy": config.strategy.name,
+                "fedpipe.aggregator": config.strategy.aggregator,
+            },
+        )
+        # what the rule really runs with (defaults resolved), beside the config as given
+        tracker.log_params(
+            {
+                f"strategy.effective.{k.removeprefix('strategy.')}": v
+                for k, v in strategy.params().items()
+            }
+        )
     if config.privacy.participant_level:
         attach_federation_ledger(config, privacy, mlflow_run_id=link.run_id, origin=origin)
     return Run(
@@ -137,6 +161,7 @@ def start_run(config: FederationConfig) -> Run:
         central_test=central_test_split(config) if config.backend == "local" else None,
         origin=origin,
         initial_parameters=parameters,
+        resumed=resumed,
     )
 
 
@@ -310,6 +335,8 @@ def evaluation_metrics(
         metrics["sites/accuracy_std"] = float(accuracies.std())
         metrics["sites/accuracy_p10"] = float(np.percentile(accuracies, 10))
     metrics["eval/sites"] = float(len(scores))
+    # a site missing from the evaluation moves the federated score: say so (promotion too)
+    metrics["eval/partial"] = float(len(scores) < len(run.config.site_names))
     if run.central_test is not None:
         score = evaluate_global(
             run.config, run.info, parameters, run.central_test, round_num=round_num
