@@ -92,6 +92,53 @@ def initial_parameters(config: FederationConfig, model: Any) -> tuple[NDArrays, 
     return get_parameters(model), "fresh"
 
 
+def _reopen_crashed(tracker: RunTracker, resumed: ResumePoint, *, flow_run_id: str) -> RunLink:
+    """Close the crashed attempt's runs and reopen its MLflow run (see :mod:`flows.resume`)."""
+    crashed = tracker.client.get_run(resumed.mlflow_run_id).data.tags
+    for line in close_crashed_attempt(
+        crashed.get("prefect.flow_run_id", ""), current_flow_run_id=flow_run_id
+    ):
+        log.info("resume: %s", line)
+    link = tracker.reopen(
+        resumed.mlflow_run_id,
+        tags={"fedpipe.resumed_by": flow_run_id, "fedpipe.resumed_from": str(resumed.next_round)},
+    )
+    log.warning("resuming MLflow run %s at round %d", link.run_id, resumed.next_round)
+    return link
+
+
+def _open_tracking(
+    config: FederationConfig,
+    tracker: RunTracker,
+    strategy: Strategy,
+    *,
+    origin: str,
+    flow_run_id: str,
+) -> RunLink:
+    """A new MLflow run: tags that make the compare view useful, the effective strategy."""
+    link = tracker.start(
+        # the flow run's name is <federation>-<start time> (flows.naming)
+        run_name=str(flow_run.get_name() or f"{config.name}-local"),
+        tags={
+            "prefect.flow_run_id": flow_run_id,
+            "prefect.flow_run_name": str(flow_run.get_name() or ""),
+            "prefect.flow_run_url": str(flow_run.get_flow_run_ui_url() or ""),
+            "fedpipe.init_from": origin,
+            "fedpipe.backend": config.backend,
+            "fedpipe.strategy": config.strategy.name,
+            "fedpipe.aggregator": config.strategy.aggregator,
+        },
+    )
+    # what the rule really runs with (defaults resolved), beside the config as given
+    tracker.log_params(
+        {
+            f"strategy.effective.{k.removeprefix('strategy.')}": v
+            for k, v in strategy.params().items()
+        }
+    )
+    return link
+
+
 def start_run(config: FederationConfig, *, resume: str | None = None) -> Run:
     """Prepare the data (embedded sites only), the model, the strategy; open the MLflow run.
 
@@ -113,40 +160,9 @@ def start_run(config: FederationConfig, *, resume: str | None = None) -> Run:
     flow_run_id = str(flow_run.get_id() or "")
     resumed = find_resume_point(config, tracker, resume=resume, flow_run_id=flow_run_id)
     if resumed is not None:
-        crashed = tracker.client.get_run(resumed.mlflow_run_id).data.tags
-        for line in close_crashed_attempt(
-            crashed.get("prefect.flow_run_id", ""), current_flow_run_id=flow_run_id
-        ):
-            log.info("resume: %s", line)
-        link = tracker.reopen(
-            resumed.mlflow_run_id,
-            tags={
-                "fedpipe.resumed_by": flow_run_id,
-                "fedpipe.resumed_from": str(resumed.next_round),
-            },
-        )
-        log.warning("resuming MLflow run %s at round %d", link.run_id, resumed.next_round)
+        link = _reopen_crashed(tracker, resumed, flow_run_id=flow_run_id)
     else:
-        link = tracker.start(
-            # the flow run's name is <federation>-<start time> (flows.naming)
-            run_name=str(flow_run.get_name() or f"{config.name}-local"),
-            tags={
-                "prefect.flow_run_id": flow_run_id,
-                "prefect.flow_run_name": str(flow_run.get_name() or ""),
-                "prefect.flow_run_url": str(flow_run.get_flow_run_ui_url() or ""),
-                "fedpipe.init_from": origin,
-                "fedpipe.backend": config.backend,
-                "fedpipe.strategy": config.strategy.name,
-                "fedpipe.aggregator": config.strategy.aggregator,
-            },
-        )
-        # what the rule really runs with (defaults resolved), beside the config as given
-        tracker.log_params(
-            {
-                f"strategy.effective.{k.removeprefix('strategy.')}": v
-                for k, v in strategy.params().items()
-            }
-        )
+        link = _open_tracking(config, tracker, strategy, origin=origin, flow_run_id=flow_run_id)
     if config.privacy.participant_level:
         attach_federation_ledger(config, privacy, mlflow_run_id=link.run_id, origin=origin)
     return Run(
