@@ -282,6 +282,62 @@ class SecureAggregationConfig(_Section):
     )
 
 
+CompressionMethod = Literal["none", "qsgd", "top_k", "random_k"]
+DownloadKind = Literal["full", "delta"]
+
+
+class CompressionConfig(_Section):
+    """Fewer bytes on the wire: compressed updates up, model deltas down.
+
+    ``qsgd``: stochastic b-bit quantization (Alistarh et al. 2017); under secure aggregation,
+    b-bit fixed point packed in Z_2^(b + ceil(log2 n)). ``top_k``: the largest
+    ``fraction`` of values with their indices (Stich et al. 2018; not under secure
+    aggregation). ``random_k``: the same ``fraction`` of coordinates at every site of a round
+    (Konecny et al. 2016); under secure aggregation only those are masked and sent, as b-bit
+    fixed point.
+    """
+
+    method: CompressionMethod = Field(
+        default="none", description="none | qsgd | top_k | random_k (update upload)."
+    )
+    bits: int = Field(
+        default=8,
+        ge=2,
+        le=16,
+        description="Bits per value: QSGD's b in the clear; under secure aggregation the "
+        "fixed-point bits before ceil(log2 n) bits of headroom.",
+    )
+    bucket_size: int = Field(
+        default=512, ge=1, le=1 << 20, description="QSGD: values sharing one scale."
+    )
+    fraction: float = Field(
+        default=0.1, gt=0, le=1, description="top_k / random_k: fraction of values sent."
+    )
+    error_feedback: bool = Field(
+        default=True,
+        description="top_k / random_k: carry what was not sent to the next round "
+        "(residual kept in the site's folder).",
+    )
+    residual_max_age: int = Field(
+        default=1,
+        ge=1,
+        description="Rounds a residual stays valid; a site that skipped more starts from zero.",
+    )
+    download: DownloadKind = Field(
+        default="full",
+        description="'delta': send the change against the model the site holds (checked by "
+        "SHA-256); sites without it get the full model.",
+    )
+    download_bits: int | None = Field(
+        default=None, ge=2, le=16, description="QSGD bits for the download delta; None = float32."
+    )
+
+    @property
+    def enabled(self) -> bool:
+        """True when updates are compressed."""
+        return self.method != "none"
+
+
 class FederationConfig(_Section):
     """A whole federation: sites, rounds, model, training, strategy, tracking."""
 
@@ -301,6 +357,7 @@ class FederationConfig(_Section):
     backend: BackendKind = Field(default="local", description="Where participants run.")
     deployment: DeploymentConfig = DeploymentConfig()
     secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
+    compression: CompressionConfig = CompressionConfig()
     init_from: InitFrom = Field(
         default="fresh", description="Start fresh, from the registry's champion, or a run."
     )
@@ -344,6 +401,7 @@ class FederationConfig(_Section):
                 "hides from the coordinator; set privacy.adaptive_clipping: false or "
                 "secure_aggregation.enabled: false"
             )
+        _check_compression(self)
         if self.init_from == "run" and not self.init_run_id:
             raise ValueError("init_from is 'run' but init_run_id is empty; set init_run_id")
         return self
@@ -411,3 +469,38 @@ def _flatten_into(flat: dict[str, str], key: str, value: Any) -> None:
             _flatten_into(flat, f"{key}.{index}", item)
     else:
         flat[key] = str(value)
+
+
+def _check_compression(config: FederationConfig) -> None:
+    """Refuse compression settings that break secure aggregation or DP's sensitivity."""
+    compression, secagg, privacy = config.compression, config.secure_aggregation, config.privacy
+    if not compression.enabled:
+        return
+    if secagg.enabled and compression.method == "top_k":
+        raise ValueError(
+            "compression.method 'top_k' picks different coordinates at each site, which "
+            "secure_aggregation.enabled cannot sum; use compression.method 'random_k' (shared "
+            "coordinates) or 'qsgd', or disable secure aggregation"
+        )
+    if secagg.enabled and secagg.bits is not None:
+        raise ValueError(
+            f"secure_aggregation.bits ({secagg.bits}) and compression.method "
+            f"({compression.method!r}) both set the fixed-point bits; set "
+            "secure_aggregation.bits: null and use compression.bits"
+        )
+    if not privacy.participant_level:
+        return  # DP-SGD noise is inside training: compressing its output is post-processing
+    sparse = compression.method in ("top_k", "random_k")
+    if sparse and compression.error_feedback:
+        raise ValueError(
+            f"compression.error_feedback adds earlier rounds' residuals to the clipped update, "
+            f"so its norm can exceed privacy.clip_norm and privacy.mode={privacy.mode!r} "
+            "(participant-level) would under-noise; set compression.error_feedback: false"
+        )
+    if compression.method == "qsgd" and not secagg.enabled:
+        raise ValueError(
+            "compression.method 'qsgd' rescales each bucket after clipping, so the sent "
+            f"update's norm can exceed privacy.clip_norm under privacy.mode={privacy.mode!r}; "
+            "use compression.method 'top_k' or 'random_k' with error_feedback: false, or "
+            "enable secure_aggregation (its fixed-point quantization is already accounted)"
+        )
