@@ -20,7 +20,7 @@ from fl_components.compression.encoded import CompressionError, EncodedUpdate, M
 
 
 def kept_count(dimension: int, fraction: float) -> int:
-    """k = ceil(fraction * d), at least 1 and at most d.
+    """The number of values kept, ``ceil(fraction * d)``, at least 1 and at most d.
 
     Raises
     ------

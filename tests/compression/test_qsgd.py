@@ -49,7 +49,7 @@ def test_unbiased_mean_within_its_bound() -> None:
 
 def test_rejects_bad_settings_and_values() -> None:
     rng = np.random.default_rng(0)
-    with pytest.raises(CompressionError, match="compression.bits"):
+    with pytest.raises(CompressionError, match=r"compression\.bits"):
         quantize(np.ones(3), bits=1, rng=rng)
     with pytest.raises(CompressionError, match="NaN"):
         quantize(np.array([np.nan]), bits=4, rng=rng)

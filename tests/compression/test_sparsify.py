@@ -31,7 +31,7 @@ def test_kept_count_bounds() -> None:
     assert kept_count(1000, 0.01) == 10
     assert kept_count(5, 0.01) == 1
     assert kept_count(7, 1.0) == 7
-    with pytest.raises(CompressionError, match="compression.fraction"):
+    with pytest.raises(CompressionError, match=r"compression\.fraction"):
         kept_count(10, 0.0)
 
 
