@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -13,6 +15,7 @@ from fl_components.compression.download import (
     next_broadcast,
 )
 from fl_components.compression.encoded import CompressionError
+from fl_components.exchange import ExchangeError, read_model_download, write_model_download
 from fl_components.parameters import digest
 
 LIKE = [np.zeros((3, 4), dtype=np.float32), np.zeros(4, dtype=np.float32)]
@@ -82,13 +85,11 @@ def test_delta_on_the_wrong_base_or_a_corrupt_result_is_refused() -> None:
         apply_download(ModelDownload.from_bytes(bytes(raw)), held=broadcasts[1].model, like=LIKE)
 
 
-def test_exchange_round_trip_through_a_file(tmp_path) -> None:
-    from fl_components.exchange import ExchangeError, read_model_download, write_model_download
-
+def test_exchange_round_trip_through_a_file(tmp_path: Path) -> None:
     broadcasts = _rounds(8, 2)
     delta = download_for(broadcasts[1], site_sha=broadcasts[1].previous_sha)
     path, size = write_model_download(delta, tmp_path)
-    assert size == len(open(path, "rb").read()) == delta.nbytes
+    assert size == len(Path(path).read_bytes()) == delta.nbytes
     model = read_model_download(path, sha256=broadcasts[1].sha, held=broadcasts[0].model, like=LIKE)
     assert digest(model) == broadcasts[1].sha
     with pytest.raises(ExchangeError, match="reference"):
