@@ -7,7 +7,8 @@ one process with the real encoders, the real secure-aggregation protocol (keys, 
 shares, unmasking) and exact byte counts of what would cross the wire (framing included).
 Variants: none, QSGD 8-bit and 4-bit, top-1% and top-10% with error feedback, shared
 random-10% with error feedback, each in the clear and under secure aggregation (top-k is
-refused under SecAgg: its coordinates differ per site). Compressed variants also download
+refused under SecAgg: its coordinates differ per site), and under SecAgg shared random-25%
+and random-50% quantized to 4 bits. Compressed variants also download
 the model as an 8-bit delta (``--download-bits``); ``none`` downloads full float32 (today).
 Writes ``benchmarks/results/communication.json`` and ``communication.png``.
 """
@@ -71,6 +72,10 @@ def variants(download_bits: int) -> list[Variant]:
     }
     out = [Variant(name, config, False) for name, config in methods.items()]
     out += [Variant(name, c, True) for name, c in methods.items() if c.method != "top_k"]
+    # Under SecAgg the shared coordinates are also quantized: fewer, coarser values.
+    for percent in (25, 50):
+        config = CompressionConfig(method="random_k", fraction=percent / 100, bits=4, **down)
+        out.append(Variant(f"random-{percent}%+ef/4bit", config, True))
     return out
 
 
@@ -225,13 +230,14 @@ def run_variant(fed: Federation, variant: Variant, args: argparse.Namespace) -> 
             # FedAvg on the exact global model G; what the 8-bit download dropped (G - B_r)
             # goes out with the next round's delta.
             exact = unflatten(flatten(exact) + mean.astype(np.float32), exact)
-    accuracy = evaluate(model, exact, fed.test, device="cpu").accuracy
+    metrics = evaluate(model, exact, fed.test, device="cpu")
     d = sum(p.size for p in exact)
     uploads = args.rounds * len(fed.sites)
     return {
         "variant": variant.name,
         "secure_aggregation": variant.secure,
-        "accuracy": round_(accuracy, 4),
+        "accuracy": round_(metrics.accuracy, 5),
+        "test_loss": round_(metrics.loss, 6),
         "bytes_up": up,
         "bytes_down": down,
         "up_bytes_per_param": round_(up / (uploads * d), 4),

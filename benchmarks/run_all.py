@@ -12,6 +12,7 @@ BENCHMARKS = [
     ["benchmarks/privacy_bench.py"],
     ["benchmarks/secagg_bench.py"],
     ["benchmarks/dispatch_bench.py"],
+    ["benchmarks/communication_bench.py"],
 ]
 
 
