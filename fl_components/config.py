@@ -488,19 +488,15 @@ def _check_compression(config: FederationConfig) -> None:
             f"({compression.method!r}) both set the fixed-point bits; set "
             "secure_aggregation.bits: null and use compression.bits"
         )
-    if not privacy.participant_level:
-        return  # DP-SGD noise is inside training: compressing its output is post-processing
-    sparse = compression.method in ("top_k", "random_k")
-    if sparse and compression.error_feedback:
+    # DP-SGD noise is inside training, so compressing its output is post-processing. In the
+    # clear, DP-FedAvg clips each *decoded* update at the coordinator before noising the
+    # sum: compression comes before the clip and cannot change the sensitivity.
+    if privacy.participant_level and secagg.enabled:
         raise ValueError(
-            f"compression.error_feedback adds earlier rounds' residuals to the clipped update, "
-            f"so its norm can exceed privacy.clip_norm and privacy.mode={privacy.mode!r} "
-            "(participant-level) would under-noise; set compression.error_feedback: false"
-        )
-    if compression.method == "qsgd" and not secagg.enabled:
-        raise ValueError(
-            "compression.method 'qsgd' rescales each bucket after clipping, so the sent "
-            f"update's norm can exceed privacy.clip_norm under privacy.mode={privacy.mode!r}; "
-            "use compression.method 'top_k' or 'random_k' with error_feedback: false, or "
-            "enable secure_aggregation (its fixed-point quantization is already accounted)"
+            f"compression.method {compression.method!r} with secure_aggregation.enabled and "
+            f"privacy.mode={privacy.mode!r}: the site clips before compressing (error feedback "
+            "would push the norm past privacy.clip_norm) and the distributed noise needs the "
+            "headroom of Z_2^32 that packing removes; set compression.method: none, or "
+            "privacy.mode: record, or disable secure aggregation (the coordinator then clips "
+            "the decoded update)"
         )
