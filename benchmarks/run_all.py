@@ -12,6 +12,8 @@ BENCHMARKS = [
     ["benchmarks/privacy_bench.py"],
     ["benchmarks/secagg_bench.py"],
     ["benchmarks/dispatch_bench.py"],
+    ["-m", "benchmarks.strategies_bench", "--rounds", "40", "--seeds", "3"],
+    ["-m", "benchmarks.robustness_bench", "--rounds", "20", "--seeds", "2"],
     ["benchmarks/communication_bench.py"],
 ]
 
