@@ -337,22 +337,31 @@ def main() -> None:
     )
     parser.add_argument("--download-bits", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="3 rounds, 1 epoch (smoke test).")
+    parser.add_argument(
+        "--variants", default="", help="Comma-separated variant names to run ('none' is always)."
+    )
+    parser.add_argument("--output", default="communication", help="Results file stem.")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.epochs = 3, 1
     torch.set_num_threads(1)
     fed = make_federation(args.sites, args.seed)
     rows = []
+    wanted = {"none", *filter(None, args.variants.split(","))}
     for variant in variants(args.download_bits):
+        if args.variants and variant.name not in wanted:
+            continue
         rows.append(run_variant(fed, variant, args))
         print(json.dumps(rows[-1]), flush=True)
     compare(rows)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(rows, RESULTS / "communication.png")
+    plot(rows, RESULTS / f"{args.output}.png")
     flags = (
         f"--rounds {args.rounds} --epochs {args.epochs} --sites {args.sites} "
-        f"--clip-range {args.clip_range} --download-bits {args.download_bits}"
+        f"--clip-range {args.clip_range} --download-bits {args.download_bits} --seed {args.seed}"
     )
+    if args.variants:
+        flags += f" --variants {args.variants} --output {args.output}"
     report = {
         "title": "Communication: bytes on the wire against accuracy",
         "command": f"python benchmarks/communication_bench.py {flags}",
@@ -364,12 +373,14 @@ def main() -> None:
             "threads": 1,
         },
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "figure": "benchmarks/results/communication.png",
+        "figure": f"benchmarks/results/{args.output}.png",
         "notes": NOTES,
         "runs": rows,
     }
-    (RESULTS / "communication.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {RESULTS / 'communication.json'}")
+    if args.output != "communication":
+        report["title"] += f" (seed {args.seed}, selected variants)"
+    (RESULTS / f"{args.output}.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {RESULTS / args.output}.json")
 
 
 NOTES = [

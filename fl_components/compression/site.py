@@ -11,17 +11,19 @@ site's folder and save the new one (:mod:`fl_components.compression.error_feedba
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from fl_components.compression.codec import encode_update
+from fl_components.compression.codec import decode_update, encode_update
 from fl_components.compression.encoded import CompressionError, EncodedUpdate
 from fl_components.compression.error_feedback import load_residual, save_residual
 from fl_components.compression.secure import select_for_secure
 from fl_components.config import CompressionConfig
+from fl_components.parameters import flatten, unflatten
+from fl_components.training import LocalUpdate
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,31 @@ def compress_for_upload(
     )
     _save(instruction, site_dir, residual)
     return message
+
+
+def compress_local_update(
+    update: LocalUpdate,
+    *,
+    instruction: CompressionInstruction,
+    site_dir: str | os.PathLike[str],
+    seed: int,
+) -> tuple[LocalUpdate, int]:
+    """The round engine's step: compress ``update.delta``, return what the coordinator decodes.
+
+    Returns
+    -------
+    tuple[LocalUpdate, int]
+        The update whose delta is exactly the decoded message (what the coordinator
+        aggregates), and the message's exact size in bytes (``bytes/up``).
+    """
+    message = compress_for_upload(
+        flatten(update.delta),
+        instruction=instruction,
+        site_dir=site_dir,
+        rng=np.random.default_rng([seed, instruction.round]),
+    )
+    decoded = unflatten(decode_update(message), update.delta)
+    return replace(update, delta=decoded), message.nbytes
 
 
 def select_for_masking(
