@@ -24,6 +24,7 @@ from enum import StrEnum
 
 import numpy as np
 
+from fl_components.compression.site import CompressionInstruction
 from fl_components.errors import RoundError
 from fl_components.parameters import NDArrays, nbytes
 from fl_components.strategies.base import (
@@ -91,6 +92,8 @@ class SiteJob:
         Secure aggregation's :class:`~fl_components.secagg.RoundContext` (``mask``/``unmask``).
     unmask_request : bytes or None
         ``unmask``: the coordinator's signed request.
+    compression : CompressionInstruction or None
+        ``train``: compress the update before it leaves the site (None: float32).
     """
 
     site: str
@@ -102,6 +105,7 @@ class SiteJob:
     evaluate_round: int | None = None
     secagg: object | None = None
     unmask_request: bytes | None = None
+    compression: CompressionInstruction | None = None
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,8 @@ class RoundPlan:
         Updates whose L2 norm exceeds this are rejected as invalid (None: no bound).
     secure : SecureAggregation or None
         Secure aggregation for this round (the coordinator learns only the sum).
+    compression : CompressionInstruction or None
+        How training sites compress their updates in the clear (None: float32).
     """
 
     round: int
@@ -158,6 +164,7 @@ class RoundPlan:
     evaluation: EvaluationRequest | None = None
     max_update_norm: float | None = None
     secure: SecureAggregation | None = None
+    compression: CompressionInstruction | None = None
 
 
 class SecureAggregation:
@@ -267,6 +274,7 @@ def round_jobs(plan: RoundPlan, state: ServerState, strategy: Strategy) -> list[
             seed=plan.seeds[site],
             instructions=instructions.get(site, SiteInstructions()),
             evaluate_round=evaluate_round,
+            compression=plan.compression,
         )
         for site in plan.selected
     ]
@@ -380,7 +388,9 @@ def _finish_round(
         require_quorum(plan, len(updates), dropouts)
         aggregated = strategy.aggregate(updates, state)
         sent = [r for r in results.values() if r.update is not None]
-        metrics["bytes/up"] = float(sum(r.bytes_up or nbytes(r.update.delta) for r in sent))
+        per_site = {r.site: r.bytes_up or nbytes(r.update.delta) for r in sent}
+        metrics["bytes/up"] = float(sum(per_site.values()))
+        metrics.update({f"bytes/up/site/{site}": float(b) for site, b in per_site.items()})
     next_state = strategy.apply(state, aggregated)
     examples = sum(u.num_examples for u in updates)
     metrics.update(

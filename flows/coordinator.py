@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from prefect.runtime import flow_run
 
+from fl_components.compression.site import CompressionInstruction
 from fl_components.config import FederationConfig
 from fl_components.data import DatasetInfo, Split
 from fl_components.engine import Dropout, DropoutKind, EvaluationRequest, RoundPlan, RoundReport
@@ -239,6 +240,10 @@ def plan_round(
         min_participants=config.participation.min_participants,
         evaluation=evaluation,
         secure=secure,
+        # in the clear the site compresses its update; under SecAgg the round context does
+        compression=None
+        if secure is not None or not config.compression.enabled
+        else CompressionInstruction(config.compression, run.run_id, round_num),
     )
 
 
