@@ -353,6 +353,33 @@ def run_round(
         raise RoundAbortedError(str(error), evaluations=evaluations, dropouts=dropouts) from None
 
 
+def _aggregate_in_clear(
+    state: ServerState,
+    plan: RoundPlan,
+    strategy: Strategy,
+    results: dict[str, SiteResult],
+    dropouts: list[Dropout],
+) -> tuple[AggregatedUpdate, list[LocalUpdate], dict[str, float]]:
+    """Validate each update (refusals join ``dropouts``), then let the strategy combine them."""
+    updates = []
+    for result in results.values():
+        if result.update is None:
+            dropouts.append(Dropout(result.site, DropoutKind.REJECTED, "no update returned"))
+            continue
+        refusal = validate_update(result.update, state.parameters, max_norm=plan.max_update_norm)
+        if refusal is not None:
+            dropouts.append(refusal)
+        else:
+            updates.append(result.update)
+    require_quorum(plan, len(updates), dropouts)
+    aggregated = strategy.aggregate(updates, state)
+    sent = [r for r in results.values() if r.update is not None]
+    per_site = {r.site: r.bytes_up or nbytes(r.update.delta) for r in sent}
+    metrics = {"bytes/up": float(sum(per_site.values()))}
+    metrics.update({f"bytes/up/site/{site}": float(b) for site, b in per_site.items()})
+    return aggregated, updates, metrics
+
+
 def _finish_round(
     state: ServerState,
     plan: RoundPlan,
@@ -373,24 +400,7 @@ def _finish_round(
         )
         dropouts += rejected
     else:
-        updates = []
-        for result in results.values():
-            if result.update is None:
-                dropouts.append(Dropout(result.site, DropoutKind.REJECTED, "no update returned"))
-                continue
-            refusal = validate_update(
-                result.update, state.parameters, max_norm=plan.max_update_norm
-            )
-            if refusal is not None:
-                dropouts.append(refusal)
-            else:
-                updates.append(result.update)
-        require_quorum(plan, len(updates), dropouts)
-        aggregated = strategy.aggregate(updates, state)
-        sent = [r for r in results.values() if r.update is not None]
-        per_site = {r.site: r.bytes_up or nbytes(r.update.delta) for r in sent}
-        metrics["bytes/up"] = float(sum(per_site.values()))
-        metrics.update({f"bytes/up/site/{site}": float(b) for site, b in per_site.items()})
+        aggregated, updates, metrics = _aggregate_in_clear(state, plan, strategy, results, dropouts)
     next_state = strategy.apply(state, aggregated)
     examples = sum(u.num_examples for u in updates)
     metrics.update(
