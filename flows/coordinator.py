@@ -31,7 +31,7 @@ from fl_components.privacy.federation_ledger import FederationLedger, federation
 from fl_components.privacy.report import PRIVACY_REPORT_JSON, PRIVACY_REPORT_MD, report_markdown
 from fl_components.privacy.rounds import PrivacyRounds, declined_record
 from fl_components.secure_aggregation import SecureSum
-from fl_components.strategies import ServerState, Strategy, build_strategy
+from fl_components.strategies import AccountantStep, ServerState, Strategy, build_strategy
 from fl_components.strategies.private import DPFedAvg
 from fl_components.tracking import (
     RunLink,
@@ -257,27 +257,35 @@ def declines(dropouts: list[Dropout]) -> dict[str, Dropout]:
     return {d.site: d for d in dropouts if d.kind is DropoutKind.DECLINED}
 
 
-def account_round(run: Run, report: RoundReport) -> dict[str, float]:
-    """Account participant-level DP, log the privacy params; the round's privacy metrics.
+def account_round(
+    run: Run, report: RoundReport, state: ServerState
+) -> tuple[dict[str, float], ServerState]:
+    """Account participant-level DP, log the privacy params; the metrics and the new state.
 
-    The accountant steps with the round's *selection* (q of the draw, not who answered).
+    The accountant steps with the round's *selection* (q of the draw, not who answered);
+    the step and the clip norm in force go into the state (what a checkpoint keeps).
     """
     privacy = run.privacy
     if not privacy.enabled:
-        return {}
+        return {}, state
     if run.config.privacy.participant_level:
         private = report.aggregated.private
-        privacy.account(private, selected=report.selected, round_num=report.round)
+        entry = privacy.account(private, selected=report.selected, round_num=report.round)
+        step = AccountantStep(entry.noise_multiplier, entry.sample_rate, entry.steps)
+        state = state.evolve(
+            clip_norm=privacy.clip_norm, accountant_history=(*state.accountant_history, step)
+        )
     declined = declines(report.dropouts)
     reasons = {site: d.reason for site, d in declined.items()}
     spent = {site: d.epsilon_spent for site, d in declined.items()}
     privacy.note_declines(reasons, spent, round_num=report.round)
     log_privacy(run.tracker, privacy.params(report.updates), reasons, round_num=report.round)
-    return privacy.metrics(
+    metrics = privacy.metrics(
         report.updates,
         report.aggregated.private,
         declined={site: d.epsilon_spent for site, d in declined.items()},
     )
+    return metrics, state
 
 
 def skip_small_cohort(run: Run, plan: RoundPlan) -> bool:

@@ -156,6 +156,8 @@ def _starting_point(
     if point is None or state is None:  # a fresh run: the baseline rides with round 1
         initial = run.strategy.initial_state(run.initial_parameters)
         return 1, initial, [], EvaluationRequest(round=0, sites=run.config.site_names)
+    if state.clip_norm is not None:  # adaptive clipping goes on from where it was
+        run.privacy.clip_norm = state.clip_norm
     return point.next_round, state, point.history(), None  # its last round is logged
 
 
@@ -187,7 +189,7 @@ def federated_training(
                 _record(run, pending, error.evaluations, history, ended=time.perf_counter())
                 record_aborted(run, plan, error.dropouts)
                 raise
-            privacy_metrics = account_round(run, outcome)
+            privacy_metrics, next_state = account_round(run, outcome, next_state)
             _record(run, pending, outcome.evaluations, history, ended=started)
             metrics = {**outcome.metrics, **privacy_metrics}
             pending, state = TrainedRound(outcome, next_state, metrics, started), next_state
