@@ -98,6 +98,41 @@ class RunTracker:
         self.log_params(flatten_config(self.config))
         return RunLink(self.experiment_id, self.run_id, self.tracking_uri)
 
+    def reopen(self, run_id: str, *, tags: Mapping[str, str]) -> RunLink:
+        """Continue run ``run_id`` (a resumed training): RUNNING again, no second run.
+
+        Raises
+        ------
+        ConfigError
+            If there is no such run in this federation's experiment.
+        """
+        from mlflow.exceptions import MlflowException
+
+        from fl_components.errors import ConfigError
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            run = None
+        if run is None or run.info.experiment_id != self.experiment_id:
+            raise ConfigError(
+                f"resume {run_id!r}: no MLflow run of federation {self.config.name!r} has this "
+                f"id at {self.tracking_uri}; give the run id `fedpipe run` printed"
+            )
+        self.client.update_run(run_id, status="RUNNING")
+        self.run_id = run_id
+        self.set_tags(tags)
+        return RunLink(self.experiment_id, run_id, self.tracking_uri)
+
+    def runs_of_flow_run(self, flow_run_id: str) -> list[str]:
+        """Ids of this experiment's runs tagged with Prefect flow run ``flow_run_id``."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'",
+            order_by=["attributes.start_time DESC"],
+        )
+        return [run.info.run_id for run in runs]
+
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params in batches (MLflow caps a batch at 100)."""
         from mlflow.entities import Param
@@ -301,9 +336,21 @@ def load_registered_parameters(tracking: TrackingConfig, *, name: str, alias: st
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
-        return mlflow.pytorch.load_model(f"models:/{name}@{alias}")
+        return _load_torch_model(mlflow, f"models:/{name}@{alias}")
     except MlflowException:
         return None
+
+
+def _load_torch_model(mlflow: Any, uri: str) -> Any:
+    """Load a logged torch model, its download folder removed once it is in memory.
+
+    Without a ``dst_path`` MLflow downloads into a fresh temporary folder it never removes:
+    one folder per champion load, per run, for the life of the machine.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="fedpipe-model-") as folder:
+        return mlflow.pytorch.load_model(uri, dst_path=folder)
 
 
 def load_run_model(tracking: TrackingConfig, *, run_id: str) -> Any:
@@ -318,6 +365,6 @@ def load_run_model(tracking: TrackingConfig, *, run_id: str) -> Any:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
-        return mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+        return _load_torch_model(mlflow, f"runs:/{run_id}/model")
     except MlflowException as error:
         raise ConfigError(f"init_run_id {run_id!r}: no model could be loaded ({error})") from None

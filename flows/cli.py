@@ -12,15 +12,18 @@ import os
 import shlex
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fl_components.config import FederationConfig, load_config
-from fl_components.errors import FedpipeError
+from fl_components.config import FederationConfig, config_from_dict, load_config
+from fl_components.errors import ConfigError, FedpipeError
+from flows.run_report import QuietRun, quiet_console
 
 app = typer.Typer(
     name="fedpipe",
@@ -58,13 +61,16 @@ def _fail(error: Exception) -> None:
     raise typer.Exit(code=2)
 
 
-def run_with_progress(config: FederationConfig) -> Any:
-    """Run the training flow in-process, showing a live progress bar and a row per round."""
-    prepare_environment()
+def run_with_progress(config: FederationConfig, *, quiet: QuietRun, resume: str | None) -> Any:
+    """Run the training flow in-process, showing a live progress bar and a row per round.
+
+    Whether the run succeeds or fails, the temporary Prefect server is given this process's
+    last events and logs, and time to record them, before it stops.
+    """
     from flows.federated_training import federated_training
+    from flows.naming import run_name
     from flows.progress import listening
 
-    quiet_console_logs()
     console.print(
         f"[bold]fedpipe[/] federation [cyan]{config.name}[/]: {len(config.sites)} sites, "
         f"{config.rounds} rounds, {config.strategy.name}, {config.model.kind}, "
@@ -78,12 +84,16 @@ def run_with_progress(config: FederationConfig) -> Any:
         TimeElapsedColumn(),
         TextColumn("{task.fields[status]}"),
     )
+    flow_run_ids: list[str] = []
     with Progress(*columns, console=console, transient=False) as progress:
         bar = progress.add_task("rounds", total=config.rounds, status="starting")
         started = time.perf_counter()
 
         def on_event(event: str, payload: dict[str, Any]) -> None:
             if event == "start":
+                from prefect.runtime import flow_run
+
+                flow_run_ids.append(str(flow_run.get_id() or ""))
                 progress.console.print(
                     f"[dim]Prefect up after {time.perf_counter() - started:.1f}s; "
                     f"MLflow run {payload['run_id']}[/]"
@@ -97,20 +107,72 @@ def run_with_progress(config: FederationConfig) -> Any:
                     advance=1,
                     status=f"acc {m['global/accuracy']:.3f}  loss {m['global/loss']:.3f}",
                 )
+                for site, reason in payload.get("dropouts", {}).items():
+                    quiet.dropouts.add(site, f"round {payload['round']}: {reason}")
 
-        with listening(on_event):
-            summary = federated_training(config)
-        # the temporary Prefect server stops at exit: send this process's last events and
-        # logs now, then wait for the server to record them, so that the Prefect UI shows
-        # every task run complete and the server stops with nothing half-written
-        progress.update(bar, status="flushing Prefect events")
-        from prefect.events.worker import EventsWorker
-        from prefect.logging.handlers import APILogWorker
+        try:
+            with listening(on_event):
+                named = run_name(config.name, started=datetime.now(UTC))
+                flow = federated_training.with_options(flow_run_name=named)
+                return flow(config, resume=resume)
+        finally:
+            # the temporary Prefect server stops at exit: send this process's last events
+            # and logs now, then wait for the server to record them, so that the Prefect UI
+            # shows every task run final and the server stops with nothing half-written
+            progress.update(bar, status="flushing Prefect events")
+            from prefect.events.worker import EventsWorker
+            from prefect.logging.handlers import APILogWorker
 
-        EventsWorker.drain_all(timeout=15)
-        APILogWorker.drain_all(timeout=15)
-        _wait_task_runs_recorded(summary.prefect_flow_run_id, timeout=30)
-        return summary
+            EventsWorker.drain_all(timeout=15)
+            APILogWorker.drain_all(timeout=15)
+            _wait_task_runs_recorded(flow_run_ids[0] if flow_run_ids else "", timeout=30)
+
+
+def train_and_report(config: FederationConfig, *, resume: str | None = None) -> None:
+    """Run ``config`` in-process and tell the user how it went, in one paragraph.
+
+    Exits 1 when the run failed (the reason, one line per site that dropped out, and the
+    log file with the full trace), 3 when it finished but some site gave nothing in every
+    round, 0 otherwise.
+    """
+    prepare_environment()
+    quiet_console_logs()
+    log_file = (STATE_DIR / "logs" / f"{config.name}.log").resolve()
+    quiet = quiet_console(log_file, sites=config.site_names)
+    try:
+        summary = run_with_progress(config, quiet=quiet, resume=resume)
+    except FedpipeError as error:
+        console.print(f"[bold red]run failed:[/] {error}")
+        _print_dropouts(quiet, unless_named_in=str(error))
+        console.print(f"full log: {log_file}", soft_wrap=True)
+        raise typer.Exit(code=1) from None
+    finally:
+        quiet.close()
+    print_where_to_look(summary)
+    _print_dropouts(quiet)
+    silent = sorted(
+        site for site, lines in quiet.dropouts.messages.items() if len(lines) >= config.rounds
+    )
+    if silent:
+        console.print(
+            f"[bold yellow]warning:[/] {', '.join(silent)} gave nothing in any round: the model "
+            f"was trained without them; fix what the lines above name (full log: {log_file})",
+            soft_wrap=True,
+        )
+        raise typer.Exit(code=3)
+
+
+def _print_dropouts(quiet: QuietRun, *, unless_named_in: str = "") -> None:
+    """One line per site that dropped out, but not for a site the error already names."""
+    lines = [
+        line
+        for site, line in zip(sorted(quiet.dropouts.messages), quiet.dropouts.lines(), strict=True)
+        if f"{site}:" not in unless_named_in
+    ]
+    if lines:
+        console.print(f"[yellow]{len(lines)} site(s) dropped out:[/]")
+    for line in lines:
+        console.print(f"  {line}", soft_wrap=True)
 
 
 def _wait_task_runs_recorded(flow_run_id: str, *, timeout: float) -> None:
@@ -206,28 +268,53 @@ def demo(
 ) -> None:
     """Train the embedded default: 10 sites on scikit-learn's digits, Dirichlet(0.5), FedAvg."""
     try:
-        config = FederationConfig(rounds=rounds)
-        summary = run_with_progress(config)
+        config = config_from_dict({"rounds": rounds}, source="--rounds")
     except FedpipeError as error:
         _fail(error)
-    print_where_to_look(summary)
+    train_and_report(config)
 
 
 @app.command()
 def run(
     config_path: Annotated[Path, typer.Argument(help="Federation config (YAML).")],
     rounds: Annotated[int | None, typer.Option(help="Override the config's rounds.")] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(help="Go on with this crashed run (its MLflow run id) from its last round."),
+    ] = None,
 ) -> None:
     """Train the federation described in CONFIG_PATH."""
     try:
-        config = load_config(config_path)
+        config = read_config_file(config_path)
         if rounds is not None:
-            config = config.model_copy(update={"rounds": rounds})
-            config = FederationConfig.model_validate(config.model_dump())
-        summary = run_with_progress(config)
+            raw = {**config.model_dump(mode="json", exclude_unset=True), "rounds": rounds}
+            config = config_from_dict(raw, source=f"{config_path} with --rounds {rounds}")
     except FedpipeError as error:
         _fail(error)
-    print_where_to_look(summary)
+    train_and_report(config, resume=resume)
+
+
+def read_config_file(path: Path) -> FederationConfig:
+    """:func:`load_config`, refusing a folder or an empty file with what to give instead.
+
+    Raises
+    ------
+    ConfigError
+        If ``path`` is a folder, empty (or only comments), or not a valid config.
+    """
+    if path.is_dir():
+        yamls = sorted(p.name for p in path.glob("*.y*ml"))[:3]
+        hint = f" (it holds {', '.join(yamls)})" if yamls else ""
+        raise ConfigError(
+            f"{path} is a directory{hint}; give a federation config file, e.g. "
+            "`fedpipe run examples/digits-10-sites.yaml`"
+        )
+    if path.is_file() and not yaml.safe_load(path.read_text(errors="replace") or "null"):
+        raise ConfigError(
+            f"{path} is empty (no settings); a run needs at least a federation name and its "
+            "sites: copy one of examples/*.yaml, or run the built-in demo with `fedpipe demo`"
+        )
+    return load_config(path)
 
 
 @app.command()
@@ -236,7 +323,7 @@ def validate(
 ) -> None:
     """Check a config and print it with every default filled in."""
     try:
-        config = load_config(config_path)
+        config = read_config_file(config_path)
     except FedpipeError as error:
         _fail(error)
     console.print_json(config.model_dump_json())
@@ -343,7 +430,8 @@ def status(
     for pool, pool_status in report["pools"].items():
         console.print(f"  pool {pool:<28} {pool_status}")
     for site, executor in report.get("executors", {}).items():
-        console.print(f"  site {site:<28} executor {executor}")
+        colour = "green" if executor == "warm" else "red" if "down" in executor else "yellow"
+        console.print(f"  site {site:<28} [{colour}]{executor}[/]", soft_wrap=True)
 
 
 @site_app.command("init")
@@ -362,6 +450,26 @@ def site_init(
     console.print(f"[green]site {name} enrolled[/]: pool {entry['pool']}, keys {entry['keys']}")
     console.print("On the site's host, start its worker:")
     console.print(f"  {entry['worker_command']}", soft_wrap=True)
+
+
+@site_app.command("restart")
+def site_restart(
+    name: Annotated[str, typer.Argument(help="The site whose worker to restart.")],
+    state_dir: Annotated[Path, typer.Option(help="Stack state folder.")] = STACK_DIR,
+) -> None:
+    """Restart one site's worker on the local stack, with its data, keys and warm executor."""
+    from flows import stack
+
+    started = time.perf_counter()
+    try:
+        process = stack.restart_site(name=name, root=state_dir)
+    except FedpipeError as error:
+        _fail(error)
+    console.print(
+        f"[green]site {name}: worker restarted[/] (pid {process['pid']}, log {process['log']}) "
+        f"and its pool is ready, in {time.perf_counter() - started:.1f}s",
+        soft_wrap=True,
+    )
 
 
 @site_app.command(
@@ -522,3 +630,7 @@ def privacy_report(
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from prefect.runtime import flow_run
 
+from fl_components.compression.site import CompressionInstruction
 from fl_components.config import FederationConfig
 from fl_components.data import DatasetInfo, Split
 from fl_components.engine import Dropout, DropoutKind, EvaluationRequest, RoundPlan, RoundReport
@@ -30,7 +31,7 @@ from fl_components.privacy.federation_ledger import FederationLedger, federation
 from fl_components.privacy.report import PRIVACY_REPORT_JSON, PRIVACY_REPORT_MD, report_markdown
 from fl_components.privacy.rounds import PrivacyRounds, declined_record
 from fl_components.secure_aggregation import SecureSum
-from fl_components.strategies import ServerState, Strategy, build_strategy
+from fl_components.strategies import AccountantStep, ServerState, Strategy, build_strategy
 from fl_components.strategies.private import DPFedAvg
 from fl_components.tracking import (
     RunLink,
@@ -40,6 +41,7 @@ from fl_components.tracking import (
     registered_run_id,
 )
 from fl_components.training import Metrics, seed_for
+from flows.resume import ResumePoint, close_crashed_attempt, find_resume_point
 from tasks.privacy import log_privacy
 from tasks.sites import LocalBackend, SiteBackend
 from tasks.tracking import log_round, round_markdown
@@ -62,6 +64,7 @@ class Run:
     central_test: Split | None
     origin: str
     initial_parameters: NDArrays
+    resumed: ResumePoint | None = None  # a crashed run picked up again (flows.resume)
 
     @property
     def run_id(self) -> str:
@@ -90,24 +93,35 @@ def initial_parameters(config: FederationConfig, model: Any) -> tuple[NDArrays, 
     return get_parameters(model), "fresh"
 
 
-def start_run(config: FederationConfig) -> Run:
-    """Prepare the data (embedded sites only), the model, the strategy; open the MLflow run."""
-    if config.data.source == "bundled" and config.backend == "local":
-        materialize_sites(config)  # work-pool: sites hold their own data; never touch it here
-    info = dataset_info(config)
-    model = build_model(config.model, info, seed=config.seed)
-    parameters, origin = initial_parameters(config, model)
-    privacy = PrivacyRounds(config)
-    strategy = build_strategy(
-        config.strategy, num_sites=len(config.sites), local_lr=config.training.lr
+def _reopen_crashed(tracker: RunTracker, resumed: ResumePoint, *, flow_run_id: str) -> RunLink:
+    """Close the crashed attempt's runs and reopen its MLflow run (see :mod:`flows.resume`)."""
+    crashed = tracker.client.get_run(resumed.mlflow_run_id).data.tags
+    for line in close_crashed_attempt(
+        crashed.get("prefect.flow_run_id", ""), current_flow_run_id=flow_run_id
+    ):
+        log.info("resume: %s", line)
+    link = tracker.reopen(
+        resumed.mlflow_run_id,
+        tags={"fedpipe.resumed_by": flow_run_id, "fedpipe.resumed_from": str(resumed.next_round)},
     )
-    if config.privacy.participant_level:
-        strategy = DPFedAvg(strategy, privacy)
-    tracker = RunTracker(config)
+    log.warning("resuming MLflow run %s at round %d", link.run_id, resumed.next_round)
+    return link
+
+
+def _open_tracking(
+    config: FederationConfig,
+    tracker: RunTracker,
+    strategy: Strategy,
+    *,
+    origin: str,
+    flow_run_id: str,
+) -> RunLink:
+    """A new MLflow run: tags that make the compare view useful, the effective strategy."""
     link = tracker.start(
-        run_name=f"{config.name}-{flow_run.get_name() or 'local'}",
+        # the flow run's name is <federation>-<start time> (flows.naming)
+        run_name=str(flow_run.get_name() or f"{config.name}-local"),
         tags={
-            "prefect.flow_run_id": str(flow_run.get_id() or ""),
+            "prefect.flow_run_id": flow_run_id,
             "prefect.flow_run_name": str(flow_run.get_name() or ""),
             "prefect.flow_run_url": str(flow_run.get_flow_run_ui_url() or ""),
             "fedpipe.init_from": origin,
@@ -123,6 +137,33 @@ def start_run(config: FederationConfig) -> Run:
             for k, v in strategy.params().items()
         }
     )
+    return link
+
+
+def start_run(config: FederationConfig, *, resume: str | None = None) -> Run:
+    """Prepare the data (embedded sites only), the model, the strategy; open the MLflow run.
+
+    The MLflow run is a new one, or, resuming (``resume``, or a Prefect retry of this very
+    flow run), the crashed run's, reopened (see :mod:`flows.resume`).
+    """
+    if config.data.source == "bundled" and config.backend == "local":
+        materialize_sites(config)  # work-pool: sites hold their own data; never touch it here
+    info = dataset_info(config)
+    model = build_model(config.model, info, seed=config.seed)
+    parameters, origin = initial_parameters(config, model)
+    privacy = PrivacyRounds(config)
+    strategy = build_strategy(
+        config.strategy, num_sites=len(config.sites), local_lr=config.training.lr
+    )
+    if config.privacy.participant_level:
+        strategy = DPFedAvg(strategy, privacy)
+    tracker = RunTracker(config)
+    flow_run_id = str(flow_run.get_id() or "")
+    resumed = find_resume_point(config, tracker, resume=resume, flow_run_id=flow_run_id)
+    if resumed is not None:
+        link = _reopen_crashed(tracker, resumed, flow_run_id=flow_run_id)
+    else:
+        link = _open_tracking(config, tracker, strategy, origin=origin, flow_run_id=flow_run_id)
     if config.privacy.participant_level:
         attach_federation_ledger(config, privacy, mlflow_run_id=link.run_id, origin=origin)
     return Run(
@@ -137,6 +178,7 @@ def start_run(config: FederationConfig) -> Run:
         central_test=central_test_split(config) if config.backend == "local" else None,
         origin=origin,
         initial_parameters=parameters,
+        resumed=resumed,
     )
 
 
@@ -198,6 +240,10 @@ def plan_round(
         min_participants=config.participation.min_participants,
         evaluation=evaluation,
         secure=secure,
+        # in the clear the site compresses its update; under SecAgg the round context does
+        compression=None
+        if secure is not None or not config.compression.enabled
+        else CompressionInstruction(config.compression, run.run_id, round_num),
     )
 
 
@@ -211,27 +257,35 @@ def declines(dropouts: list[Dropout]) -> dict[str, Dropout]:
     return {d.site: d for d in dropouts if d.kind is DropoutKind.DECLINED}
 
 
-def account_round(run: Run, report: RoundReport) -> dict[str, float]:
-    """Account participant-level DP, log the privacy params; the round's privacy metrics.
+def account_round(
+    run: Run, report: RoundReport, state: ServerState
+) -> tuple[dict[str, float], ServerState]:
+    """Account participant-level DP, log the privacy params; the metrics and the new state.
 
-    The accountant steps with the round's *selection* (q of the draw, not who answered).
+    The accountant steps with the round's *selection* (q of the draw, not who answered);
+    the step and the clip norm in force go into the state (what a checkpoint keeps).
     """
     privacy = run.privacy
     if not privacy.enabled:
-        return {}
+        return {}, state
     if run.config.privacy.participant_level:
         private = report.aggregated.private
-        privacy.account(private, selected=report.selected, round_num=report.round)
+        entry = privacy.account(private, selected=report.selected, round_num=report.round)
+        step = AccountantStep(entry.noise_multiplier, entry.sample_rate, entry.steps)
+        state = state.evolve(
+            clip_norm=privacy.clip_norm, accountant_history=(*state.accountant_history, step)
+        )
     declined = declines(report.dropouts)
     reasons = {site: d.reason for site, d in declined.items()}
     spent = {site: d.epsilon_spent for site, d in declined.items()}
     privacy.note_declines(reasons, spent, round_num=report.round)
     log_privacy(run.tracker, privacy.params(report.updates), reasons, round_num=report.round)
-    return privacy.metrics(
+    metrics = privacy.metrics(
         report.updates,
         report.aggregated.private,
         declined={site: d.epsilon_spent for site, d in declined.items()},
     )
+    return metrics, state
 
 
 def skip_small_cohort(run: Run, plan: RoundPlan) -> bool:
@@ -310,6 +364,8 @@ def evaluation_metrics(
         metrics["sites/accuracy_std"] = float(accuracies.std())
         metrics["sites/accuracy_p10"] = float(np.percentile(accuracies, 10))
     metrics["eval/sites"] = float(len(scores))
+    # a site missing from the evaluation moves the federated score: say so (promotion too)
+    metrics["eval/partial"] = float(len(scores) < len(run.config.site_names))
     if run.central_test is not None:
         score = evaluate_global(
             run.config, run.info, parameters, run.central_test, round_num=round_num

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from prefect import flow
 from prefect.runtime import flow_run
 
+from fl_components.checkpoint import mark_round_started
 from fl_components.config import FederationConfig
 from fl_components.data import DatasetInfo, Split
 from fl_components.engine import EvaluationRequest, RoundAbortedError, evaluate_sites, run_round
@@ -35,7 +36,9 @@ from flows.coordinator import (
     skip_small_cohort,
     start_run,
 )
+from flows.naming import coordinator_run_name
 from flows.progress import report
+from flows.resume import run_folder, save_round
 from tasks.promotion import promote_if_better
 
 log = logging.getLogger(__name__)
@@ -88,14 +91,31 @@ def _record(
     *,
     ended: float,
 ) -> None:
-    """Log the round (None: the baseline, round 0) whose evaluation just came in."""
+    """Log the round (None: the baseline, round 0) whose evaluation just came in; checkpoint it.
+
+    Resumed, a round the crashed attempt logged already is only checkpointed (never logged
+    twice at one step), and the baseline is not logged again.
+    """
+    logged = run.resumed.logged_rounds if run.resumed is not None else frozenset()
+    round_num = 0 if pending is None else pending.report.round
+    if round_num in logged:  # (resumed from a checkpoint: round 0 is always among them)
+        if pending is not None:
+            save_round(
+                run.config, mlflow_run_id=run.run_id, state=pending.state,
+                round_num=round_num, history=history,
+            )  # fmt: skip
+        return
     if pending is None:
         baseline = evaluation_metrics(run, run.initial_parameters, scores, round_num=0)
         run.tracker.log_metrics(baseline, step=0)
         history.append({"round": 0.0, **baseline})
         return
     metrics = record_round(run, pending, scores, ended=ended)
-    history.append({"round": float(pending.report.round), **metrics})
+    history.append({"round": float(round_num), **metrics})
+    save_round(
+        run.config, mlflow_run_id=run.run_id, state=pending.state,
+        round_num=round_num, history=history,
+    )  # fmt: skip
     report("round", {"round": pending.report.round, "metrics": metrics})
     log.info(
         "round %d/%d: accuracy %.4f loss %.4f (%d participants, %.2fs)",
@@ -127,18 +147,38 @@ def _finish(
     return version
 
 
-@flow(name="federated-training", flow_run_name="{config.name}", log_prints=True)
-def federated_training(config: FederationConfig = FederationConfig()) -> TrainingSummary:  # noqa: B008
-    """Train a global model across the federation's sites for ``config.rounds`` rounds."""
-    run = start_run(config)
+def _starting_point(
+    run: Run,
+) -> tuple[int, ServerState, list[dict[str, float]], EvaluationRequest | None]:
+    """First round, state, history so far, and the evaluation the first dispatch carries."""
+    point = run.resumed
+    state = point.state() if point is not None else None
+    if point is None or state is None:  # a fresh run: the baseline rides with round 1
+        initial = run.strategy.initial_state(run.initial_parameters)
+        return 1, initial, [], EvaluationRequest(round=0, sites=run.config.site_names)
+    if state.clip_norm is not None:  # adaptive clipping goes on from where it was
+        run.privacy.clip_norm = state.clip_norm
+    return point.next_round, state, point.history(), None  # its last round is logged
+
+
+@flow(name="federated-training", flow_run_name=coordinator_run_name, log_prints=True)
+def federated_training(
+    config: FederationConfig = FederationConfig(),  # noqa: B008
+    resume: str | None = None,
+) -> TrainingSummary:
+    """Train a global model across the federation's sites for ``config.rounds`` rounds.
+
+    ``resume``: the MLflow run id of a crashed run to go on with from its last checkpoint
+    (a Prefect retry of a crashed run resumes by itself; see :mod:`flows.resume`).
+    """
+    run = start_run(config, resume=resume)
     report("start", {"config": config, "run_id": run.run_id})
-    state = run.strategy.initial_state(run.initial_parameters)
-    evaluation = EvaluationRequest(round=0, sites=config.site_names)  # the baseline's
+    first, state, history, evaluation = _starting_point(run)
     pending: TrainedRound | None = None
-    history: list[dict[str, float]] = []
     status, version = "FAILED", None
     try:
-        for round_num in range(1, config.rounds + 1):
+        for round_num in range(first, config.rounds + 1):
+            mark_round_started(run_folder(config, run.run_id), round_num)
             plan = plan_round(run, state, round_num=round_num, evaluation=evaluation)
             if skip_small_cohort(run, plan):  # Poisson draw too small: accounted, skipped
                 continue
@@ -149,11 +189,13 @@ def federated_training(config: FederationConfig = FederationConfig()) -> Trainin
                 _record(run, pending, error.evaluations, history, ended=time.perf_counter())
                 record_aborted(run, plan, error.dropouts)
                 raise
-            privacy_metrics = account_round(run, outcome)
+            privacy_metrics, next_state = account_round(run, outcome, next_state)
             _record(run, pending, outcome.evaluations, history, ended=started)
             metrics = {**outcome.metrics, **privacy_metrics}
             pending, state = TrainedRound(outcome, next_state, metrics, started), next_state
             evaluation = EvaluationRequest(round=round_num, sites=config.site_names)
+        if evaluation is None:  # resumed after the last round: score it for the promotion
+            evaluation = EvaluationRequest(round=first - 1, sites=config.site_names)
         scores = evaluate_sites(state.parameters, evaluation, run.backend)
         _record(run, pending, scores, history, ended=time.perf_counter())
         version = _finish(run, state, history, scores)

@@ -30,6 +30,7 @@ import yaml
 from fl_components.config import FederationConfig, load_config
 from fl_components.errors import FedpipeError
 from fl_components.exchange import SITE_DIR_ENV, SITE_KEYS_ENV, SITE_NAME_ENV, site_pool_name
+from flows.resume import CHECKPOINT_DIR_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_FILE = REPO / "infra" / "prefect.yaml"
@@ -39,8 +40,11 @@ COORDINATOR_POOL = "fedpipe-coordinator"
 STACK_TAG_ENV = "FEDPIPE_STACK"
 # worker latency is part of every round: poll for new runs each second
 # one BLAS/torch thread per flow run: a site's runs share its cores with the others here
+# a heartbeat each 5 s: a dead worker reads OFFLINE after 15 s (3 missed), and its site is
+# skipped instead of waited for (tasks.work_pool.pool_not_serving)
 WORKER_ENV = {
     "PREFECT_WORKER_QUERY_SECONDS": "1",
+    "PREFECT_WORKER_HEARTBEAT_SECONDS": "5",
     "PREFECT_WORKER_PREFETCH_SECONDS": "10",
     "OMP_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
@@ -192,18 +196,24 @@ def _deployment_settings() -> dict[str, Any]:
 
 
 def stack_config(config: FederationConfig, paths: StackPaths, mlflow_url: str) -> FederationConfig:
-    """The federation as the stack deploys it: work-pool backend, its exchange and tracking."""
-    raw = config.model_dump(mode="json")
+    """The federation as the stack deploys it: work-pool backend, its exchange and tracking.
+
+    Configs travel as the fields that were set (``exclude_unset``): validated again, a
+    dump of every field would read as a knob set on purpose (strategy knobs are checked
+    against the strategy they belong to).
+    """
+    raw = config.model_dump(mode="json", exclude_unset=True)
     raw["backend"] = "work-pool"
     raw["deployment"] = {**raw.get("deployment", {}), "exchange_dir": str(paths.exchange)}
-    raw["tracking"] = {**raw["tracking"], "tracking_uri": mlflow_url}
+    raw["tracking"] = {**raw.get("tracking", {}), "tracking_uri": mlflow_url}
     # the one registry `enrol_keys` writes; sites and coordinator read public keys from it
     raw["secure_aggregation"] = {
         **raw.get("secure_aggregation", {}),
         "registry": str(paths.root / "registry.json"),
     }
     if config.data.source == "bundled":
-        raw["data"] = {**raw["data"], "sites_dir": str(Path(config.data.sites_dir).resolve())}
+        sites_dir = str(Path(config.data.sites_dir).resolve())
+        raw["data"] = {**raw.get("data", {}), "sites_dir": sites_dir}
     return FederationConfig.model_validate(raw)
 
 
@@ -272,7 +282,7 @@ def deploy_coordinator(config: FederationConfig) -> None:
     source.deploy(
         name=spec["name"],
         work_pool_name=COORDINATOR_POOL,
-        parameters={"config": config.model_dump(mode="json")},
+        parameters={"config": config.model_dump(mode="json", exclude_unset=True)},
         schedules=schedules,
         description=spec.get("description"),
         tags=spec.get("tags"),
@@ -329,6 +339,35 @@ def _wait_pools_ready(api_url: str, pools: list[str], timeout: float) -> None:
         raise StackError(f"no worker came online for pool(s) {sorted(waiting)} in {timeout:.0f}s")
 
 
+def server_environment(
+    base: dict[str, str], paths: StackPaths, *, api_url: str, database_url: str | None
+) -> dict[str, str]:
+    """The Prefect server's environment: its database, and the API address its UI uses.
+
+    The UI asks ``/ui-settings`` where the API is; unset, the server answers with port
+    4200 whatever port it serves, and the UI then shows "Can't connect to Server API" (or
+    another server's runs).
+
+    SQLite takes one writer at a time: the server's API and its services (a second
+    process) queue on its lock. Prefect already sets WAL and a 60 s busy timeout; what is
+    set here is a longer statement timeout (10 s by default) and event batches ten times
+    larger (20 by default), so that fewer, longer write transactions compete for the lock.
+    Clients retry a 503 (five times, with backoff); PostgreSQL (``database_url``) has no
+    such lock.
+    """
+    env = {
+        **base,
+        "PREFECT_HOME": str(paths.root / "prefect"),
+        "PREFECT_API_DATABASE_CONNECTION_URL": database_url
+        or f"sqlite+aiosqlite:///{paths.root / 'prefect' / 'prefect.db'}",
+        "PREFECT_SERVER_UI_API_URL": api_url,
+    }
+    if database_url is None:
+        env["PREFECT_SERVER_DATABASE_TIMEOUT"] = "60"
+        env["PREFECT_SERVER_SERVICES_EVENT_PERSISTER_BATCH_SIZE"] = "200"
+    return env
+
+
 def _redacted(url: str) -> str:
     """The database URL without its password: the state file is not a secret store."""
     from urllib.parse import urlsplit, urlunsplit
@@ -383,10 +422,7 @@ def up(
         paths.state_file.write_text(json.dumps(record, indent=2) + "\n")
 
     try:
-        server_env = {**base, "PREFECT_HOME": str(paths.root / "prefect")}
-        server_env["PREFECT_API_DATABASE_CONNECTION_URL"] = (
-            database_url or f"sqlite+aiosqlite:///{paths.root / 'prefect' / 'prefect.db'}"
-        )
+        server_env = server_environment(base, paths, api_url=api_url, database_url=database_url)
         (paths.root / "prefect").mkdir(exist_ok=True)
         server_cmd = [_bin("prefect"), "server", "start", "--host", "127.0.0.1"]
         processes.append(
@@ -403,21 +439,23 @@ def up(
         ]  # fmt: skip
         processes.append(_spawn("mlflow-server", mlflow_cmd, mlflow_env, paths.logs))
         save()
-        _wait_http(f"{api_url}/health", process=processes[0], timeout=120, what="Prefect server")
-        _wait_http(f"{mlflow_url}/health", process=processes[1], timeout=120, what="MLflow server")
+        _wait_http(f"{api_url}/health", process=processes[0], timeout=300, what="Prefect server")
+        _wait_http(f"{mlflow_url}/health", process=processes[1], timeout=300, what="MLflow server")
 
         if config.data.source == "bundled":  # stand-in for data the sites already hold
             from fl_components.federation import materialize_sites
 
             materialize_sites(config)
         _register(config, paths, api_url)
-        (paths.root / "federation.json").write_text(config.model_dump_json(indent=2) + "\n")
+        (paths.root / "federation.json").write_text(
+            config.model_dump_json(indent=2, exclude_unset=True) + "\n"
+        )
 
         from fl_components.federation import site_folder
-        from flows.site_executor import default_socket
 
         coordinator_env = _worker_env(base, api_url, paths.root / "workers" / "coordinator")
         coordinator_env["MLFLOW_TRACKING_URI"] = mlflow_url
+        coordinator_env[CHECKPOINT_DIR_ENV] = str(paths.root / "checkpoints")  # flows.resume
         worker_cmd = [_bin("prefect"), "worker", "start", "--type", "process", "--pool"]
         processes.append(
             _spawn(
@@ -426,34 +464,66 @@ def up(
         )
         pools = [COORDINATOR_POOL]
         for site in config.site_names:
-            pool = site_pool_name(config, site)
-            home = paths.root / "workers" / site
-            env = _worker_env(base, api_url, home)
-            env[SITE_NAME_ENV] = site
-            env[SITE_DIR_ENV] = str(site_folder(config, site).resolve())
             keys = enrol_keys(paths, site)
-            if keys is not None:
-                env[SITE_KEYS_ENV] = str(keys)
-            # the site's worker runs its flow runs through a warm executor (flows.site_executor)
-            site_cmd = [sys.executable, "-m", "flows.site_executor", "worker", "--pool", pool]
-            executor = default_socket(home)
-            site_cmd += ["--socket", str(executor)]
-            processes.append(_spawn(f"worker-{site}", site_cmd, env, paths.logs))
-            record["sites"][site] = {
-                "pool": pool,
-                "data": env[SITE_DIR_ENV],
-                "keys": env.get(SITE_KEYS_ENV),
-                "executor": str(executor),
-            }
-            pools.append(pool)
+            process, entry = start_site_worker(
+                paths,
+                base,
+                api_url=api_url,
+                site=site,
+                pool=site_pool_name(config, site),
+                data=site_folder(config, site).resolve(),
+                keys=keys,
+            )
+            processes.append(process)
+            record["sites"][site] = entry
+            pools.append(entry["pool"])
         save()
-        _wait_pools_ready(api_url, pools, timeout=90)
+        _wait_pools_ready(api_url, pools, timeout=180)
     except BaseException:
         save()
         down(root=paths.root)
         raise
     save()
     return record
+
+
+def start_site_worker(
+    paths: StackPaths,
+    base: dict[str, str],
+    *,
+    api_url: str,
+    site: str,
+    pool: str,
+    data: Path,
+    keys: Path | None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Start one site's worker (warm executor + process worker) with only its own settings.
+
+    Returns
+    -------
+    tuple[dict[str, Any], dict[str, Any]]
+        The started process (name, pid, pgid, log) and the site's entry of the record.
+    """
+    from flows.site_executor import default_socket
+
+    home = paths.root / "workers" / site
+    env = _worker_env(base, api_url, home)
+    env[SITE_NAME_ENV] = site
+    env[SITE_DIR_ENV] = str(data)
+    if keys is not None:
+        env[SITE_KEYS_ENV] = str(keys)
+    executor = default_socket(home)
+    # the site's worker runs its flow runs through a warm executor (flows.site_executor)
+    command = [sys.executable, "-m", "flows.site_executor", "worker", "--pool", pool]
+    command += ["--socket", str(executor)]
+    process = _spawn(f"worker-{site}", command, env, paths.logs)
+    entry = {
+        "pool": pool,
+        "data": str(data),
+        "keys": str(keys) if keys is not None else None,
+        "executor": str(executor),
+    }
+    return process, entry
 
 
 def load_record(root: Path) -> dict[str, Any]:
@@ -514,9 +584,38 @@ def down(*, root: Path, grace: float = 10.0) -> list[str]:
     left = [p for p in record["processes"] if _group_members(p["pgid"])] or tagged_processes(root)
     if left:
         raise StackError(f"processes still running after down: {left}")
+    lines += remove_stale_sockets(record)
     record["processes"] = []
     (root / "stack.json").write_text(json.dumps(record, indent=2) + "\n")
     return lines
+
+
+def remove_stale_sockets(record: dict[str, Any]) -> list[str]:
+    """Remove the executor sockets a killed worker left behind (a stopped one removes its own)."""
+    lines = []
+    for site, entry in record["sites"].items():
+        path = Path(entry["executor"]) if entry.get("executor") else None
+        if path is not None and path.is_socket():
+            path.unlink(missing_ok=True)
+            lines.append(f"site {site}: removed stale executor socket {path}")
+    return lines
+
+
+def _worker_process(record: dict[str, Any], site: str) -> dict[str, Any] | None:
+    return next((p for p in record["processes"] if p["name"] == f"worker-{site}"), None)
+
+
+def site_state(record: dict[str, Any], site: str) -> str:
+    """One site's worker as ``status`` shows it: warm, cold, or down with the fix."""
+    from flows.site_executor import executor_answers
+
+    process = _worker_process(record, site)
+    if process is None or not _group_members(process["pgid"]):
+        return f"worker down: no flow run can start; restart it: `fedpipe site restart {site}`"
+    executor = record["sites"][site].get("executor")
+    if executor and executor_answers(executor):
+        return "warm"
+    return "executor not answering (the worker runs flow runs cold)"
 
 
 def status(*, root: Path) -> dict[str, Any]:
@@ -538,10 +637,8 @@ def status(*, root: Path) -> dict[str, Any]:
             report[f"{name}_healthy"] = httpx.get(url, timeout=2).status_code == 200
         except httpx.HTTPError:
             report[f"{name}_healthy"] = False
-    from flows.site_executor import executor_answers
-
     report["executors"] = {
-        site: "warm" if executor_answers(entry["executor"]) else "not answering (runs start cold)"
+        site: site_state(record, site)
         for site, entry in record["sites"].items()
         if entry.get("executor")
     }
@@ -589,13 +686,13 @@ def site_init(*, name: str, data: Path, root: Path) -> dict[str, Any]:
         config_file = paths.root / "federation.json"
         config = FederationConfig.model_validate_json(config_file.read_text())
         if name not in config.site_names:
-            raw = config.model_dump(mode="json")
+            raw = config.model_dump(mode="json", exclude_unset=True)
             raw["sites"].append({"name": name, "data_path": str(data.resolve()), "work_pool": pool})
             config = FederationConfig.model_validate(raw)
         with temporary_settings(updates={PREFECT_API_URL: record["prefect_api_url"]}):
             ensure_pool(pool)
             deploy_participant(config, name)
-        config_file.write_text(config.model_dump_json(indent=2) + "\n")
+        config_file.write_text(config.model_dump_json(indent=2, exclude_unset=True) + "\n")
         record["sites"][name] = entry
         state_file.write_text(json.dumps(record, indent=2) + "\n")
         api_url = record["prefect_api_url"]
@@ -608,3 +705,55 @@ def site_init(*, name: str, data: Path, root: Path) -> dict[str, Any]:
         f"PREFECT_WORKER_QUERY_SECONDS=1 fedpipe site worker --pool {pool}"
     )
     return entry
+
+
+def restart_site(*, name: str, root: Path, timeout: float = 90.0) -> dict[str, Any]:
+    """Stop site ``name``'s worker if it still runs and start it again, as ``up`` did.
+
+    The new worker gets the site's own data folder, keys and warm executor (a bare
+    ``prefect worker start`` would have none of them).
+
+    Returns
+    -------
+    dict[str, Any]
+        The started process (name, pid, pgid, log).
+
+    Raises
+    ------
+    StackError
+        If no stack runs from ``root``, the site is not one of its sites, or the worker's
+        pool has no live worker after ``timeout`` seconds.
+    """
+    paths_root = root.resolve()
+    record = load_record(paths_root)
+    if not record.get("processes"):
+        raise StackError(f"no stack is running from {root}; start one: `fedpipe up`")
+    entry = record["sites"].get(name)
+    if entry is None or not entry.get("executor"):
+        known = ", ".join(sorted(record["sites"])) or "none"
+        raise StackError(
+            f"site {name!r} has no worker in this stack (its sites: {known}); onboard a new "
+            f"site with `fedpipe site init {name} --data PATH`"
+        )
+    old = _worker_process(record, name)
+    if old is not None:
+        with contextlib.suppress(ProcessLookupError):
+            if _group_members(old["pgid"]):
+                os.killpg(old["pgid"], signal.SIGKILL)
+        record["processes"].remove(old)
+    remove_stale_sockets({"sites": {name: entry}})
+    paths = StackPaths(paths_root, paths_root)
+    keys = Path(entry["keys"]) if entry.get("keys") else None
+    process, _ = start_site_worker(
+        paths,
+        _clean_env(paths_root),
+        api_url=record["prefect_api_url"],
+        site=name,
+        pool=entry["pool"],
+        data=Path(entry["data"]),
+        keys=keys,
+    )
+    record["processes"].append(process)
+    paths.state_file.write_text(json.dumps(record, indent=2) + "\n")
+    _wait_pools_ready(record["prefect_api_url"], [entry["pool"]], timeout=timeout)
+    return process

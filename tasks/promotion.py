@@ -11,7 +11,13 @@ import logging
 from fl_components.config import FederationConfig
 from fl_components.engine import Dispatch, EvaluationRequest, evaluate_sites
 from fl_components.parameters import get_parameters
-from fl_components.promotion import PromotionDecision, decide_promotion, federated_accuracy
+from fl_components.promotion import (
+    PromotionDecision,
+    common_scores,
+    decide_promotion,
+    evaluation_coverage,
+    federated_accuracy,
+)
 from fl_components.tracking import RunTracker, load_registered_parameters, registered_version
 from fl_components.training import Metrics
 
@@ -26,37 +32,73 @@ def promote_if_better(
     version: str,
     challenger_scores: dict[str, Metrics],
 ) -> PromotionDecision:
-    """Give ``version`` the alias ``champion`` or ``challenger`` and tag the run with why."""
-    challenger = federated_accuracy(challenger_scores)
+    """Give ``version`` the alias ``champion`` or ``challenger`` and tag the run with why.
+
+    Challenger and champion are compared on the sites that scored both; the run is tagged
+    ``fedpipe.eval_partial`` and logs ``eval/sites`` / ``eval/partial`` for that comparison.
+    """
     champion_version = registered_version(config.tracking, name=config.name, alias="champion")
-    champion_accuracy: float | None = None
-    if champion_version is not None and champion_version != version:
-        model = load_registered_parameters(config.tracking, name=config.name, alias="champion")
-        if model is not None:
-            try:
-                request = EvaluationRequest(round=config.rounds, sites=tuple(challenger_scores))
-                scores = evaluate_sites(get_parameters(model), request, dispatch)
-                champion_accuracy = federated_accuracy(scores)
-            except Exception as error:  # e.g. the champion has another architecture
-                log.warning(
-                    "champion version %s could not be evaluated: %s", champion_version, error
-                )
-    decision = decide_promotion(
-        challenger_accuracy=challenger,
-        champion_accuracy=champion_accuracy,
-        champion_version=champion_version if champion_accuracy is not None else None,
+    champion_scores = _champion_scores(
+        config,
+        dispatch,
+        version=version,
+        champion_version=champion_version,
+        sites=challenger_scores,
     )
+    if champion_scores is not None:
+        challenger_scores, champion_scores = common_scores(challenger_scores, champion_scores)
+    coverage = evaluation_coverage(challenger_scores, config.site_names)
+    challenger = federated_accuracy(challenger_scores)
+    champion_accuracy = None if not champion_scores else federated_accuracy(champion_scores)
+    if champion_scores is not None and not champion_scores:  # no site scored both models
+        decision = PromotionDecision(
+            "challenger",
+            f"champion version {champion_version} scored on none of the sites that scored "
+            "this model: no comparison, champion kept",
+            challenger,
+            None,
+        )
+    else:
+        decision = decide_promotion(
+            challenger_accuracy=challenger,
+            champion_accuracy=champion_accuracy,
+            champion_version=champion_version if champion_accuracy is not None else None,
+            coverage=coverage,
+        )
     tracker.set_alias(decision.alias, version)
     tags = {
         "fedpipe.promotion": decision.alias,
         "fedpipe.promotion_reason": decision.reason,
         "fedpipe.model_version": version,
+        "fedpipe.eval_partial": str(coverage.partial).lower(),
     }
     if champion_version is not None:
         tags["fedpipe.previous_champion"] = champion_version
     tracker.set_tags(tags)
-    metrics = {"promotion/challenger_accuracy": challenger}
+    metrics = {"promotion/challenger_accuracy": challenger, **coverage.metrics()}
     if champion_accuracy is not None:
         metrics["promotion/champion_accuracy"] = champion_accuracy
     tracker.log_metrics(metrics, step=config.rounds)
     return decision
+
+
+def _champion_scores(
+    config: FederationConfig,
+    dispatch: Dispatch,
+    *,
+    version: str,
+    champion_version: str | None,
+    sites: dict[str, Metrics],
+) -> dict[str, Metrics] | None:
+    """The champion's federated evaluation on ``sites``; None without a champion to score."""
+    if champion_version is None or champion_version == version or not sites:
+        return None
+    model = load_registered_parameters(config.tracking, name=config.name, alias="champion")
+    if model is None:
+        return None
+    try:
+        request = EvaluationRequest(round=config.rounds, sites=tuple(sites))
+        return evaluate_sites(get_parameters(model), request, dispatch)
+    except Exception as error:  # e.g. the champion has another architecture
+        log.warning("champion version %s could not be evaluated: %s", champion_version, error)
+        return None

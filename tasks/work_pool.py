@@ -90,6 +90,15 @@ def read_json_result(run: FlowRun) -> dict[str, Any]:
     return payload
 
 
+def _restart_advice(site: str, pool: str) -> str:
+    """The commands that really bring a site's worker back (with its data, keys, executor)."""
+    return (
+        f"on the local stack: `fedpipe site restart {site}`; on the site's own host: run the "
+        f"worker command `fedpipe site init {site}` printed (`fedpipe site worker --pool {pool}` "
+        "with the site's FEDPIPE_SITE_* settings); check with `fedpipe status`"
+    )
+
+
 def _timeout_message(site: str, pool: str, timeout: float, state: str) -> str:
     """Why site ``site`` missed the deadline and what to do, by its flow run's last state."""
     head = f"site {site!r} timed out: no result within {timeout:g}s"
@@ -100,24 +109,80 @@ def _timeout_message(site: str, pool: str, timeout: float, state: str) -> str:
         )
     return (
         f"{head}: its flow run was still {state}, never picked up by a worker of pool "
-        f"{pool!r}; its worker is not running or cannot reach this server. Check with "
-        f"`fedpipe status`, then start it on the site: `prefect worker start --pool {pool}` "
-        "(or `fedpipe up` for the local stack)"
+        f"{pool!r}; its worker is not running or cannot reach this server. Start it again: "
+        f"{_restart_advice(site, pool)}"
     )
 
 
-def _wait(run_id: uuid.UUID, *, site: str, pool: str, timeout: float, poll: float) -> FlowRun:
-    deadline = time.monotonic() + timeout
+def pool_not_serving(client: Any, pool: str) -> str | None:
+    """Why ``pool`` cannot run a flow run now (paused, missing, no live worker), or None.
+
+    A worker is live while its heartbeats are recent (the server judges each read by the
+    worker's own heartbeat interval), so a dead worker shows here before the server's
+    periodic check marks the pool NOT_READY.
+    """
+    from prefect.client.schemas.objects import WorkerStatus
+
+    try:
+        work_pool = client.read_work_pool(pool)
+    except ObjectNotFound:
+        return f"work pool {pool!r} does not exist"
+    if work_pool.is_paused:
+        return f"work pool {pool!r} is paused (resume it: `prefect work-pool resume {pool}`)"
+    workers = client.read_workers_for_work_pool(pool)
+    if not any(w.status == WorkerStatus.ONLINE for w in workers):
+        status = work_pool.status.value if work_pool.status is not None else "unknown"
+        return f"work pool {pool!r} has no live worker (pool {status})"
+    return None
+
+
+def _dead_site_message(site: str, pool: str, why: str, *, waited: float | None) -> str:
+    when = "before dispatch" if waited is None else f"after {waited:.0f}s of waiting"
+    return (
+        f"site {site!r} skipped {when}: {why}, so its flow run cannot start; "
+        f"{_restart_advice(site, pool)}"
+    )
+
+
+def _wait(
+    run_id: uuid.UUID,
+    *,
+    site: str,
+    pool: str,
+    timeout: float,
+    poll: float,
+    liveness_every: float = 2.0,
+) -> FlowRun:
+    """Wait for a site's flow run to end; give up at the deadline or once its pool is dead.
+
+    Raises
+    ------
+    ParticipantError
+        At the deadline, or as soon as the site's pool has no live worker (the run is
+        cancelled either way).
+    """
+    started = time.monotonic()
+    deadline = started + timeout
+    next_check = started + liveness_every
     with get_client(sync_client=True) as client:
         while True:
             run = client.read_flow_run(run_id)
             if run.state is not None and run.state.is_final():
                 return run
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            why = None
+            if now >= next_check:
+                why = pool_not_serving(client, pool)
+                next_check = now + liveness_every
+            if now >= deadline or why is not None:
                 state = run.state.name if run.state is not None else "unknown"
-                client.set_flow_run_state(
-                    run_id, Cancelled(message=f"no result within {timeout:g}s"), force=True
-                )
+                reason = why or f"no result within {timeout:g}s"
+                client.set_flow_run_state(run_id, Cancelled(message=reason), force=True)
+                if why is not None:
+                    raise ParticipantError(
+                        _dead_site_message(site, pool, why, waited=now - started),
+                        kind=DropoutKind.UNREACHABLE,
+                    )
                 raise ParticipantError(
                     _timeout_message(site, pool, timeout, state), kind=DropoutKind.TIMEOUT
                 )
@@ -150,7 +215,8 @@ def run_participant(
     pool = site_pool_name(config, site)
     name = f"{config.deployment.participant_deployment}/{site}"
     parameters = {
-        "federation": config.model_dump(mode="json"),
+        # the fields set: a dump of every field would not validate again (strategy knobs)
+        "federation": config.model_dump(mode="json", exclude_unset=True),
         "site": site,
         "round_num": round_num,
         "stage": stage,
@@ -162,13 +228,20 @@ def run_participant(
         **({"instructions": instructions} if instructions else {}),
     }
     started = time.perf_counter()
+    with get_client(sync_client=True) as client:
+        why = pool_not_serving(client, pool)
+    if why is not None:  # a dead site costs nothing: no run created, no deadline waited
+        raise ParticipantError(
+            _dead_site_message(site, pool, why, waited=None), kind=DropoutKind.UNREACHABLE
+        )
     with _CREATE_LOCK:
         try:
             created = run_deployment(
                 name,
                 parameters=parameters,
                 timeout=0,
-                flow_run_name=f"{site}-r{round_num}-{stage}",
+                # the coordinator run's short id: runs of different trainings tell apart
+                flow_run_name=f"{site}-r{round_num}-{stage}-{run_id[:8]}",
                 tags=["fedpipe", f"site:{site}", f"round:{round_num}"],
             )
         except ObjectNotFound:

@@ -19,6 +19,8 @@ os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_TASK_RUNS_LEVEL"] = "WARNING"
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 os.environ.pop("PREFECT_API_URL", None)
+# round checkpoints of the flows under test (flows.resume), away from the checkout's state/
+os.environ["FEDPIPE_CHECKPOINT_DIR"] = tempfile.mkdtemp(prefix="fedpipe-test-checkpoints-")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 

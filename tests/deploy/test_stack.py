@@ -27,7 +27,8 @@ import yaml
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-FEDPIPE = str(Path(sys.executable).parent / "fedpipe")
+# this checkout's CLI, run from it (an installed `fedpipe` script may be another checkout's)
+FEDPIPE = [sys.executable, "-m", "flows.cli"]
 SITES = ("north", "south", "east")
 FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 SHARED: dict[str, Any] = {}
@@ -54,7 +55,7 @@ def _api_post(url: str, **kwargs: Any) -> httpx.Response:
 
 def _fedpipe(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [FEDPIPE, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False
+        [*FEDPIPE, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False
     )
 
 
@@ -89,7 +90,7 @@ def running_stack(
     result = _fedpipe(
         "up", "--config", str(config_file), *args, "--prefect-port", "0", "--mlflow-port", "0",
         *extra_args,
-        timeout=300,
+        timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     record = json.loads((state / "stack.json").read_text())
@@ -174,6 +175,16 @@ def _mlflow_run_for(client: Any, experiment: str, flow_run_id: str) -> Any:
     return runs[0]
 
 
+def test_ui_settings_point_at_the_started_server(stack: dict[str, Any]) -> None:
+    """The UI asks /ui-settings where the API is: the server this stack started (port 0
+    picked a free one), not the default 4200."""
+    settings = _api_get(f"{stack['prefect_ui_url']}/ui-settings")
+
+    assert settings.status_code == 200, settings.text
+    assert settings.json()["api_url"] == stack["prefect_api_url"]
+    assert not stack["prefect_api_url"].endswith(":4200/api")
+
+
 def test_status_shows_every_process_and_pool(stack: dict[str, Any]) -> None:
     from flows.stack import status
 
@@ -229,6 +240,52 @@ def test_run_button_trains_on_site_pools_and_tracks(stack: dict[str, Any]) -> No
     assert model.aliases["champion"] == version
     SHARED["champion_accuracy"] = max(history, key=lambda m: m.step).value
     SHARED["champion_version"] = version
+
+
+def test_a_scripted_run_with_some_fields_keeps_the_deployment(stack: dict[str, Any]) -> None:
+    """A script posts a few config fields: they are merged into the deployment's config
+    (work-pool backend, the stack's MLflow), never the model's defaults (backend local, a
+    local SQLite store); a run asking for another backend is refused. Runs are named."""
+    from mlflow.tracking import MlflowClient
+
+    api = stack["prefect_api_url"]
+    deployment = _api_get(f"{api}/deployments/name/federated-training/federated-training").json()
+    partial = {  # what a script posts from a file like infra/federation.yaml, rounds changed
+        "name": "e2e-fed",
+        "rounds": 1,
+        "init_from": "fresh",
+        "sites": [{"name": s} for s in SITES],
+        "tracking": {"register_model": False},
+    }
+    created = _api_post(
+        f"{api}/deployments/{deployment['id']}/create_flow_run",
+        json={"parameters": {"config": partial}},
+    )
+    assert created.status_code == 201, created.text
+    run = _wait_flow_run(api, created.json()["id"], timeout=400)
+
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    assert re.fullmatch(r"e2e-fed-\d{8}-\d{6}", run["name"]), run["name"]
+    client = MlflowClient(stack["mlflow_url"])  # the stack's server, not a hidden file
+    mlrun = _mlflow_run_for(client, "e2e-fed", run["id"])
+    assert mlrun.data.tags["fedpipe.backend"] == "work-pool"
+    assert mlrun.data.params["rounds"] == "1"
+    assert mlrun.data.params["tracking.tracking_uri"] == stack["mlflow_url"]
+    children = _api_post(
+        f"{api}/flow_runs/filter",
+        json={"flows": {"name": {"any_": ["federated-participant"]}}, "limit": 200},
+    ).json()
+    names = [c["name"] for c in children if c["parameters"].get("run_id") == run["id"]]
+    assert names and all(n.endswith(f"-{run['id'][:8]}") for n in names), names
+    assert f"north-r1-train-{run['id'][:8]}" in names
+
+    local = _api_post(
+        f"{api}/deployments/{deployment['id']}/create_flow_run",
+        json={"parameters": {"config": {"backend": "local", "rounds": 1}}},
+    )
+    refused = _wait_flow_run(api, local.json()["id"], timeout=200)
+    assert refused["state"]["type"] == "FAILED"
+    assert "this deployment runs on backend 'work-pool'" in refused["state"]["message"]
 
 
 def test_champion_run_never_opens_site_data(stack: dict[str, Any]) -> None:
@@ -365,11 +422,13 @@ def test_site_init_enrolls_a_site(stack: dict[str, Any], tmp_path: Path) -> None
     assert "nowhere" not in json.loads((state / "registry.json").read_text())
 
 
-def test_dead_worker_drops_out_and_the_round_goes_on(stack: dict[str, Any]) -> None:
-    """Kill one site's worker: its runs are never picked up, it drops out with a reason
-    that says what to do, and the round completes with the other two (min_participants 2).
+def test_dead_worker_is_skipped_fast_and_restarted(stack: dict[str, Any]) -> None:
+    """Kill one site's worker: the site drops out as soon as its pool shows no live worker
+    (not at the deadline), with a reason that gives the command that works, and each round
+    completes with the other two (min_participants 2); `fedpipe status` says the worker is
+    down and `fedpipe site restart` brings it back with its data, keys and executor.
 
-    Runs last: it leaves the stack one worker short (`down` reports it already stopped).
+    Runs last.
     """
     from mlflow.tracking import MlflowClient
     from prefect.events.worker import EventsWorker
@@ -378,7 +437,7 @@ def test_dead_worker_drops_out_and_the_round_goes_on(stack: dict[str, Any]) -> N
 
     from fl_components.config import FederationConfig
     from flows.federated_training import federated_training
-    from flows.stack import _group_members
+    from flows.stack import _group_members, status
 
     state = Path(stack["root"])
     api = stack["prefect_api_url"]
@@ -395,13 +454,13 @@ def test_dead_worker_drops_out_and_the_round_goes_on(stack: dict[str, Any]) -> N
     raw = json.loads((state / "federation.json").read_text())
     raw.update(
         name="e2e-dropout",
-        rounds=1,
         init_from="fresh",
         sites=[s for s in raw["sites"] if s["name"] in SITES],  # not a site enrolled later
         participation={**raw["participation"], "fraction": 1.0, "min_participants": 2},
-        deployment={**raw["deployment"], "timeout_seconds": 20},
+        deployment={**raw["deployment"], "timeout_seconds": 120},
         secure_aggregation={**raw["secure_aggregation"], "enabled": False},
         tracking={**raw["tracking"], "register_model": False},
+        rounds=2,
     )
     config = FederationConfig.model_validate(raw)
     with temporary_settings(updates={PREFECT_API_URL: api}):
@@ -411,39 +470,58 @@ def test_dead_worker_drops_out_and_the_round_goes_on(stack: dict[str, Any]) -> N
             EventsWorker.drain_all(timeout=30)
             APILogWorker.drain_all(timeout=30)
 
-    assert summary.history[0]["participants"] == 2
-    assert summary.history[0]["dropouts"] == 1
+    assert [row["participants"] for row in summary.history] == [2, 2]
+    assert [row["dropouts"] for row in summary.history] == [1, 1]
+    # skipped once its pool showed no live worker, not after the 120 s deadline
+    assert all(row["round_seconds"] < 60 for row in summary.history), summary.history
 
     client = MlflowClient(stack["mlflow_url"])
     run = client.get_run(summary.mlflow_run_id)
     assert run.info.status == "FINISHED"
     dropouts = client.get_metric_history(run.info.run_id, "dropouts")
-    assert [(m.step, m.value) for m in dropouts] == [(1, 1.0)]
+    assert sorted((m.step, m.value) for m in dropouts) == [(1, 1.0), (2, 1.0)]
     for site in SITES:
         steps = {
             m.step for m in client.get_metric_history(run.info.run_id, f"site/{site}/accuracy")
         }
-        assert steps == (set() if site == dead else {0, 1}), site
+        assert steps == (set() if site == dead else {0, 1, 2}), site
 
-    # Prefect: the live sites trained; the dead site's run was never picked up, then cancelled
+    # Prefect: the live sites trained; the dead site's one run (round 1, dispatched before
+    # its worker's heartbeats stopped counting) was cancelled; round 2 created none for it
     flow_run_id = run.data.tags["prefect.flow_run_id"]
     children = _api_post(
         f"{api}/flow_runs/filter",
         json={"flows": {"name": {"any_": ["federated-participant"]}}, "limit": 200},
     ).json()
-    train = {
-        c["parameters"]["site"]: c["state_type"]
+    train = [
+        (c["parameters"]["site"], c["parameters"]["round_num"], c["state_type"])
         for c in children
         if c["parameters"].get("run_id") == flow_run_id and c["parameters"]["stage"] == "train"
-    }
-    assert train == {"north": "COMPLETED", "south": "COMPLETED", dead: "CANCELLED"}
+    ]
+    assert [(r, state) for site, r, state in train if site == dead] in ([], [(1, "CANCELLED")])
+    assert sorted((site, r) for site, r, _ in train if site != dead) == [
+        ("north", 1), ("north", 2), ("south", 1), ("south", 2)
+    ]  # fmt: skip
 
-    # the reason, in the round's table: the site, its pool, and what to do about it
+    # the reason, in the round's table: the site, its pool, and the command that works
     artifact = _api_get(f"{api}/artifacts/e2e-dropout-round/latest")
     assert artifact.status_code == 200, artifact.text
     markdown = artifact.json()["data"]
     row = next(line for line in markdown.splitlines() if line.startswith(f"| {dead} |"))
-    assert "dropped: ParticipantError: site 'east' timed out: no result within 20s" in row
-    assert "never picked up by a worker of pool 'fedpipe-east'" in row
-    assert "`fedpipe status`" in row and "`prefect worker start --pool fedpipe-east`" in row
+    assert "site 'east' skipped before dispatch" in row  # round 2: no run, no wait
+    assert "work pool 'fedpipe-east' has no live worker" in row
+    assert "`fedpipe site restart east`" in row and "`prefect worker start" not in row
     assert "| north | " in markdown and "| south | " in markdown
+
+    # `fedpipe status` says the worker is down and how to restart it; restart brings it back
+    shown = _fedpipe("status", "--state-dir", str(state), timeout=60)
+    assert "worker down" in shown.stdout and "fedpipe site restart east" in shown.stdout
+    restarted = _fedpipe("site", "restart", dead, "--state-dir", str(state), timeout=150)
+    assert restarted.returncode == 0, restarted.stdout + restarted.stderr
+    assert "worker restarted" in restarted.stdout
+    SHARED.pop("killed_worker")
+    report = status(root=state)
+    assert report["executors"][dead] == "warm"
+    assert report["pools"][f"fedpipe-{dead}"] == "READY"
+    worker_env = json.loads((state / "stack.json").read_text())["sites"][dead]
+    assert worker_env["data"].endswith(dead) and worker_env["executor"]

@@ -15,12 +15,34 @@ from pathlib import Path
 import pytest
 import yaml
 
-FEDPIPE = str(Path(sys.executable).parent / "fedpipe")
+REPO = Path(__file__).resolve().parents[2]
+# this checkout's CLI (an installed `fedpipe` script may belong to another checkout)
+FEDPIPE = [sys.executable, "-m", "flows.cli"]
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    return {**env, "PREFECT_HOME": str(tmp_path / "state" / "prefect"), "COLUMNS": "120"}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "FEDPIPE_"))
+    }
+    return {
+        **env,
+        "PREFECT_HOME": str(tmp_path / "state" / "prefect"),
+        "COLUMNS": "120",
+        "PYTHONPATH": str(REPO),
+    }
+
+
+def _fedpipe(tmp_path: Path, *args: str, timeout: float = 120) -> tuple[int, str]:
+    done = subprocess.run(
+        [*FEDPIPE, *args],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+    return done.returncode, done.stdout + done.stderr
 
 
 @pytest.mark.slow
@@ -36,7 +58,7 @@ def test_run_shows_each_round_and_stops_prefect_cleanly(tmp_path: Path) -> None:
     (tmp_path / "federation.yaml").write_text(yaml.safe_dump(config))
 
     done = subprocess.run(
-        [FEDPIPE, "run", "federation.yaml"],
+        [*FEDPIPE, "run", "federation.yaml"],
         cwd=tmp_path,
         env=_env(tmp_path),
         capture_output=True,
@@ -59,7 +81,7 @@ def test_validate_names_the_bad_field(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"name": "x", "rounds": 0}))
 
     done = subprocess.run(
-        [FEDPIPE, "validate", "bad.yaml"],
+        [*FEDPIPE, "validate", "bad.yaml"],
         cwd=tmp_path,
         env=_env(tmp_path),
         capture_output=True,
@@ -70,3 +92,107 @@ def test_validate_names_the_bad_field(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "rounds" in done.stdout
     assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_rounds_zero_is_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "fed.yaml").write_text(yaml.safe_dump({"name": "x", "rounds": 2}))
+
+    rc, output = _fedpipe(tmp_path, "run", "fed.yaml", "--rounds", "0")
+
+    assert rc == 2
+    assert "fed.yaml with --rounds 0" in output and "rounds: Input should be greater" in output
+    assert "Traceback" not in output and "pydantic" not in output
+
+
+def test_demo_rounds_zero_is_one_clear_error(tmp_path: Path) -> None:
+    rc, output = _fedpipe(tmp_path, "demo", "--rounds", "0")
+
+    assert rc == 2
+    assert "rounds: Input should be greater" in output and "Traceback" not in output
+
+
+def test_a_directory_is_named_as_one(tmp_path: Path) -> None:
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "fed.yaml").write_text("name: x\n")
+
+    rc, output = _fedpipe(tmp_path, "run", "configs")
+
+    assert rc == 2
+    assert "configs is a directory (it holds fed.yaml)" in output
+    assert "does not exist" not in output and "Traceback" not in output
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "{}\n"])
+def test_an_empty_config_is_refused_not_run_as_the_demo(tmp_path: Path, text: str) -> None:
+    (tmp_path / "empty.yaml").write_text(text)
+
+    for command in ("run", "validate"):
+        rc, output = _fedpipe(tmp_path, command, "empty.yaml")
+
+        assert rc == 2, output
+        assert "empty.yaml is empty" in output and "fedpipe demo" in output
+        assert "starting Prefect" not in output and "Traceback" not in output
+
+
+@pytest.mark.slow
+def test_every_site_declining_its_budget_is_one_paragraph(tmp_path: Path) -> None:
+    config = {
+        "name": "spent",
+        "rounds": 2,
+        "sites": [{"name": f"hospital-{i}"} for i in (1, 2, 3)],
+        "participation": {"fraction": 1.0, "min_participants": 2},
+        "data": {"dataset": "breast_cancer", "sites_dir": str(tmp_path / "sites")},
+        "model": {"kind": "logreg"},
+        # one round costs more than 0.01: every hospital declines round 1
+        "privacy": {"mode": "record", "noise_multiplier": 0.8, "max_epsilon": 0.01},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    }
+    (tmp_path / "spent.yaml").write_text(yaml.safe_dump(config))
+
+    rc, output = _fedpipe(tmp_path, "run", "spent.yaml", timeout=400)
+
+    assert rc == 1, output
+    assert output.count("run failed:") == 1
+    for site in ("hospital-1", "hospital-2", "hospital-3"):
+        assert output.count(f"site '{site}' declines") == 1, output
+    assert "full log:" in output
+    assert "Traceback" not in output and "Error flushing" not in output
+    log = (tmp_path / "state" / "logs" / "spent.log").read_text()
+    assert "Traceback" in log  # the full trace is kept, in the log file
+
+
+@pytest.mark.slow
+def test_a_site_with_bad_data_gets_one_line_and_a_nonzero_exit(tmp_path: Path) -> None:
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    for site in ("a", "b", "c"):
+        folder = tmp_path / "data" / site
+        folder.mkdir(parents=True)
+        for split, rows in (("train", 60), ("test", 20)):
+            x = rng.normal(size=(rows, 4))
+            frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(4)])
+            frame["label"] = (x[:, 0] > 0).astype(int)
+            if site == "c":
+                frame["f1"] = "oops"  # a text column: site c cannot load its data
+            frame.to_csv(folder / f"{split}.csv", index=False)
+    config = {
+        "name": "badfed",
+        "rounds": 2,
+        "sites": [{"name": f"site-{s}", "data_path": f"data/{s}"} for s in "abc"],
+        "participation": {"fraction": 1.0, "min_participants": 2},
+        "data": {"source": "site_files", "n_features": 4, "n_classes": 2},
+        "model": {"kind": "logreg"},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    }
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
+
+    rc, output = _fedpipe(tmp_path, "run", "bad.yaml", timeout=400)
+
+    assert rc == 3, output
+    assert "1 site(s) dropped out:" in output
+    lines = [line for line in output.splitlines() if "non-numeric feature column(s) ['f1']" in line]
+    assert len(lines) == 1 and "site-c" in lines[0], output
+    assert "site-c gave nothing in any round" in output
+    assert "Traceback" not in output and "Error flushing" not in output
