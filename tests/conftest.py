@@ -29,7 +29,7 @@ def prefect_harness() -> Iterator[None]:
     """One real (temporary) Prefect server for every flow test of the session."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_test_harness(server_startup_timeout=300):
         yield
 
 

@@ -55,7 +55,8 @@ def _with(config: FederationConfig, strategy: dict[str, Any], **changes: Any) ->
 def test_strategy_runs_through_the_flow_and_is_comparable_in_mlflow(
     small_config: FederationConfig, strategy: dict[str, Any]
 ) -> None:
-    config = _with(small_config, strategy, rounds=2)
+    participation = {"fraction": 1.0, "min_participants": 3}  # Krum's n >= 2f + 3
+    config = _with(small_config, strategy, rounds=2, participation=participation)
 
     summary = federated_training(config)
 
@@ -64,7 +65,9 @@ def test_strategy_runs_through_the_flow_and_is_comparable_in_mlflow(
     assert run.data.params["strategy.effective.rule"] == strategy["name"]
     assert run.data.tags["fedpipe.strategy"] == strategy["name"]
     assert run.data.tags["fedpipe.aggregator"] == strategy.get("aggregator", "mean")
-    assert np.isfinite(summary.final_accuracy) and summary.final_accuracy > 0.15
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "global/loss")]
+    assert np.isfinite(summary.final_accuracy)
+    assert losses[-1] < losses[0]  # the global model moved toward the data
     assert [m.step for m in client.get_metric_history(run.info.run_id, "participants")] == [1, 2]
     worst = client.get_metric_history(run.info.run_id, "sites/worst_accuracy")
     assert [m.step for m in worst] == [0, 1, 2]
