@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.communication_figures import compare, plot, round_
 from fl_components.compression import decode_update, encode_update, load_residual, save_residual
 from fl_components.compression.download import download_for, next_broadcast
 from fl_components.compression.secure import scatter_secure_sum, secure_shape, select_for_secure
@@ -90,10 +91,11 @@ class Federation:
     keys: dict[str, SiteKeys]
 
 
-def make_federation(n_sites: int, seed: int) -> Federation:
+def make_federation(n_sites: int, seed: int, dataset: str) -> Federation:
+    """Digits split Dirichlet(0.5), or Synthetic(1, 1) (one FedProx device per site)."""
     names = tuple(f"site-{i:02d}" for i in range(n_sites))
     sites, test = partition_bundled(
-        dataset="digits",
+        dataset=dataset,
         site_names=names,
         partitioner="dirichlet",
         alpha=0.5,
@@ -103,7 +105,7 @@ def make_federation(n_sites: int, seed: int) -> Federation:
         site_test_fraction=0.05,
         seed=seed,
     )
-    info = DatasetInfo(n_features=64, n_classes=10)
+    info = DatasetInfo(n_features=int(test.features.shape[1]), n_classes=10)
     keys = {name: SiteKeys.generate() for name in names}
     return Federation(sites, test, info, Registry({n: k.public() for n, k in keys.items()}), keys)
 
@@ -246,10 +248,6 @@ def run_variant(fed: Federation, variant: Variant, args: argparse.Namespace) -> 
     }
 
 
-def round_(value: float, digits: int) -> float:
-    return float(f"{value:.{digits}g}")
-
-
 def _rng(seed: int, round: int) -> np.random.Generator:
     return np.random.default_rng([seed, round])
 
@@ -275,54 +273,6 @@ def _train(
     return flatten(update.delta)
 
 
-def compare(rows: list[dict[str, object]]) -> None:
-    """Add, per row, its upload saving, accuracy change and extra seconds against ``none``."""
-    base = {r["secure_aggregation"]: r for r in rows if r["variant"] == "none"}
-    clear = base[False]
-    for row in rows:
-        same = base[row["secure_aggregation"]]
-        row["upload_reduction_vs_float32"] = round_(clear["bytes_up"] / row["bytes_up"], 3)
-        row["upload_reduction_vs_same_mode"] = round_(same["bytes_up"] / row["bytes_up"], 3)
-        row["accuracy_change_points"] = round_(100 * (row["accuracy"] - same["accuracy"]), 3)
-        row["extra_seconds_per_round"] = round_(
-            row["seconds_per_round"] - same["seconds_per_round"], 3
-        )
-
-
-def plot(rows: list[dict[str, object]], path: Path) -> None:
-    """Accuracy against total upload bytes, one marker per variant, log-scale x."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    for secure, marker in ((False, "o"), (True, "s")):
-        chosen = [r for r in rows if r["secure_aggregation"] == secure]
-        label = "secure aggregation" if secure else "in the clear"
-        axes.scatter(
-            [r["bytes_up"] for r in chosen],
-            [r["accuracy"] for r in chosen],
-            marker=marker,
-            label=label,
-        )
-        for r in chosen:
-            axes.annotate(
-                str(r["variant"]),
-                (r["bytes_up"], r["accuracy"]),
-                fontsize=7,
-                xytext=(4, 2),
-                textcoords="offset points",
-            )
-    axes.set_xscale("log")
-    axes.set_xlabel("total bytes uploaded (all sites, all rounds)")
-    axes.set_ylabel("final test accuracy")
-    axes.set_title("Digits, Dirichlet(0.5), 10 sites: accuracy vs upload bytes")
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20)
@@ -341,11 +291,14 @@ def main() -> None:
         "--variants", default="", help="Comma-separated variant names to run ('none' is always)."
     )
     parser.add_argument("--output", default="communication", help="Results file stem.")
+    parser.add_argument(
+        "--dataset", default="digits", choices=["digits", "synthetic"], help="synthetic: (1, 1)."
+    )
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.epochs = 3, 1
     torch.set_num_threads(1)
-    fed = make_federation(args.sites, args.seed)
+    fed = make_federation(args.sites, args.seed, args.dataset)
     rows = []
     wanted = {"none", *filter(None, args.variants.split(","))}
     for variant in variants(args.download_bits):
@@ -355,13 +308,18 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     compare(rows)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(rows, RESULTS / f"{args.output}.png")
+    named = "Synthetic(1, 1)" if args.dataset == "synthetic" else "Digits, Dirichlet(0.5)"
+    plot(rows, RESULTS / f"{args.output}.png", title=f"{named}, {args.sites} sites")
     flags = (
         f"--rounds {args.rounds} --epochs {args.epochs} --sites {args.sites} "
         f"--clip-range {args.clip_range} --download-bits {args.download_bits} --seed {args.seed}"
     )
     if args.variants:
-        flags += f" --variants {args.variants} --output {args.output}"
+        flags += f" --variants {args.variants}"
+    if args.dataset != "digits":
+        flags += f" --dataset {args.dataset}"
+    if args.output != "communication":
+        flags += f" --output {args.output}"
     report = {
         "title": "Communication: bytes on the wire against accuracy",
         "command": f"python benchmarks/communication_bench.py {flags}",
@@ -377,7 +335,9 @@ def main() -> None:
         "notes": NOTES,
         "runs": rows,
     }
-    if args.output != "communication":
+    if args.dataset != "digits":
+        report["title"] += f", FedProx Synthetic(1, 1) (seed {args.seed})"
+    elif args.output != "communication":
         report["title"] += f" (seed {args.seed}, selected variants)"
     (RESULTS / f"{args.output}.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {RESULTS / args.output}.json")

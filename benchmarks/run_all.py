@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+COMMUNICATION = ["benchmarks/communication_bench.py"]
+VARIED = "qsgd-4bit,random-25%+ef/4bit"  # rerun over more seeds: the accuracy claim rests on them
 BENCHMARKS = [
     ["-m", "benchmarks.foundation_bench"],
     ["benchmarks/privacy_bench.py"],
@@ -15,6 +17,9 @@ BENCHMARKS = [
     ["-m", "benchmarks.strategies_bench", "--rounds", "40", "--seeds", "3"],
     ["-m", "benchmarks.robustness_bench", "--rounds", "20", "--seeds", "2"],
     ["benchmarks/communication_bench.py"],
+    [*COMMUNICATION, "--dataset", "synthetic", "--output", "communication_synthetic"],
+    [*COMMUNICATION, "--seed", "1", "--output", "communication_seed1", "--variants", VARIED],
+    [*COMMUNICATION, "--seed", "2", "--output", "communication_seed2", "--variants", VARIED],
 ]
 
 

@@ -232,7 +232,7 @@ def test_threshold_above_the_round_participants_is_a_clear_error(
         secure_round.round_context(
             config, run_id="r", round_num=1, participants=("site-0", "site-1"), dimension=4
         )
-    raw = small_config.model_dump(mode="json")
+    raw = small_config.model_dump(mode="json", exclude_unset=True)
     raw["secure_aggregation"] = {"enabled": True, "threshold": 4}
     with pytest.raises(ConfigError, match=r"secure_aggregation.threshold \(4\) exceeds the number"):
         config_from_dict(raw)
