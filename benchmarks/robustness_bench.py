@@ -139,6 +139,31 @@ def plot_bars(table: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def directions(table: list[dict[str, Any]]) -> list[str]:
+    """The expected directions: FedAvg collapses (> 20 points), robust rules hold (<= 5)."""
+    notes = []
+    for attack_kind in ("sign_flip_x5", "scaled_x10", "gaussian"):
+        rows = [r for r in table if r["attack"] == attack_kind]
+        fedavg = next(r for r in rows if r["rule"] == "fedavg_mean")
+        collapsed = fedavg["points_below_clean_fedavg"] > 20
+        held = [
+            r["rule"]
+            for r in rows
+            if r["rule"] != "fedavg_mean" and r["points_below_clean_fedavg"] <= 5
+        ]
+        lost = [
+            f"{r['rule']} ({r['points_below_clean_fedavg']:.1f})"
+            for r in rows
+            if r["rule"] != "fedavg_mean" and r["points_below_clean_fedavg"] > 5
+        ]
+        notes.append(
+            f"{attack_kind}: FedAvg {fedavg['points_below_clean_fedavg']:.1f} points below "
+            f"clean ({'collapses, agrees' if collapsed else 'does NOT collapse'}); within 5 "
+            f"points: {', '.join(held) or 'none'}; further: {', '.join(lost) or 'none'}"
+        )
+    return notes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=20)

@@ -452,11 +452,6 @@ class FederationConfig(_Section):
                 "hides from the coordinator; set privacy.adaptive_clipping: false or "
                 "secure_aggregation.enabled: false"
             )
-        if self.data.source == "site_files" and "dataset" in self.data.model_fields_set:
-            raise ValueError(
-                f"data.dataset ({self.data.dataset!r}) is set but data.source is 'site_files'; "
-                "remove data.dataset or set data.source: bundled"
-            )
         conflict = strategy_conflict(self)
         if conflict:
             raise ValueError(conflict)

@@ -19,7 +19,5 @@ def test_there_are_bank_and_factory_examples() -> None:
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
 def test_example_validates_and_builds_its_strategy(path: Path) -> None:
     config = load_config(path)
-    rule = build_strategy(
-        config.strategy, num_sites=len(config.sites), local_lr=config.training.lr
-    )
+    rule = build_strategy(config.strategy, num_sites=len(config.sites), local_lr=config.training.lr)
     assert rule.name == config.strategy.name
