@@ -27,6 +27,7 @@ from fl_components.data import (
 from fl_components.errors import ConfigError, DataError, RoundError
 from fl_components.models import build_model
 from fl_components.parameters import NDArrays
+from fl_components.strategies.base import SiteInstructions
 from fl_components.training import LocalUpdate, Metrics, evaluate, local_train
 
 CENTRAL_DIR = "_central"
@@ -148,8 +149,16 @@ class Site:
             )
         return data
 
-    def train(self, global_parameters: NDArrays, *, round_num: int, seed: int) -> LocalUpdate:
-        """Local training from the global parameters."""
+    def train(
+        self,
+        global_parameters: NDArrays,
+        *,
+        round_num: int,
+        seed: int,
+        instructions: SiteInstructions | None = None,
+    ) -> LocalUpdate:
+        """Local training from the global parameters, as the strategy instructs."""
+        instructions = instructions if instructions is not None else SiteInstructions()
         data = self.load()
         model = build_model(self.config.model, self.info, seed=self.config.seed)
         if self.config.privacy.record_level:
@@ -172,6 +181,8 @@ class Site:
             site=self.name,
             round_num=round_num,
             seed=seed,
+            instructions=instructions,
+            folder=self.folder,
         )
 
     def evaluate(self, parameters: NDArrays) -> Metrics:

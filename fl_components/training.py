@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +20,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from fl_components.config import TrainingConfig
 from fl_components.data import Split
 from fl_components.parameters import NDArrays, get_parameters, set_parameters, subtract
+
+if TYPE_CHECKING:
+    from fl_components.strategies.base import SiteInstructions
 
 
 @dataclass(frozen=True)
@@ -111,8 +116,14 @@ def local_train(
     site: str,
     round_num: int,
     seed: int,
+    instructions: SiteInstructions | None = None,
+    folder: Path | None = None,
 ) -> LocalUpdate:
-    """Train ``model`` from θ_t on ``train`` and return Δ = θ_k − θ_t."""
+    """Train ``model`` from θ_t on ``train`` and return Δ = θ_k − θ_t.
+
+    ``instructions`` come from the strategy (FedProx's μ, SCAFFOLD's c); ``folder`` is the
+    site's own folder, where SCAFFOLD keeps the site's control variate c_i across rounds.
+    """
     started = time.perf_counter()
     device = pick_device(config.device)
     torch.manual_seed(seed)

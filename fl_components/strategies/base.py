@@ -24,7 +24,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from fl_components.errors import ConfigError, RoundError
 from fl_components.parameters import NDArrays
+from fl_components.privacy.dp_fedavg import DPAggregate
 from fl_components.training import LocalUpdate
 
 
@@ -140,12 +142,15 @@ class AggregatedUpdate:
         SCAFFOLD: (1/|S|) Σ_i Δc_i.
     metrics : Mapping[str, float]
         The rule's own per-round figures (``strategy/...``), logged with the round.
+    private : DPAggregate or None
+        DP-FedAvg's record of the round (clip norm, noise std, update norms), to account.
     """
 
     delta: NDArrays
     participants: int
     control_delta: NDArrays | None = None
     metrics: Mapping[str, float] = field(default_factory=dict)
+    private: DPAggregate | None = None
 
 
 class Strategy(ABC):
@@ -179,6 +184,30 @@ class Strategy(ABC):
         RoundError
             If ``updates`` is empty or cannot be combined.
         """
+
+    def aggregate_sum(
+        self, total: NDArrays, *, weight: float, participants: int, state: ServerState
+    ) -> AggregatedUpdate:
+        """Combine from a securely aggregated sum Σ_k w_k Δ_k and its weight Σ_k w_k.
+
+        Secure aggregation hands the coordinator this sum alone; the default is the mean.
+
+        Raises
+        ------
+        ConfigError
+            If the rule needs each update in the clear (``needs_individual_updates``).
+        RoundError
+            If no weight was summed.
+        """
+        if self.needs_individual_updates:
+            raise ConfigError(
+                f"strategy {self.name!r} needs every update in the clear; it cannot run with "
+                "secure_aggregation.enabled: true"
+            )
+        if weight <= 0:
+            raise RoundError("secure aggregation summed no weight; nothing to average")
+        mean = [(np.asarray(t, dtype=np.float64) / weight).astype(np.float32) for t in total]
+        return AggregatedUpdate(delta=mean, participants=participants)
 
     @abstractmethod
     def apply(self, state: ServerState, update: AggregatedUpdate) -> ServerState:

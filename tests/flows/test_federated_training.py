@@ -73,7 +73,7 @@ def test_too_few_participants_aborts_without_touching_the_model(small_config) ->
     materialize_sites(config)
     (federation_dir(config) / "site-0" / "train.npz").write_bytes(b"tampered")
 
-    with pytest.raises(RoundError, match="only 2 of 3 sites returned an update"):
+    with pytest.raises(RoundError, match="only 2 of 3 sites returned a valid update"):
         federated_training(config)
 
     client = MlflowClient(tracking_uri=config.tracking.tracking_uri)
