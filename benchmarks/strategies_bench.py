@@ -10,8 +10,9 @@ split:
 - digits split Dirichlet α = 0.1 over 10 sites, all 10 per round, logistic regression.
 
 Final accuracy (mean of the last 3 rounds) and rounds to a target accuracy, over seeds.
-The loop below is a bare federation over the Strategy interface (configure / aggregate /
-apply); local training is numpy logistic regression whose gradient carries FedProx's and
+The loop below is a bare federation: each round is one ``fl_components.engine.run_round``
+call (configure, dispatch, validate, aggregate, apply) whose dispatch runs the sites here.
+Local training is numpy logistic regression whose gradient carries FedProx's and
 SCAFFOLD's terms (tests/strategies/test_bench_trainer.py checks it against the torch
 functions the sites use), and SCAFFOLD's c_i update is ``scaffold_client_control``.
 
@@ -40,6 +41,8 @@ from torch import nn
 
 from fl_components.config import StrategyConfig
 from fl_components.data import SiteData, Split, partition_bundled
+from fl_components.engine import Dropout, RoundPlan, SiteJob, SiteResult, run_round
+from fl_components.errors import RoundError
 from fl_components.parameters import NDArrays, get_parameters, subtract
 from fl_components.strategies import SiteInstructions, Strategy, build_strategy
 from fl_components.strategies.scaffold import scaffold_client_control
@@ -170,6 +173,49 @@ def accuracy(parameters: NDArrays, split: Split) -> float:
     return float((logits.argmax(axis=1) == split.labels).mean())
 
 
+class BenchSites:
+    """The round engine's dispatch for the bare loop: every job runs :func:`train_site` here.
+
+    Sites keep SCAFFOLD's c_i between rounds (in memory: each site's own state); an
+    ``attack`` replaces the attackers' updates before they are answered, as a compromised
+    site would.
+    """
+
+    def __init__(
+        self,
+        sites: Sequence[SiteData],
+        *,
+        setup: LocalSetup,
+        attack: Attack | None,
+        rng: np.random.Generator,
+    ) -> None:
+        self.sites = {s.name: s for s in sites}
+        self.setup, self.attack, self.rng = setup, attack, rng
+        self.controls: dict[str, NDArrays] = {}
+
+    def __call__(self, jobs: Sequence[SiteJob]) -> dict[str, SiteResult | Dropout]:
+        """Train every job's site; return each site's result."""
+        updates = []
+        for job in jobs:
+            if job.parameters is None:
+                raise RoundError(f"bench: job for {job.site} carries no model")
+            update, control = train_site(
+                job.parameters,
+                self.sites[job.site],
+                job.instructions,
+                setup=self.setup,
+                seed=job.seed,
+                round_num=job.round,
+                client_control=self.controls.get(job.site),
+            )
+            if control is not None:
+                self.controls[job.site] = control
+            updates.append(update)
+        if self.attack is not None:
+            updates = self.attack(updates, self.rng)
+        return {u.site: SiteResult(site=u.site, update=u) for u in updates}
+
+
 def run_federation(
     strategy: Strategy,
     sites: Sequence[SiteData],
@@ -181,36 +227,28 @@ def run_federation(
     seed: int,
     attack: Attack | None = None,
 ) -> list[float]:
-    """Accuracy on ``test`` after each round of a bare federation (logistic regression)."""
+    """Accuracy on ``test`` after each round, each round one ``engine.run_round`` call."""
     n_classes = max(int(test.labels.max()), *(int(s.train.labels.max()) for s in sites)) + 1
     torch.manual_seed(seed)  # nn.Linear's own initialization, as the project's logreg model
     model = nn.Linear(sites[0].train.features.shape[1], n_classes)
     state = strategy.initial_state(get_parameters(model))
     selection = np.random.default_rng([seed, 0x5E1])
-    attack_rng = np.random.default_rng([seed, 0xA77])
-    controls: dict[str, NDArrays] = {}
-    accuracies = []
+    dispatch = BenchSites(
+        sites, setup=setup, attack=attack, rng=np.random.default_rng([seed, 0xA77])
+    )
     names = [s.name for s in sites]
+    accuracies = []
     for round_num in range(1, rounds + 1):
-        chosen = sorted(selection.choice(len(sites), size=per_round, replace=False))
-        plan = strategy.configure(round_num, state, [names[i] for i in chosen])
-        updates = []
-        for i in chosen:
-            update, control = train_site(
-                state.parameters,
-                sites[i],
-                plan[names[i]],
-                setup=setup,
-                seed=seed_for(base=seed, round_num=round_num, site_index=int(i)),
-                round_num=round_num,
-                client_control=controls.get(names[i]),
-            )
-            if control is not None:
-                controls[names[i]] = control
-            updates.append(update)
-        if attack is not None:
-            updates = attack(updates, attack_rng)
-        state = strategy.apply(state, strategy.aggregate(updates, state))
+        chosen = sorted(int(i) for i in selection.choice(len(sites), size=per_round, replace=False))
+        plan = RoundPlan(
+            round=round_num,
+            selected=tuple(names[i] for i in chosen),
+            seeds={
+                names[i]: seed_for(base=seed, round_num=round_num, site_index=i) for i in chosen
+            },
+            min_participants=1,
+        )
+        state, _ = run_round(state, plan, dispatch, strategy)
         accuracies.append(accuracy(state.parameters, test))
     return accuracies
 
