@@ -362,8 +362,11 @@ def main() -> None:
     args = parser.parse_args()
     out = RESULTS / "strategies.json"
     png = RESULTS / "strategies.png"
-    if args.plot_only:
+    if args.plot_only:  # the plot and the notes are functions of the stored results
         plot_curves(read_curves(CURVES), png, "Strategies on non-IID data")
+        data = json.loads(out.read_text())
+        data["notes"] = notes(data["summary"])
+        out.write_text(json.dumps(data, indent=1))
         return
     torch.set_num_threads(1)
     setups = {
@@ -410,11 +413,7 @@ def main() -> None:
                 "command": command,
                 "machine": machine(),
                 "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-                "notes": [
-                    "![accuracy per round](benchmarks/results/strategies.png)",
-                    *directions(table),
-                    *NOTES,
-                ],
+                "notes": notes(table),
                 "summary": table,
                 "setup": {
                     name: {**vars(s), "rounds": args.rounds, "seeds": args.seeds}
@@ -458,6 +457,15 @@ def read_curves(path: Path) -> dict[str, dict[str, list[list[float]]]]:
             row["accuracy"]
         )
     return curves
+
+
+def notes(table: list[dict[str, Any]]) -> list[str]:
+    """The plot, the measured directions against the papers', and the setup's caveats."""
+    return [
+        "![accuracy per round](benchmarks/results/strategies.png)",
+        *directions(table),
+        *NOTES,
+    ]
 
 
 def directions(table: list[dict[str, Any]]) -> list[str]:
