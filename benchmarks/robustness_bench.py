@@ -172,8 +172,8 @@ NOTES = [
     "honest way, so 10x of them only lengthens FedAvg's step ((12 + 3 x 10) / 15 = 2.8 times "
     "the mean). Boosting harms when the boosted direction is malicious (model replacement, "
     "Bhagoji et al. 2019), which sign_flip_x5 measures.",
-    "Krum and Bulyan lose points even on the clean run: they keep one update (Krum) or the "
-    "few nearest the median (Bulyan), and with Dirichlet(1) labels one site's update misses "
+    "Krum and Bulyan lose points even on the clean run: they keep one update (Krum) or average, "
+    "per coordinate, the values nearest the median of n - 2f Krum picks (Bulyan), and with Dirichlet(1) labels one site's update misses "
     "other sites' labels; Blanchard et al. and El Mhamdi et al. measured IID data. Their "
     "figures are the same under every attack because the attackers are never selected: the "
     "run equals one with the three attackers left out.",
