@@ -173,10 +173,10 @@ NOTES = [
     "the mean). Boosting harms when the boosted direction is malicious (model replacement, "
     "Bhagoji et al. 2019), which sign_flip_x5 measures.",
     "Krum and Bulyan lose points even on the clean run: they keep one update (Krum) or average, "
-    "per coordinate, the values nearest the median of n - 2f Krum picks (Bulyan), and with Dirichlet(1) labels one site's update misses "
-    "other sites' labels; Blanchard et al. and El Mhamdi et al. measured IID data. Their "
-    "figures are the same under every attack because the attackers are never selected: the "
-    "run equals one with the three attackers left out.",
+    "per coordinate, the values nearest the median of n - 2f Krum picks (Bulyan), and with "
+    "Dirichlet(1) labels one site's update misses other sites' labels; Blanchard et al. and "
+    "El Mhamdi et al. measured IID data. Their figures are the same under every attack "
+    "because the attackers are never selected: the run equals one without the three.",
     "Under sign_flip_x5 the median, trimmed mean and norm bounding stay far above FedAvg "
     "but below their clean runs: 3 of 15 flipped, boosted values shift every coordinate's "
     "order statistics toward the attack (Yin et al. 2018's error bound grows with the "
