@@ -1,7 +1,7 @@
 """Robustness benchmark: 20% of sites attack; FedAvg against the robust aggregation rules.
 
 digits split Dirichlet α = 1 over 15 sites, all 15 in every round, multinomial logistic
-regression (the bare federation of :mod:`benchmarks.strategies_bench`). Three sites (20%)
+regression (the bare federation of :mod:`benchmarks.logreg_federation`). Three sites (20%)
 replace their update every round by
 
 - ``sign_flip_x5``: −5 Δ (Blanchard et al. 2017's omniscient direction, scaled),
@@ -30,15 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.strategies_bench import (
-    RESULTS,
-    Attack,
-    LocalSetup,
-    machine,
-    run_federation,
-    train_site,
-    versions,
-)
+from benchmarks.logreg_federation import Attack, LocalSetup, run_federation, train_site
+from benchmarks.strategies_bench import RESULTS, machine, versions
 from fl_components.config import StrategyConfig
 from fl_components.data import partition_bundled
 from fl_components.parameters import flatten

@@ -2,8 +2,8 @@
 
 import numpy as np
 
+from benchmarks.logreg_federation import BenchSites, LocalSetup, accuracy
 from benchmarks.robustness_bench import attack
-from benchmarks.strategies_bench import BenchSites, LocalSetup, accuracy
 from fl_components.config import StrategyConfig
 from fl_components.data import partition_bundled
 from fl_components.engine import RoundPlan, run_round
