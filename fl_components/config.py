@@ -186,6 +186,10 @@ class StrategyConfig(_Section):
             return self.server_lr
         return 0.1 if self.name in ADAPTIVE_RULES else 1.0
 
+    def _moved(self, knob: str) -> bool:
+        """True when ``knob`` differs from its default (a dumped and reloaded config passes)."""
+        return getattr(self, knob) != type(self).model_fields[knob].default
+
     @model_validator(mode="after")
     def _knobs_match_rule(self) -> StrategyConfig:
         owners = {
@@ -198,7 +202,7 @@ class StrategyConfig(_Section):
             "server_lr": tuple(n for n in get_args(StrategyKind) if n != "qfedavg"),
         }
         for knob, rules in owners.items():
-            if knob in self.model_fields_set and self.name not in rules:
+            if self._moved(knob) and self.name not in rules:
                 raise ValueError(
                     f"strategy.{knob} is set ({getattr(self, knob)}) but strategy.name is "
                     f"{self.name!r}, which does not use it; set strategy.name to one of "
@@ -210,7 +214,7 @@ class StrategyConfig(_Section):
             "multi_krum_m": ("multi_krum",),
         }
         for knob, aggregators in aggregator_knobs.items():
-            if knob in self.model_fields_set and self.aggregator not in aggregators:
+            if self._moved(knob) and self.aggregator not in aggregators:
                 raise ValueError(
                     f"strategy.{knob} is set ({getattr(self, knob)}) but strategy.aggregator is "
                     f"{self.aggregator!r}; set strategy.aggregator to one of "

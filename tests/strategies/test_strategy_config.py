@@ -44,6 +44,20 @@ def test_knob_of_another_rule_is_refused() -> None:
         config_from_dict({"strategy": {"aggregator": "median", "byzantine_f": 2}})
 
 
+@pytest.mark.parametrize(
+    "section",
+    [{"name": n} for n in NAMES] + [{"aggregator": a} for a in ("median", "krum", "bulyan")],
+)
+def test_a_dumped_config_loads_again(section: dict[str, str]) -> None:
+    # Prefect hands a deployment its config as model_dump(mode="json"): every knob present
+    sites = [{"name": f"s{i}"} for i in range(8)]
+    config = config_from_dict(
+        {"sites": sites, "participation": {"min_participants": 7}, "strategy": section}
+    )
+    again = config_from_dict(config.model_dump(mode="json"))
+    assert again == config
+
+
 def test_bounds_name_the_field_and_value() -> None:
     with pytest.raises(ConfigError) as error:
         config_from_dict({"strategy": {"name": "fedavgm", "server_momentum": 1.5}})
