@@ -8,7 +8,7 @@ model from YAML. Every validation error names the field, the value and what is a
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -146,8 +146,8 @@ class StrategyConfig(_Section):
         default=None,
         gt=0,
         le=10,
-        description="Server step η on the combined update; null = 1.0, or 0.1 for "
-        "fedadagrad / fedadam / fedyogi. Not used by qfedavg.",
+        description="Server step η on the combined update; unset = 1.0, or 0.1 for "
+        "fedadagrad / fedadam / fedyogi (filled in, so runs log the η used). Not used by qfedavg.",
     )
     server_momentum: float = Field(
         default=0.9, ge=0, lt=1, description="fedavgm: momentum β of the server step."
@@ -186,6 +186,20 @@ class StrategyConfig(_Section):
             return self.server_lr
         return 0.1 if self.name in ADAPTIVE_RULES else 1.0
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_server_lr(cls, data: Any) -> Any:
+        """Fill ``server_lr`` with the rule's default, so the config holds the η in use."""
+        if isinstance(data, dict) and data.get("server_lr") is None:
+            name = data.get("name", "fedavg")
+            if name != "qfedavg":
+                data = {**data, "server_lr": 0.1 if name in ADAPTIVE_RULES else 1.0}
+        return data
+
+    def _moved(self, knob: str) -> bool:
+        """True when ``knob`` differs from its default (a dumped and reloaded config passes)."""
+        return getattr(self, knob) != type(self).model_fields[knob].default
+
     @model_validator(mode="after")
     def _knobs_match_rule(self) -> StrategyConfig:
         owners = {
@@ -195,10 +209,9 @@ class StrategyConfig(_Section):
             "beta2": ("fedadam", "fedyogi"),
             "tau": ADAPTIVE_RULES,
             "q": ("qfedavg",),
-            "server_lr": tuple(n for n in get_args(StrategyKind) if n != "qfedavg"),
         }
         for knob, rules in owners.items():
-            if knob in self.model_fields_set and self.name not in rules:
+            if self._moved(knob) and self.name not in rules:
                 raise ValueError(
                     f"strategy.{knob} is set ({getattr(self, knob)}) but strategy.name is "
                     f"{self.name!r}, which does not use it; set strategy.name to one of "
@@ -210,12 +223,17 @@ class StrategyConfig(_Section):
             "multi_krum_m": ("multi_krum",),
         }
         for knob, aggregators in aggregator_knobs.items():
-            if knob in self.model_fields_set and self.aggregator not in aggregators:
+            if self._moved(knob) and self.aggregator not in aggregators:
                 raise ValueError(
                     f"strategy.{knob} is set ({getattr(self, knob)}) but strategy.aggregator is "
                     f"{self.aggregator!r}; set strategy.aggregator to one of "
                     f"{', '.join(aggregators)} or remove strategy.{knob}"
                 )
+        if self.name == "qfedavg" and self.server_lr is not None:
+            raise ValueError(
+                f"strategy.server_lr is set ({self.server_lr}) but strategy.name 'qfedavg' "
+                "steps by its own rule (L = 1/training.lr); remove strategy.server_lr"
+            )
         if self.name == "qfedavg" and self.aggregator != "mean":
             raise ValueError(
                 f"strategy.name 'qfedavg' weighs updates by loss itself; strategy.aggregator "
@@ -515,11 +533,6 @@ class FederationConfig(_Section):
                 "privacy.adaptive_clipping needs each update's norm, which secure aggregation "
                 "hides from the coordinator; set privacy.adaptive_clipping: false or "
                 "secure_aggregation.enabled: false"
-            )
-        if self.data.source == "site_files" and "dataset" in self.data.model_fields_set:
-            raise ValueError(
-                f"data.dataset ({self.data.dataset!r}) is set but data.source is 'site_files'; "
-                "remove data.dataset or set data.source: bundled"
             )
         conflict = strategy_conflict(self)
         if conflict:

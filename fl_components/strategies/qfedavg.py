@@ -95,5 +95,4 @@ class QFedAvg(Strategy):
             "strategy.rule": self.name,
             "strategy.q": repr(self.q),
             "strategy.lipschitz": repr(self.lipschitz),
-            "strategy.aggregator": "qfedavg",
         }

@@ -118,6 +118,8 @@ class Scaffold(FedAvg):
     """SCAFFOLD's server: steps x along Δx̄ and the server control c along Δc̄."""
 
     name = "scaffold"
+    # aggregate reads each site's Δc_i; the secure sum and DP-FedAvg carry only Δ
+    needs_individual_updates = True
 
     def __init__(
         self,

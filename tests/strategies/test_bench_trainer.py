@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.strategies_bench import LocalSetup, logreg_sgd
+from benchmarks.logreg_federation import LocalSetup, logreg_sgd
 from fl_components.data import Split
 from fl_components.parameters import get_parameters
 from fl_components.strategies.fedprox import proximal_penalty

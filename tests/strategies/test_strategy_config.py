@@ -2,7 +2,7 @@
 
 import pytest
 
-from fl_components.config import StrategyConfig, config_from_dict
+from fl_components.config import StrategyConfig, config_from_dict, flatten_config
 from fl_components.errors import ConfigError
 from fl_components.strategies import QFedAvg, Scaffold, build_strategy
 
@@ -14,7 +14,8 @@ def test_build_strategy_builds_every_rule(name: str) -> None:
     rule = build_strategy(StrategyConfig(name=name), num_sites=5, local_lr=0.05)
     assert rule.name == name
     params = rule.params()
-    assert params["strategy.rule"] == name and "strategy.aggregator" in params
+    assert params["strategy.rule"] == name
+    assert ("strategy.aggregator" in params) == (name != "qfedavg")
 
 
 def test_builder_passes_the_federation_facts() -> None:
@@ -29,9 +30,12 @@ def test_builder_passes_the_federation_facts() -> None:
 
 
 def test_server_lr_default_depends_on_the_rule() -> None:
-    assert StrategyConfig(name="fedavg").effective_server_lr == 1.0
-    assert StrategyConfig(name="fedadam").effective_server_lr == 0.1
+    assert StrategyConfig(name="fedavg").server_lr == 1.0
+    assert StrategyConfig(name="fedadam").server_lr == 0.1  # filled in: the run logs it
     assert StrategyConfig(name="fedadam", server_lr=0.3).effective_server_lr == 0.3
+    assert StrategyConfig(name="qfedavg").server_lr is None
+    with pytest.raises(ValueError, match="qfedavg' steps by its own rule"):
+        StrategyConfig(name="qfedavg", server_lr=0.5)
 
 
 def test_knob_of_another_rule_is_refused() -> None:
@@ -42,6 +46,31 @@ def test_knob_of_another_rule_is_refused() -> None:
     assert "fedprox" in message
     with pytest.raises(ConfigError, match=r"strategy.byzantine_f is set"):
         config_from_dict({"strategy": {"aggregator": "median", "byzantine_f": 2}})
+
+
+@pytest.mark.parametrize(
+    "section",
+    [{"name": n} for n in NAMES] + [{"aggregator": a} for a in ("median", "krum", "bulyan")],
+)
+def test_a_dumped_config_loads_again(section: dict[str, str]) -> None:
+    # Prefect hands a deployment its config as model_dump(mode="json"): every knob present
+    sites = [{"name": f"s{i}"} for i in range(8)]
+    config = config_from_dict(
+        {"sites": sites, "participation": {"min_participants": 7}, "strategy": section}
+    )
+    again = config_from_dict(config.model_dump(mode="json"))
+    assert again == config
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_strategy_params_agree_with_the_logged_config(name: str) -> None:
+    # MLflow refuses a param logged twice with two values: the run logs both dicts
+    config = config_from_dict({"strategy": {"name": name}})
+    flat = flatten_config(config)
+    rule = build_strategy(config.strategy, num_sites=10, local_lr=config.training.lr)
+    shared = {k: v for k, v in rule.params().items() if k in flat}
+    assert shared == {k: flat[k] for k in shared}
+    assert "strategy.server_lr" in shared or name == "qfedavg"
 
 
 def test_bounds_name_the_field_and_value() -> None:
