@@ -230,6 +230,7 @@ def plan_round(
             selected=selected,
             like=state.parameters,
         )
+    bound = config.strategy.norm_bound
     return RoundPlan(
         round=round_num,
         selected=selected,
@@ -239,6 +240,8 @@ def plan_round(
         },
         min_participants=config.participation.min_participants,
         evaluation=evaluation,
+        # an update 100x past the norm bound is not an honest one to clip: refuse it outright
+        max_update_norm=None if bound is None else 100.0 * bound,
         secure=secure,
         # in the clear the site compresses its update; under SecAgg the round context does
         compression=None
