@@ -34,6 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 FLOWER_VENV = ROOT / "build" / "flower-venv"
 WORKDIR = ROOT / "build" / "flower-bench"
+# "fedpipe-base": the same CLI from an earlier commit, for before/after (--baseline REV)
+BASELINE = ROOT / "build" / "baseline"
 ROW = re.compile(r"^\s*(\d+)\s+(\d+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)")
 FINAL = re.compile(r"final global accuracy\s+([0-9.]+)")
 FEDPIPE_MAIN = "from flows.cli import main; main()"  # what the `fedpipe` script runs
@@ -51,6 +53,18 @@ def flower_python() -> Path:
         subprocess.run([*pip, "torch==2.13.0"], check=True)  # the CPU wheel on disk, first
         subprocess.run([*pip, "flwr[simulation]", "opacus"], check=True)
     return python
+
+
+def export_baseline(revision: str) -> None:
+    """Check out ``revision``'s tree into build/baseline (for system 'fedpipe-base')."""
+    import shutil
+
+    shutil.rmtree(BASELINE, ignore_errors=True)
+    BASELINE.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "archive", revision], cwd=ROOT, capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(BASELINE)], input=archive, check=True)
 
 
 def _versions(python: Path) -> dict[str, str]:
@@ -104,13 +118,13 @@ def _command(system: str, workload: Workload, paths: tuple[Path, Path], out: Pat
             str(partition),
             str(out),
         ]
-    if system == "fedpipe":
+    if system.startswith("fedpipe"):
         return [sys.executable, "-c", FEDPIPE_MAIN, "run", str(config_path)]
     return [sys.executable, "-m", "benchmarks.flower.bare_loop", str(config_path), str(out)]
 
 
 def _parse(system: str, output: str, out: Path) -> dict[str, Any]:
-    if system != "fedpipe":
+    if not system.startswith("fedpipe"):
         return json.loads(out.read_text()) if out.is_file() else {}
     rounds = [float(m.group(5)) for m in map(ROW.match, output.splitlines()) if m]
     final = FINAL.search(output)
@@ -123,7 +137,8 @@ def run_once(
     """One subprocess run of ``system`` on ``workload``."""
     out = WORKDIR / f"{workload.name}-{system}.json"
     out.unlink(missing_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_DEDUP_LOGS": "0"}
+    code = BASELINE if system == "fedpipe-base" else ROOT
+    env = {**os.environ, "PYTHONPATH": str(code), "RAY_DEDUP_LOGS": "0"}
     measured = measure(
         _command(system, workload, paths, out), cwd=WORKDIR, env=env, timeout=timeout
     )
@@ -216,9 +231,17 @@ def main() -> None:
     parser.add_argument("--workloads", default=DEFAULT_WORKLOADS, help=f"Of {sorted(WORKLOADS)}.")
     parser.add_argument("--systems", default="flower,fedpipe,bare")
     parser.add_argument("--timeout", type=float, default=900, help="Seconds per run.")
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        help="Also run system 'fedpipe-base': `fedpipe run` from this git revision.",
+    )
     parser.add_argument("--output", default="flower", help="Result name under benchmarks/results.")
     args = parser.parse_args()
     systems = args.systems.split(",")
+    if args.baseline:
+        export_baseline(args.baseline)
+        systems.append("fedpipe-base")
     workloads = [WORKLOADS[name] for name in args.workloads.split(",")]
     WORKDIR.mkdir(parents=True, exist_ok=True)
     versions = _versions(flower_python()) if "flower" in systems else {}

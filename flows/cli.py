@@ -7,6 +7,7 @@ config. Prefect runs ephemerally (no server to start) with its state under ``sta
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -61,8 +62,12 @@ def _fail(error: Exception) -> None:
 def run_with_progress(config: FederationConfig) -> Any:
     """Run the training flow in-process, showing a live progress bar and a row per round."""
     prepare_environment()
+    server = start_temporary_server()  # boots while the imports below run
     from flows.federated_training import federated_training
     from flows.progress import listening
+    from flows.runners import task_runner_for
+    from flows.startup import warm_in_background
+    from flows.temporary_server import flush_and_wait
 
     quiet_console_logs()
     console.print(
@@ -98,51 +103,34 @@ def run_with_progress(config: FederationConfig) -> Any:
                     status=f"acc {m['global/accuracy']:.3f}  loss {m['global/loss']:.3f}",
                 )
 
-        with listening(on_event):
-            summary = federated_training(config)
-        # the temporary Prefect server stops at exit: send this process's last events and
-        # logs now, then wait for the server to record them, so that the Prefect UI shows
-        # every task run complete and the server stops with nothing half-written
-        progress.update(bar, status="flushing Prefect events")
-        from prefect.events.worker import EventsWorker
-        from prefect.logging.handlers import APILogWorker
-
-        EventsWorker.drain_all(timeout=15)
-        APILogWorker.drain_all(timeout=15)
-        _wait_task_runs_recorded(summary.prefect_flow_run_id, timeout=30)
+        flow = federated_training.with_options(task_runner=task_runner_for(config))
+        try:
+            if server is not None:
+                warm_in_background()
+                server.wait_ready(timeout=_startup_timeout())
+            with server.serving() if server else contextlib.nullcontext(), listening(on_event):
+                summary = flow(config)
+                # send this process's last events and logs, wait (bounded) for the server
+                # to record every task run, so that the Prefect UI shows them all complete
+                progress.update(bar, status="flushing Prefect events")
+                flush_and_wait(summary.prefect_flow_run_id, timeout=30)
+        finally:
+            if server is not None:
+                server.stop()
         return summary
 
 
-def _wait_task_runs_recorded(flow_run_id: str, *, timeout: float) -> None:
-    """Wait until the server has recorded this flow run's task runs, all in a final state.
+def start_temporary_server() -> Any:
+    """Start this run's temporary Prefect server, unless PREFECT_API_URL names one to reuse."""
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+    from flows.temporary_server import TemporaryServer
 
-    Task runs reach a Prefect 3 server as events, written in batches by its task-run
-    recorder; stopping the server mid-batch loses them (and prints the recorder's
-    traceback). Done when two polls in a row see the same number, all final.
-    """
-    if not flow_run_id:
-        time.sleep(3)
-        return
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    return TemporaryServer.start(Path(os.environ["PREFECT_HOME"]) / "server.log")
 
-    runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-    deadline = time.monotonic() + timeout
-    seen = -1
-    with get_client(sync_client=True) as client:
-        while time.monotonic() < deadline:
-            task_runs: list[Any] = []
-            while True:  # the API returns at most 200 a page
-                page = client.read_task_runs(flow_run_filter=runs, limit=200, offset=len(task_runs))
-                task_runs += page
-                if len(page) < 200:
-                    break
-            done = all(t.state is not None and t.state.is_final() for t in task_runs)
-            if done and len(task_runs) == seen:
-                time.sleep(1.0)  # one recorder batch for the events that came last
-                return
-            seen = len(task_runs) if done else -1
-            time.sleep(1.0)
+
+def _startup_timeout() -> float:
+    return float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90"))
 
 
 def _round_header(config: FederationConfig) -> str:

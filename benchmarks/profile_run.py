@@ -1,0 +1,134 @@
+"""Where the seconds of an embedded ``fedpipe run`` go, from py-spy and the CLI's own clock.
+
+    .venv/bin/python -m benchmarks.profile_run [--workloads digits-10,digits-100]
+
+Needs ``py-spy`` (``pip install py-spy``; a profiling tool, not a fedpipe dependency). Each
+workload (``benchmarks/flower/workloads.py``) runs once under ``py-spy record
+--subprocesses`` (the temporary Prefect server's process included) at 50 Hz. Two views go to
+``benchmarks/results/profile.json``:
+
+- wall: the phases the CLI prints (start until "Prefect up", the rounds, the end after the
+  last round) and the whole run;
+- CPU: py-spy's on-CPU samples per process and per category (a stack counts for the first
+  category, in :data:`CATEGORIES` order, that one of its frames matches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from benchmarks.flower.workloads import WORKLOADS, prepare
+from benchmarks.flower_bench import FEDPIPE_MAIN, RESULTS, ROOT, ROW, WORKDIR, _machine
+
+RATE = 50
+UP = re.compile(r"Prefect up after ([0-9.]+)s")
+# (category, a regex one of the stack's frames must match); first match wins
+CATEGORIES = [
+    (
+        "end of run: drain events, wait for the server to record",
+        r"_wait_task_runs_recorded|drain_all",
+    ),
+    ("waiting for the temporary server to start", r"SubprocessASGIServer|wait_ready"),
+    ("imports", r"_find_and_load"),
+    ("local training (torch)", r"train_epochs|dp_train"),
+    ("evaluation (torch)", r"\bevaluate \(fl_components|evaluate_site|evaluate_global"),
+    ("MLflow writes", r"\(mlflow/|mlflow\.|tracking\.py"),
+    ("Prefect artifacts, events, logs", r"prefect/(events|logging|artifacts)"),
+    ("Prefect task engine and states", r"prefect/(task_engine|task_runners|futures|states|client)"),
+    ("Prefect flow engine", r"prefect/"),
+    ("site data loading", r"load_site|read_split|np\.load|numpy/lib"),
+]
+
+
+def _process(stack: str) -> str:
+    head = stack.split(";", 1)[0]
+    if "uvicorn" in head or "prefect.server" in head:
+        return "temporary Prefect server (subprocess)"
+    if head.startswith("process "):
+        return "fedpipe run (main process)"
+    return "other"
+
+
+def categorize(raw: str) -> dict[str, dict[str, float]]:
+    """Seconds of on-CPU samples per process, then per category (py-spy's raw format)."""
+    per_process: dict[str, Counter[str]] = {}
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        process = _process(stack)
+        category = next((name for name, rx in CATEGORIES if re.search(rx, stack)), "other")
+        per_process.setdefault(process, Counter())[category] += int(count)
+    return {
+        process: {k: round(v / RATE, 1) for k, v in counts.most_common()}
+        for process, counts in per_process.items()
+    }
+
+
+def profile(name: str) -> dict[str, object]:
+    """Run one workload under py-spy; the wall phases and the CPU categories."""
+    config_path, _ = prepare(WORKLOADS[name], WORKDIR)
+    out = WORKDIR / f"profile-{name}.txt"
+    command = [
+        shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"),
+        *("record", "-r", str(RATE), "--subprocesses", "--nonblocking", "-f", "raw"),
+        *("-o", str(out), "--", sys.executable, "-c", FEDPIPE_MAIN, "run", str(config_path)),
+    ]
+    started = time.perf_counter()
+    env = {"PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        command, cwd=WORKDIR, env={**_environ(), **env}, capture_output=True, text=True
+    )
+    wall = time.perf_counter() - started
+    output = result.stdout + result.stderr
+    up = UP.search(output)
+    rounds = [float(m.group(5)) for m in map(ROW.match, output.splitlines()) if m]
+    start = float(up.group(1)) if up else float("nan")
+    return {
+        "wall": {
+            "whole_run_s": round(wall, 1),
+            "start_until_prefect_up_s": start,
+            "rounds_s": round(sum(rounds), 1),
+            "median_round_s": sorted(rounds)[len(rounds) // 2] if rounds else None,
+            "after_last_round_s": round(wall - start - sum(rounds), 1),
+            "traceback_at_end": "Traceback (most recent call last)" in output,
+        },
+        "cpu_seconds": categorize(out.read_text()) if out.is_file() else {},
+    }
+
+
+def _environ() -> dict[str, str]:
+    import os
+
+    return dict(os.environ)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workloads", default="digits-10,digits-100")
+    parser.add_argument("--output", default="profile")
+    args = parser.parse_args()
+    WORKDIR.mkdir(parents=True, exist_ok=True)
+    report = {
+        "title": "Profile of the embedded run (py-spy)",
+        "command": "python -m benchmarks.profile_run " + " ".join(sys.argv[1:]),
+        "machine": _machine(),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        **{name: profile(name) for name in args.workloads.split(",")},
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.output}.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
