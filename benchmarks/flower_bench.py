@@ -258,6 +258,15 @@ def main() -> None:
                 print(
                     f"rep {rep} {workload.name:<20} {system:<8} " + json.dumps(result), flush=True
                 )
+                write_report(args, runs, versions)  # after every run: a cut-short run still counts
+
+
+def write_report(
+    args: argparse.Namespace,
+    runs: dict[str, dict[str, list[dict[str, Any]]]],
+    versions: dict[str, str],
+) -> None:
+    """Write benchmarks/results/<output>.json and its plots from the runs so far."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     plots = {
         "wall": f"{args.output}_wall.png",
