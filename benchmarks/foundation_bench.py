@@ -47,32 +47,35 @@ def _config(workdir: Path, rounds: int) -> Any:
 
 
 def bare_loop(config: Any) -> dict[str, Any]:
-    """The federation as a plain Python loop over the same fl_components functions."""
+    """The federation as a plain loop over the very round engine the flow runs.
+
+    The same ``fl_components.engine.run_round`` with the same strategy, selection, seeds
+    and folded evaluation; the dispatch runs each site's job in-process, one after another,
+    instead of as Prefect tasks.
+    """
+    from fl_components.engine import EvaluationRequest, RoundPlan, evaluate_sites, run_round
     from fl_components.federation import (
-        Site,
         central_test_split,
-        dataset_info,
         materialize_sites,
         select_participants,
-        site_folder,
     )
     from fl_components.models import build_model
     from fl_components.parameters import get_parameters
-    from fl_components.strategies import ServerState, build_strategy, weighted_average
+    from fl_components.participant import InProcessSites
+    from fl_components.strategies import build_strategy
     from fl_components.training import evaluate, seed_for
 
     started = time.perf_counter()
     materialize_sites(config)
-    info = dataset_info(config)
+    sites = InProcessSites(config)
     test = central_test_split(config)
-    model = build_model(config.model, info, seed=config.seed)
-    state = ServerState(round=0, parameters=get_parameters(model))
-    strategy = build_strategy(config.strategy)
-    sites = {
-        name: Site(name=name, folder=site_folder(config, name), config=config, info=info)
-        for name in config.site_names
-    }
+    model = build_model(config.model, sites.info, seed=config.seed)
+    strategy = build_strategy(
+        config.strategy, num_sites=len(config.sites), local_lr=config.training.lr
+    )
+    state = strategy.initial_state(get_parameters(model))
     index = {name: i for i, name in enumerate(config.site_names)}
+    evaluation = EvaluationRequest(round=0, sites=config.site_names)
     round_seconds, accuracy = [], float("nan")
     for round_num in range(1, config.rounds + 1):
         t0 = time.perf_counter()
@@ -83,21 +86,21 @@ def bare_loop(config: Any) -> dict[str, Any]:
             round_num=round_num,
             seed=config.seed,
         )
-        updates = [
-            sites[s].train(
-                state.parameters,
-                round_num=round_num,
-                seed=seed_for(base=config.seed, round_num=round_num, site_index=index[s]),
-            )
-            for s in selected
-        ]
-        state = strategy.apply(
-            state, weighted_average([(u.delta, u.num_examples) for u in updates])
+        plan = RoundPlan(
+            round=round_num,
+            selected=selected,
+            seeds={
+                s: seed_for(base=config.seed, round_num=round_num, site_index=index[s])
+                for s in selected
+            },
+            min_participants=config.participation.min_participants,
+            evaluation=evaluation,
         )
-        for site in sites.values():
-            site.evaluate(state.parameters)
+        state, _ = run_round(state, plan, sites, strategy)
+        evaluation = EvaluationRequest(round=round_num, sites=config.site_names)
         accuracy = evaluate(model, state.parameters, test).accuracy
         round_seconds.append(time.perf_counter() - t0)
+    evaluate_sites(state.parameters, evaluation, sites)  # the last round's federated score
     return {
         "wall_s": time.perf_counter() - started,
         "median_round_s": statistics.median(round_seconds),

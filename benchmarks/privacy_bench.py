@@ -34,7 +34,7 @@ from fl_components.federation import (
 from fl_components.models import build_model
 from fl_components.parameters import get_parameters
 from fl_components.privacy.dpsgd import dp_train, plan_round
-from fl_components.strategies import ServerState, build_strategy, weighted_average
+from fl_components.strategies import ServerState, build_strategy
 from fl_components.training import evaluate, make_loader, make_optimizer, train_epochs
 
 ROUNDS, SITES, EPOCHS = 5, 5, 2
@@ -71,9 +71,7 @@ def run_federation(config: FederationConfig) -> tuple[float, float]:
             update = site.train(state.parameters, round_num=round_num, seed=index + 100 * round_num)
             epsilon = max(epsilon, update.extra.get("epsilon", 0.0))
             updates.append(update)
-        state = strategy.apply(
-            state, weighted_average([(u.delta, u.num_examples) for u in updates])
-        )
+        state = strategy.apply(state, strategy.aggregate(updates, state))
     test = central_test_split(config)
     score = evaluate(build_model(config.model, info, seed=0), state.parameters, test, device="cpu")
     return score.accuracy, epsilon

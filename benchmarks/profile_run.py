@@ -27,7 +27,10 @@ from collections import Counter
 from pathlib import Path
 
 from benchmarks.flower.workloads import WORKLOADS, prepare
-from benchmarks.flower_bench import FEDPIPE_MAIN, RESULTS, ROOT, ROW, WORKDIR, _machine
+from benchmarks.flower_bench import FEDPIPE_MAIN, RESULTS, ROOT, ROW, _machine
+from benchmarks.flower_bench import WORKDIR as BENCH_DIR
+
+WORKDIR = BENCH_DIR / "profile"  # its own sites: never rewrite a running benchmark's
 
 RATE = 50
 UP = re.compile(r"Prefect up after ([0-9.]+)s")
@@ -44,18 +47,26 @@ CATEGORIES = [
     ("MLflow writes", r"\(mlflow/|mlflow\.|tracking\.py"),
     ("Prefect artifacts, events, logs", r"prefect/(events|logging|artifacts)"),
     ("Prefect task engine and states", r"prefect/(task_engine|task_runners|futures|states|client)"),
-    ("Prefect flow engine", r"prefect/"),
+    ("Prefect flow engine", r"prefect/(?!server)"),
     ("site data loading", r"load_site|read_split|np\.load|numpy/lib"),
+    ("server: start-up (imports, create_app)", r"click/core|create_app|<module> \(prefect"),
+    (
+        "server: recording events and task runs (SQLite)",
+        r"messaging|task_run_recorder|aiosqlite|sqlalchemy",
+    ),
+    ("server: API requests", r"prefect/server/api|starlette|fastapi"),
 ]
 
 
-def _process(stack: str) -> str:
-    head = stack.split(";", 1)[0]
-    if "uvicorn" in head or "prefect.server" in head:
+# py-spy --subprocesses opens each stack with its process chain: process PID:"CMDLINE";...
+PROCESSES = re.compile(r'^((?:process \d+:"[^"]*";?)+)')
+
+
+def _process(chain: str) -> str:
+    own = chain.rstrip(";").rsplit("process ", 1)[-1]
+    if "uvicorn" in own or "prefect.server" in own:
         return "temporary Prefect server (subprocess)"
-    if head.startswith("process "):
-        return "fedpipe run (main process)"
-    return "other"
+    return "fedpipe run (main process)"
 
 
 def categorize(raw: str) -> dict[str, dict[str, float]]:
@@ -63,9 +74,11 @@ def categorize(raw: str) -> dict[str, dict[str, float]]:
     per_process: dict[str, Counter[str]] = {}
     for line in raw.splitlines():
         stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
+        chain = PROCESSES.match(stack)
+        if not stack or not count.isdigit() or chain is None:
             continue
-        process = _process(stack)
+        process = _process(chain.group(1))
+        stack = stack[chain.end() :]
         category = next((name for name, rx in CATEGORIES if re.search(rx, stack)), "other")
         per_process.setdefault(process, Counter())[category] += int(count)
     return {

@@ -26,6 +26,8 @@ FULL = [
     ["benchmarks/privacy_bench.py"],
     ["benchmarks/secagg_bench.py"],
     ["benchmarks/dispatch_bench.py"],
+    ["-m", "benchmarks.strategies_bench", "--rounds", "40", "--seeds", "3"],
+    ["-m", "benchmarks.robustness_bench", "--rounds", "20", "--seeds", "2"],
 ]
 
 

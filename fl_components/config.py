@@ -8,18 +8,22 @@ model from YAML. Every validation error names the field, the value and what is a
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fl_components.errors import ConfigError
 
-BundledDataset = Literal["digits", "breast_cancer", "wine"]
+BundledDataset = Literal["digits", "breast_cancer", "wine", "synthetic"]
 Partitioner = Literal["iid", "dirichlet", "shards", "quantity_skew"]
 ModelKind = Literal["logreg", "mlp", "cnn"]
 OptimizerKind = Literal["sgd", "adam"]
-StrategyKind = Literal["fedavg"]
+StrategyKind = Literal[
+    "fedavg", "fedavgm", "fedprox", "scaffold", "fedadagrad", "fedadam", "fedyogi", "qfedavg"
+]
+AggregatorKind = Literal["mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan"]
+ADAPTIVE_RULES = ("fedadagrad", "fedadam", "fedyogi")
 BackendKind = Literal["local", "work-pool"]
 RunnerKind = Literal["thread", "ray", "dask"]
 InitFrom = Literal["fresh", "champion", "run"]
@@ -37,7 +41,17 @@ class DataConfig(_Section):
         description="'bundled': split a scikit-learn set among generated sites; "
         "'site_files': every site brings its own file (see sites[].data_path).",
     )
-    dataset: BundledDataset = Field(default="digits", description="Bundled scikit-learn set.")
+    dataset: BundledDataset = Field(
+        default="digits",
+        description="Bundled scikit-learn set, or 'synthetic': the FedProx paper's "
+        "Synthetic(alpha, beta), one generated device per site (partitioner unused).",
+    )
+    synthetic_alpha: float = Field(
+        default=1.0, ge=0, le=100, description="synthetic: model heterogeneity α (0 = same W)."
+    )
+    synthetic_beta: float = Field(
+        default=1.0, ge=0, le=100, description="synthetic: feature heterogeneity β."
+    )
     partitioner: Partitioner = Field(default="dirichlet", description="How labels are split.")
     alpha: float = Field(default=0.5, gt=0, description="Dirichlet concentration (lower = skew).")
     shards_per_site: int = Field(default=2, ge=1, description="Labels per site for 'shards'.")
@@ -111,10 +125,104 @@ class TrainingConfig(_Section):
 
 
 class StrategyConfig(_Section):
-    """How the coordinator combines updates and moves the global model."""
+    """How the coordinator combines updates and moves the global model.
 
-    name: StrategyKind = "fedavg"
-    server_lr: float = Field(default=1.0, gt=0, le=10, description="Step on the averaged delta.")
+    ``name`` picks the server rule, ``aggregator`` how the round's updates are combined
+    before it steps (the mean, or a robust rule), ``norm_bound`` bounds each update first.
+    A knob set for a rule that does not use it is an error, never silently ignored.
+    """
+
+    name: StrategyKind = Field(
+        default="fedavg",
+        description="Server rule: fedavg, fedavgm (server momentum), fedprox (proximal term), "
+        "scaffold (control variates), fedadagrad / fedadam / fedyogi (adaptive server), "
+        "qfedavg (fairness).",
+    )
+    aggregator: AggregatorKind = Field(
+        default="mean",
+        description="How updates are combined: mean (example-weighted), or robust: median, "
+        "trimmed_mean, krum, multi_krum, bulyan (these need updates in the clear).",
+    )
+    server_lr: float | None = Field(
+        default=None,
+        gt=0,
+        le=10,
+        description="Server step η on the combined update; null = 1.0, or 0.1 for "
+        "fedadagrad / fedadam / fedyogi. Not used by qfedavg.",
+    )
+    server_momentum: float = Field(
+        default=0.9, ge=0, lt=1, description="fedavgm: momentum β of the server step."
+    )
+    proximal_mu: float = Field(
+        default=0.01, ge=0, le=100, description="fedprox: μ of the proximal term (μ/2)‖θ−θ_t‖²."
+    )
+    beta1: float = Field(
+        default=0.9, ge=0, lt=1, description="fedadagrad/fedadam/fedyogi: first moment β₁."
+    )
+    beta2: float = Field(default=0.99, ge=0, lt=1, description="fedadam/fedyogi: second moment β₂.")
+    tau: float = Field(
+        default=1e-3, gt=0, le=1, description="fedadagrad/fedadam/fedyogi: adaptivity τ."
+    )
+    q: float = Field(default=1.0, ge=0, le=50, description="qfedavg: fairness q (0 = mean).")
+    trim_beta: float = Field(
+        default=0.1, gt=0, lt=0.5, description="trimmed_mean: share β cut at each end."
+    )
+    byzantine_f: int = Field(
+        default=1, ge=0, le=1000, description="krum/multi_krum/bulyan: attackers f tolerated."
+    )
+    multi_krum_m: int | None = Field(
+        default=None, ge=1, description="multi_krum: updates m averaged; null = n − f."
+    )
+    norm_bound: float | None = Field(
+        default=None,
+        gt=0,
+        description="L2 bound M on each update (Sun et al. 2019); null = none. Works under "
+        "secure aggregation (the site bounds its own update).",
+    )
+
+    @property
+    def effective_server_lr(self) -> float:
+        """``server_lr``, or the rule's default when it is null."""
+        if self.server_lr is not None:
+            return self.server_lr
+        return 0.1 if self.name in ADAPTIVE_RULES else 1.0
+
+    @model_validator(mode="after")
+    def _knobs_match_rule(self) -> StrategyConfig:
+        owners = {
+            "server_momentum": ("fedavgm",),
+            "proximal_mu": ("fedprox",),
+            "beta1": ADAPTIVE_RULES,
+            "beta2": ("fedadam", "fedyogi"),
+            "tau": ADAPTIVE_RULES,
+            "q": ("qfedavg",),
+            "server_lr": tuple(n for n in get_args(StrategyKind) if n != "qfedavg"),
+        }
+        for knob, rules in owners.items():
+            if knob in self.model_fields_set and self.name not in rules:
+                raise ValueError(
+                    f"strategy.{knob} is set ({getattr(self, knob)}) but strategy.name is "
+                    f"{self.name!r}, which does not use it; set strategy.name to one of "
+                    f"{', '.join(rules)} or remove strategy.{knob}"
+                )
+        aggregator_knobs = {
+            "trim_beta": ("trimmed_mean",),
+            "byzantine_f": ("krum", "multi_krum", "bulyan"),
+            "multi_krum_m": ("multi_krum",),
+        }
+        for knob, aggregators in aggregator_knobs.items():
+            if knob in self.model_fields_set and self.aggregator not in aggregators:
+                raise ValueError(
+                    f"strategy.{knob} is set ({getattr(self, knob)}) but strategy.aggregator is "
+                    f"{self.aggregator!r}; set strategy.aggregator to one of "
+                    f"{', '.join(aggregators)} or remove strategy.{knob}"
+                )
+        if self.name == "qfedavg" and self.aggregator != "mean":
+            raise ValueError(
+                f"strategy.name 'qfedavg' weighs updates by loss itself; strategy.aggregator "
+                f"{self.aggregator!r} cannot combine with it: set strategy.aggregator: mean"
+            )
+        return self
 
 
 class TrackingConfig(_Section):
@@ -389,6 +497,14 @@ class FederationConfig(_Section):
                 f"runner.kind is {self.runner.kind!r} but backend is 'work-pool': sites run "
                 "on their own work pools; set runner.kind: thread or backend: local"
             )
+        if self.data.source == "site_files" and "dataset" in self.data.model_fields_set:
+            raise ValueError(
+                f"data.dataset ({self.data.dataset!r}) is set but data.source is 'site_files'; "
+                "remove data.dataset or set data.source: bundled"
+            )
+        conflict = strategy_conflict(self)
+        if conflict:
+            raise ValueError(conflict)
         if self.init_from == "run" and not self.init_run_id:
             raise ValueError("init_from is 'run' but init_run_id is empty; set init_run_id")
         return self
@@ -397,6 +513,50 @@ class FederationConfig(_Section):
     def site_names(self) -> tuple[str, ...]:
         """Names of all sites, in config order."""
         return tuple(site.name for site in self.sites)
+
+
+def strategy_conflict(config: FederationConfig) -> str | None:
+    """Why the strategy cannot run with the federation's privacy / secure aggregation / size.
+
+    Robust aggregators, SCAFFOLD and q-FedAvg need each site's result in the clear (or, for
+    SCAFFOLD, a second secure sum the secure round does not compute); secure aggregation
+    shows the coordinator only the sum, DP-FedAvg only the noised sum. The robust rules
+    also need enough updates in the smallest round (``participation.min_participants``).
+    """
+    strategy = config.strategy
+    clear = strategy.aggregator != "mean" or strategy.name in ("scaffold", "qfedavg")
+    what = (
+        f"strategy.aggregator {strategy.aggregator!r}"
+        if strategy.aggregator != "mean"
+        else f"strategy.name {strategy.name!r}"
+    )
+    fix = "set strategy.aggregator: mean and a strategy.name other than scaffold/qfedavg"
+    if clear and config.secure_aggregation.enabled:
+        return (
+            f"{what} needs each site's update in the clear, but secure_aggregation.enabled is "
+            f"true (the coordinator sees only the sum); {fix} (strategy.norm_bound still "
+            "works: sites bound their own update), or set secure_aggregation.enabled: false"
+        )
+    if clear and config.privacy.participant_level:
+        return (
+            f"{what} cannot run with privacy.mode {config.privacy.mode!r} (DP-FedAvg noises "
+            f"the sum of clipped updates); {fix}, or set privacy.mode to 'record' or 'off'"
+        )
+    smallest = config.participation.min_participants
+    needed = {"krum": 2, "multi_krum": 2, "bulyan": 4}.get(strategy.aggregator)
+    if needed and smallest < needed * strategy.byzantine_f + 3:
+        return (
+            f"strategy.aggregator {strategy.aggregator!r} with strategy.byzantine_f = "
+            f"{strategy.byzantine_f} needs every round to have >= {needed}f + 3 = "
+            f"{needed * strategy.byzantine_f + 3} updates, but participation.min_participants "
+            f"is {smallest}; raise min_participants or lower byzantine_f"
+        )
+    if strategy.multi_krum_m is not None and strategy.multi_krum_m > smallest:
+        return (
+            f"strategy.multi_krum_m ({strategy.multi_krum_m}) exceeds "
+            f"participation.min_participants ({smallest}); lower multi_krum_m or leave it null"
+        )
+    return None
 
 
 def format_validation_error(error: ValidationError, *, source: str) -> str:

@@ -98,9 +98,24 @@ def partition_bundled(
     test_fraction: float,
     site_test_fraction: float,
     seed: int,
+    synthetic_alpha: float = 1.0,
+    synthetic_beta: float = 1.0,
 ) -> tuple[list[SiteData], Split]:
-    """Split a bundled set into a central test split and one :class:`SiteData` per site."""
+    """Split a bundled set into a central test split and one :class:`SiteData` per site.
+
+    ``dataset='synthetic'`` generates Synthetic(α, β) instead, one device per site
+    (:func:`synthetic_sites`); the partitioner is not used then.
+    """
     rng = np.random.default_rng(seed)
+    if dataset == "synthetic":
+        return synthetic_sites(
+            site_names=site_names,
+            alpha=synthetic_alpha,
+            beta=synthetic_beta,
+            test_fraction=test_fraction,
+            site_test_fraction=site_test_fraction,
+            rng=rng,
+        )
     full = load_bundled(dataset)
     pool, central_test = split_holdout(full, fraction=test_fraction, rng=rng)
     parts = partition_labels(
@@ -117,6 +132,31 @@ def partition_bundled(
         own = Split(pool.features[indices], pool.labels[indices])
         train, test = split_holdout(own, fraction=site_test_fraction, rng=rng)
         sites.append(SiteData(name=name, train=train, test=test))
+    return sites, central_test
+
+
+def synthetic_sites(
+    *,
+    site_names: tuple[str, ...],
+    alpha: float,
+    beta: float,
+    test_fraction: float,
+    site_test_fraction: float,
+    rng: np.random.Generator,
+) -> tuple[list[SiteData], Split]:
+    """One Synthetic(α, β) device per site; each gives ``test_fraction`` to the central test."""
+    from fl_components.synthetic import synthetic_devices  # synthetic imports Split from here
+
+    devices = synthetic_devices(n_devices=len(site_names), alpha=alpha, beta=beta, rng=rng)
+    sites, central = [], []
+    for name, device in zip(site_names, devices, strict=True):
+        own, held = split_holdout(device.data, fraction=test_fraction, rng=rng)
+        train, test = split_holdout(own, fraction=site_test_fraction, rng=rng)
+        sites.append(SiteData(name=name, train=train, test=test))
+        central.append(held)
+    central_test = Split(
+        np.concatenate([c.features for c in central]), np.concatenate([c.labels for c in central])
+    )
     return sites, central_test
 
 

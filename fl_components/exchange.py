@@ -118,6 +118,10 @@ def update_payload(update: LocalUpdate) -> dict[str, Any]:
         "seconds": float(update.seconds),
         "extra": {k: float(v) for k, v in update.extra.items()},
         "delta": encode_arrays(update.delta),
+        "control_delta": (
+            encode_arrays(update.control_delta) if update.control_delta is not None else None
+        ),
+        "initial_loss": None if update.initial_loss is None else float(update.initial_loss),
     }
 
 
@@ -132,6 +136,12 @@ def update_from_payload(payload: Mapping[str, Any], *, site: str, round_num: int
         train_loss=float(payload["train_loss"]),
         seconds=float(payload["seconds"]),
         extra={str(k): float(v) for k, v in payload.get("extra", {}).items()},
+        control_delta=(
+            decode_arrays(payload["control_delta"]) if payload.get("control_delta") else None
+        ),
+        initial_loss=(
+            None if payload.get("initial_loss") is None else float(payload["initial_loss"])
+        ),
     )
 
 

@@ -27,6 +27,7 @@ from fl_components.data import (
 from fl_components.errors import ConfigError, DataError, RoundError
 from fl_components.models import build_model
 from fl_components.parameters import NDArrays
+from fl_components.strategies.base import SiteInstructions
 from fl_components.training import LocalUpdate, Metrics, evaluate, local_train
 
 CENTRAL_DIR = "_central"
@@ -49,6 +50,8 @@ def site_folder(config: FederationConfig, name: str) -> Path:
 
 def dataset_info(config: FederationConfig) -> DatasetInfo:
     """Input width and class count, from the bundled set or from the config."""
+    if config.data.source == "bundled" and config.data.dataset == "synthetic":
+        return DatasetInfo(60, 10)  # Synthetic(alpha, beta): 60 features, 10 classes
     if config.data.source == "bundled":
         split = load_bundled(config.data.dataset)
         return DatasetInfo(int(split.features.shape[1]), int(split.labels.max()) + 1)
@@ -83,6 +86,8 @@ def materialize_sites(config: FederationConfig, *, overwrite: bool = False) -> l
         test_fraction=d.test_fraction,
         site_test_fraction=d.site_test_fraction,
         seed=config.seed,
+        synthetic_alpha=d.synthetic_alpha,
+        synthetic_beta=d.synthetic_beta,
     )
     for site in sites:
         write_site(root, site)
@@ -144,8 +149,16 @@ class Site:
             )
         return data
 
-    def train(self, global_parameters: NDArrays, *, round_num: int, seed: int) -> LocalUpdate:
-        """Local training from the global parameters."""
+    def train(
+        self,
+        global_parameters: NDArrays,
+        *,
+        round_num: int,
+        seed: int,
+        instructions: SiteInstructions | None = None,
+    ) -> LocalUpdate:
+        """Local training from the global parameters, as the strategy instructs."""
+        instructions = instructions if instructions is not None else SiteInstructions()
         data = self.load()
         model = build_model(self.config.model, self.info, seed=self.config.seed)
         if self.config.privacy.record_level:
@@ -168,6 +181,8 @@ class Site:
             site=self.name,
             round_num=round_num,
             seed=seed,
+            instructions=instructions,
+            folder=self.folder,
         )
 
     def evaluate(self, parameters: NDArrays) -> Metrics:

@@ -52,7 +52,7 @@ import numpy.typing as npt
 from fl_components.config import FederationConfig
 from fl_components.errors import ConfigError
 from fl_components.federation import Site, federation_dir
-from fl_components.parameters import NDArrays, flatten, unflatten
+from fl_components.parameters import NDArrays, flatten
 from fl_components.secagg import (
     AggregateResult,
     PublicKeys,
@@ -64,6 +64,7 @@ from fl_components.secagg import (
     default_threshold,
 )
 from fl_components.secagg.keys import ED25519_FILE
+from fl_components.strategies.base import SiteInstructions
 from fl_components.training import LocalUpdate
 
 log = logging.getLogger(__name__)
@@ -280,7 +281,12 @@ def prepare_update(
     tuple[numpy.ndarray of float64, int]
         The vector to mask (shape (d,)) and its weight in units (sent in the clear).
     """
-    vector = flatten(update.delta).astype(np.float64)
+    delta = update.delta
+    if config.strategy.norm_bound is not None:  # the coordinator sees only the sum: bound here
+        from fl_components.strategies.aggregation import bound_norm
+
+        delta = bound_norm(delta, config.strategy.norm_bound)
+    vector = flatten(delta).astype(np.float64)
     privacy = config.privacy
     if privacy.participant_level:
         from fl_components.privacy.dp_fedavg import SecureRandom, participant_noise
@@ -316,12 +322,15 @@ def mask_at_site(
     registry: Registry,
     keys_dir: str | os.PathLike[str],
     seed: int,
+    instructions: SiteInstructions | None = None,
 ) -> MaskedContribution:
     """Stage 1 at a site: train, (DP), weight, quantize and mask; return the signed bytes.
 
     Nothing but the masked message and clear metadata leaves this function.
     """
-    update = site.train(global_parameters, round_num=ctx.round, seed=seed)
+    update = site.train(
+        global_parameters, round_num=ctx.round, seed=seed, instructions=instructions
+    )
     vector, units = prepare_update(site.config, update, ctx)
     message = _participant(site.name, keys_dir, registry, site.folder).mask_update(
         ctx, vector, num_examples=units
@@ -349,20 +358,6 @@ def unmask_at_site(
     """Stage 2 at a site: answer the coordinator's unmask request (refusing unsafe ones)."""
     participant = _participant(site, keys_dir, registry, Path(folder))
     return participant.unmask_response(ctx, UnmaskRequest.from_bytes(request)).to_bytes()
-
-
-def mean_update(config: FederationConfig, result: AggregateResult, like: NDArrays) -> NDArrays:
-    """The FedAvg mean update from the unmasked sum: Σ w_k Δ_k / Σ w_k, shaped like ``like``.
-
-    Raises
-    ------
-    ValueError
-        If no weight was summed.
-    """
-    weights = result.total_examples / weight_scale(config)
-    if weights <= 0:
-        raise ValueError("secure aggregation summed no weight; nothing to average")
-    return unflatten(result.total / weights, like)
 
 
 def secagg_metrics(result: AggregateResult) -> dict[str, float]:

@@ -8,7 +8,10 @@ weight; McMahan et al. 2017, AISTATS, arXiv:1602.05629, Algorithm 1, ClientUpdat
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +21,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from fl_components.config import TrainingConfig
 from fl_components.data import Split
 from fl_components.parameters import NDArrays, get_parameters, set_parameters, subtract
+
+if TYPE_CHECKING:
+    from fl_components.strategies.base import SiteInstructions
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,8 @@ class LocalUpdate:
     train_loss: float
     seconds: float
     extra: dict[str, float] = field(default_factory=dict)
+    control_delta: NDArrays | None = None  # SCAFFOLD: Δc_i = c_i⁺ − c_i
+    initial_loss: float | None = None  # q-FedAvg: F_k(θ_t) on the training split
 
 
 def pick_device(preference: str = "auto") -> torch.device:
@@ -75,11 +83,15 @@ def train_epochs(
     epochs: int,
     device: torch.device,
     loss_fn: nn.Module | None = None,
+    penalty: Callable[[], torch.Tensor] | None = None,
+    before_step: Callable[[], None] | None = None,
 ) -> float:
     """Run ``epochs`` passes; return the mean training loss of the last epoch.
 
     ``loss_fn`` defaults to cross-entropy; DP-SGD passes the criterion Opacus wrapped
-    (ghost clipping needs its own).
+    (ghost clipping needs its own). ``penalty()`` is added to each batch's loss (FedProx's
+    proximal term); ``before_step()`` runs between ``backward`` and the optimizer step
+    (SCAFFOLD's gradient correction). The reported loss excludes the penalty.
     """
     loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
     model.train()
@@ -92,7 +104,9 @@ def train_epochs(
             features, labels = features.to(device), labels.to(device)
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(features), labels)
-            loss.backward()
+            (loss + penalty() if penalty is not None else loss).backward()
+            if before_step is not None:
+                before_step()
             optimizer.step()
             total += float(loss.detach()) * len(labels)
             count += len(labels)
@@ -109,25 +123,51 @@ def local_train(
     site: str,
     round_num: int,
     seed: int,
+    instructions: SiteInstructions | None = None,
+    folder: Path | None = None,
 ) -> LocalUpdate:
-    """Train ``model`` from θ_t on ``train`` and return Δ = θ_k − θ_t."""
+    """Train ``model`` from θ_t on ``train`` and return Δ = θ_k − θ_t.
+
+    ``instructions`` come from the strategy (FedProx's μ, SCAFFOLD's c); ``folder`` is the
+    site's own folder, where SCAFFOLD keeps the site's control variate c_i across rounds.
+    """
+    from fl_components.strategies.local import LocalObjective
+
     started = time.perf_counter()
     device = pick_device(config.device)
     torch.manual_seed(seed)
     set_parameters(model, global_parameters)
     model.to(device)
     loader = make_loader(train, batch_size=config.batch_size, seed=seed)
+    objective = LocalObjective.build(model, global_parameters, instructions, folder=folder)
+    initial_loss = (
+        evaluate(model, global_parameters, train, device=config.device).loss
+        if instructions is not None and instructions.report_initial_loss
+        else None
+    )
+    model.to(device)
     optimizer = make_optimizer(model, config)
-    loss = train_epochs(model, loader, optimizer, epochs=config.epochs, device=device)
+    loss = train_epochs(
+        model,
+        loader,
+        optimizer,
+        epochs=config.epochs,
+        device=device,
+        penalty=objective.penalty,
+        before_step=objective.before_step,
+    )
     model.to("cpu")
-    delta = subtract(get_parameters(model), global_parameters)
+    local = get_parameters(model)
+    control_delta = objective.finish(local, steps=config.epochs * len(loader), lr=config.lr)
     return LocalUpdate(
         site=site,
         round=round_num,
-        delta=delta,
+        delta=subtract(local, global_parameters),
         num_examples=len(train),
         train_loss=loss,
         seconds=time.perf_counter() - started,
+        control_delta=control_delta,
+        initial_loss=initial_loss,
     )
 
 

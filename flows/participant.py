@@ -10,22 +10,75 @@ storage the workers are configured with, where the coordinator reads it back.
 from __future__ import annotations
 
 import base64
+import os
+from pathlib import Path
 from typing import Any, Literal
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
+from fl_components import secure_round
 from fl_components.config import FederationConfig
-from fl_components.exchange import (
-    metrics_payload,
-    read_global_model,
-    update_payload,
-)
+from fl_components.engine import JobKind, SiteJob
+from fl_components.exchange import SITE_KEYS_ENV, read_global_model
+from fl_components.federation import Site
+from fl_components.participant import run_job, site_from_environment
 from fl_components.secure_round import context_from_json
+from fl_components.site_messages import answer_payload, instructions_from_payload
 from fl_components.training import seed_for
-from tasks.secure_site import site_mask, site_unmask
-from tasks.site_side import site_evaluate, site_train, this_site
 
 Stage = Literal["train", "mask", "unmask", "evaluate"]
+
+
+def keys_here(site: Site) -> Path:
+    """The served site's key folder: ``FEDPIPE_SITE_KEYS``, else ``<site folder>/keys``.
+
+    ``fedpipe site init`` and ``fedpipe up`` start each site's worker with the variable set.
+    """
+    configured = os.environ.get(SITE_KEYS_ENV)
+    return Path(configured) if configured else secure_round.site_keys_dir(site.folder)
+
+
+@task(name="site_job", task_run_name="{job.kind}-{job.site}-r{job.round}", cache_policy=NO_CACHE)
+def site_job(site: Site, job: SiteJob) -> dict[str, Any]:
+    """The job, run on this site's own folder; the answer as one JSON-safe payload."""
+    return answer_payload(run_job(site, job, keys_dir=keys_here(site)), job=job)
+
+
+def _job(
+    federation: FederationConfig,
+    *,
+    site: str,
+    round_num: int,
+    stage: Stage,
+    model_uri: str,
+    model_sha256: str,
+    secagg: dict[str, str] | None,
+    evaluate_round: int | None,
+    instructions: dict[str, Any] | None,
+) -> SiteJob:
+    """The :class:`SiteJob` these flow parameters describe (the model read and verified)."""
+    kind = JobKind(stage)
+    if kind in (JobKind.MASK, JobKind.UNMASK) and not (secagg and "context" in secagg):
+        raise ValueError(f"stage {stage!r} needs the secagg parameter with the round context")
+    ctx = context_from_json(secagg["context"]) if secagg and "context" in secagg else None
+    request = secagg.get("request") if secagg else None
+    parameters = None
+    if kind is not JobKind.UNMASK:
+        parameters = read_global_model(model_uri, sha256=model_sha256)
+    return SiteJob(
+        site=site,
+        kind=kind,
+        round=round_num,
+        parameters=parameters,
+        seed=seed_for(
+            base=federation.seed, round_num=round_num, site_index=federation.site_names.index(site)
+        ),
+        instructions=instructions_from_payload(instructions),
+        evaluate_round=evaluate_round,
+        secagg=ctx,
+        unmask_request=base64.b64decode(request, validate=True) if request else None,
+    )
 
 
 @flow(
@@ -45,50 +98,39 @@ async def federated_participant(
     run_id: str,
     secagg: dict[str, str] | None = None,
     evaluate_round: int | None = None,
+    instructions: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run ``stage`` of round ``round_num`` at ``site`` and return its JSON-safe payload.
 
     An ``async`` flow on purpose: a sync flow run costs ~1 s more at its end (measured:
     1.07 s against 0.15 s for a one-task flow), and every round dispatches this flow to
-    every site. The site's work inside runs as ordinary (sync) tasks.
+    every site. The site's work inside runs as an ordinary (sync) task.
 
     Secure aggregation's stages take ``secagg``: ``{"context": <RoundContext JSON>}`` for
     ``mask`` (train, then return the masked, signed update) and, for ``unmask``, also
     ``"request"``: the base64 unmask request (survivors, dropped, encrypted shares).
-
-    ``evaluate_round`` (``train``/``mask``): first score the received global model on the
-    site's held-out split, as the federated evaluation of that round, and return it under
-    ``"evaluation"``; the coordinator folds each round's evaluation into the next round's
-    training dispatch instead of a dispatch of its own.
+    ``evaluate_round`` (``train``/``mask``): first score the received global model as the
+    federated evaluation of that round (returned under ``"evaluation"``). ``instructions``:
+    what the strategy sends (FedProx's μ, a reference to SCAFFOLD's control variate).
     """
-    logger = get_run_logger()
-    participant = this_site(federation, site)
-    if stage in ("mask", "unmask") and not (secagg and "context" in secagg):
-        raise ValueError(f"stage {stage!r} needs the secagg parameter with the round context")
-    if stage == "unmask":
-        ctx = context_from_json(secagg["context"])
-        request = base64.b64decode(secagg["request"], validate=True)
-        return site_unmask(participant, ctx, request, round_num=round_num)
-    parameters = read_global_model(model_uri, sha256=model_sha256)
-    logger.info(
-        "site %s run %s round %d: global model %s verified",
+    participant = site_from_environment(federation, site)
+    job = _job(
+        federation,
+        site=site,
+        round_num=round_num,
+        stage=stage,
+        model_uri=model_uri,
+        model_sha256=model_sha256,
+        secagg=secagg,
+        evaluate_round=evaluate_round,
+        instructions=instructions,
+    )
+    get_run_logger().info(
+        "site %s run %s round %d: %s, global model %s verified",
         site,
         run_id,
         round_num,
-        model_sha256[:12],
+        stage,
+        model_sha256[:12] or "-",
     )
-    if stage == "evaluate":
-        metrics = site_evaluate(participant, parameters, round_num=round_num)
-        return metrics_payload(metrics, site=site, round_num=round_num)
-    folded: dict[str, Any] = {}
-    if evaluate_round is not None:  # the previous round's federated evaluation, folded in
-        metrics = site_evaluate(participant, parameters, round_num=evaluate_round)
-        folded = {"evaluation": metrics_payload(metrics, site=site, round_num=evaluate_round)}
-    index = federation.site_names.index(site)
-    seed = seed_for(base=federation.seed, round_num=round_num, site_index=index)
-    if stage == "mask":
-        ctx = context_from_json(secagg["context"])
-        masked = site_mask(participant, parameters, ctx, round_num=round_num, seed=seed)
-        return {**masked, **folded}
-    update = site_train(participant, parameters, round_num=round_num, seed=seed)
-    return {**update_payload(update), **folded}
+    return site_job(participant, job)

@@ -5,21 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from fl_components.privacy.dp_fedavg import DPAggregate
-from fl_components.privacy.rounds import PrivacyRounds
 from fl_components.tracking import RunTracker
-from fl_components.training import LocalUpdate
-
-
-@task(name="dp_aggregate", task_run_name="dp_aggregate-r{round_num}", cache_policy=NO_CACHE)
-def dp_aggregate(
-    rounds: PrivacyRounds, updates: list[LocalUpdate], *, round_num: int
-) -> DPAggregate:
-    """DP-FedAvg: clip each update, add Gaussian noise to the sum, average.
-
-    No retries: a retry would draw fresh noise for the same updates.
-    """
-    return rounds.aggregate(updates)
 
 
 @task(name="log_privacy", task_run_name="log_privacy-r{round_num}", cache_policy=NO_CACHE)

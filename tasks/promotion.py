@@ -9,18 +9,18 @@ from __future__ import annotations
 import logging
 
 from fl_components.config import FederationConfig
+from fl_components.engine import Dispatch, EvaluationRequest, evaluate_sites
 from fl_components.parameters import get_parameters
 from fl_components.promotion import PromotionDecision, decide_promotion, federated_accuracy
 from fl_components.tracking import RunTracker, load_registered_parameters, registered_version
 from fl_components.training import Metrics
-from tasks.participants import ParticipantBackend
 
 log = logging.getLogger(__name__)
 
 
 def promote_if_better(
     config: FederationConfig,
-    backend: ParticipantBackend,
+    dispatch: Dispatch,
     tracker: RunTracker,
     *,
     version: str,
@@ -34,9 +34,8 @@ def promote_if_better(
         model = load_registered_parameters(config.tracking, name=config.name, alias="champion")
         if model is not None:
             try:
-                scores = backend.evaluate(
-                    tuple(challenger_scores), get_parameters(model), round_num=config.rounds
-                )
+                request = EvaluationRequest(round=config.rounds, sites=tuple(challenger_scores))
+                scores = evaluate_sites(get_parameters(model), request, dispatch)
                 champion_accuracy = federated_accuracy(scores)
             except Exception as error:  # e.g. the champion has another architecture
                 log.warning(

@@ -18,7 +18,7 @@ from fl_components.errors import FedpipeError
 from fl_components.federation import Site, site_folder
 from fl_components.models import build_model
 from fl_components.parameters import NDArrays
-from fl_components.strategies import ServerState, Strategy, weighted_average
+from fl_components.strategies import AggregatedUpdate, ServerState, Strategy, weighted_average
 from fl_components.training import LocalUpdate, Metrics, evaluate
 
 
@@ -77,7 +77,7 @@ def update_global(
     strategy: Strategy, state: ServerState, mean_update: NDArrays, *, round_num: int
 ) -> ServerState:
     """Apply the server rule: θ_{t+1} from θ_t and the mean update."""
-    return strategy.apply(state, mean_update)
+    return strategy.apply(state, AggregatedUpdate(delta=mean_update, participants=0))
 
 
 @task(name="evaluate_global", task_run_name="evaluate_global-r{round_num}", cache_policy=NO_CACHE)

@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,37 +27,18 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from prefect.exceptions import MissingContextError, ObjectNotFound
-from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL
 from prefect.states import Cancelled
 
 from fl_components.config import FederationConfig
 from fl_components.data import DatasetInfo
+from fl_components.engine import Dropout, DropoutKind, SiteJob, SiteResult
 from fl_components.errors import FedpipeError, RoundError
-from fl_components.exchange import (
-    ExchangeError,
-    metrics_from_payload,
-    site_pool_name,
-    update_from_payload,
-    write_global_model,
-)
-from fl_components.parameters import NDArrays, digest
+from fl_components.exchange import ExchangeError, site_pool_name, write_global_model
 from fl_components.secagg import Registry, RoundContext
-from fl_components.secure_round import (
-    MaskedContribution,
-    context_to_json,
-    load_registry,
-    registry_path,
-)
-from fl_components.training import Metrics
-from tasks.participants import (
-    MaskedOutcome,
-    ParticipantBackend,
-    TrainingOutcome,
-    UnmaskOutcome,
-    collect_results,
-)
-from tasks.secure_site import response_from_payload
+from fl_components.secure_round import context_to_json, load_registry, registry_path
+from fl_components.site_messages import answer_from_payload, instructions_payload
+from tasks.sites import SiteBackend, collect_answers
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +48,10 @@ _CREATE_LOCK = threading.Lock()
 
 class ParticipantError(FedpipeError):
     """A site's flow run failed, crashed, was cancelled or missed its deadline."""
+
+    def __init__(self, message: str, *, kind: DropoutKind = DropoutKind.FAILED) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 def read_json_result(run: FlowRun) -> dict[str, Any]:
@@ -133,7 +118,9 @@ def _wait(run_id: uuid.UUID, *, site: str, pool: str, timeout: float, poll: floa
                 client.set_flow_run_state(
                     run_id, Cancelled(message=f"no result within {timeout:g}s"), force=True
                 )
-                raise ParticipantError(_timeout_message(site, pool, timeout, state))
+                raise ParticipantError(
+                    _timeout_message(site, pool, timeout, state), kind=DropoutKind.TIMEOUT
+                )
             time.sleep(poll)
 
 
@@ -153,6 +140,7 @@ def run_participant(
     run_id: str,
     secagg: dict[str, str] | None = None,
     evaluate_round: int | None = None,
+    instructions: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Dispatch one site's stage to its work pool and return its JSON payload.
 
@@ -171,6 +159,7 @@ def run_participant(
         "run_id": run_id,
         **({"secagg": secagg} if secagg is not None else {}),
         **({"evaluate_round": evaluate_round} if evaluate_round is not None else {}),
+        **({"instructions": instructions} if instructions else {}),
     }
     started = time.perf_counter()
     with _CREATE_LOCK:
@@ -185,7 +174,8 @@ def run_participant(
         except ObjectNotFound:
             raise ParticipantError(
                 f"site {site!r}: no deployment {name!r}; onboard the site with "
-                f"`fedpipe site init {site} --data PATH` or start the stack with `fedpipe up`"
+                f"`fedpipe site init {site} --data PATH` or start the stack with `fedpipe up`",
+                kind=DropoutKind.UNREACHABLE,
             ) from None
     created_after = time.perf_counter() - started
     run = _wait(
@@ -215,28 +205,16 @@ def run_participant(
     return payload
 
 
-@dataclass
-class _PendingEvaluation:
-    """A requested federated evaluation, waiting to ride along with the next dispatch."""
-
-    sites: tuple[str, ...]
-    parameters: NDArrays
-    round_num: int
-    sha: str
-    dispatched: bool = False
-    scores: dict[str, Metrics] = field(default_factory=dict)
-
-
-class WorkPoolBackend(ParticipantBackend):
+class WorkPoolBackend(SiteBackend):
     """Sites run the participant flow on their own work pools, through a Prefect server.
 
-    One dispatch per round where it can: a round's federated evaluation is folded into the
-    next round's training dispatch (the ``train``/``mask`` stage scores the model it receives
-    before training from it, and sites not training that round get an ``evaluate`` stage in
-    the same wave), so a round costs one flow run per site instead of two.
+    One flow run per site per wave: a round's federated evaluation rides with the next
+    round's training jobs (``SiteJob.evaluate_round``), so a round costs one dispatch (two
+    under secure aggregation). The model, and SCAFFOLD's control variate, go to the exchange
+    folder once per wave, as files named by their hash.
     """
 
-    def __init__(self, config: FederationConfig, info: DatasetInfo) -> None:
+    def __init__(self, config: FederationConfig, info: DatasetInfo, *, run_id: str) -> None:
         if not PREFECT_API_URL.value():
             raise RoundError(
                 "backend 'work-pool' needs a Prefect server: run `fedpipe up` and set "
@@ -244,202 +222,52 @@ class WorkPoolBackend(ParticipantBackend):
             )
         self.config = config
         self.info = info
-        self.run_id = str(flow_run.get_id() or uuid.uuid4())
-        self.exchange = Path(config.deployment.exchange_dir).resolve() / self.run_id
-        self._pending: _PendingEvaluation | None = None
+        self.run_id = run_id
+        self.exchange = Path(config.deployment.exchange_dir).resolve() / run_id
 
-    # --------------------------------------------------------------- evaluation folding
+    def _model_ref(self, job: SiteJob, written: dict[int, tuple[str, str]]) -> tuple[str, str]:
+        if job.parameters is None:
+            return "", ""
+        key = id(job.parameters)
+        if key not in written:  # one file per distinct model in the wave
+            written[key] = write_global_model(job.parameters, self.exchange)
+        return written[key]
 
-    def request_evaluation(
-        self, sites: tuple[str, ...], parameters: NDArrays, *, round_num: int
-    ) -> None:
-        """Hold the evaluation for the next dispatch of the same model (see the class)."""
-        self._pending = _PendingEvaluation(tuple(sites), parameters, round_num, digest(parameters))
+    def _secagg(self, job: SiteJob) -> dict[str, str] | None:
+        if not isinstance(job.secagg, RoundContext):
+            return None
+        secagg = {"context": context_to_json(job.secagg)}
+        if job.unmask_request is not None:
+            secagg["request"] = base64.b64encode(job.unmask_request).decode("ascii")
+        return secagg
 
-    def collect_evaluation(self) -> dict[str, Metrics]:
-        """The folded scores, or (nothing was dispatched since the request) a wave of its own."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            raise RuntimeError("collect_evaluation() without request_evaluation()")
-        if not pending.dispatched:
-            return self.evaluate(pending.sites, pending.parameters, round_num=pending.round_num)
-        for site in pending.sites:
-            if site not in pending.scores:
-                log.warning("site %s could not evaluate round %d", site, pending.round_num)
-        return pending.scores
-
-    def _fold(self, sha: str, wave: tuple[str, ...]) -> tuple[int | None, tuple[str, ...]]:
-        """If an evaluation of this very model waits: its round and the sites outside ``wave``."""
-        pending = self._pending
-        if pending is None or pending.dispatched or pending.sha != sha:
-            return None, ()
-        pending.dispatched = True
-        return pending.round_num, tuple(s for s in pending.sites if s not in wave)
-
-    def _take_evaluation(self, site: str, payload: dict[str, Any]) -> dict[str, Any]:
-        """Move a folded ``"evaluation"`` out of ``payload`` into the pending scores."""
-        evaluation = payload.pop("evaluation", None)
-        pending = self._pending
-        if evaluation is not None and pending is not None:
-            try:
-                pending.scores[site] = metrics_from_payload(
-                    evaluation, site=site, round_num=pending.round_num
-                )
-            except ExchangeError as error:
-                log.warning("site %s: folded evaluation refused: %s", site, error)
-        return payload
-
-    def _collect_evaluate_only(self, futures: dict[str, Any]) -> None:
-        pending = self._pending
-        if pending is not None:
-            scores, _ = collect_results(
-                futures,
-                what="evaluation",
-                round_num=pending.round_num,
-                parse=lambda site, result: metrics_from_payload(
-                    result, site=site, round_num=pending.round_num
-                ),
+    def __call__(self, jobs: Sequence[SiteJob]) -> dict[str, SiteResult | Dropout]:
+        """Create every site's flow run, then await them together; failures are dropouts."""
+        written: dict[int, tuple[str, str]] = {}
+        by_site = {job.site: job for job in jobs}
+        futures = {}
+        for job in jobs:
+            uri, sha = self._model_ref(job, written)
+            futures[job.site] = run_participant.submit(
+                self.config,
+                site=job.site,
+                round_num=job.round,
+                stage=str(job.kind),
+                model_uri=uri,
+                model_sha256=sha,
+                run_id=self.run_id,
+                secagg=self._secagg(job),
+                evaluate_round=job.evaluate_round,
+                instructions=instructions_payload(job.instructions, exchange=self.exchange),
             )
-            pending.scores.update(scores)
-
-    # --------------------------------------------------------------- dispatch
-
-    def _submit(
-        self,
-        site: str,
-        stage: str,
-        *,
-        round_num: int,
-        model: tuple[str, str],
-        secagg: dict[str, str] | None = None,
-        evaluate_round: int | None = None,
-    ) -> Any:
-        uri, sha = model
-        return run_participant.submit(
-            self.config,
-            site=site,
-            round_num=round_num,
-            stage=stage,
-            model_uri=uri,
-            model_sha256=sha,
-            run_id=self.run_id,
-            secagg=secagg,
-            evaluate_round=evaluate_round,
-        )
-
-    def _training_wave(
-        self,
-        sites: tuple[str, ...],
-        parameters: NDArrays,
-        *,
-        stage: str,
-        round_num: int,
-        secagg: dict[str, str] | None = None,
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Submit ``stage`` to ``sites`` (plus any evaluation folded in); return both futures."""
-        model = write_global_model(parameters, self.exchange)
-        evaluate_round, others = self._fold(model[1], sites)
-        futures = {
-            site: self._submit(
-                site,
-                stage,
-                round_num=round_num,
-                model=model,
-                secagg=secagg,
-                evaluate_round=evaluate_round,
-            )
-            for site in sites
-        }
-        evaluate_only = {
-            site: self._submit(site, "evaluate", round_num=evaluate_round, model=model)
-            for site in others
-            if evaluate_round is not None
-        }
-        return futures, evaluate_only
-
-    def train(
-        self, sites: tuple[str, ...], global_parameters: NDArrays, *, round_num: int
-    ) -> TrainingOutcome:
-        """Dispatch training to every selected site's pool; failures become dropouts."""
-        futures, evaluate_only = self._training_wave(
-            sites, global_parameters, stage="train", round_num=round_num
-        )
-        updates, dropouts = collect_results(
+        return collect_answers(
             futures,
-            what="training",
-            round_num=round_num,
-            parse=lambda site, payload: update_from_payload(
-                self._take_evaluation(site, payload), site=site, round_num=round_num
+            parse=lambda site, payload: answer_from_payload(
+                payload, job=by_site[site], size=len(json.dumps(payload))
             ),
+            kind_of=lambda error: getattr(error, "kind", DropoutKind.FAILED),
         )
-        self._collect_evaluate_only(evaluate_only)
-        return TrainingOutcome(updates=list(updates.values()), dropouts=dropouts)
 
     def registry(self) -> Registry:
         """The registry written by ``fedpipe site init`` (public keys only)."""
         return load_registry(registry_path(self.config), sites=self.config.site_names)
-
-    def train_masked(
-        self, sites: tuple[str, ...], global_parameters: NDArrays, ctx: RoundContext
-    ) -> MaskedOutcome:
-        """Stage ``mask`` on every selected site's pool; failures become dropouts."""
-        futures, evaluate_only = self._training_wave(
-            sites,
-            global_parameters,
-            stage="mask",
-            round_num=ctx.round,
-            secagg={"context": context_to_json(ctx)},
-        )
-        contributions, dropouts = collect_results(
-            futures,
-            what="masking",
-            round_num=ctx.round,
-            parse=lambda site, payload: MaskedContribution.from_payload(
-                self._take_evaluation(site, payload), site=site, round_num=ctx.round
-            ),
-        )
-        self._collect_evaluate_only(evaluate_only)
-        return MaskedOutcome(contributions=list(contributions.values()), dropouts=dropouts)
-
-    def unmask(self, requests: dict[str, bytes], ctx: RoundContext) -> UnmaskOutcome:
-        """Stage ``unmask`` on every survivor's pool (no model is sent)."""
-        futures = {
-            site: self._submit(
-                site,
-                "unmask",
-                round_num=ctx.round,
-                model=("", ""),
-                secagg={
-                    "context": context_to_json(ctx),
-                    "request": base64.b64encode(request).decode("ascii"),
-                },
-            )
-            for site, request in requests.items()
-        }
-        responses, dropouts = collect_results(
-            futures,
-            what="unmasking",
-            round_num=ctx.round,
-            parse=lambda site, payload: response_from_payload(
-                payload, site=site, round_num=ctx.round
-            ),
-        )
-        return UnmaskOutcome(responses=responses, dropouts=dropouts)
-
-    def evaluate(
-        self, sites: tuple[str, ...], parameters: NDArrays, *, round_num: int
-    ) -> dict[str, Metrics]:
-        """Dispatch evaluation to every site's pool; a failing site is left out and logged."""
-        model = write_global_model(parameters, self.exchange)
-        futures = {
-            site: self._submit(site, "evaluate", round_num=round_num, model=model) for site in sites
-        }
-        scores, _ = collect_results(
-            futures,
-            what="evaluation",
-            round_num=round_num,
-            parse=lambda site, payload: metrics_from_payload(
-                payload, site=site, round_num=round_num
-            ),
-        )
-        return scores

@@ -1,4 +1,4 @@
-"""The workload as a bare Python loop over fedpipe's own functions (no Prefect, no MLflow).
+"""The workload as a bare Python loop over fedpipe's round engine (no Prefect, no MLflow).
 
 The floor the orchestrated run is measured against: the same sites, model, seeds and
 evaluation per round, nothing else.
@@ -15,32 +15,33 @@ from pathlib import Path
 
 
 def run(config_path: Path) -> dict[str, object]:
-    """Train the federation in config_path; round times and the final central accuracy."""
+    """Train the federation in config_path; round times and the final central accuracy.
+
+    The very round engine the flow runs (``fl_components.engine.run_round``: same strategy,
+    selection, seeds and folded evaluation); its dispatch runs each site's job in-process,
+    one after another, instead of as Prefect tasks.
+    """
     from fl_components.config import load_config
-    from fl_components.federation import (
-        Site,
-        central_test_split,
-        dataset_info,
-        select_participants,
-        site_folder,
-    )
+    from fl_components.engine import EvaluationRequest, RoundPlan, evaluate_sites, run_round
+    from fl_components.federation import central_test_split, select_participants
     from fl_components.models import build_model
     from fl_components.parameters import get_parameters
-    from fl_components.strategies import ServerState, build_strategy, weighted_average
+    from fl_components.participant import InProcessSites
+    from fl_components.strategies import build_strategy
     from fl_components.training import evaluate, seed_for
 
     config = load_config(config_path)
-    info = dataset_info(config)
+    sites = InProcessSites(config)
     test = central_test_split(config)
     if test is None:
         raise RuntimeError(f"{config_path}: the bare loop needs a bundled data set")
-    model = build_model(config.model, info, seed=config.seed)
-    state = ServerState(round=0, parameters=get_parameters(model))
-    strategy = build_strategy(config.strategy)
-    sites = [
-        Site(name=name, folder=site_folder(config, name), config=config, info=info)
-        for name in config.site_names
-    ]
+    model = build_model(config.model, sites.info, seed=config.seed)
+    strategy = build_strategy(
+        config.strategy, num_sites=len(config.sites), local_lr=config.training.lr
+    )
+    state = strategy.initial_state(get_parameters(model))
+    index = {name: i for i, name in enumerate(config.site_names)}
+    evaluation = EvaluationRequest(round=0, sites=config.site_names)
     round_seconds, accuracy = [], float("nan")
     for round_num in range(1, config.rounds + 1):
         started = time.perf_counter()
@@ -51,23 +52,21 @@ def run(config_path: Path) -> dict[str, object]:
             round_num=round_num,
             seed=config.seed,
         )
-        chosen = set(selected)
-        updates = [
-            site.train(
-                state.parameters,
-                round_num=round_num,
-                seed=seed_for(base=config.seed, round_num=round_num, site_index=index),
-            )
-            for index, site in enumerate(sites)
-            if site.name in chosen
-        ]
-        state = strategy.apply(
-            state, weighted_average([(u.delta, u.num_examples) for u in updates])
+        plan = RoundPlan(
+            round=round_num,
+            selected=selected,
+            seeds={
+                s: seed_for(base=config.seed, round_num=round_num, site_index=index[s])
+                for s in selected
+            },
+            min_participants=config.participation.min_participants,
+            evaluation=evaluation,
         )
-        for site in sites:
-            site.evaluate(state.parameters)
+        state, _ = run_round(state, plan, sites, strategy)
+        evaluation = EvaluationRequest(round=round_num, sites=config.site_names)
         accuracy = evaluate(model, state.parameters, test).accuracy
         round_seconds.append(time.perf_counter() - started)
+    evaluate_sites(state.parameters, evaluation, sites)  # the last round's federated score
     return {"round_seconds": round_seconds, "final_accuracy": accuracy}
 
 

@@ -10,13 +10,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from fl_components.config import FederationConfig
-from fl_components.federation import dataset_info, materialize_sites
+from fl_components.engine import (
+    DropoutKind,
+    EvaluationRequest,
+    RoundPlan,
+    evaluate_sites,
+    run_round,
+)
+from fl_components.errors import BudgetExhaustedError
+from fl_components.federation import Site, dataset_info, materialize_sites
 from fl_components.models import build_model
 from fl_components.parameters import NDArrays, get_parameters
+from fl_components.strategies import FedAvg
 from tasks import work_pool
 from tests.in_process_sites import dispatch_in_process
 
@@ -39,7 +47,16 @@ def backend_and_calls(
     calls = dispatch_in_process(monkeypatch)
     info = dataset_info(config)
     parameters = get_parameters(build_model(config.model, info, seed=config.seed))
-    return work_pool.WorkPoolBackend(config, info), calls, parameters
+    return work_pool.WorkPoolBackend(config, info, run_id="fold-run"), calls, parameters
+
+
+def _plan(sites: tuple[str, ...]) -> RoundPlan:
+    return RoundPlan(
+        round=1,
+        selected=("site-0", "site-1"),
+        seeds={"site-0": 1, "site-1": 2},
+        evaluation=EvaluationRequest(round=0, sites=sites),
+    )
 
 
 def test_evaluation_rides_with_training_and_covers_the_sites_not_training(
@@ -47,40 +64,45 @@ def test_evaluation_rides_with_training_and_covers_the_sites_not_training(
 ) -> None:
     backend, calls, parameters = backend_and_calls
     sites = ("site-0", "site-1", "site-2")
+    strategy = FedAvg()
 
-    backend.request_evaluation(sites, parameters, round_num=0)
-    assert calls == []  # nothing dispatched yet: it waits for the next dispatch
-    outcome = backend.train(("site-0", "site-1"), parameters, round_num=1)
-    folded = backend.collect_evaluation()
+    state, report = run_round(strategy.initial_state(parameters), _plan(sites), backend, strategy)
 
     assert [(c["site"], c["stage"], c["round_num"], c["evaluate_round"]) for c in calls] == [
         ("site-0", "train", 1, 0),
         ("site-1", "train", 1, 0),
         ("site-2", "evaluate", 0, None),  # not training this round: evaluated in the same wave
     ]
-    assert [u.site for u in outcome.updates] == ["site-0", "site-1"]
-    assert set(folded) == set(sites)
+    assert [u.site for u in report.updates] == ["site-0", "site-1"]
+    assert set(report.evaluations) == set(sites)
+    assert state.round == 1
+    assert report.metrics["bytes/up"] > 0  # the payloads as they crossed the boundary
 
     calls.clear()
-    alone = backend.evaluate(sites, parameters, round_num=0)  # a dispatch of its own
-    assert [c["stage"] for c in calls] == ["evaluate"] * 3
-    assert alone == folded
+    alone = evaluate_sites(parameters, EvaluationRequest(round=0, sites=sites), backend)
+    assert [c["stage"] for c in calls] == ["evaluate"] * 3  # a dispatch of its own
+    assert alone == report.evaluations
 
 
-def test_a_different_model_is_not_folded(
+def test_a_budget_refusal_on_a_work_pool_site_is_a_typed_decline(
     backend_and_calls: tuple[work_pool.WorkPoolBackend, list[dict[str, Any]], NDArrays],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    backend, calls, parameters = backend_and_calls
-    sites = ("site-0", "site-1", "site-2")
+    backend, _, parameters = backend_and_calls
+    real_train = Site.train
 
-    backend.request_evaluation(sites, parameters, round_num=0)
-    backend.train(("site-0", "site-1"), [p + np.float32(0.01) for p in parameters], round_num=1)
-    assert all(c["evaluate_round"] is None for c in calls)
+    def refuse_site_1(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if self.name == "site-1":
+            raise BudgetExhaustedError("site 'site-1': epsilon 2.99 spent, max_epsilon 3")
+        return real_train(self, *args, **kwargs)
 
-    calls.clear()
-    scores = backend.collect_evaluation()  # evaluated on its own, of the requested model
-    assert [(c["stage"], c["round_num"]) for c in calls] == [("evaluate", 0)] * 3
-    assert scores == backend.evaluate(sites, parameters, round_num=0)
+    monkeypatch.setattr(Site, "train", refuse_site_1)
+    strategy = FedAvg()
 
-    with pytest.raises(RuntimeError, match="without request_evaluation"):
-        backend.collect_evaluation()
+    _, report = run_round(
+        strategy.initial_state(parameters), _plan(("site-0", "site-1")), backend, strategy
+    )
+
+    assert [(d.site, d.kind) for d in report.dropouts] == [("site-1", DropoutKind.DECLINED)]
+    assert "epsilon 2.99 spent" in report.dropouts[0].reason
+    assert set(report.evaluations) == {"site-0", "site-1"}  # it still scored the model

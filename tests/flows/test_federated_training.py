@@ -73,7 +73,7 @@ def test_too_few_participants_aborts_without_touching_the_model(small_config) ->
     materialize_sites(config)
     (federation_dir(config) / "site-0" / "train.npz").write_bytes(b"tampered")
 
-    with pytest.raises(RoundError, match="only 2 of 3 sites returned an update"):
+    with pytest.raises(RoundError, match="only 2 of 3 sites returned a valid update"):
         federated_training(config)
 
     client = MlflowClient(tracking_uri=config.tracking.tracking_uri)
@@ -87,18 +87,19 @@ def test_a_failing_round_still_logs_the_previous_rounds_evaluation(
 ) -> None:
     """Round t's evaluation travels with round t+1's dispatch: when round t+1 fails, round t
     is still evaluated and logged before the run fails."""
-    from flows import federated_training as module
+    from fl_components.errors import DataError
+    from fl_components.federation import Site
 
     config = small_config.model_copy(update={"rounds": 3})
-    real = module._train_and_aggregate
+    real = Site.train
 
-    def fails_in_round_2(run, state, selected, *, round_num):  # type: ignore[no-untyped-def]
-        if round_num == 2:
-            raise RoundError("round 2: only 1 of 3 sites returned an update (test)")
-        return real(run, state, selected, round_num=round_num)
+    def fails_in_round_2(self, parameters, *, round_num, **kwargs):  # type: ignore[no-untyped-def]
+        if round_num == 2:  # every site's files vanish: the round aborts after the dispatch
+            raise DataError(f"site {self.name!r}: train.npz is missing (test)")
+        return real(self, parameters, round_num=round_num, **kwargs)
 
-    monkeypatch.setattr(module, "_train_and_aggregate", fails_in_round_2)
-    with pytest.raises(RoundError, match="round 2"):
+    monkeypatch.setattr(Site, "train", fails_in_round_2)
+    with pytest.raises(RoundError, match="round 2: only 0 of 3"):
         federated_training(config)
 
     client = MlflowClient(tracking_uri=config.tracking.tracking_uri)

@@ -18,7 +18,7 @@ from fl_components.federation import federation_dir
 from fl_components.secagg import MaskedUpdate, SecAggCoordinator
 from fl_components.tracking import load_run_model
 from flows.federated_training import federated_training
-from tasks.participants import LocalBackend
+from tasks.sites import LocalBackend
 from tests.in_process_sites import dispatch_in_process
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -180,15 +180,14 @@ def test_coordinator_never_holds_an_individual_unmasked_update(
         return vector, units
 
     monkeypatch.setattr(secure_round, "prepare_update", record_site)
-    for name in ("train_masked", "unmask"):
-        original = getattr(LocalBackend, name)
+    original_dispatch = LocalBackend.__call__
 
-        def recorded(self, *args, _original=original, **kwargs):  # type: ignore[no-untyped-def]
-            result = _original(self, *args, **kwargs)
-            held.append(result)
-            return result
+    def recorded(self, jobs):  # type: ignore[no-untyped-def]
+        answers = original_dispatch(self, jobs)
+        held.append(answers)
+        return answers
 
-        monkeypatch.setattr(LocalBackend, name, recorded)
+    monkeypatch.setattr(LocalBackend, "__call__", recorded)
     for name in ("receive", "finish"):
         original = getattr(SecAggCoordinator, name)
 
@@ -250,13 +249,14 @@ def test_work_pool_backend_runs_both_stages_through_the_participant_flow(
     """The work-pool path with each site's deployment run in-process (no workers here)."""
     import os
 
+    from fl_components.engine import RoundPlan, run_round
     from fl_components.exchange import SITE_DIR_ENV
     from fl_components.federation import dataset_info, materialize_sites
     from fl_components.models import build_model
     from fl_components.parameters import get_parameters
-    from fl_components.privacy.rounds import PrivacyRounds
+    from fl_components.secure_aggregation import SecureSum
+    from fl_components.strategies import FedAvg
     from tasks import work_pool
-    from tasks.secure_aggregation import secure_round as run_secure_round
 
     config = _secure(
         small_config.model_copy(
@@ -277,24 +277,33 @@ def test_work_pool_backend_runs_both_stages_through_the_participant_flow(
     )
     dispatched = dispatch_in_process(monkeypatch, keys=keys)
     info = dataset_info(config)
-    backend = work_pool.WorkPoolBackend(config, info)
+    backend = work_pool.WorkPoolBackend(config, info, run_id="wp-run")
     parameters = get_parameters(build_model(config.model, info, seed=config.seed))
-
-    result = run_secure_round(
+    strategy = FedAvg()
+    state = strategy.initial_state(parameters)
+    secure = SecureSum.for_round(
         config,
-        backend,
-        PrivacyRounds(config),
-        config.site_names,
-        parameters,
+        backend.registry(),
         run_id="wp-run",
         round_num=1,
+        selected=config.site_names,
+        like=parameters,
     )
+    plan = RoundPlan(
+        round=1,
+        selected=config.site_names,
+        seeds=dict.fromkeys(config.site_names, 0),
+        secure=secure,
+    )
+
+    next_state, report = run_round(state, plan, backend, strategy)
 
     assert [d["stage"] for d in dispatched] == ["mask"] * 3 + ["unmask"] * 3
     assert all(len(json.dumps(d["secagg"])) < 512_000 for d in dispatched)  # parameter cap
-    assert result.metrics["secagg/survivors"] == 3.0
-    assert [u.delta for u in result.outcome.updates] == [[], [], []]
-    assert all(np.isfinite(m).all() for m in result.mean_update)
+    assert report.metrics["secagg/survivors"] == 3.0
+    assert [u.delta for u in report.updates] == [[], [], []]
+    assert all(np.isfinite(m).all() for m in report.aggregated.delta)
+    assert next_state.round == 1
     assert SITE_DIR_ENV not in os.environ  # each site's environment was scoped to its run
 
 

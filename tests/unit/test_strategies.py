@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from fl_components.errors import RoundError
-from fl_components.strategies import FedAvg, ServerState, weighted_average
+from fl_components.strategies import AggregatedUpdate, FedAvg, ServerState, weighted_average
 
 
 def test_weighted_average_hand_worked() -> None:
@@ -31,7 +31,9 @@ def test_weighted_average_rejects_zero_weight() -> None:
 def test_fedavg_steps_by_server_lr() -> None:
     state = ServerState(round=3, parameters=[np.array([1.0, 1.0], dtype=np.float32)])
 
-    new = FedAvg(server_lr=0.5).apply(state, [np.array([2.0, -4.0], dtype=np.float32)])
+    update = AggregatedUpdate(delta=[np.array([2.0, -4.0], dtype=np.float32)], participants=2)
+
+    new = FedAvg(server_lr=0.5).apply(state, update)
 
     np.testing.assert_allclose(new.parameters[0], [2.0, -1.0])
     assert new.round == 4

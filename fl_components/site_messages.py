@@ -1,0 +1,160 @@
+"""A site job's instructions and a site's answer across the work-pool boundary, as JSON.
+
+The coordinator sends the participant flow references and small values only: the global
+model (and SCAFFOLD's server control variate) as files in exchange storage named by their
+SHA-256, FedProx's μ, the folded evaluation's round. The site answers with one JSON object
+per job (:func:`answer_payload`): its update, masked message, unmask response or score,
+the folded evaluation under ``"evaluation"``, or a typed refusal (``declined`` /
+``bad_data``) that the coordinator reads back as a :class:`~fl_components.engine.Dropout`
+without parsing any error text. Nothing here is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from fl_components.engine import Dropout, DropoutKind, JobKind, SiteJob, SiteResult
+from fl_components.exchange import (
+    PAYLOAD_VERSION,
+    ExchangeError,
+    metrics_from_payload,
+    metrics_payload,
+    read_global_model,
+    update_from_payload,
+    update_payload,
+    write_global_model,
+)
+from fl_components.secure_round import MaskedContribution
+from fl_components.strategies.base import SiteInstructions
+
+# what a site may say of itself; timeouts and failures are the coordinator's to judge
+_SITE_REFUSALS = (DropoutKind.DECLINED, DropoutKind.BAD_DATA)
+
+
+def instructions_payload(
+    instructions: SiteInstructions, *, exchange: str | os.PathLike[str]
+) -> dict[str, Any]:
+    """JSON-safe instructions; arrays go to ``exchange`` as files named by their hash."""
+    control = None
+    if instructions.server_control is not None:
+        uri, sha = write_global_model(instructions.server_control, exchange)
+        control = {"uri": uri, "sha256": sha}
+    return {
+        "proximal_mu": float(instructions.proximal_mu),
+        "report_initial_loss": bool(instructions.report_initial_loss),
+        "server_control": control,
+    }
+
+
+def instructions_from_payload(payload: Mapping[str, Any] | None) -> SiteInstructions:
+    """Inverse of :func:`instructions_payload`, verifying any array file by its hash."""
+    if not payload:
+        return SiteInstructions()
+    control = payload.get("server_control")
+    return SiteInstructions(
+        proximal_mu=float(payload.get("proximal_mu", 0.0)),
+        report_initial_loss=bool(payload.get("report_initial_loss", False)),
+        server_control=(
+            read_global_model(control["uri"], sha256=control["sha256"]) if control else None
+        ),
+    )
+
+
+def unmask_payload(response: bytes, *, site: str, round_num: int) -> dict[str, Any]:
+    """An unmask response as a JSON-safe mapping."""
+    return {
+        "stage": "unmask",
+        "site": site,
+        "round": round_num,
+        "response": base64.b64encode(response).decode("ascii"),
+    }
+
+
+def response_from_payload(payload: Mapping[str, Any], *, site: str, round_num: int) -> bytes:
+    """Inverse of :func:`unmask_payload`, checking stage, site and round."""
+    header = {k: payload.get(k) for k in ("stage", "site", "round")}
+    if header != {"stage": "unmask", "site": site, "round": round_num}:
+        raise ExchangeError(
+            f"site {site!r} round {round_num}: unmask result header {header} does not match"
+        )
+    return base64.b64decode(payload["response"], validate=True)
+
+
+def _body(answer: SiteResult, job: SiteJob) -> dict[str, Any]:
+    if answer.refusal is not None:
+        return {
+            "version": PAYLOAD_VERSION,
+            "stage": "refusal",
+            "site": job.site,
+            "round": job.round,
+            "kind": str(answer.refusal.kind),
+            "reason": answer.refusal.reason,
+        }
+    if job.kind is JobKind.TRAIN and answer.update is not None:
+        return update_payload(answer.update)
+    if job.kind is JobKind.MASK and isinstance(answer.masked, MaskedContribution):
+        return answer.masked.to_payload()
+    if job.kind is JobKind.UNMASK and answer.unmask_response is not None:
+        return unmask_payload(answer.unmask_response, site=job.site, round_num=job.round)
+    if job.kind is JobKind.EVALUATE and answer.evaluation is not None:
+        return metrics_payload(answer.evaluation, site=job.site, round_num=job.round)
+    raise ExchangeError(f"site {job.site!r}: no {job.kind} result to send")
+
+
+def answer_payload(answer: SiteResult, *, job: SiteJob) -> dict[str, Any]:
+    """The site's answer to ``job`` as one JSON-safe mapping (folded evaluation included)."""
+    body = _body(answer, job)
+    if job.kind is not JobKind.EVALUATE and answer.evaluation is not None:
+        body["evaluation"] = metrics_payload(
+            answer.evaluation, site=job.site, round_num=int(job.evaluate_round or 0)
+        )
+    return body
+
+
+def _refusal(payload: Mapping[str, Any], job: SiteJob) -> Dropout:
+    header = {k: payload.get(k) for k in ("version", "site", "round")}
+    if header != {"version": PAYLOAD_VERSION, "site": job.site, "round": job.round}:
+        raise ExchangeError(f"site {job.site!r} round {job.round}: refusal header {header}")
+    try:
+        kind = DropoutKind(payload.get("kind"))
+    except ValueError:
+        kind = DropoutKind.FAILED
+    if kind not in _SITE_REFUSALS:
+        raise ExchangeError(f"site {job.site!r}: a site cannot report a {kind!r} refusal")
+    return Dropout(job.site, kind, str(payload.get("reason", ""))[:2000])
+
+
+def answer_from_payload(payload: Mapping[str, Any], *, job: SiteJob, size: int) -> SiteResult:
+    """Inverse of :func:`answer_payload`, checking stage, site and round of every part.
+
+    ``size`` is the payload's size on the wire (bytes up).
+
+    Raises
+    ------
+    ExchangeError
+        If the payload is not the answer ``job`` asked for.
+    """
+    if not isinstance(payload, Mapping):
+        raise ExchangeError(f"site {job.site!r}: result is a {type(payload).__name__}")
+    body = dict(payload)
+    folded = body.pop("evaluation", None)
+    evaluation = None
+    if folded is not None and job.evaluate_round is not None:
+        evaluation = metrics_from_payload(folded, site=job.site, round_num=job.evaluate_round)
+    common = {"site": job.site, "evaluation": evaluation, "bytes_up": size}
+    if body.get("stage") == "refusal":
+        return SiteResult(refusal=_refusal(body, job), **common)
+    if job.kind is JobKind.TRAIN:
+        update = update_from_payload(body, site=job.site, round_num=job.round)
+        return SiteResult(update=update, **common)
+    if job.kind is JobKind.MASK:
+        masked = MaskedContribution.from_payload(body, site=job.site, round_num=job.round)
+        return SiteResult(masked=masked, **common)
+    if job.kind is JobKind.UNMASK:
+        response = response_from_payload(body, site=job.site, round_num=job.round)
+        return SiteResult(unmask_response=response, **common)
+    scores = metrics_from_payload(body, site=job.site, round_num=job.round)
+    return SiteResult(site=job.site, evaluation=scores, bytes_up=size)

@@ -1,0 +1,86 @@
+"""DP-FedAvg as a wrapper around any strategy whose aggregate is a mean.
+
+McMahan, Ramage, Talwar & Zhang 2018, "Learning Differentially Private Recurrent Language
+Models", ICLR, arXiv:1710.06963, Algorithm 1: clip each participant's update to L2 norm S,
+add N(0, z² S² I) to the sum, divide by the (fixed) expected count. As Flower's
+``DifferentialPrivacyServerSideFixedClipping(strategy, ...)`` does, the wrapper replaces only
+the aggregation; the inner strategy still says what sites are sent and how the server steps
+(so DP-FedAvg composes with FedAvgM or FedAdam: the server optimizer is post-processing).
+
+Under secure aggregation each site clips and adds its share of the noise before masking
+(:func:`fl_components.secure_round.prepare_update`); the wrapper then only records the round.
+The participant-level accountant is stepped by the coordinator after the round, from the
+round's report (:class:`fl_components.privacy.rounds.PrivacyRounds`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fl_components.errors import ConfigError
+from fl_components.parameters import NDArrays
+from fl_components.privacy.dp_fedavg import DPAggregate
+from fl_components.privacy.rounds import PrivacyRounds
+from fl_components.strategies.base import (
+    AggregatedUpdate,
+    ServerState,
+    SiteInstructions,
+    Strategy,
+)
+from fl_components.training import LocalUpdate
+
+
+class DPFedAvg(Strategy):
+    """Clip and noise the updates (DP-FedAvg), then let ``inner`` configure and apply."""
+
+    name = "dp-fedavg"
+
+    def __init__(self, inner: Strategy, privacy: PrivacyRounds) -> None:
+        if inner.needs_individual_updates:
+            raise ConfigError(
+                f"strategy {inner.name!r} combines updates one by one, which DP-FedAvg's "
+                "noised mean replaces; use privacy.mode 'record' or 'off', or a mean-based "
+                "strategy"
+            )
+        self.inner = inner
+        self.privacy = privacy
+
+    def initial_state(self, parameters: NDArrays) -> ServerState:
+        """The inner strategy's initial state."""
+        return self.inner.initial_state(parameters)
+
+    def configure(
+        self, round_num: int, state: ServerState, sites: Sequence[str]
+    ) -> dict[str, SiteInstructions]:
+        """What the inner strategy sends."""
+        return self.inner.configure(round_num, state, sites)
+
+    def aggregate(self, updates: Sequence[LocalUpdate], state: ServerState) -> AggregatedUpdate:
+        """Clip each update to S, add N(0, z² S²) to the sum, average (no retry: fresh noise)."""
+        dp = self.privacy.aggregate(list(updates))
+        return AggregatedUpdate(delta=dp.mean_update, participants=len(updates), private=dp)
+
+    def aggregate_sum(
+        self, total: NDArrays, *, weight: float, participants: int, state: ServerState
+    ) -> AggregatedUpdate:
+        """The sites clipped and noised before masking: the mean of the sum, recorded."""
+        mean = self.inner.aggregate_sum(
+            total, weight=weight, participants=participants, state=state
+        )
+        privacy = self.privacy.config.privacy
+        dp = DPAggregate(
+            mean_update=mean.delta,
+            clip_norm=privacy.clip_norm,
+            noise_std=privacy.client_noise_multiplier * privacy.clip_norm,
+            clipped=0,  # per-site norms stay at the sites under secure aggregation
+            norms=(),
+        )
+        return AggregatedUpdate(delta=mean.delta, participants=participants, private=dp)
+
+    def apply(self, state: ServerState, update: AggregatedUpdate) -> ServerState:
+        """The inner strategy's step."""
+        return self.inner.apply(state, update)
+
+    def params(self) -> dict[str, str]:
+        """The inner strategy's params, and that DP-FedAvg wraps it."""
+        return {**self.inner.params(), "strategy.wrapper": self.name}

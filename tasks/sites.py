@@ -1,0 +1,117 @@
+"""Where a round's site jobs run: the backend interface and the local (embedded) backend.
+
+A backend is a dispatch, ``backend(jobs) -> {site: SiteResult | Dropout}``, plus the
+federation's public-key registry for secure aggregation. ``local`` (the embedded default)
+runs each job as a Prefect task on the flow's task runner, sites being folders on this
+machine; the ``work-pool`` backend (:mod:`tasks.work_pool`) sends each job to the site's
+own work pool. Both run the same site-side code, :func:`fl_components.participant.run_job`.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from fl_components import secure_round
+from fl_components.config import FederationConfig
+from fl_components.data import DatasetInfo
+from fl_components.engine import Dropout, DropoutKind, SiteJob, SiteResult
+from fl_components.federation import Site, site_folder
+from fl_components.participant import run_job
+from fl_components.secagg import PublicKeys, Registry
+
+log = logging.getLogger(__name__)
+
+
+class SiteBackend(ABC):
+    """Runs site jobs; the round engine's dispatch."""
+
+    @abstractmethod
+    def __call__(self, jobs: Sequence[SiteJob]) -> dict[str, SiteResult | Dropout]:
+        """Run every job (one per site) and answer for each site."""
+
+    @abstractmethod
+    def registry(self) -> Registry:
+        """The federation's public-key registry (public keys only)."""
+
+
+def collect_answers(
+    futures: Mapping[str, Any],
+    *,
+    parse: Callable[[str, Any], SiteResult] | None = None,
+    kind_of: Callable[[Exception], DropoutKind] = lambda error: DropoutKind.FAILED,
+) -> dict[str, SiteResult | Dropout]:
+    """Wait for each site's future; an error becomes a typed :class:`Dropout`.
+
+    ``parse(site, result)`` turns a raw result (a work-pool payload) into a
+    :class:`SiteResult`; one it refuses fails the site as ``rejected``.
+    """
+    answers: dict[str, SiteResult | Dropout] = {}
+    for site, future in futures.items():
+        try:
+            result = future.result()
+        except Exception as error:  # a site's failure must not sink the round
+            log.warning("site %s failed: %s", site, error)
+            answers[site] = Dropout(site, kind_of(error), f"{type(error).__name__}: {error}")
+            continue
+        if parse is None:
+            answers[site] = result
+            continue
+        try:
+            answers[site] = parse(site, result)
+        except Exception as error:
+            log.warning("site %s: answer refused: %s", site, error)
+            answers[site] = Dropout(site, DropoutKind.REJECTED, f"{type(error).__name__}: {error}")
+    for site, answer in answers.items():
+        if isinstance(answer, SiteResult) and answer.refusal is not None:
+            log.warning("site %s: %s", site, answer.refusal)
+    return answers
+
+
+@task(name="site_job", task_run_name="{job.kind}-{job.site}-r{job.round}", cache_policy=NO_CACHE)
+def site_job(config: FederationConfig, info: DatasetInfo, job: SiteJob) -> SiteResult:
+    """One site's job, run here on the site's own folder (no retries: masks, DP noise)."""
+    folder = site_folder(config, job.site)
+    site = Site(name=job.site, folder=folder, config=config, info=info)
+    return run_job(site, job, keys_dir=secure_round.site_keys_dir(folder))
+
+
+@task(name="enroll", task_run_name="enroll-{site}", cache_policy=NO_CACHE)
+def enroll_site(config: FederationConfig, *, site: str) -> PublicKeys:
+    """Make the site's keys in its own folder if missing; return its public keys."""
+    return secure_round.enroll_site(secure_round.site_keys_dir(site_folder(config, site)))
+
+
+class LocalBackend(SiteBackend):
+    """Sites are folders on this machine; their jobs run on the flow's task runner."""
+
+    def __init__(self, config: FederationConfig, info: DatasetInfo) -> None:
+        self.config = config
+        self.info = info
+        self._registry: Registry | None = None
+
+    def __call__(self, jobs: Sequence[SiteJob]) -> dict[str, SiteResult | Dropout]:
+        """Submit every job at once, then wait for each (a failure drops that site)."""
+        futures = {job.site: site_job.submit(self.config, self.info, job) for job in jobs}
+        return collect_answers(futures)
+
+    def registry(self) -> Registry:
+        """Enrol the simulated sites (keys in each one's folder); publish their public keys.
+
+        Each ``enroll-<site>`` task makes keys in that site's own folder (once) and hands
+        back only the public half; the registry file is written here, once per run.
+        """
+        if self._registry is None:
+            futures = {
+                site: enroll_site.submit(self.config, site=site) for site in self.config.site_names
+            }
+            public = {site: future.result() for site, future in futures.items()}
+            self._registry = secure_round.publish_public_keys(
+                secure_round.registry_path(self.config), public
+            )
+        return self._registry
