@@ -97,12 +97,14 @@ def profile(name: str) -> dict[str, object]:
         *("-o", str(out), "--", sys.executable, "-c", FEDPIPE_MAIN, "run", str(config_path)),
     ]
     started = time.perf_counter()
-    env = {"PYTHONPATH": str(ROOT)}
+    # py-spy slows the server's start several-fold on a loaded machine: give it time
+    env = {"PYTHONPATH": str(ROOT), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600"}
     result = subprocess.run(
         command, cwd=WORKDIR, env={**_environ(), **env}, capture_output=True, text=True
     )
     wall = time.perf_counter() - started
     output = result.stdout + result.stderr
+    (WORKDIR / f"profile-{name}.log").write_text(output)
     up = UP.search(output)
     rounds = [float(m.group(5)) for m in map(ROW.match, output.splitlines()) if m]
     start = float(up.group(1)) if up else float("nan")
