@@ -183,21 +183,44 @@ def _mean(reps: list[dict[str, Any]], key: str) -> float:
 
 
 def summarize(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
-    """One table row per workload: each system's ranges and fedpipe / Flower ratios."""
+    """One table row per workload and system: ranges over the repetitions."""
+    rows = []
+    for name, systems in runs.items():
+        for system, reps in systems.items():
+            if not reps:
+                continue
+            rows.append(
+                {
+                    "workload": name,
+                    "system": system,
+                    "whole run s": _span([r["wall_s"] for r in reps], 1),
+                    "median round s": _span([r["median_round_s"] for r in reps], 3),
+                    "peak memory GB": _span([r["peak_memory_gb"] for r in reps], 2),
+                    "final accuracy": _span([r["final_accuracy"] for r in reps], 4),
+                    "tracebacks": sum(r["traceback"] for r in reps),
+                }
+            )
+    return rows
+
+
+RATIOS = [
+    ("fedpipe / flower, whole run", "fedpipe", "flower", "wall_s"),
+    ("fedpipe / flower, median round", "fedpipe", "flower", "median_round_s"),
+    ("fedpipe / bare engine, median round", "fedpipe", "bare", "median_round_s"),
+    ("fedpipe / fedpipe-base, whole run", "fedpipe", "fedpipe-base", "wall_s"),
+]
+
+
+def ratios(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """Per workload, the ratios of the systems' means (only where both ran)."""
     rows = []
     for name, systems in runs.items():
         row: dict[str, Any] = {"workload": name}
-        for system, reps in systems.items():
-            row[f"{system} wall s"] = _span([r["wall_s"] for r in reps], 1)
-            row[f"{system} round s"] = _span([r["median_round_s"] for r in reps], 3)
-            row[f"{system} peak GB"] = _span([r["peak_memory_gb"] for r in reps], 2)
-            row[f"{system} accuracy"] = _span([r["final_accuracy"] for r in reps], 4)
-        if "flower" in systems and "fedpipe" in systems:
-            for key, label in (("wall_s", "wall"), ("median_round_s", "round")):
-                ratio = _mean(systems["fedpipe"], key) / _mean(systems["flower"], key)
-                row[f"fedpipe/flower {label}"] = f"{ratio:.2f}x"
-        row["tracebacks"] = sum(r["traceback"] for reps in systems.values() for r in reps)
-        rows.append(row)
+        for label, top, bottom, key in RATIOS:
+            if systems.get(top) and systems.get(bottom):
+                row[label] = f"{_mean(systems[top], key) / _mean(systems[bottom], key):.2f}x"
+        if len(row) > 1:
+            rows.append(row)
     return rows
 
 
@@ -233,6 +256,21 @@ def plot(
     plt.close(figure)
 
 
+def _reps(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> int:
+    return max((len(reps) for systems in runs.values() for reps in systems.values()), default=0)
+
+
+def resummarize(args: argparse.Namespace) -> None:
+    """Tables, ratios and plots again from ``<output>.json``'s runs (same stamp)."""
+    old = json.loads((RESULTS / f"{args.output}.json").read_text())
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for run in old["runs"]:
+        measured = {k: v for k, v in run.items() if k not in ("workload", "system", "rep")}
+        runs.setdefault(run["workload"], {}).setdefault(run["system"], []).append(measured)
+    stamp = {key: old[key] for key in ("command", "machine", "date") if key in old}
+    write_report(args, runs, old.get("versions", {}), stamp=stamp)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=2, help="Interleaved repetitions.")
@@ -245,7 +283,15 @@ def main() -> None:
         help="Also run system 'fedpipe-base': `fedpipe run` from this git revision.",
     )
     parser.add_argument("--output", default="flower", help="Result name under benchmarks/results.")
+    parser.add_argument(
+        "--resummarize",
+        action="store_true",
+        help="Rebuild tables and plots from the existing JSON's runs; measure nothing.",
+    )
     args = parser.parse_args()
+    if args.resummarize:
+        resummarize(args)
+        return
     systems = args.systems.split(",")
     if args.baseline:
         export_baseline(args.baseline)
@@ -273,6 +319,8 @@ def write_report(
     args: argparse.Namespace,
     runs: dict[str, dict[str, list[dict[str, Any]]]],
     versions: dict[str, str],
+    *,
+    stamp: dict[str, Any] | None = None,
 ) -> None:
     """Write benchmarks/results/<output>.json and its plots from the runs so far."""
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -291,6 +339,7 @@ def write_report(
         "machine": _machine(),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "versions": versions,
+        **(stamp or {}),  # --resummarize keeps the measuring run's command, machine, date
         "notes": [
             "Same partition (fedpipe's Dirichlet(0.5) split, seed 0), same θ_0, same model and "
             "optimizer (SGD 0.05, momentum 0.9, batch 32, 1 local epoch), every site trains and "
@@ -299,10 +348,11 @@ def write_report(
             "run's rounds (fedpipe: its round_seconds; Flower: between its server-side "
             "evaluations; bare: train + evaluate). Peak memory: RSS summed over the process "
             "tree (Ray's raylet, GCS and workers; Prefect's server), sampled every 0.1 s.",
-            f"Repetitions interleaved ({args.reps}); ranges are min-max over them.",
+            f"Repetitions interleaved ({_reps(runs)}); ranges are min-max over them.",
         ],
         "plots": list(plots.values()),
         "summary": summarize(runs),
+        "ratios": ratios(runs),
         "runs": [
             {"workload": n, "system": s, "rep": i, **r}
             for n, v in runs.items()
