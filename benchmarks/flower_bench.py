@@ -283,6 +283,7 @@ def main() -> None:
         help="Also run system 'fedpipe-base': `fedpipe run` from this git revision.",
     )
     parser.add_argument("--output", default="flower", help="Result name under benchmarks/results.")
+    parser.add_argument("--note", action="append", default=[], help="A line for the notes.")
     parser.add_argument(
         "--resummarize",
         action="store_true",
@@ -349,6 +350,9 @@ def write_report(
             "evaluations; bare: train + evaluate). Peak memory: RSS summed over the process "
             "tree (Ray's raylet, GCS and workers; Prefect's server), sampled every 0.1 s.",
             f"Repetitions interleaved ({_reps(runs)}); ranges are min-max over them.",
+            "fedpipe-base: the same `fedpipe run` from the --baseline revision (before/after "
+            "in the same interleaved run).",
+            *args.note,
         ],
         "plots": list(plots.values()),
         "summary": summarize(runs),
