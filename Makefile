@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format bench up down clean-state
+.PHONY: demo test lint format bench bench-full up down clean-state
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,9 @@ test: $(STAMP) lint
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all
+
+bench-full: $(STAMP)
+	$(BIN)/python -m benchmarks.run_all --full
 
 up: $(STAMP)
 	$(BIN)/fedpipe up

@@ -2,8 +2,9 @@
 
     .venv/bin/python -m benchmarks.report
 
-Each JSON file is one benchmark's latest output: its ``command`` and ``machine`` head the
-section; nested mappings become key/value tables, lists of mappings become tables.
+Each JSON file is one benchmark's latest output: its ``command``, ``machine``, ``date`` and
+``versions`` head the section, then its ``notes`` and ``plots`` (PNG files beside the JSON);
+nested mappings become key/value tables, lists of mappings become tables.
 """
 
 from __future__ import annotations
@@ -15,7 +16,18 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 OUTPUT = ROOT.parent / "BENCHMARKS.md"
-ORDER = ["foundation", "privacy", "secagg", "dispatch", "communication"]
+ORDER = [
+    "flower",
+    "flower_tuning",
+    "profile",
+    "scaling",
+    "runner",
+    "foundation",
+    "privacy",
+    "secagg",
+    "dispatch",
+    "communication",
+]
 
 
 def _cell(value: Any) -> str:
@@ -78,11 +90,17 @@ def build() -> str:
             lines += [f"Command: `{command}`", ""]
         if machine:
             lines += [f"Machine: {_cell(machine)}" + (f", {date}" if date else ""), ""]
+        versions = data.pop("versions", None)
+        if versions:
+            lines += ["Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()), ""]
         figure = data.pop("figure", None)
         if figure:
             lines += [f"![{title}]({figure})", ""]
         for note in data.pop("notes", []):
             lines += [f"- {note}"]
+        lines.append("")
+        for plot in data.pop("plots", []):
+            lines += [f"![{plot}](benchmarks/results/{plot})", ""]
         for key, value in data.items():
             lines += _render(key, value, 3)
     return "\n".join(lines).rstrip() + "\n"

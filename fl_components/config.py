@@ -25,6 +25,7 @@ StrategyKind = Literal[
 AggregatorKind = Literal["mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan"]
 ADAPTIVE_RULES = ("fedadagrad", "fedadam", "fedyogi")
 BackendKind = Literal["local", "work-pool"]
+RunnerKind = Literal["thread", "ray", "dask"]
 InitFrom = Literal["fresh", "champion", "run"]
 
 
@@ -359,6 +360,44 @@ class PrivacyConfig(_Section):
         return self
 
 
+class RunnerConfig(_Section):
+    """Where the local backend's site tasks run: threads here, or a Ray or Dask cluster.
+
+    ``thread`` (default) runs them on this process's threads; ``ray`` and ``dask`` hand
+    them to prefect-ray's RayTaskRunner or prefect-dask's DaskTaskRunner (extras
+    ``fedpipe[ray]``, ``fedpipe[dask]``), on a cluster at ``address`` or, without one, a
+    local cluster started for the run. Deployed sites run on their work pools instead.
+    """
+
+    kind: RunnerKind = Field(default="thread", description="thread | ray | dask.")
+    address: str | None = Field(
+        default=None,
+        description="Cluster to join: ray 'ray://HOST:10001' or 'auto', dask "
+        "'tcp://HOST:8786'; None starts a local cluster (thread: unused).",
+    )
+    workers: int | None = Field(
+        default=None,
+        ge=1,
+        description="thread: pool size; local ray: CPUs; local dask: worker processes "
+        "(None: Prefect's or the cluster's default).",
+    )
+
+    @model_validator(mode="after")
+    def _address_fits_kind(self) -> RunnerConfig:
+        if self.kind == "thread" and self.address is not None:
+            raise ValueError(
+                f"runner.address ({self.address!r}) needs runner.kind 'ray' or 'dask'; "
+                "the thread runner has no cluster, remove runner.address"
+            )
+        if self.address is not None and self.workers is not None:
+            raise ValueError(
+                f"runner.workers ({self.workers}) sizes a local cluster only; with "
+                f"runner.address ({self.address!r}) the cluster has its own workers, "
+                "remove runner.workers"
+            )
+        return self
+
+
 class DeploymentConfig(_Section):
     """The work-pool backend: where the global model is handed over, how long to wait."""
 
@@ -489,6 +528,7 @@ class FederationConfig(_Section):
     privacy: PrivacyConfig = PrivacyConfig()
     backend: BackendKind = Field(default="local", description="Where participants run.")
     deployment: DeploymentConfig = DeploymentConfig()
+    runner: RunnerConfig = RunnerConfig()
     secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
     compression: CompressionConfig = CompressionConfig()
     init_from: InitFrom = Field(
@@ -533,6 +573,16 @@ class FederationConfig(_Section):
                 "privacy.adaptive_clipping needs each update's norm, which secure aggregation "
                 "hides from the coordinator; set privacy.adaptive_clipping: false or "
                 "secure_aggregation.enabled: false"
+            )
+        if self.backend == "work-pool" and self.runner.kind != "thread":
+            raise ValueError(
+                f"runner.kind is {self.runner.kind!r} but backend is 'work-pool': sites run "
+                "on their own work pools; set runner.kind: thread or backend: local"
+            )
+        if self.data.source == "site_files" and "dataset" in self.data.model_fields_set:
+            raise ValueError(
+                f"data.dataset ({self.data.dataset!r}) is set but data.source is 'site_files'; "
+                "remove data.dataset or set data.source: bundled"
             )
         conflict = strategy_conflict(self)
         if conflict:

@@ -7,6 +7,7 @@ config. Prefect runs ephemerally (no server to start) with its state under ``sta
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -64,12 +65,17 @@ def _fail(error: Exception) -> None:
 def run_with_progress(config: FederationConfig, *, quiet: QuietRun, resume: str | None) -> Any:
     """Run the training flow in-process, showing a live progress bar and a row per round.
 
-    Whether the run succeeds or fails, the temporary Prefect server is given this process's
-    last events and logs, and time to record them, before it stops.
+    The temporary Prefect server boots while the heavy imports run (or a running one named by
+    PREFECT_API_URL is reused). Whether the run succeeds or fails, the server is given this
+    process's last events and logs, and a bounded time to record them, before it stops.
     """
+    server = start_temporary_server()  # boots while the imports below run
     from flows.federated_training import federated_training
     from flows.naming import run_name
     from flows.progress import listening
+    from flows.runners import task_runner_for
+    from flows.startup import warm_in_background
+    from flows.temporary_server import flush_and_wait
 
     console.print(
         f"[bold]fedpipe[/] federation [cyan]{config.name}[/]: {len(config.sites)} sites, "
@@ -110,22 +116,25 @@ def run_with_progress(config: FederationConfig, *, quiet: QuietRun, resume: str 
                 for site, reason in payload.get("dropouts", {}).items():
                     quiet.dropouts.add(site, f"round {payload['round']}: {reason}")
 
+        named = run_name(config.name, started=datetime.now(UTC))
+        flow = federated_training.with_options(
+            flow_run_name=named, task_runner=task_runner_for(config)
+        )
         try:
-            with listening(on_event):
-                named = run_name(config.name, started=datetime.now(UTC))
-                flow = federated_training.with_options(flow_run_name=named)
-                return flow(config, resume=resume)
+            if server is not None:
+                warm_in_background()
+                server.wait_ready(timeout=_startup_timeout())
+            with server.serving() if server else contextlib.nullcontext(), listening(on_event):
+                try:
+                    return flow(config, resume=resume)
+                finally:
+                    # send this process's last events and logs, wait (bounded) for the server
+                    # to record every task run, so that the Prefect UI shows them all final
+                    progress.update(bar, status="flushing Prefect events")
+                    flush_and_wait(flow_run_ids[0] if flow_run_ids else "", timeout=30)
         finally:
-            # the temporary Prefect server stops at exit: send this process's last events
-            # and logs now, then wait for the server to record them, so that the Prefect UI
-            # shows every task run final and the server stops with nothing half-written
-            progress.update(bar, status="flushing Prefect events")
-            from prefect.events.worker import EventsWorker
-            from prefect.logging.handlers import APILogWorker
-
-            EventsWorker.drain_all(timeout=15)
-            APILogWorker.drain_all(timeout=15)
-            _wait_task_runs_recorded(flow_run_ids[0] if flow_run_ids else "", timeout=30)
+            if server is not None:
+                server.stop()
 
 
 def train_and_report(config: FederationConfig, *, resume: str | None = None) -> None:
@@ -175,40 +184,21 @@ def _print_dropouts(quiet: QuietRun, *, unless_named_in: str = "") -> None:
         console.print(f"  {line}", soft_wrap=True)
 
 
-def _wait_task_runs_recorded(flow_run_id: str, *, timeout: float) -> None:
-    """Wait until the server has recorded this flow run's task runs, all in a final state.
+def start_temporary_server() -> Any:
+    """Start this run's temporary Prefect server, unless PREFECT_API_URL names one to reuse."""
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+    from flows.temporary_server import TemporaryServer
 
-    Task runs reach a Prefect 3 server as events, written in batches by its task-run
-    recorder; stopping the server mid-batch loses them (and prints the recorder's
-    traceback). Done when two polls in a row see the same number, all final.
-    """
-    if not flow_run_id:
-        time.sleep(3)
-        return
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    return TemporaryServer.start(Path(os.environ["PREFECT_HOME"]) / "server.log")
 
-    runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-    deadline = time.monotonic() + timeout
-    seen = -1
-    with get_client(sync_client=True) as client:
-        while time.monotonic() < deadline:
-            task_runs: list[Any] = []
-            while True:  # the API returns at most 200 a page
-                page = client.read_task_runs(flow_run_filter=runs, limit=200, offset=len(task_runs))
-                task_runs += page
-                if len(page) < 200:
-                    break
-            done = all(t.state is not None and t.state.is_final() for t in task_runs)
-            if done and len(task_runs) == seen:
-                time.sleep(1.0)  # one recorder batch for the events that came last
-                return
-            seen = len(task_runs) if done else -1
-            time.sleep(1.0)
+
+def _startup_timeout() -> float:
+    return float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90"))
 
 
 def _round_header(config: FederationConfig) -> str:
-    extra = "  epsilon" if getattr(config, "privacy", None) is not None else ""
+    extra = "  epsilon" if config.privacy.mode != "off" else ""
     return (
         f"[bold]{'round':>5}  {'sites':>5}  {'accuracy':>8}  {'loss':>7}  {'seconds':>7}{extra}[/]"
     )

@@ -1,0 +1,73 @@
+"""The coordinator flow's task runner, built from the federation config's ``runner`` section.
+
+``thread`` keeps site tasks on this process's threads (Prefect's ThreadPoolTaskRunner);
+``ray`` and ``dask`` hand them to prefect-ray's RayTaskRunner or prefect-dask's
+DaskTaskRunner, on the cluster at ``runner.address`` or on a local one started for the run
+and stopped with it. Apply it with
+``federated_training.with_options(task_runner=task_runner_for(config))``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+from fl_components.config import FederationConfig, RunnerConfig
+from fl_components.errors import ConfigError
+
+
+def task_runner_for(config: FederationConfig) -> TaskRunner[Any]:
+    """The task runner ``config.runner`` asks for.
+
+    Raises
+    ------
+    ConfigError
+        If ``runner.kind`` needs an extra that is not installed.
+    """
+    runner = config.runner
+    if runner.kind == "ray":
+        return _ray(runner)
+    if runner.kind == "dask":
+        return _dask(runner)
+    return ThreadPoolTaskRunner(max_workers=runner.workers)
+
+
+def _missing(kind: str, error: ImportError) -> ConfigError:
+    return ConfigError(
+        f"runner.kind is {kind!r} but prefect-{kind} is not installed ({error}); "
+        f"install it with `pip install 'fedpipe[{kind}]'` or set runner.kind: thread"
+    )
+
+
+def _ray(runner: RunnerConfig) -> TaskRunner[Any]:
+    try:
+        from prefect_ray import RayTaskRunner
+    except ImportError as error:
+        raise _missing("ray", error) from None
+    if runner.address is not None:
+        return RayTaskRunner(address=runner.address)
+    # a local cluster on this machine only: no dashboard, nothing listening beyond 127.0.0.1
+    init: dict[str, Any] = {"include_dashboard": False, "_node_ip_address": "127.0.0.1"}
+    if runner.workers is not None:
+        init["num_cpus"] = runner.workers
+    return RayTaskRunner(init_kwargs=init)
+
+
+def _dask(runner: RunnerConfig) -> TaskRunner[Any]:
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError as error:
+        raise _missing("dask", error) from None
+    if runner.address is not None:
+        return DaskTaskRunner(address=runner.address)
+    # worker processes (torch holds the GIL in places), one thread each, on 127.0.0.1 only
+    cluster: dict[str, Any] = {
+        "processes": True,
+        "threads_per_worker": 1,
+        "host": "127.0.0.1",
+        "dashboard_address": None,
+    }
+    if runner.workers is not None:
+        cluster["n_workers"] = runner.workers
+    return DaskTaskRunner(cluster_kwargs=cluster)
