@@ -381,6 +381,13 @@ class RunnerConfig(_Section):
         description="thread: pool size; local ray: CPUs; local dask: worker processes "
         "(None: Prefect's or the cluster's default).",
     )
+    cohort_threshold: int = Field(
+        default=16,
+        ge=1,
+        description="A wave of more site jobs than this runs as cohorts (2 per worker) of "
+        "sites per task instead of one task per site: at 100+ simulated sites the per-task "
+        "cost dominates. Each site's outcome stays in the round's artifact.",
+    )
 
     @model_validator(mode="after")
     def _address_fits_kind(self) -> RunnerConfig:

@@ -10,6 +10,7 @@ own work pool. Both run the same site-side code, :func:`fl_components.participan
 from __future__ import annotations
 
 import logging
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -87,8 +88,51 @@ def enroll_site(config: FederationConfig, *, site: str) -> PublicKeys:
     return secure_round.enroll_site(secure_round.site_keys_dir(site_folder(config, site)))
 
 
+@task(
+    name="site_cohort",
+    task_run_name="cohort-{index}-r{round_num}",
+    cache_policy=NO_CACHE,
+)
+def site_cohort(
+    config: FederationConfig,
+    info: DatasetInfo,
+    jobs: list[SiteJob],
+    *,
+    index: int,
+    round_num: int,
+) -> dict[str, SiteResult | Dropout]:
+    """Several sites' jobs in one task, one after another (simulations with many sites).
+
+    A site's failure is its own dropout, as with one task per site.
+    """
+    answers: dict[str, SiteResult | Dropout] = {}
+    for job in jobs:
+        try:
+            answers[job.site] = site_job.fn(config, info, job)
+        except Exception as error:  # a site's failure must not sink its cohort
+            log.warning("site %s failed: %s", job.site, error)
+            answers[job.site] = Dropout(
+                job.site, DropoutKind.FAILED, f"{type(error).__name__}: {error}"
+            )
+    return answers
+
+
+def cohorts(jobs: Sequence[SiteJob], *, count: int) -> list[list[SiteJob]]:
+    """``jobs`` dealt round-robin into at most ``count`` non-empty cohorts, order kept within."""
+    dealt: list[list[SiteJob]] = [[] for _ in range(max(1, count))]
+    for position, job in enumerate(jobs):
+        dealt[position % len(dealt)].append(job)
+    return [cohort for cohort in dealt if cohort]
+
+
 class LocalBackend(SiteBackend):
-    """Sites are folders on this machine; their jobs run on the flow's task runner."""
+    """Sites are folders on this machine; their jobs run on the flow's task runner.
+
+    A wave of up to ``runner.cohort_threshold`` jobs runs one task per site
+    (``train-site-03-r4``); a larger one (a simulation of 100+ sites) runs as two cohorts of
+    sites per worker, one task each (``cohort-0-r4``), since the per-task cost of
+    Prefect's engine and event recording then outweighs the training itself.
+    """
 
     def __init__(self, config: FederationConfig, info: DatasetInfo) -> None:
         self.config = config
@@ -96,9 +140,33 @@ class LocalBackend(SiteBackend):
         self._registry: Registry | None = None
 
     def __call__(self, jobs: Sequence[SiteJob]) -> dict[str, SiteResult | Dropout]:
-        """Submit every job at once, then wait for each (a failure drops that site)."""
-        futures = {job.site: site_job.submit(self.config, self.info, job) for job in jobs}
-        return collect_answers(futures)
+        """Submit every job (or cohort) at once, then wait for each (a failure drops it)."""
+        if len(jobs) <= self.config.runner.cohort_threshold:
+            futures = {job.site: site_job.submit(self.config, self.info, job) for job in jobs}
+            return collect_answers(futures)
+        workers = self.config.runner.workers or os.cpu_count() or 2
+        groups = cohorts(jobs, count=2 * workers)
+        submitted = [
+            (
+                group,
+                site_cohort.submit(
+                    self.config,
+                    self.info,
+                    group,
+                    index=index,
+                    round_num=max(job.round for job in group),
+                ),
+            )
+            for index, group in enumerate(groups)
+        ]
+        answers: dict[str, SiteResult | Dropout] = {}
+        for group, future in submitted:
+            try:
+                answers.update(future.result())
+            except Exception as error:  # the whole cohort failed (e.g. its worker died)
+                reason = f"{type(error).__name__}: {error}"
+                answers.update({j.site: Dropout(j.site, DropoutKind.FAILED, reason) for j in group})
+        return answers
 
     def registry(self) -> Registry:
         """Enrol the simulated sites (keys in each one's folder); publish their public keys.

@@ -109,3 +109,29 @@ def test_a_failing_round_still_logs_the_previous_rounds_evaluation(
     assert sorted(m.step for m in history) == [0, 1]
     steps = client.get_metric_history(run.info.run_id, "site/site-0/accuracy")
     assert sorted(m.step for m in steps) == [0, 1]
+
+
+def test_many_sites_run_as_cohorts_of_sites_per_task(small_config) -> None:
+    """Past runner.cohort_threshold jobs a wave runs as cohorts; every site still counts."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    config = small_config.model_copy(
+        update={"runner": small_config.runner.model_copy(update={"cohort_threshold": 2})}
+    )
+    broken = federation_dir(config) / "site-2" / "train.npz"
+    materialize_sites(config)
+    broken.write_bytes(b"not an npz")
+
+    summary = federated_training(config)
+
+    client = MlflowClient(tracking_uri=config.tracking.tracking_uri)
+    participants = client.get_metric_history(summary.mlflow_run_id, "participants")
+    assert [m.value for m in participants] == [2.0, 2.0]  # site-2's bad data: its own dropout
+    with get_client(sync_client=True) as prefect:
+        runs = prefect.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[summary.prefect_flow_run_id]))
+        )
+    names = {run.name for run in runs}
+    assert {"cohort-0-r1", "cohort-1-r1"} <= names
+    assert not any(name.startswith("train-") for name in names)
