@@ -208,7 +208,7 @@ def _wait_task_runs_recorded(flow_run_id: str, *, timeout: float) -> None:
 
 
 def _round_header(config: FederationConfig) -> str:
-    extra = "  epsilon" if getattr(config, "privacy", None) is not None else ""
+    extra = "  epsilon" if config.privacy.mode != "off" else ""
     return (
         f"[bold]{'round':>5}  {'sites':>5}  {'accuracy':>8}  {'loss':>7}  {'seconds':>7}{extra}[/]"
     )
