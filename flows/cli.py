@@ -153,8 +153,9 @@ def train_and_report(config: FederationConfig, *, resume: str | None = None) -> 
         wait = os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]
         console.print(
             f"[bold red]run failed:[/] Prefect's temporary server did not answer within {wait}s "
-            "(a busy machine starts it slowly); set PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS "
-            "higher, or start a server once with `fedpipe up` and set PREFECT_API_URL",
+            "(a busy machine starts it slowly); set "
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS higher, or start a server once "
+            "with `fedpipe up` and set PREFECT_API_URL",
             soft_wrap=True,
         )
         console.print(f"full log: {log_file}", soft_wrap=True)
