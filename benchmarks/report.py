@@ -15,7 +15,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 OUTPUT = ROOT.parent / "BENCHMARKS.md"
-ORDER = ["foundation", "privacy", "secagg", "dispatch"]
+ORDER = ["foundation", "privacy", "secagg", "dispatch", "communication"]
 
 
 def _cell(value: Any) -> str:
@@ -78,6 +78,9 @@ def build() -> str:
             lines += [f"Command: `{command}`", ""]
         if machine:
             lines += [f"Machine: {_cell(machine)}" + (f", {date}" if date else ""), ""]
+        figure = data.pop("figure", None)
+        if figure:
+            lines += [f"![{title}]({figure})", ""]
         for note in data.pop("notes", []):
             lines += [f"- {note}"]
         for key, value in data.items():

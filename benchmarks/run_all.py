@@ -14,6 +14,7 @@ BENCHMARKS = [
     ["benchmarks/dispatch_bench.py"],
     ["-m", "benchmarks.strategies_bench", "--rounds", "40", "--seeds", "3"],
     ["-m", "benchmarks.robustness_bench", "--rounds", "20", "--seeds", "2"],
+    ["benchmarks/communication_bench.py"],
 ]
 
 

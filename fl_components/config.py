@@ -295,8 +295,15 @@ class PrivacyConfig(_Section):
     )
     sampling: Literal["random", "fixed"] = Field(
         default="random",
-        description="'random': participants drawn at random and kept secret, so client "
-        "sampling amplifies privacy (q = fraction); 'fixed': selection is public, q = 1.",
+        description="'random': each site drawn independently with probability q = "
+        "participation.fraction (Poisson, secret CSPRNG draw), so client sampling amplifies "
+        "privacy; 'fixed': selection is public, q = 1 over the rounds a site is selected in.",
+    )
+    max_client_epsilon: float | None = Field(
+        default=None,
+        gt=0,
+        description="Participant-level budget of a model across the runs it descends from "
+        "(the coordinator's federation ledger); None = unlimited. A round past it is refused.",
     )
 
     @property
@@ -390,6 +397,62 @@ class SecureAggregationConfig(_Section):
     )
 
 
+CompressionMethod = Literal["none", "qsgd", "top_k", "random_k"]
+DownloadKind = Literal["full", "delta"]
+
+
+class CompressionConfig(_Section):
+    """Fewer bytes on the wire: compressed updates up, model deltas down.
+
+    ``qsgd``: stochastic b-bit quantization (Alistarh et al. 2017); under secure aggregation,
+    b-bit fixed point packed in Z_2^(b + ceil(log2 n)). ``top_k``: the largest
+    ``fraction`` of values with their indices (Stich et al. 2018; not under secure
+    aggregation). ``random_k``: the same ``fraction`` of coordinates at every site of a round
+    (Konecny et al. 2016); under secure aggregation only those are masked and sent, as b-bit
+    fixed point.
+    """
+
+    method: CompressionMethod = Field(
+        default="none", description="none | qsgd | top_k | random_k (update upload)."
+    )
+    bits: int = Field(
+        default=8,
+        ge=2,
+        le=16,
+        description="Bits per value: QSGD's b in the clear; under secure aggregation the "
+        "fixed-point bits before ceil(log2 n) bits of headroom.",
+    )
+    bucket_size: int = Field(
+        default=512, ge=1, le=1 << 20, description="QSGD: values sharing one scale."
+    )
+    fraction: float = Field(
+        default=0.1, gt=0, le=1, description="top_k / random_k: fraction of values sent."
+    )
+    error_feedback: bool = Field(
+        default=True,
+        description="top_k / random_k: carry what was not sent to the next round "
+        "(residual kept in the site's folder).",
+    )
+    residual_max_age: int = Field(
+        default=1,
+        ge=1,
+        description="Rounds a residual stays valid; a site that skipped more starts from zero.",
+    )
+    download: DownloadKind = Field(
+        default="full",
+        description="'delta': send the change against the model the site holds (checked by "
+        "SHA-256); sites without it get the full model.",
+    )
+    download_bits: int | None = Field(
+        default=None, ge=2, le=16, description="QSGD bits for the download delta; None = float32."
+    )
+
+    @property
+    def enabled(self) -> bool:
+        """True when updates are compressed."""
+        return self.method != "none"
+
+
 class FederationConfig(_Section):
     """A whole federation: sites, rounds, model, training, strategy, tracking."""
 
@@ -409,6 +472,7 @@ class FederationConfig(_Section):
     backend: BackendKind = Field(default="local", description="Where participants run.")
     deployment: DeploymentConfig = DeploymentConfig()
     secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
+    compression: CompressionConfig = CompressionConfig()
     init_from: InitFrom = Field(
         default="fresh", description="Start fresh, from the registry's champion, or a run."
     )
@@ -460,6 +524,7 @@ class FederationConfig(_Section):
         conflict = strategy_conflict(self)
         if conflict:
             raise ValueError(conflict)
+        _check_compression(self)
         if self.init_from == "run" and not self.init_run_id:
             raise ValueError("init_from is 'run' but init_run_id is empty; set init_run_id")
         return self
@@ -571,3 +636,34 @@ def _flatten_into(flat: dict[str, str], key: str, value: Any) -> None:
             _flatten_into(flat, f"{key}.{index}", item)
     else:
         flat[key] = str(value)
+
+
+def _check_compression(config: FederationConfig) -> None:
+    """Refuse compression settings that break secure aggregation or DP's sensitivity."""
+    compression, secagg, privacy = config.compression, config.secure_aggregation, config.privacy
+    if not compression.enabled:
+        return
+    if secagg.enabled and compression.method == "top_k":
+        raise ValueError(
+            "compression.method 'top_k' picks different coordinates at each site, which "
+            "secure_aggregation.enabled cannot sum; use compression.method 'random_k' (shared "
+            "coordinates) or 'qsgd', or disable secure aggregation"
+        )
+    if secagg.enabled and secagg.bits is not None:
+        raise ValueError(
+            f"secure_aggregation.bits ({secagg.bits}) and compression.method "
+            f"({compression.method!r}) both set the fixed-point bits; set "
+            "secure_aggregation.bits: null and use compression.bits"
+        )
+    # DP-SGD noise is inside training, so compressing its output is post-processing. In the
+    # clear, DP-FedAvg clips each *decoded* update at the coordinator before noising the
+    # sum: compression comes before the clip and cannot change the sensitivity.
+    if privacy.participant_level and secagg.enabled:
+        raise ValueError(
+            f"compression.method {compression.method!r} with secure_aggregation.enabled and "
+            f"privacy.mode={privacy.mode!r}: the site clips before compressing (error feedback "
+            "would push the norm past privacy.clip_norm) and the distributed noise needs the "
+            "headroom of Z_2^32 that packing removes; set compression.method: none, or "
+            "privacy.mode: record, or disable secure aggregation (the coordinator then clips "
+            "the decoded update)"
+        )

@@ -24,6 +24,7 @@ from enum import StrEnum
 
 import numpy as np
 
+from fl_components.compression.site import CompressionInstruction
 from fl_components.errors import RoundError
 from fl_components.parameters import NDArrays, nbytes
 from fl_components.strategies.base import (
@@ -63,6 +64,7 @@ class Dropout:
     site: str
     kind: DropoutKind
     reason: str
+    epsilon_spent: float | None = None  # DECLINED: the epsilon the site's ledger holds
 
     def __str__(self) -> str:
         return f"{self.kind}: {self.reason}"
@@ -90,6 +92,8 @@ class SiteJob:
         Secure aggregation's :class:`~fl_components.secagg.RoundContext` (``mask``/``unmask``).
     unmask_request : bytes or None
         ``unmask``: the coordinator's signed request.
+    compression : CompressionInstruction or None
+        ``train``: compress the update before it leaves the site (None: float32).
     """
 
     site: str
@@ -101,6 +105,7 @@ class SiteJob:
     evaluate_round: int | None = None
     secagg: object | None = None
     unmask_request: bytes | None = None
+    compression: CompressionInstruction | None = None
 
 
 @dataclass(frozen=True)
@@ -148,6 +153,8 @@ class RoundPlan:
         Updates whose L2 norm exceeds this are rejected as invalid (None: no bound).
     secure : SecureAggregation or None
         Secure aggregation for this round (the coordinator learns only the sum).
+    compression : CompressionInstruction or None
+        How training sites compress their updates in the clear (None: float32).
     """
 
     round: int
@@ -157,6 +164,7 @@ class RoundPlan:
     evaluation: EvaluationRequest | None = None
     max_update_norm: float | None = None
     secure: SecureAggregation | None = None
+    compression: CompressionInstruction | None = None
 
 
 class SecureAggregation:
@@ -266,6 +274,7 @@ def round_jobs(plan: RoundPlan, state: ServerState, strategy: Strategy) -> list[
             seed=plan.seeds[site],
             instructions=instructions.get(site, SiteInstructions()),
             evaluate_round=evaluate_round,
+            compression=plan.compression,
         )
         for site in plan.selected
     ]
@@ -344,6 +353,33 @@ def run_round(
         raise RoundAbortedError(str(error), evaluations=evaluations, dropouts=dropouts) from None
 
 
+def _aggregate_in_clear(
+    state: ServerState,
+    plan: RoundPlan,
+    strategy: Strategy,
+    results: dict[str, SiteResult],
+    dropouts: list[Dropout],
+) -> tuple[AggregatedUpdate, list[LocalUpdate], dict[str, float]]:
+    """Validate each update (refusals join ``dropouts``), then let the strategy combine them."""
+    updates = []
+    for result in results.values():
+        if result.update is None:
+            dropouts.append(Dropout(result.site, DropoutKind.REJECTED, "no update returned"))
+            continue
+        refusal = validate_update(result.update, state.parameters, max_norm=plan.max_update_norm)
+        if refusal is not None:
+            dropouts.append(refusal)
+        else:
+            updates.append(result.update)
+    require_quorum(plan, len(updates), dropouts)
+    aggregated = strategy.aggregate(updates, state)
+    sent = [r for r in results.values() if r.update is not None]
+    per_site = {r.site: r.bytes_up or nbytes(r.update.delta) for r in sent}
+    metrics = {"bytes/up": float(sum(per_site.values()))}
+    metrics.update({f"bytes/up/site/{site}": float(b) for site, b in per_site.items()})
+    return aggregated, updates, metrics
+
+
 def _finish_round(
     state: ServerState,
     plan: RoundPlan,
@@ -364,22 +400,7 @@ def _finish_round(
         )
         dropouts += rejected
     else:
-        updates = []
-        for result in results.values():
-            if result.update is None:
-                dropouts.append(Dropout(result.site, DropoutKind.REJECTED, "no update returned"))
-                continue
-            refusal = validate_update(
-                result.update, state.parameters, max_norm=plan.max_update_norm
-            )
-            if refusal is not None:
-                dropouts.append(refusal)
-            else:
-                updates.append(result.update)
-        require_quorum(plan, len(updates), dropouts)
-        aggregated = strategy.aggregate(updates, state)
-        sent = [r for r in results.values() if r.update is not None]
-        metrics["bytes/up"] = float(sum(r.bytes_up or nbytes(r.update.delta) for r in sent))
+        aggregated, updates, metrics = _aggregate_in_clear(state, plan, strategy, results, dropouts)
     next_state = strategy.apply(state, aggregated)
     examples = sum(u.num_examples for u in updates)
     metrics.update(

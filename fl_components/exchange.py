@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from fl_components.compression.download import ModelDownload, apply_download
+from fl_components.compression.encoded import CompressionError
 from fl_components.config import FederationConfig
 from fl_components.errors import FedpipeError
 from fl_components.parameters import NDArrays, digest, flatten, unflatten
@@ -83,6 +85,52 @@ def read_global_model(uri: str, *, sha256: str) -> NDArrays:
             "refusing to train on a model that is not the coordinator's"
         )
     return parameters
+
+
+def write_model_download(
+    download: ModelDownload, directory: str | os.PathLike[str]
+) -> tuple[str, int]:
+    """Write a (delta or full) model download as ``<target>-<base>.fpmd`` under ``directory``.
+
+    ``compression.download: delta``: one file per kind and round, shared by every site that
+    gets it. Returns the absolute path and the exact bytes a site reads (``bytes/down``).
+    """
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{download.target_sha}-{download.base_sha or 'full'}.fpmd"
+    if not target.is_file():
+        partial = folder / f".{target.name}.{os.getpid()}.tmp"
+        partial.write_bytes(download.to_bytes())
+        partial.replace(target)
+    return str(target.resolve()), download.nbytes
+
+
+def read_model_download(
+    uri: str, *, sha256: str, held: NDArrays | None, like: NDArrays
+) -> NDArrays:
+    """Load a model download, apply it to the model the site holds and verify ``sha256``.
+
+    Raises
+    ------
+    ExchangeError
+        If the file is missing, malformed, for another base model or does not hash to
+        ``sha256``.
+    """
+    path = Path(uri.removeprefix("file://"))
+    if not path.is_file():
+        raise ExchangeError(
+            f"model download {uri} is not readable from this site; the exchange folder "
+            "(deployment.exchange_dir) must be shared storage mounted at the same path here"
+        )
+    try:
+        download = ModelDownload.from_bytes(path.read_bytes())
+        if download.target_sha != sha256:
+            raise CompressionError(
+                f"it builds model {download.target_sha[:12]}, the reference is {sha256[:12]}"
+            )
+        return apply_download(download, held=held, like=like)
+    except CompressionError as error:
+        raise ExchangeError(f"model download {uri}: {error}") from None
 
 
 def encode_arrays(arrays: NDArrays) -> dict[str, Any]:

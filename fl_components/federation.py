@@ -6,7 +6,6 @@ where the site's data lives, reads its own folder and returns updates and scores
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,18 +110,30 @@ def select_participants(
     seed: int,
     secret: bool = False,
 ) -> tuple[str, ...]:
-    """Draw max(minimum, ceil(fraction * n)) sites uniformly.
+    """Pick a round's cohort: a reproducible uniform draw, or a secret Poisson sample.
 
-    Reproducible from ``(seed, round_num)`` by default. With ``secret=True`` the draw comes
-    from the OS's CSPRNG instead, so that nobody holding the config can replay it: privacy
-    amplification by client sampling (DP-FedAvg) assumes a random *and* secret selection.
+    By default: max(minimum, ceil(fraction * n)) sites drawn uniformly without replacement,
+    reproducible from ``(seed, round_num)``.
+
+    With ``secret=True`` (participant-level DP with ``privacy.sampling: random``): every
+    site is included independently with probability q = ``fraction``, from the OS's CSPRNG
+    (:class:`~fl_components.privacy.dp_fedavg.SecureRandom`), as DP-FedAvg samples
+    (McMahan et al. 2018, arXiv:1710.06963, Algorithm 1) and as the accountant assumes;
+    nobody holding the config can replay it. The cohort may then be empty or smaller than
+    ``minimum``: it is returned as drawn, and the caller accounts the round at q whatever
+    it does next (see :meth:`fl_components.privacy.rounds.PrivacyRounds.cohort_too_small`);
+    redrawing until the cohort is big enough would change q.
     """
     n = len(site_names)
+    if secret:
+        from fl_components.privacy.dp_fedavg import SecureRandom
+
+        included = SecureRandom().uniform(n) < fraction
+        return tuple(name for name, keep in zip(site_names, included, strict=True) if keep)
     count = min(n, max(minimum, int(np.ceil(fraction * n))))
     if count < minimum:
         raise RoundError(f"only {n} site(s) available, participation.min_participants is {minimum}")
-    entropy = secrets.randbits(128) if secret else [seed, round_num, 0xF3D]
-    rng = np.random.default_rng(entropy)
+    rng = np.random.default_rng([seed, round_num, 0xF3D])
     chosen = rng.choice(n, size=count, replace=False)
     return tuple(site_names[i] for i in sorted(chosen))
 

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fl_components import secure_round
+from fl_components.compression.site import compress_local_update
 from fl_components.config import FederationConfig
 from fl_components.engine import Dropout, DropoutKind, JobKind, SiteJob, SiteResult
 from fl_components.errors import BudgetExhaustedError, ConfigError, DataError, FedpipeError
@@ -78,6 +79,11 @@ def _work(site: Site, job: SiteJob, keys_dir: Path, evaluation: Metrics | None) 
     update = site.train(
         job.parameters, round_num=job.round, seed=job.seed, instructions=job.instructions
     )
+    if job.compression is not None and job.compression.config.enabled:
+        update, sent = compress_local_update(
+            update, instruction=job.compression, site_dir=site.folder, seed=job.seed
+        )
+        return SiteResult(site=site.name, update=update, evaluation=evaluation, bytes_up=sent)
     return SiteResult(site=site.name, update=update, evaluation=evaluation)
 
 
@@ -106,7 +112,8 @@ def run_job(site: Site, job: SiteJob, *, keys_dir: str | os.PathLike[str]) -> Si
         evaluation = _evaluate_first(site, job)
         return _work(site, job, Path(keys_dir), evaluation)
     except BudgetExhaustedError as error:
-        refusal = Dropout(site.name, DropoutKind.DECLINED, str(error))
+        spent = getattr(error, "spent", None)  # SiteBudgetExhausted: the ledger's figure
+        refusal = Dropout(site.name, DropoutKind.DECLINED, str(error), epsilon_spent=spent)
     except DataError as error:
         refusal = Dropout(site.name, DropoutKind.BAD_DATA, str(error))
     return SiteResult(site=site.name, evaluation=evaluation, refusal=refusal)

@@ -16,6 +16,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from fl_components.compression.secure import scatter_secure_sum
 from fl_components.config import FederationConfig
 from fl_components.engine import (
     Dispatch,
@@ -160,7 +161,14 @@ class SecureSum(SecureAggregation):
             raise _abort(ctx.round, error) from None
         # float64 until divided by the weight (a sum of many updates loses bits in float32)
         bounds = np.cumsum([p.size for p in state.parameters])[:-1]
-        pieces = np.split(np.asarray(result.total, dtype=np.float64), bounds)
+        flat = scatter_secure_sum(  # random-k: the k unmasked values back at their places
+            result.total,
+            config=self.config.compression,
+            run_id=ctx.run_id,
+            round=ctx.round,
+            dimension=sum(int(p.size) for p in state.parameters),
+        )
+        pieces = np.split(flat, bounds)
         total = [piece.reshape(p.shape) for piece, p in zip(pieces, state.parameters, strict=True)]
         aggregated = strategy.aggregate_sum(
             total,

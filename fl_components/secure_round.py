@@ -49,6 +49,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from fl_components.compression.secure import secure_shape
+from fl_components.compression.site import CompressionInstruction, select_for_masking
 from fl_components.config import FederationConfig
 from fl_components.errors import ConfigError
 from fl_components.federation import Site, federation_dir
@@ -162,15 +164,18 @@ def round_context(
             f"{round_num}; lower it, raise participation.fraction, or set it to null "
             f"(majority: {default_threshold(n)})"
         )
+    # compression: b-bit fixed point packed in Z_2^(b + ceil(log2 n)) (compression.secure)
+    shape = secure_shape(config.compression, n=n, dimension=dimension)
     return RoundContext(
         run_id=run_id,
         round=round_num,
         participants=participants,
         threshold=threshold,
-        dimension=dimension,
+        dimension=shape.dimension,  # k with shared random-k: only those are masked
         clip_range=secagg.clip_range,
         neighbours=secagg.neighbours,
-        bits=secagg.bits,
+        bits=secagg.bits if shape.bits is None else shape.bits,
+        field_bits=shape.field_bits,
     )
 
 
@@ -332,6 +337,9 @@ def mask_at_site(
         global_parameters, round_num=ctx.round, seed=seed, instructions=instructions
     )
     vector, units = prepare_update(site.config, update, ctx)
+    if site.config.compression.method == "random_k":  # the round's shared k coordinates
+        instruction = CompressionInstruction(site.config.compression, ctx.run_id, ctx.round)
+        vector = select_for_masking(vector, instruction=instruction, site_dir=site.folder)
     message = _participant(site.name, keys_dir, registry, site.folder).mask_update(
         ctx, vector, num_examples=units
     )
@@ -394,6 +402,7 @@ def context_from_json(text: str) -> RoundContext:
         clip_range=float(data["clip_range"]),
         neighbours=None if data["neighbours"] is None else int(data["neighbours"]),
         bits=None if data["bits"] is None else int(data["bits"]),
+        field_bits=int(data.get("field_bits", 32)),
     )
 
 

@@ -92,6 +92,7 @@ def _body(answer: SiteResult, job: SiteJob) -> dict[str, Any]:
             "round": job.round,
             "kind": str(answer.refusal.kind),
             "reason": answer.refusal.reason,
+            "epsilon_spent": answer.refusal.epsilon_spent,
         }
     if job.kind is JobKind.TRAIN and answer.update is not None:
         return update_payload(answer.update)
@@ -124,7 +125,13 @@ def _refusal(payload: Mapping[str, Any], job: SiteJob) -> Dropout:
         kind = DropoutKind.FAILED
     if kind not in _SITE_REFUSALS:
         raise ExchangeError(f"site {job.site!r}: a site cannot report a {kind!r} refusal")
-    return Dropout(job.site, kind, str(payload.get("reason", ""))[:2000])
+    spent = payload.get("epsilon_spent")
+    return Dropout(
+        job.site,
+        kind,
+        str(payload.get("reason", ""))[:2000],
+        epsilon_spent=float(spent) if isinstance(spent, int | float) else None,
+    )
 
 
 def answer_from_payload(payload: Mapping[str, Any], *, job: SiteJob, size: int) -> SiteResult:

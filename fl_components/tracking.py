@@ -167,6 +167,10 @@ class RunTracker:
         """Store a JSON document as a run artifact."""
         self.client.log_dict(self._run(), payload, artifact_file)
 
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Store a text document (markdown) as a run artifact."""
+        self.client.log_text(self._run(), text, artifact_file)
+
     def log_model(
         self, model: Any, *, input_example: npt.NDArray[np.float32], register: bool
     ) -> str | None:
@@ -240,6 +244,47 @@ def registered_version(tracking: TrackingConfig, *, name: str, alias: str) -> st
         return str(client.get_model_version_by_alias(name, alias).version)
     except MlflowException:
         return None
+
+
+def registered_run_id(tracking: TrackingConfig, *, name: str, alias: str) -> str | None:
+    """The MLflow run that logged ``models:/name@alias``; None if there is no such alias."""
+    _quiet_mlflow()
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking))
+    try:
+        return client.get_model_version_by_alias(name, alias).run_id
+    except MlflowException:
+        return None
+
+
+def read_run_artifact(tracking_uri: str, *, run_id: str, path: str) -> str:
+    """The text of artifact ``path`` of MLflow run ``run_id``.
+
+    Raises
+    ------
+    ConfigError
+        When the run or the artifact does not exist in the store at ``tracking_uri``.
+    """
+    _quiet_mlflow()
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from fl_components.errors import ConfigError
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            local = client.download_artifacts(run_id, path, folder)
+            return Path(local).read_text()
+    except (MlflowException, OSError) as error:
+        raise ConfigError(
+            f"run {run_id!r} has no artifact {path!r} in {tracking_uri} ({type(error).__name__}); "
+            "check the run id and --tracking-uri (runs log it since privacy reports exist)"
+        ) from None
 
 
 def epsilon_plots(history: list[dict[str, float]]) -> tuple[Any, Any]:

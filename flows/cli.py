@@ -512,26 +512,46 @@ def site_worker(
 
 @app.command()
 def budget(
-    site_dir: Annotated[Path, typer.Argument(help="A site's folder (holds privacy_ledger.json).")],
+    site_dir: Annotated[
+        Path | None, typer.Argument(help="A site's folder (holds privacy_ledger.json).")
+    ] = None,
     delta: Annotated[
         float | None, typer.Option(help="Report epsilon at this delta (default: the ledger's).")
     ] = None,
+    federation: Annotated[
+        str | None,
+        typer.Option(help="Show this federation's participant-level ledger (coordinator side)."),
+    ] = None,
+    tracking_uri: Annotated[
+        str, typer.Option(help="MLflow store the federation ledger lives next to.")
+    ] = "sqlite:///mlflow/mlflow.db",
 ) -> None:
-    """Print a site's privacy ledger: rounds, steps, sigma, q, epsilon spent, budget left."""
-    from rich.table import Table
+    """Print a site's privacy ledger, or (--federation) the coordinator's across runs."""
+    from fl_components.privacy.inspection import check_delta
 
-    from fl_components.privacy.ledger import LEDGER_FILE, PrivacyLedger, epsilon_of
-
-    path = site_dir / LEDGER_FILE
-    if not path.is_file():
-        _fail(FedpipeError(f"{path} does not exist: this site has not trained with DP yet"))
     try:
-        ledger = PrivacyLedger.load(path)
+        if delta is not None:
+            check_delta(delta)
+        if federation is not None:
+            _federation_budget(federation, delta=delta, tracking_uri=tracking_uri)
+        elif site_dir is not None:
+            _site_budget(site_dir, delta=delta)
+        else:
+            raise FedpipeError("give a site folder (fedpipe budget SITE) or --federation NAME")
     except FedpipeError as error:
         _fail(error)
+
+
+def _site_budget(site_dir: Path, *, delta: float | None) -> None:
+    from rich.table import Table
+
+    from fl_components.privacy.inspection import site_ledger_path
+    from fl_components.privacy.ledger import PrivacyLedger, epsilon_of
+
+    ledger = PrivacyLedger.load(site_ledger_path(site_dir))
     at = delta if delta is not None else ledger.delta or 1e-5
     table = Table(title=f"privacy ledger of {ledger.site} ({ledger.accountant}, delta {at:g})")
-    for column in ("federation", "round", "steps", "sigma", "q", "epsilon after", "left"):
+    for column in ("federation", "round", "steps", "sigma", "q", "epsilon after", "left", "run"):
         table.add_column(column, justify="right")
     for index, entry in enumerate(ledger.entries):
         spent = epsilon_of(ledger.history[: index + 1], delta=at, accountant=ledger.accountant)
@@ -544,6 +564,7 @@ def budget(
             f"{entry.sample_rate:.4g}",
             f"{spent:.3f}",
             left,
+            entry.mlflow_run_id or "",
         )
     console.print(table)
     total = ledger.epsilon(at)
@@ -552,6 +573,72 @@ def budget(
         f"{len(ledger.entries)} rounds, epsilon spent [bold]{total:.3f}[/] at delta {at:g}, "
         f"max_epsilon {limit}"
     )
+
+
+def _federation_budget(name: str, *, delta: float | None, tracking_uri: str) -> None:
+    from rich.table import Table
+
+    from fl_components.config import TrackingConfig
+    from fl_components.privacy.federation_ledger import FederationLedger, federation_ledger_path
+
+    path = federation_ledger_path(TrackingConfig(tracking_uri=tracking_uri), name)
+    if not path.is_file():
+        raise FedpipeError(
+            f"{path} does not exist: federation {name!r} has run no participant-level DP "
+            "(privacy.mode participant or both) with this store; check --tracking-uri"
+        )
+    ledger = FederationLedger.load(path, federation=name)
+    table = Table(title=f"participant-level ledger of {name} ({path})")
+    for column in ("run", "flow run", "from run", "rounds", "z", "q", "delta", "model epsilon"):
+        table.add_column(column, justify="right")
+    accountant = "rdp"
+    for run in ledger.runs.values():
+        accountant = run.accountant
+        at = delta if delta is not None else run.delta
+        epsilon = ledger.epsilon(run.mlflow_run_id, delta=at, accountant=run.accountant)
+        table.add_row(
+            run.mlflow_run_id,
+            run.flow_run_id or "",
+            run.parent_run_id or "fresh",
+            str(len(run.rounds)),
+            ", ".join(sorted({f"{r.noise_multiplier:g}" for r in run.rounds})),
+            ", ".join(sorted({f"{r.sample_rate:g}" for r in run.rounds})),
+            f"{at:g}",
+            f"{epsilon:.3f}",
+        )
+    console.print(table)
+    last = list(ledger.runs.values())[-1] if ledger.runs else None
+    at = delta if delta is not None else (last.delta if last else 1e-5)
+    total = ledger.total_epsilon(delta=at, accountant=accountant)
+    console.print(
+        f"{len(ledger.runs)} runs; 'model epsilon' composes each run with the runs its model "
+        f"descends from; all runs together: [bold]{total:.3f}[/] at delta {at:g}"
+    )
+
+
+@app.command("privacy-report")
+def privacy_report(
+    run_id: Annotated[str, typer.Argument(help="MLflow run id of a training run.")],
+    tracking_uri: Annotated[
+        str, typer.Option(help="MLflow tracking URI the run lives in.")
+    ] = "sqlite:///mlflow/mlflow.db",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON instead.")] = False,
+) -> None:
+    """Print a run's privacy report (logged as privacy/privacy_report.{md,json})."""
+    from rich.markdown import Markdown
+
+    from fl_components.privacy.report import PRIVACY_REPORT_JSON, PRIVACY_REPORT_MD
+    from fl_components.tracking import read_run_artifact
+
+    path = PRIVACY_REPORT_JSON if as_json else PRIVACY_REPORT_MD
+    try:
+        text = read_run_artifact(tracking_uri, run_id=run_id, path=path)
+    except FedpipeError as error:
+        _fail(error)
+    if as_json:
+        print(text)
+    else:
+        console.print(Markdown(text))
 
 
 def main() -> None:

@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 from prefect.runtime import flow_run
 
+from fl_components.compression.site import CompressionInstruction
 from fl_components.config import FederationConfig
 from fl_components.data import DatasetInfo, Split
-from fl_components.engine import Dropout, EvaluationRequest, RoundPlan, RoundReport
+from fl_components.engine import Dropout, DropoutKind, EvaluationRequest, RoundPlan, RoundReport
 from fl_components.federation import (
     central_test_split,
     dataset_info,
@@ -26,15 +27,18 @@ from fl_components.federation import (
 )
 from fl_components.models import build_model
 from fl_components.parameters import NDArrays, get_parameters
-from fl_components.privacy.rounds import PrivacyRounds
+from fl_components.privacy.federation_ledger import FederationLedger, federation_ledger_path
+from fl_components.privacy.report import PRIVACY_REPORT_JSON, PRIVACY_REPORT_MD, report_markdown
+from fl_components.privacy.rounds import PrivacyRounds, declined_record
 from fl_components.secure_aggregation import SecureSum
-from fl_components.strategies import ServerState, Strategy, build_strategy
+from fl_components.strategies import AccountantStep, ServerState, Strategy, build_strategy
 from fl_components.strategies.private import DPFedAvg
 from fl_components.tracking import (
     RunLink,
     RunTracker,
     load_registered_parameters,
     load_run_model,
+    registered_run_id,
 )
 from fl_components.training import Metrics, seed_for
 from flows.resume import ResumePoint, close_crashed_attempt, find_resume_point
@@ -89,6 +93,53 @@ def initial_parameters(config: FederationConfig, model: Any) -> tuple[NDArrays, 
     return get_parameters(model), "fresh"
 
 
+def _reopen_crashed(tracker: RunTracker, resumed: ResumePoint, *, flow_run_id: str) -> RunLink:
+    """Close the crashed attempt's runs and reopen its MLflow run (see :mod:`flows.resume`)."""
+    crashed = tracker.client.get_run(resumed.mlflow_run_id).data.tags
+    for line in close_crashed_attempt(
+        crashed.get("prefect.flow_run_id", ""), current_flow_run_id=flow_run_id
+    ):
+        log.info("resume: %s", line)
+    link = tracker.reopen(
+        resumed.mlflow_run_id,
+        tags={"fedpipe.resumed_by": flow_run_id, "fedpipe.resumed_from": str(resumed.next_round)},
+    )
+    log.warning("resuming MLflow run %s at round %d", link.run_id, resumed.next_round)
+    return link
+
+
+def _open_tracking(
+    config: FederationConfig,
+    tracker: RunTracker,
+    strategy: Strategy,
+    *,
+    origin: str,
+    flow_run_id: str,
+) -> RunLink:
+    """A new MLflow run: tags that make the compare view useful, the effective strategy."""
+    link = tracker.start(
+        # the flow run's name is <federation>-<start time> (flows.naming)
+        run_name=str(flow_run.get_name() or f"{config.name}-local"),
+        tags={
+            "prefect.flow_run_id": flow_run_id,
+            "prefect.flow_run_name": str(flow_run.get_name() or ""),
+            "prefect.flow_run_url": str(flow_run.get_flow_run_ui_url() or ""),
+            "fedpipe.init_from": origin,
+            "fedpipe.backend": config.backend,
+            "fedpipe.strategy": config.strategy.name,
+            "fedpipe.aggregator": config.strategy.aggregator,
+        },
+    )
+    # what the rule really runs with (defaults resolved), beside the config as given
+    tracker.log_params(
+        {
+            f"strategy.effective.{k.removeprefix('strategy.')}": v
+            for k, v in strategy.params().items()
+        }
+    )
+    return link
+
+
 def start_run(config: FederationConfig, *, resume: str | None = None) -> Run:
     """Prepare the data (embedded sites only), the model, the strategy; open the MLflow run.
 
@@ -110,40 +161,11 @@ def start_run(config: FederationConfig, *, resume: str | None = None) -> Run:
     flow_run_id = str(flow_run.get_id() or "")
     resumed = find_resume_point(config, tracker, resume=resume, flow_run_id=flow_run_id)
     if resumed is not None:
-        crashed = tracker.client.get_run(resumed.mlflow_run_id).data.tags
-        for line in close_crashed_attempt(
-            crashed.get("prefect.flow_run_id", ""), current_flow_run_id=flow_run_id
-        ):
-            log.info("resume: %s", line)
-        link = tracker.reopen(
-            resumed.mlflow_run_id,
-            tags={
-                "fedpipe.resumed_by": flow_run_id,
-                "fedpipe.resumed_from": str(resumed.next_round),
-            },
-        )
-        log.warning("resuming MLflow run %s at round %d", link.run_id, resumed.next_round)
+        link = _reopen_crashed(tracker, resumed, flow_run_id=flow_run_id)
     else:
-        link = tracker.start(
-            # the flow run's name is <federation>-<start time> (flows.naming)
-            run_name=str(flow_run.get_name() or f"{config.name}-local"),
-            tags={
-                "prefect.flow_run_id": flow_run_id,
-                "prefect.flow_run_name": str(flow_run.get_name() or ""),
-                "prefect.flow_run_url": str(flow_run.get_flow_run_ui_url() or ""),
-                "fedpipe.init_from": origin,
-                "fedpipe.backend": config.backend,
-                "fedpipe.strategy": config.strategy.name,
-                "fedpipe.aggregator": config.strategy.aggregator,
-            },
-        )
-        # what the rule really runs with (defaults resolved), beside the config as given
-        tracker.log_params(
-            {
-                f"strategy.effective.{k.removeprefix('strategy.')}": v
-                for k, v in strategy.params().items()
-            }
-        )
+        link = _open_tracking(config, tracker, strategy, origin=origin, flow_run_id=flow_run_id)
+    if config.privacy.participant_level:
+        attach_federation_ledger(config, privacy, mlflow_run_id=link.run_id, origin=origin)
     return Run(
         config=config,
         info=info,
@@ -157,6 +179,27 @@ def start_run(config: FederationConfig, *, resume: str | None = None) -> Run:
         origin=origin,
         initial_parameters=parameters,
         resumed=resumed,
+    )
+
+
+def attach_federation_ledger(
+    config: FederationConfig, privacy: PrivacyRounds, *, mlflow_run_id: str, origin: str
+) -> None:
+    """Compose this run's participant-level rounds with those its starting model spent.
+
+    The parent is the champion's MLflow run (``init_from: champion``) or ``init_run_id``.
+    """
+    parent = None
+    if origin == "champion":
+        parent = registered_run_id(config.tracking, name=config.name, alias="champion")
+    elif origin == "run":
+        parent = config.init_run_id
+    path = federation_ledger_path(config.tracking, config.name)
+    privacy.attach_ledger(
+        FederationLedger.load(path, federation=config.name),
+        mlflow_run_id=mlflow_run_id,
+        flow_run_id=str(flow_run.get_id() or "") or None,
+        parent_run_id=parent,
     )
 
 
@@ -174,6 +217,8 @@ def plan_round(
         # client-sampling amplification holds only if nobody can replay the selection
         secret=config.privacy.participant_level and config.privacy.sampling == "random",
     )
+    if config.privacy.participant_level:  # refuse the round past privacy.max_client_epsilon
+        run.privacy.check_round(selected, round_num=round_num)
     index = {name: i for i, name in enumerate(config.site_names)}
     secure = None
     if config.secure_aggregation.enabled:
@@ -195,6 +240,10 @@ def plan_round(
         min_participants=config.participation.min_participants,
         evaluation=evaluation,
         secure=secure,
+        # in the clear the site compresses its update; under SecAgg the round context does
+        compression=None
+        if secure is not None or not config.compression.enabled
+        else CompressionInstruction(config.compression, run.run_id, round_num),
     )
 
 
@@ -203,17 +252,97 @@ def dropout_reasons(dropouts: list[Dropout]) -> dict[str, str]:
     return {d.site: str(d) for d in dropouts}
 
 
-def account_round(run: Run, report: RoundReport) -> dict[str, float]:
-    """Account participant-level DP, log the privacy params; the round's privacy metrics."""
+def declines(dropouts: list[Dropout]) -> dict[str, Dropout]:
+    """The sites that declined for budget (typed: DropoutKind.DECLINED)."""
+    return {d.site: d for d in dropouts if d.kind is DropoutKind.DECLINED}
+
+
+def account_round(
+    run: Run, report: RoundReport, state: ServerState
+) -> tuple[dict[str, float], ServerState]:
+    """Account participant-level DP, log the privacy params; the metrics and the new state.
+
+    The accountant steps with the round's *selection* (q of the draw, not who answered);
+    the step and the clip norm in force go into the state (what a checkpoint keeps).
+    """
     privacy = run.privacy
     if not privacy.enabled:
-        return {}
-    survivors = tuple(u.site for u in report.updates)
-    if report.aggregated.private is not None:
-        privacy.account(report.aggregated.private, participants=survivors)
-    dropouts = dropout_reasons(report.dropouts)
-    log_privacy(run.tracker, privacy.params(report.updates), dropouts, round_num=report.round)
-    return privacy.metrics(report.updates, dropouts, report.aggregated.private)
+        return {}, state
+    if run.config.privacy.participant_level:
+        private = report.aggregated.private
+        entry = privacy.account(private, selected=report.selected, round_num=report.round)
+        step = AccountantStep(entry.noise_multiplier, entry.sample_rate, entry.steps)
+        state = state.evolve(
+            clip_norm=privacy.clip_norm, accountant_history=(*state.accountant_history, step)
+        )
+    declined = declines(report.dropouts)
+    reasons = {site: d.reason for site, d in declined.items()}
+    spent = {site: d.epsilon_spent for site, d in declined.items()}
+    privacy.note_declines(reasons, spent, round_num=report.round)
+    log_privacy(run.tracker, privacy.params(report.updates), reasons, round_num=report.round)
+    metrics = privacy.metrics(
+        report.updates,
+        report.aggregated.private,
+        declined={site: d.epsilon_spent for site, d in declined.items()},
+    )
+    return metrics, state
+
+
+def skip_small_cohort(run: Run, plan: RoundPlan) -> bool:
+    """Under Poisson selection, skip (and still account) a cohort below min_participants.
+
+    Returns True when the round was skipped: the global model is left unchanged.
+    """
+    privacy = run.privacy
+    if not privacy.poisson or not privacy.cohort_too_small(plan.selected):
+        return False
+    privacy.account(None, selected=plan.selected, round_num=plan.round)
+    metrics = privacy.metrics([], None, declined={})
+    run.tracker.log_metrics(
+        {**metrics, "selected": float(len(plan.selected)), "privacy/skipped": 1.0},
+        step=plan.round,
+    )
+    log.warning(
+        "round %d: the Poisson draw selected %d site(s), below participation.min_participants "
+        "%d; round skipped (model unchanged) and accounted at q",
+        plan.round,
+        len(plan.selected),
+        run.config.participation.min_participants,
+    )
+    return True
+
+
+def record_aborted(run: Run, plan: RoundPlan, dropouts: list[Dropout]) -> None:
+    """Before an aborted round fails the run: account it, log who declined and the epsilon.
+
+    Accounting a round that released nothing over-counts at worst (never under-counts).
+    """
+    privacy = run.privacy
+    if not privacy.enabled:
+        return
+    if run.config.privacy.participant_level:
+        privacy.account(None, selected=plan.selected, round_num=plan.round)
+    declined = declines(dropouts)
+    reasons = {site: d.reason for site, d in declined.items()}
+    spent = {site: d.epsilon_spent for site, d in declined.items()}
+    privacy.note_declines(reasons, spent, round_num=plan.round)
+    metrics = privacy.metrics([], None, declined=spent)
+    record, tags = declined_record(reasons, round_num=plan.round)
+    run.tracker.log_metrics({**metrics, **record}, step=plan.round)
+    if tags:
+        run.tracker.set_tags(tags)
+    log_privacy_report(run)
+
+
+def log_privacy_report(run: Run) -> None:
+    """Log the run's privacy report: privacy/privacy_report.json and .md."""
+    if not run.privacy.enabled:
+        return
+    report = run.privacy.report(
+        mlflow_run_id=run.run_id, flow_run_id=str(flow_run.get_id() or "") or None
+    )
+    run.tracker.log_dict(report, PRIVACY_REPORT_JSON)
+    run.tracker.log_text(report_markdown(report), PRIVACY_REPORT_MD)
 
 
 def evaluation_metrics(
@@ -274,7 +403,7 @@ def record_round(
         site_metrics=scores,
         examples={u.site: u.num_examples for u in report.updates},
         dropouts=dropouts,
-        extra_columns=run.privacy.columns(report.updates, dropouts),
+        extra_columns=run.privacy.columns(report.updates, declines(report.dropouts)),
     )
     log_round(run.tracker, metrics, markdown, federation=run.config.name, round_num=report.round)
     return metrics

@@ -29,8 +29,11 @@ from flows.coordinator import (
     TrainedRound,
     account_round,
     evaluation_metrics,
+    log_privacy_report,
     plan_round,
+    record_aborted,
     record_round,
+    skip_small_cohort,
     start_run,
 )
 from flows.naming import coordinator_run_name
@@ -135,6 +138,7 @@ def _finish(
         per_round, trade_off = epsilon_plots(rounds)
         run.tracker.log_figure(per_round, "plots/epsilon.png")
         run.tracker.log_figure(trade_off, "plots/accuracy_vs_epsilon.png")
+    log_privacy_report(run)
     version = _log_final_model(run.config, run.info, run.tracker, state, run.central_test)
     if version is not None:  # scores: the last federated evaluation
         promote_if_better(
@@ -152,6 +156,8 @@ def _starting_point(
     if point is None or state is None:  # a fresh run: the baseline rides with round 1
         initial = run.strategy.initial_state(run.initial_parameters)
         return 1, initial, [], EvaluationRequest(round=0, sites=run.config.site_names)
+    if state.clip_norm is not None:  # adaptive clipping goes on from where it was
+        run.privacy.clip_norm = state.clip_norm
     return point.next_round, state, point.history(), None  # its last round is logged
 
 
@@ -174,13 +180,16 @@ def federated_training(
         for round_num in range(first, config.rounds + 1):
             mark_round_started(run_folder(config, run.run_id), round_num)
             plan = plan_round(run, state, round_num=round_num, evaluation=evaluation)
+            if skip_small_cohort(run, plan):  # Poisson draw too small: accounted, skipped
+                continue
             started = time.perf_counter()
             try:
                 next_state, outcome = run_round(state, plan, run.backend, run.strategy)
             except RoundAbortedError as error:  # the previous round's score still counts
                 _record(run, pending, error.evaluations, history, ended=time.perf_counter())
+                record_aborted(run, plan, error.dropouts)
                 raise
-            privacy_metrics = account_round(run, outcome)
+            privacy_metrics, next_state = account_round(run, outcome, next_state)
             _record(run, pending, outcome.evaluations, history, ended=started)
             metrics = {**outcome.metrics, **privacy_metrics}
             pending, state = TrainedRound(outcome, next_state, metrics, started), next_state

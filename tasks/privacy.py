@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from fl_components.privacy.rounds import declined_record
 from fl_components.tracking import RunTracker
 
 
@@ -12,15 +13,16 @@ from fl_components.tracking import RunTracker
 def log_privacy(
     tracker: RunTracker,
     params: dict[str, str],
-    dropouts: dict[str, str],
+    declined: dict[str, str],
     *,
     round_num: int,
 ) -> None:
-    """Log params needed to recompute epsilon (once each) and tag who declined and why."""
+    """Log params needed to recompute epsilon (once each) and tag who declined and why.
+
+    ``declined``: ``{site: reason}`` of the round's DECLINED dropouts (typed, not parsed).
+    """
     if params:
         tracker.log_params(params)
-    declined = {s: r for s, r in dropouts.items() if r.startswith("declined")}
-    if declined:
-        tracker.set_tags(
-            {f"privacy.declined.{s}": f"round {round_num}: {r}"[:5000] for s, r in declined.items()}
-        )
+    _, tags = declined_record(declined, round_num=round_num)
+    if tags:
+        tracker.set_tags(tags)

@@ -1,21 +1,74 @@
 """Participant-level accounting for DP-FedAvg: rounds composed with client sampling.
 
 Each round is a sampled Gaussian mechanism on the participants (McMahan et al. 2018, ICLR,
-arXiv:1710.06963, Section 3 and Theorem 1: the moments accountant with q = expected share
-of participants per round), composed over rounds with RDP (Mironov, Talwar & Zhang 2019,
-"Rényi Differential Privacy of the Sampled Gaussian Mechanism", arXiv:1908.10530).
+arXiv:1710.06963, Algorithm 1 and Theorem 1: each participant is selected independently
+with probability q, the noised sum has sensitivity S), composed over rounds with RDP
+(Mironov, Talwar & Zhang 2019, "Rényi Differential Privacy of the Sampled Gaussian
+Mechanism", arXiv:1908.10530) or PRV (Gopi, Lee & Wutschitz 2021, arXiv:2106.02848).
 
-Amplification by sampling holds only when selection is random *and* secret. With a fixed
-or public selection the accountant uses q = 1 and counts, for each participant, only the
-rounds it joined; the reported epsilon is the worst participant's.
+q is a property of the *selection*: with ``privacy.sampling: random`` every site is drawn
+by Poisson sampling with q = ``participation.fraction`` (secret CSPRNG draw, see
+:func:`fl_components.federation.select_participants`), whoever then answers; every site
+is at risk in every round. With a fixed or public selection there is no amplification:
+q = 1, and each site pays only for the rounds it was *selected* in; the reported epsilon
+is the worst site's.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from fl_components.privacy.ledger import epsilon_of
+
+
+@dataclass(frozen=True)
+class ClientRound:
+    """One participant-level round as the accountant sees it.
+
+    Attributes
+    ----------
+    noise_multiplier : float
+        z of the whole mechanism (update and, with adaptive clipping, the noised count).
+    sample_rate : float
+        q of the selection (1.0 for a fixed selection).
+    steps : int
+        Rounds with these settings (1 per logged round).
+    sites : tuple of str, optional
+        The selected sites for a fixed selection (q = 1); None under Poisson sampling,
+        where every site is at risk (and the secret cohort is not kept).
+    """
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int = 1
+    sites: tuple[str, ...] | None = None
+
+
+def participant_epsilon(rounds: Iterable[ClientRound], *, delta: float, accountant: str) -> float:
+    """Worst participant's epsilon at ``delta`` over ``rounds`` (any mix of both kinds).
+
+    A site is at risk in every sampled round (``sites is None``) and in each fixed round
+    that selected it; its history is composed in order; the result is the max over sites
+    (with only sampled rounds, the one history of all of them).
+    """
+    rounds = [r for r in rounds if r.steps > 0]
+    named = sorted({site for r in rounds if r.sites is not None for site in r.sites})
+    if not named:
+        return epsilon_of(
+            [(r.noise_multiplier, r.sample_rate, r.steps) for r in rounds],
+            delta=delta,
+            accountant=accountant,
+        )
+    worst = 0.0
+    for site in named:
+        history = [
+            (r.noise_multiplier, r.sample_rate, r.steps)
+            for r in rounds
+            if r.sites is None or site in r.sites
+        ]
+        worst = max(worst, epsilon_of(history, delta=delta, accountant=accountant))
+    return worst
 
 
 @dataclass
@@ -25,44 +78,54 @@ class ParticipantAccountant:
     Attributes
     ----------
     sampling : str
-        'random' (q = participants per round / all sites) or 'fixed' (q = 1 over the
-        rounds each participant joined).
+        'random' (Poisson selection, q = participation.fraction) or 'fixed' (q = 1 over
+        the rounds each site was selected in).
     accountant : str
         Opacus accountant name.
-    population : int
-        Number of sites selection draws from.
+    fraction : float
+        participation.fraction: the Poisson rate q under 'random'.
+    prior : list of ClientRound
+        Rounds of the earlier runs the model descends from (the federation ledger).
+    rounds : list of ClientRound
+        This run's rounds.
     """
 
     sampling: str
     accountant: str
-    population: int
-    rounds: list[tuple[float, float]] = field(default_factory=list)
-    joined: Counter[str] = field(default_factory=Counter)
+    fraction: float
+    prior: list[ClientRound] = field(default_factory=list)
+    rounds: list[ClientRound] = field(default_factory=list)
 
-    def step(self, *, noise_multiplier: float, participants: tuple[str, ...]) -> None:
-        """Account one round with the given (effective) noise multiplier."""
-        sample_rate = len(participants) / self.population
-        self.rounds.append((noise_multiplier, sample_rate))
-        self.joined.update(participants)
+    def sample_rate(self) -> float:
+        """The sample rate of one round's selection: Poisson q, or 1 for a fixed selection."""
+        return self.fraction if self.sampling == "random" else 1.0
+
+    def planned(self, *, noise_multiplier: float, selected: tuple[str, ...]) -> ClientRound:
+        """The round a selection of ``selected`` sites adds (not yet accounted)."""
+        sites = None if self.sampling == "random" else tuple(sorted(selected))
+        return ClientRound(noise_multiplier, self.sample_rate(), 1, sites)
+
+    def step(self, *, noise_multiplier: float, selected: tuple[str, ...]) -> ClientRound:
+        """Account one round with its selection (never with who answered)."""
+        entry = self.planned(noise_multiplier=noise_multiplier, selected=selected)
+        self.rounds.append(entry)
+        return entry
 
     @property
     def amplification(self) -> str:
         """Which accounting applied, in words (logged to MLflow)."""
         if self.sampling == "random":
-            return "client sampling: q = participants per round / sites"
-        return "none: fixed selection, q = 1 over the rounds each participant joined"
+            return "client sampling: Poisson selection, q = participation.fraction"
+        return "none: fixed selection, q = 1 over the rounds each site was selected in"
 
     def epsilon(self, delta: float) -> float:
-        """Participant-level epsilon at ``delta`` after the rounds so far."""
-        if not self.rounds:
-            return 0.0
-        if self.sampling == "random":
-            history = [(z, q, 1) for z, q in self.rounds]
-            return epsilon_of(history, delta=delta, accountant=self.accountant)
-        # q = 1: a participant pays only for the rounds it was in; the noise multiplier is
-        # taken as the smallest used (a conservative bound when it varied)
-        if not self.joined:
-            return 0.0
-        z = min(z for z, _ in self.rounds)
-        worst = max(self.joined.values())
-        return epsilon_of([(z, 1.0, worst)], delta=delta, accountant=self.accountant)
+        """Participant-level epsilon at ``delta``: earlier runs' rounds and this run's."""
+        return participant_epsilon(
+            [*self.prior, *self.rounds], delta=delta, accountant=self.accountant
+        )
+
+    def epsilon_after(self, planned: ClientRound, *, delta: float) -> float:
+        """Epsilon once ``planned`` is accounted too."""
+        return participant_epsilon(
+            [*self.prior, *self.rounds, planned], delta=delta, accountant=self.accountant
+        )

@@ -118,11 +118,20 @@ class DPAggregate:
 
 
 def dp_fedavg_aggregate(
-    updates: list[NDArrays], *, clip_norm: float, noise_multiplier: float, rng: SecureRandom
+    updates: list[NDArrays],
+    *,
+    clip_norm: float,
+    noise_multiplier: float,
+    rng: SecureRandom,
+    denominator: float | None = None,
 ) -> DPAggregate:
-    """Clip each update to ``clip_norm``, add N(0, (z C)^2) to the sum, divide by the count.
+    """Clip each update to ``clip_norm``, add N(0, (z C)^2) to the sum, divide.
 
     Every participant weighs the same (example counts would change the sensitivity).
+    ``denominator`` is McMahan et al.'s fixed denominator q·N of the estimator f̃_f
+    (Algorithm 1) under Poisson selection, so that the released mean is a function of the
+    noised sum alone and not of the cohort's size; None divides by the count (a fixed,
+    public selection, whose size is known anyway).
 
     Raises
     ------
@@ -135,7 +144,9 @@ def dp_fedavg_aggregate(
     total = [np.sum(np.stack(layer), axis=0) for layer in zip(*clipped, strict=True)]
     std = noise_multiplier * clip_norm
     noise = gaussian_noise_like(total, std=std, rng=rng)
-    count = len(updates)
+    count = float(len(updates)) if denominator is None else float(denominator)
+    if count <= 0:
+        raise ValueError(f"dp_fedavg_aggregate: denominator must be > 0 (got {denominator})")
     mean = [
         ((t + z) / count).astype(t.dtype, copy=False) for t, z in zip(total, noise, strict=True)
     ]

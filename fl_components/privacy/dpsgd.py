@@ -29,7 +29,7 @@ from fl_components.config import FederationConfig, PrivacyConfig, TrainingConfig
 from fl_components.data import Split
 from fl_components.errors import ConfigError
 from fl_components.parameters import NDArrays, get_parameters, set_parameters, subtract
-from fl_components.privacy.ledger import PrivacyLedger, default_delta
+from fl_components.privacy.ledger import RDP_ORDERS, PrivacyLedger, default_delta
 from fl_components.training import LocalUpdate, make_optimizer, pick_device, train_epochs
 
 # Installed once for the process: Opacus's hooks make torch warn at every step, and
@@ -135,6 +135,9 @@ def plan_round(
     elif privacy.target_epsilon is not None:
         from opacus.accountants.utils import get_noise_multiplier
 
+        # the RDP search minimises over the same orders the ledger uses (no end-of-range
+        # warning, and the sigma found is the one the ledger's bound is tight for)
+        orders = {"alphas": list(RDP_ORDERS)} if privacy.accountant == "rdp" else {}
         sigma = float(
             get_noise_multiplier(
                 target_epsilon=privacy.target_epsilon,
@@ -142,6 +145,7 @@ def plan_round(
                 sample_rate=sample_rate,
                 steps=steps * rounds,
                 accountant=privacy.accountant,
+                **orders,
             )
         )
     else:
@@ -220,8 +224,13 @@ def private_local_train(
     site: str,
     folder: Path,
     round_num: int,
+    mlflow_run_id: str | None = None,
+    flow_run_id: str | None = None,
 ) -> LocalUpdate:
     """Local training with DP-SGD, after the site's ledger agrees to the round.
+
+    ``mlflow_run_id`` and ``flow_run_id`` (when the caller knows them) are written into
+    the ledger entry, naming the runs that spent it.
 
     The ledger in ``folder`` is checked first (a round that would pass
     ``privacy.max_epsilon`` raises :class:`~fl_components.errors.BudgetExhaustedError`
@@ -263,6 +272,8 @@ def private_local_train(
         steps=plan.steps,
         delta=plan.delta,
         max_epsilon=privacy.max_epsilon,
+        mlflow_run_id=mlflow_run_id,
+        flow_run_id=flow_run_id,
     )
     epsilon = ledger.epsilon(plan.delta)
     remaining = ledger.remaining(plan.delta)

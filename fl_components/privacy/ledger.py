@@ -10,6 +10,7 @@ folder, recurring retraining of the same records keeps spending the same budget.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -23,12 +24,24 @@ import numpy as np
 
 from fl_components.errors import BudgetExhaustedError, ConfigError
 
-# RDP warns when the best Rényi order is the largest one tried: the bound is then loose,
-# i.e. conservative (epsilon over-, never under-stated); once per process is enough.
-warnings.filterwarnings("once", message=r".*Optimal order is the largest alpha.*")
-
 LEDGER_FILE = "privacy_ledger.json"
 LEDGER_VERSION = 1
+
+# Rényi orders the RDP accountant minimises over (Opacus's ``alphas``): its defaults
+# (1.1 ... 10.9 and 12 ... 63) plus orders near 1 for large epsilons and up to 4096 for
+# small ones (a few steps, or large noise, as in the first rounds of a federation or while
+# ``get_noise_multiplier`` searches sigma). Every order gives a valid bound, so more orders
+# only tighten it; covering the regime keeps Opacus from warning that the optimum sat at
+# an end of the range. Recompute with ``RDPAccountant().get_epsilon(delta, alphas=RDP_ORDERS)``.
+RDP_ORDERS: tuple[float, ...] = (
+    1.01,
+    1.02,
+    1.05,
+    *(1 + x / 10.0 for x in range(1, 100)),
+    *(float(a) for a in range(12, 64)),
+    *(float(a) for a in (64, 72, 80, 96, 112, 128, 160, 192, 256, 320, 384, 512, 768)),
+    *(float(a) for a in (1024, 1536, 2048, 3072, 4096)),
+)
 
 
 @dataclass(frozen=True)
@@ -41,6 +54,34 @@ class LedgerEntry:
     sample_rate: float
     steps: int
     recorded_at: float
+    mlflow_run_id: str | None = None
+    flow_run_id: str | None = None
+
+
+class SiteBudgetExhausted(BudgetExhaustedError):
+    """A site's decline, with the figures as fields (the coordinator needs ``spent``).
+
+    Attributes
+    ----------
+    site : str
+        The declining site.
+    spent : float
+        Epsilon its ledger holds already (all runs), at ``delta``.
+    after : float
+        Epsilon the declined round would have brought it to.
+    """
+
+    def __init__(self, message: str, *, site: str, spent: float, after: float) -> None:
+        super().__init__(message)
+        self.site, self.spent, self.after = site, spent, after
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str, float, float]]:
+        # keyword-only fields: pickle (process pools, Prefect results) needs a rebuilder
+        return _rebuild_decline, (str(self), self.site, self.spent, self.after)
+
+
+def _rebuild_decline(message: str, site: str, spent: float, after: float) -> SiteBudgetExhausted:
+    return SiteBudgetExhausted(message, site=site, spent=spent, after=after)
 
 
 def default_delta(n: int) -> float:
@@ -86,10 +127,38 @@ def epsilon_of(history: list[tuple[float, float, int]], *, delta: float, account
                 "this ledger holds several; use accountant 'rdp' or 'prv'"
             )
         entries = [(entries[0][0], entries[0][1], sum(n for _, _, n in entries))]
+    if accountant == "rdp":
+        return _rdp_epsilon(entries, delta=delta)
     acc = make_accountant(accountant)
     acc.history = list(entries)
     with np.errstate(divide="ignore", invalid="ignore"):  # PRV's log(1 - q) at q = 1
         return float(acc.get_epsilon(delta=delta))
+
+
+@functools.lru_cache(maxsize=4096)
+def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> tuple[float, ...]:
+    """Opacus's RDP of one step at every order of RDP_ORDERS (cached: ~0.5 s to compute)."""
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    rdp = compute_rdp(
+        q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(RDP_ORDERS)
+    )
+    return tuple(float(value) for value in rdp)
+
+
+def _rdp_epsilon(entries: list[tuple[float, float, int]], *, delta: float) -> float:
+    """What ``RDPAccountant().get_epsilon(delta, alphas=RDP_ORDERS)`` returns for the history.
+
+    The same Opacus functions (``compute_rdp``, ``get_privacy_spent``); RDP composes by
+    summation (Mironov 2017, Proposition 1), so each (sigma, q) is computed once.
+    """
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
+    total = np.zeros(len(RDP_ORDERS))
+    for sigma, q, steps in entries:
+        total = total + np.asarray(_rdp_per_step(sigma, q)) * steps
+    epsilon, _ = get_privacy_spent(orders=list(RDP_ORDERS), rdp=total, delta=delta)
+    return float(epsilon)
 
 
 @dataclass
@@ -231,11 +300,14 @@ class PrivacyLedger:
         )
         if max_epsilon is not None and after > max_epsilon:
             spent = self.epsilon(delta)
-            raise BudgetExhaustedError(
+            raise SiteBudgetExhausted(
                 f"site {self.site!r} declines: epsilon spent {spent:.3f}, this round would "
                 f"bring it to {after:.3f} (+{after - spent:.3f}) past privacy.max_epsilon "
                 f"{max_epsilon:g} at delta {delta:.0e}; raise max_epsilon, the noise "
-                "multiplier, or retire the site's data"
+                "multiplier, or retire the site's data",
+                site=self.site,
+                spent=spent,
+                after=after,
             )
         return after
 
@@ -249,8 +321,14 @@ class PrivacyLedger:
         steps: int,
         delta: float,
         max_epsilon: float | None,
+        mlflow_run_id: str | None = None,
+        flow_run_id: str | None = None,
     ) -> None:
-        """Append one trained round and save the ledger."""
+        """Append one trained round and save the ledger.
+
+        ``mlflow_run_id`` and ``flow_run_id`` name the MLflow run and the Prefect flow run
+        that spent it, when the caller knows them (an auditor can then follow each entry).
+        """
         self.entries.append(
             LedgerEntry(
                 federation=federation,
@@ -259,6 +337,8 @@ class PrivacyLedger:
                 sample_rate=float(sample_rate),
                 steps=int(steps),
                 recorded_at=time.time(),
+                mlflow_run_id=mlflow_run_id,
+                flow_run_id=flow_run_id,
             )
         )
         self.delta, self.max_epsilon = delta, max_epsilon

@@ -9,10 +9,13 @@ arXiv:1905.03871.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from fl_components.config import FederationConfig
-from fl_components.privacy.accounting import ParticipantAccountant
+from fl_components.errors import BudgetExhaustedError
+from fl_components.privacy.accounting import ClientRound, ParticipantAccountant
 from fl_components.privacy.dp_fedavg import (
     DPAggregate,
     SecureRandom,
@@ -21,18 +24,23 @@ from fl_components.privacy.dp_fedavg import (
     update_noise_multiplier,
 )
 from fl_components.privacy.dpsgd import GRAD_SAMPLE_MODES
+from fl_components.privacy.federation_ledger import FederationLedger
 from fl_components.privacy.ledger import default_delta
+from fl_components.privacy.run_record import RunPrivacyRecord
 from fl_components.training import LocalUpdate
 
 DECLINED = "declined"
-_BUDGET_ERROR = "BudgetExhaustedError"
 
 
-def dropout_reason(reason: str) -> str:
-    """A budget refusal reads 'declined: <reason>'; other reasons are kept as they are."""
-    if reason.startswith(_BUDGET_ERROR):
-        return f"{DECLINED}: {reason.removeprefix(_BUDGET_ERROR).lstrip(': ')}"
-    return reason
+def declined_record(
+    declined: Mapping[str, str], *, round_num: int
+) -> tuple[dict[str, float], dict[str, str]]:
+    """``privacy/declined`` metric and ``privacy.declined.<site>`` tags of a round.
+
+    Log them *before* a round in which every site declined fails the run.
+    """
+    tags = {f"privacy.declined.{s}": f"round {round_num}: {r}"[:5000] for s, r in declined.items()}
+    return {"privacy/declined": float(len(declined))}, tags
 
 
 @dataclass
@@ -46,6 +54,9 @@ class PrivacyRounds:
     params_logged: set[str] = field(default_factory=set)
     site_epsilon: dict[str, float] = field(default_factory=dict)
     last_aggregate: DPAggregate | None = None
+    ledger: FederationLedger | None = None
+    run_id: str | None = None
+    record: RunPrivacyRecord = field(default_factory=RunPrivacyRecord)
 
     def __post_init__(self) -> None:
         privacy = self.config.privacy
@@ -54,7 +65,7 @@ class PrivacyRounds:
             self.accountant = ParticipantAccountant(
                 sampling=privacy.sampling,
                 accountant=privacy.accountant,
-                population=len(self.config.sites),
+                fraction=self.config.participation.fraction,
             )
 
     @property
@@ -63,10 +74,83 @@ class PrivacyRounds:
         return self.config.privacy.mode != "off"
 
     @property
+    def poisson(self) -> bool:
+        """True when participants are Poisson-sampled (DP-FedAvg with amplification)."""
+        return self.accountant is not None and self.config.privacy.sampling == "random"
+
+    @property
     def client_delta(self) -> float:
         """Participant-level delta: privacy.delta, or a power of ten below 1/(10 sites)."""
         delta = self.config.privacy.delta
         return delta if delta is not None else default_delta(len(self.config.sites))
+
+    def _participant_accountant(self) -> ParticipantAccountant:
+        if self.accountant is None:
+            raise ValueError("participant-level DP is off (privacy.mode); nothing to account")
+        return self.accountant
+
+    def attach_ledger(
+        self,
+        ledger: FederationLedger,
+        *,
+        mlflow_run_id: str,
+        flow_run_id: str | None,
+        parent_run_id: str | None,
+    ) -> None:
+        """Compose this run with the rounds of every run its model descends from.
+
+        ``parent_run_id`` is the MLflow run the starting model came from (the champion's
+        run with ``init_from: champion``, ``init_run_id`` with ``init_from: run``); None
+        for a fresh model.
+        """
+        accountant = self._participant_accountant()
+        ledger.begin_run(
+            mlflow_run_id=mlflow_run_id,
+            flow_run_id=flow_run_id,
+            parent_run_id=parent_run_id,
+            accountant=accountant.accountant,
+            delta=self.client_delta,
+        )
+        accountant.prior = ledger.history_for(mlflow_run_id)
+        accountant.rounds = []
+        self.ledger, self.run_id = ledger, mlflow_run_id
+
+    def check_round(self, selected: tuple[str, ...], *, round_num: int) -> float:
+        """Client epsilon after the round; refuse it past privacy.max_client_epsilon.
+
+        Call before dispatching the round. Raises BudgetExhaustedError.
+        """
+        accountant = self._participant_accountant()
+        privacy = self.config.privacy
+        planned = accountant.planned(
+            noise_multiplier=privacy.client_noise_multiplier, selected=selected
+        )
+        if self.ledger is not None and self.run_id is not None:
+            return self.ledger.check(
+                self.run_id,
+                planned,
+                round_num=round_num,
+                delta=self.client_delta,
+                accountant=privacy.accountant,
+                max_epsilon=privacy.max_client_epsilon,
+            )
+        after = accountant.epsilon_after(planned, delta=self.client_delta)
+        if privacy.max_client_epsilon is not None and after > privacy.max_client_epsilon:
+            raise BudgetExhaustedError(
+                f"round {round_num} refused: participant-level epsilon would reach "
+                f"{after:.3f} past privacy.max_client_epsilon {privacy.max_client_epsilon:g} "
+                f"at delta {self.client_delta:.0e}; raise max_client_epsilon or "
+                "client_noise_multiplier, or lower participation.fraction"
+            )
+        return after
+
+    def cohort_too_small(self, selected: tuple[str, ...]) -> bool:
+        """True when a Poisson cohort is below participation.min_participants (or empty).
+
+        Such a round is skipped (the global model is left unchanged) but still accounted:
+        call :meth:`account` with ``result=None``; redrawing would change q.
+        """
+        return len(selected) < self.config.participation.min_participants
 
     def count_noise_std(self, participants: int) -> float:
         """σ_b of the adaptive-clipping count (Andrew et al.: m / 20), at least z."""
@@ -82,6 +166,13 @@ class PrivacyRounds:
             count_noise_multiplier=self.count_noise_std(participants),
         )
 
+    @property
+    def denominator(self) -> float | None:
+        """Fixed denominator q·N of DP-FedAvg under Poisson selection; None otherwise."""
+        if not self.poisson:
+            return None
+        return self.config.participation.fraction * len(self.config.sites)
+
     def aggregate(self, updates: list[LocalUpdate]) -> DPAggregate:
         """DP-FedAvg over the round's updates (pure: call :meth:`account` after it)."""
         return dp_fedavg_aggregate(
@@ -89,17 +180,29 @@ class PrivacyRounds:
             clip_norm=self.clip_norm,
             noise_multiplier=self.update_noise_multiplier(len(updates)),
             rng=self.rng,
+            denominator=self.denominator,
         )
 
-    def account(self, result: DPAggregate, *, participants: tuple[str, ...]) -> None:
-        """Account the round at the participant level and adapt the clip norm."""
+    def account(
+        self,
+        result: DPAggregate | None,
+        *,
+        selected: tuple[str, ...],
+        round_num: int,
+    ) -> ClientRound:
+        """Account the round with its *selection* (q from it) and adapt the clip norm.
+
+        ``result`` is None for a round skipped after selection (cohort too small, every
+        update lost): it is accounted all the same. Records it in the federation ledger.
+        """
         privacy = self.config.privacy
-        if self.accountant is None:
-            raise ValueError("participant-level DP is off (privacy.mode); nothing to account")
+        accountant = self._participant_accountant()
         # the whole mechanism (update + noised count) has multiplier z: account z
-        self.accountant.step(
-            noise_multiplier=privacy.client_noise_multiplier, participants=participants
-        )
+        entry = accountant.step(noise_multiplier=privacy.client_noise_multiplier, selected=selected)
+        if self.ledger is not None and self.run_id is not None:
+            self.ledger.record(self.run_id, entry, round_num=round_num)
+        if result is None:
+            return entry
         self.last_aggregate = result
         if privacy.adaptive_clipping:
             self.clip_norm = adaptive_clip_norm(
@@ -110,27 +213,75 @@ class PrivacyRounds:
                 count_noise_std=self.count_noise_std(len(result.norms)),
                 rng=self.rng,
             )
+        return entry
+
+    def note_site_epsilons(self, site_epsilons: Mapping[str, float]) -> None:
+        """Record sites' ledger epsilons: from their updates and from their declines."""
+        self.site_epsilon.update({site: float(e) for site, e in site_epsilons.items()})
+
+    def note_declines(
+        self,
+        reasons: Mapping[str, str],
+        spent: Mapping[str, float | None],
+        *,
+        round_num: int,
+    ) -> None:
+        """Record the round's budget refusals for the privacy report."""
+        for site, reason in reasons.items():
+            self.record.decline(site, reason, epsilon=spent.get(site), round_num=round_num)
+
+    def report(self, *, mlflow_run_id: str, flow_run_id: str | None) -> dict[str, Any]:
+        """The run's privacy report (JSON-safe; markdown: ``report.report_markdown``)."""
+        return self.record.report(
+            self.config.privacy,
+            federation=self.config.name,
+            mlflow_run_id=mlflow_run_id,
+            flow_run_id=flow_run_id,
+            accountant=self.accountant,
+            ledger=self.ledger,
+            client_delta=self.client_delta if self.accountant is not None else None,
+        )
+
+    def federation_epsilon(self) -> float | None:
+        """Max over every site's ledger seen so far, declined ones included; None if none."""
+        return max(self.site_epsilon.values()) if self.site_epsilon else None
 
     def metrics(
-        self, updates: list[LocalUpdate], dropouts: dict[str, str], dp: DPAggregate | None
+        self,
+        updates: list[LocalUpdate],
+        dp: DPAggregate | None,
+        *,
+        declined: Mapping[str, float | None],
     ) -> dict[str, float]:
-        """``privacy/...`` metrics of the round (the federation's epsilon is the max)."""
+        """``privacy/...`` metrics of the round.
+
+        ``declined`` maps each site that declined for budget (DropoutKind.DECLINED) to
+        the epsilon its ledger holds (None if unknown). ``privacy/epsilon`` is the max over
+        every site's ledger seen in the run, decliners included.
+        """
         metrics: dict[str, float] = {}
         for update in updates:
+            self.record.site_update(update, run=self.run_id or "")
             if "epsilon" in update.extra:
-                self.site_epsilon[update.site] = update.extra["epsilon"]
+                self.note_site_epsilons({update.site: update.extra["epsilon"]})
                 metrics[f"privacy/site/{update.site}/epsilon"] = update.extra["epsilon"]
                 if update.extra.get("remaining", -1.0) >= 0:
                     metrics[f"privacy/site/{update.site}/remaining"] = update.extra["remaining"]
-        if self.site_epsilon:
-            metrics["privacy/epsilon"] = max(self.site_epsilon.values())
-        declined = [site for site, reason in dropouts.items() if reason.startswith(DECLINED)]
+        self.note_site_epsilons({s: e for s, e in declined.items() if e is not None})
+        for site, spent in declined.items():
+            if spent is not None:
+                metrics[f"privacy/site/{site}/epsilon"] = spent
+        site_max = self.federation_epsilon()
+        if site_max is not None:
+            metrics["privacy/epsilon"] = site_max
         metrics["privacy/declined"] = float(len(declined))
-        if dp is not None and self.accountant is not None:
+        if self.accountant is not None and self.accountant.rounds:
             client_epsilon = self.accountant.epsilon(self.client_delta)
             metrics["privacy/client_epsilon"] = client_epsilon
-            metrics["privacy/clip_norm"] = dp.clip_norm
-            metrics["privacy/clipped_fraction"] = dp.clipped / max(1, len(dp.norms))
+            metrics["privacy/client_sample_rate"] = self.accountant.rounds[-1].sample_rate
+            if dp is not None:
+                metrics["privacy/clip_norm"] = dp.clip_norm
+                metrics["privacy/clipped_fraction"] = dp.clipped / max(1, len(dp.norms))
             if "privacy/epsilon" not in metrics:
                 metrics["privacy/epsilon"] = client_epsilon
         return metrics
@@ -145,11 +296,9 @@ class PrivacyRounds:
                     "privacy.client.delta": repr(self.client_delta),
                     "privacy.client.noise_multiplier": repr(privacy.client_noise_multiplier),
                     "privacy.client.clip_norm": repr(privacy.clip_norm),
-                    "privacy.client.sample_rate": repr(
-                        len(updates) / len(self.config.sites)
-                        if privacy.sampling == "random"
-                        else 1.0
-                    ),
+                    # q of the selection; per round in the metric privacy/client_sample_rate
+                    "privacy.client.sample_rate": repr(self.accountant.sample_rate()),
+                    "privacy.client.sampling": privacy.sampling,
                     "privacy.client.amplification": self.accountant.amplification,
                 }
             )
@@ -176,9 +325,12 @@ class PrivacyRounds:
         return fresh
 
     def columns(
-        self, updates: list[LocalUpdate], dropouts: dict[str, str]
+        self, updates: list[LocalUpdate], declined: Collection[str]
     ) -> dict[str, dict[str, str]]:
-        """Extra columns of the round's markdown table: epsilon and budget left per site."""
+        """Extra columns of the round's markdown table: epsilon and budget left per site.
+
+        ``declined``: the sites whose dropout is DropoutKind.DECLINED.
+        """
         epsilon: dict[str, str] = {}
         remaining: dict[str, str] = {}
         for update in updates:
@@ -186,10 +338,9 @@ class PrivacyRounds:
                 epsilon[update.site] = f"{update.extra['epsilon']:.3f}"
                 left = update.extra.get("remaining", -1.0)
                 remaining[update.site] = "unlimited" if left < 0 else f"{left:.3f}"
-        for site, reason in dropouts.items():
-            if reason.startswith(DECLINED):
-                epsilon[site] = DECLINED
-                remaining[site] = "exhausted"
+        for site in declined:
+            epsilon[site] = DECLINED
+            remaining[site] = "exhausted"
         if not epsilon:
             return {}
         return {"epsilon": epsilon, "budget left": remaining}

@@ -15,7 +15,7 @@ from functools import cached_property
 
 from fl_components.secagg.errors import ContextMismatchError
 from fl_components.secagg.graph import neighbour_graph, ring_degree
-from fl_components.secagg.quantize import Quantizer
+from fl_components.secagg.quantize import FIELD_BITS, Quantizer
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,10 @@ class RoundContext:
         (full Bonawitz graph).
     bits : int or None
         Fixed-point bits per value; None picks the most that cannot overflow the sum of n
-        values in Z_2^32, i.e. ``32 - ceil(log2 n)``.
+        values in Z_2^field_bits, i.e. ``field_bits - ceil(log2 n)``.
+    field_bits : int
+        m: masked values live in Z_2^m and travel packed in m bits each. 32 (the default)
+        is the uncompressed protocol; compression sets ``bits + ceil(log2 n)``.
     """
 
     run_id: str
@@ -53,6 +56,7 @@ class RoundContext:
     clip_range: float
     neighbours: int | None = None
     bits: int | None = None
+    field_bits: int = FIELD_BITS
     _graph: dict[str, frozenset[str]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -82,6 +86,10 @@ class RoundContext:
             raise ContextMismatchError(f"dimension must be >= 1 (got {self.dimension})")
         if self.round < 0:
             raise ContextMismatchError(f"round must be >= 0 (got {self.round})")
+        if not 2 <= self.field_bits <= FIELD_BITS:
+            raise ContextMismatchError(
+                f"field_bits must be in [2, {FIELD_BITS}] (got {self.field_bits})"
+            )
         # Validates clip_range and bits against n with a precise message.
         _ = self.quantizer
 
@@ -105,7 +113,14 @@ class RoundContext:
     @cached_property
     def quantizer(self) -> Quantizer:
         """The fixed-point quantizer for this round's n, clip range and bits."""
-        return Quantizer.for_sum(n=self.n, clip_range=self.clip_range, bits=self.bits)
+        return Quantizer.for_sum(
+            n=self.n, clip_range=self.clip_range, bits=self.bits, field_bits=self.field_bits
+        )
+
+    @property
+    def field_mask(self) -> int:
+        """``2^field_bits - 1``: reduces a uint32 mod 2^field_bits."""
+        return (1 << self.field_bits) - 1
 
     def neighbours_of(self, site: str) -> frozenset[str]:
         """Return the sites ``site`` exchanges masks and shares with (excluding itself)."""
@@ -133,7 +148,7 @@ class RoundContext:
 
     def to_dict(self) -> dict[str, object]:
         """Return a JSON-ready description (for logging and message headers)."""
-        return {
+        described: dict[str, object] = {
             "run_id": self.run_id,
             "round": self.round,
             "participants": list(self.participants),
@@ -143,6 +158,9 @@ class RoundContext:
             "neighbours": self.neighbours,
             "bits": self.bits,
         }
+        if self.field_bits != FIELD_BITS:  # the uncompressed description stays as it was
+            described["field_bits"] = self.field_bits
+        return described
 
 
 def default_threshold(n: int) -> int:

@@ -187,6 +187,14 @@ class SecAggCoordinator:
                 f"masked update from {message.sender!r} has shape {message.masked.shape} "
                 f"({message.masked.dtype}); round {ctx.round} expects ({ctx.dimension},) uint32"
             )
+        if message.field_bits != ctx.field_bits or (
+            ctx.field_bits < 32 and ctx.dimension and int(message.masked.max()) > ctx.field_mask
+        ):
+            raise ContextMismatchError(
+                f"masked update from {message.sender!r} is in Z_2^{message.field_bits}; round "
+                f"{ctx.round} works in Z_2^{ctx.field_bits} (site and coordinator disagree on "
+                "compression.bits)"
+            )
         holders = set(ctx.share_holders(message.sender))
         if set(message.shares) != holders:
             raise ContextMismatchError(
@@ -267,6 +275,8 @@ class SecAggCoordinator:
         add, subtract = self._dropout_seeds(valid, survivors, dropped)
         total = self._sum.copy()
         MaskExpander().apply(total, add=add, subtract=list(self_seeds) + subtract)
+        if self.ctx.field_bits < 32:  # 2^m divides 2^32: reducing now leaves the sum in Z_2^m
+            np.bitwise_and(total, np.uint32(self.ctx.field_mask), out=total)
         quantizer = self.ctx.quantizer
         result_total = quantizer.dequantize_sum(total, count=len(survivors))
         unmask_seconds = time.perf_counter() - started
@@ -410,4 +420,5 @@ def _without_vector(message: MaskedUpdate) -> MaskedUpdate:
         pairwise_commitments=message.pairwise_commitments,
         mask_seconds=message.mask_seconds,
         signature=message.signature,
+        field_bits=message.field_bits,
     )

@@ -11,6 +11,10 @@ Wire format of every message::
            | array length (u64 BE) | array (raw little-endian uint32) | signature length (u16 BE)
            | signature (Ed25519, 64 bytes, or empty for unsigned requests)
 
+A masked update in Z_2^m with m < 32 (compression on) says ``field_bits: m`` in its header
+and its array holds the values packed m bits each (:mod:`fl_components.secagg.packing`);
+with m = 32 the header has no such key, byte for byte the uncompressed format.
+
 A masked update's signature is Ed25519 over SHA-256 of every byte before the signature
 length (a response's, over those bytes directly). Parsing checks every
 field's type and raises :class:`~fl_components.secagg.errors.MalformedMessageError` otherwise.
@@ -31,10 +35,12 @@ import numpy as np
 import numpy.typing as npt
 
 from fl_components.secagg.errors import MalformedMessageError
+from fl_components.secagg.packing import pack, packed_size, unpack
 
 MAGIC = b"FPSA"
 VERSION = 1
 _WORD = np.dtype("<u4")
+_FULL_FIELD = 32
 
 
 class Stage(enum.StrEnum):
@@ -145,6 +151,8 @@ class MaskedUpdate:
         Time the sender spent quantizing and masking (reported to tracking).
     signature : bytes
         Ed25519 signature of the sender over :meth:`signed_payload`.
+    field_bits : int
+        m: every value of ``masked`` is below 2^m and travels in m bits (32: unpacked).
     """
 
     run_id: str
@@ -157,6 +165,7 @@ class MaskedUpdate:
     pairwise_commitments: Mapping[str, bytes]
     mask_seconds: float = 0.0
     signature: bytes = field(default=b"", repr=False)
+    field_bits: int = _FULL_FIELD
     # Set only by from_bytes, never copied by replace(): an edited copy is re-hashed.
     _wire_digest: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -174,11 +183,15 @@ class MaskedUpdate:
             "self_mask_commitment": _b64(self.self_mask_commitment),
             "pairwise_commitments": {k: _b64(v) for k, v in self.pairwise_commitments.items()},
             "mask_seconds": self.mask_seconds,
-        }
+        } | ({} if self.field_bits == _FULL_FIELD else {"field_bits": self.field_bits})
 
     def signed_payload(self) -> bytes:
         """The canonical bytes the signature covers."""
-        return _frame(self._header(), np.ascontiguousarray(self.masked, dtype=_WORD).tobytes())
+        if self.field_bits == _FULL_FIELD:
+            array = np.ascontiguousarray(self.masked, dtype=_WORD).tobytes()
+        else:
+            array = pack(self.masked, self.field_bits)
+        return _frame(self._header(), array)
 
     def signed_digest(self) -> bytes:
         """SHA-256 of :meth:`signed_payload`: what Ed25519 signs.
@@ -204,9 +217,13 @@ class MaskedUpdate:
         """Parse bytes written by :meth:`to_bytes` (the signature is not checked here)."""
         header, array, signature, digest = _unframe(data, Stage.MASKED_UPDATE)
         dimension = _get(header, "dimension", int)
-        if len(array) != 4 * dimension:
+        field_bits = header.get("field_bits", _FULL_FIELD)
+        if not isinstance(field_bits, int) or not 2 <= field_bits <= _FULL_FIELD:
+            raise MalformedMessageError(f"field 'field_bits' must be in [2, 32] (got {field_bits})")
+        if dimension < 0 or len(array) != packed_size(dimension, field_bits):
             raise MalformedMessageError(
-                f"masked vector holds {len(array)} bytes, header says {dimension} uint32 values"
+                f"masked vector holds {len(array)} bytes, header says {dimension} values of "
+                f"{field_bits} bits"
             )
         mask_seconds = _get(header, "mask_seconds", (int, float))
         message = cls(
@@ -214,8 +231,10 @@ class MaskedUpdate:
             round=_get(header, "round", int),
             sender=_get(header, "sender", str),
             num_examples=_get(header, "num_examples", int),
-            # A read-only view of the received bytes: no copy of the vector.
-            masked=np.frombuffer(array, dtype=_WORD),
+            # Unpacked: a read-only view of the received bytes, no copy of the vector.
+            masked=np.frombuffer(array, dtype=_WORD)
+            if field_bits == _FULL_FIELD
+            else unpack(array, count=dimension, bits=field_bits),
             shares={k: _unb64(v, "shares") for k, v in _str_map(header, "shares").items()},
             self_mask_commitment=_unb64(header.get("self_mask_commitment"), "self_mask_commitment"),
             pairwise_commitments={
@@ -224,6 +243,7 @@ class MaskedUpdate:
             },
             mask_seconds=float(mask_seconds),
             signature=signature,
+            field_bits=field_bits,
         )
         object.__setattr__(message, "_wire_digest", digest)
         return message

@@ -154,6 +154,8 @@ class SecAggParticipant:
             add=[self_seed] + [seeds[p] for p in peers if agreement.mask_sign(self.site, p) > 0],
             subtract=[seeds[p] for p in peers if agreement.mask_sign(self.site, p) < 0],
         )
+        if ctx.field_bits < 32:  # y mod 2^m: the low m bits of a uniform mask are uniform
+            np.bitwise_and(masked, np.uint32(ctx.field_mask), out=masked)
         holders = ctx.share_holders(self.site)
         shares = shamir.split(
             self_seed, threshold=ctx.threshold, xs=[ctx.share_index(h) for h in holders]
@@ -188,6 +190,7 @@ class SecAggParticipant:
                 for peer in peers
             },
             mask_seconds=time.perf_counter() - started,
+            field_bits=ctx.field_bits,
         )
         return message.with_signature(self._keys.sign(message.signed_digest()))
 

@@ -7,6 +7,9 @@ inputs are vectors in Z_R^m). Each value is clipped to [-c, c], shifted to [0, 2
 "Deep Learning with Limited Numerical Precision", ICML, arXiv:1502.02551). With
 ``n * (2^bits - 1) < 2^32`` the sum of n quantized values is exact in uint32, so the sum of
 the masked vectors mod 2^32 *is* the integer sum once the masks are removed.
+
+With compression the group shrinks to Z_2^m, m = bits + ceil(log2 n) (``field_bits``): the
+sum still fits, and each masked value travels in m bits (:mod:`fl_components.secagg.packing`).
 """
 
 from __future__ import annotations
@@ -22,9 +25,14 @@ from fl_components.secagg.errors import ContextMismatchError
 FIELD_BITS = 32
 
 
-def max_bits(n: int) -> int:
-    """The most bits per value such that the sum of ``n`` values fits in 32 bits."""
-    return FIELD_BITS - math.ceil(math.log2(n)) if n > 1 else FIELD_BITS
+def headroom_bits(n: int) -> int:
+    """Bits the sum of ``n`` values needs above one value's: ``ceil(log2 n)``."""
+    return math.ceil(math.log2(n)) if n > 1 else 0
+
+
+def max_bits(n: int, field_bits: int = FIELD_BITS) -> int:
+    """The most bits per value such that the sum of ``n`` values fits in ``field_bits`` bits."""
+    return field_bits - headroom_bits(n)
 
 
 @dataclass(frozen=True)
@@ -43,7 +51,9 @@ class Quantizer:
     bits: int
 
     @classmethod
-    def for_sum(cls, *, n: int, clip_range: float, bits: int | None = None) -> Quantizer:
+    def for_sum(
+        cls, *, n: int, clip_range: float, bits: int | None = None, field_bits: int = FIELD_BITS
+    ) -> Quantizer:
         """Build the quantizer for a sum of ``n`` vectors.
 
         Parameters
@@ -54,6 +64,8 @@ class Quantizer:
             c > 0.
         bits : int or None
             Bits per value; None picks :func:`max_bits` of ``n``.
+        field_bits : int
+            m of the group Z_2^m the sum lives in (32 without compression).
 
         Raises
         ------
@@ -64,12 +76,12 @@ class Quantizer:
             raise ContextMismatchError(
                 f"secure_aggregation.clip_range must be a finite number > 0 (got {clip_range})"
             )
-        limit = max_bits(n)
+        limit = max_bits(n, field_bits)
         chosen = limit if bits is None else bits
         if not 1 <= chosen <= limit:
             raise ContextMismatchError(
                 f"secure_aggregation.bits={bits} would overflow the sum of n={n} values in "
-                f"Z_2^32; use bits between 1 and {limit} (or null for {limit})"
+                f"Z_2^{field_bits}; use bits between 1 and {limit} (or null for {limit})"
             )
         return cls(clip_range=float(clip_range), bits=chosen)
 

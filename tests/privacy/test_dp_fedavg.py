@@ -76,12 +76,12 @@ def test_adaptive_clipping_moves_toward_the_target_quantile() -> None:
 
 
 def test_fixed_selection_accounts_q_one_over_joined_rounds() -> None:
-    random_sel = ParticipantAccountant(sampling="random", accountant="rdp", population=100)
-    fixed_sel = ParticipantAccountant(sampling="fixed", accountant="rdp", population=100)
+    random_sel = ParticipantAccountant(sampling="random", accountant="rdp", fraction=0.1)
+    fixed_sel = ParticipantAccountant(sampling="fixed", accountant="rdp", fraction=0.1)
     for round_num in range(20):
         chosen = tuple(f"d{(round_num * 10 + i) % 100}" for i in range(10))
-        random_sel.step(noise_multiplier=1.0, participants=chosen)
-        fixed_sel.step(noise_multiplier=1.0, participants=chosen)
+        random_sel.step(noise_multiplier=1.0, selected=chosen)
+        fixed_sel.step(noise_multiplier=1.0, selected=chosen)
     assert random_sel.epsilon(1e-3) < fixed_sel.epsilon(1e-3)
     assert "q = 1" in fixed_sel.amplification
     from fl_components.privacy.ledger import epsilon_of

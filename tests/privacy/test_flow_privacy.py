@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from opacus.accountants import RDPAccountant
 
-from fl_components.privacy.rounds import dropout_reason
+from fl_components.engine import Dropout, DropoutKind
 from tasks.tracking import round_markdown
 
 
@@ -50,7 +50,7 @@ def test_logged_epsilon_is_recomputed_from_logged_params(prefect_harness, small_
 def test_a_budget_refusal_shows_as_declined_in_the_round_table() -> None:
     from fl_components.training import Metrics
 
-    reason = dropout_reason("BudgetExhaustedError: site 'h2' declines: epsilon spent 2.9")
+    reason = str(Dropout("h2", DropoutKind.DECLINED, "site 'h2' declines: epsilon spent 2.9"))
     markdown = round_markdown(
         federation="f",
         round_num=3,

@@ -16,6 +16,7 @@ from fl_components.secagg import (
     SecAggParticipant,
     SiteKeys,
 )
+from fl_components.secagg.quantize import FIELD_BITS, headroom_bits
 
 
 @cache
@@ -51,7 +52,16 @@ class Federation:
         round: int = 1,
         neighbours: int | None = None,
         bits: int | None = None,
+        compressed_bits: int | None = None,
     ) -> RoundContext:
+        """``compressed_bits`` = b packs values in Z_2^(b + ceil(log2 n)) (compression on)."""
+        if compressed_bits is not None:
+            bits = compressed_bits
+        field_bits = (
+            FIELD_BITS
+            if compressed_bits is None
+            else min(FIELD_BITS, compressed_bits + headroom_bits(len(self.sites)))
+        )
         return RoundContext(
             run_id=run_id,
             round=round,
@@ -61,6 +71,7 @@ class Federation:
             clip_range=clip_range,
             neighbours=neighbours,
             bits=bits,
+            field_bits=field_bits,
         )
 
     def run_round(

@@ -37,17 +37,31 @@ def test_hand_worked_three_sites():
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
 )
 @given(data=st.data(), n=st.integers(2, 40), d=st.integers(1, 40), clip=st.floats(0.01, 100))
-def test_secure_sum_equals_plain_sum_with_and_without_dropouts(data, n, d, clip):
+@pytest.mark.parametrize("compressed_bits", [None, 3, 8])
+def test_secure_sum_equals_plain_sum_with_and_without_dropouts(compressed_bits, data, n, d, clip):
+    """With ``compressed_bits`` the values are packed in Z_2^(b + ceil(log2 n))."""
     fed = Federation.make(n)
     t = data.draw(st.integers(1, n), label="threshold")
     dropped = data.draw(st.sets(st.sampled_from(fed.sites), max_size=n - t), label="dropped")
     neighbours = data.draw(st.one_of(st.none(), st.integers(1, n)), label="neighbours")
-    ctx = fed.context(dimension=d, threshold=t, clip_range=clip)
+    ctx = fed.context(dimension=d, threshold=t, clip_range=clip, compressed_bits=compressed_bits)
     if neighbours is not None and ctx.group_size != n:
         # SecAgg+: t is a per-neighbourhood threshold; keep it feasible.
-        ctx = fed.context(dimension=d, threshold=1, clip_range=clip, neighbours=neighbours)
+        ctx = fed.context(
+            dimension=d,
+            threshold=1,
+            clip_range=clip,
+            neighbours=neighbours,
+            compressed_bits=compressed_bits,
+        )
         t = min(t, ctx.group_size)
-        ctx = fed.context(dimension=d, threshold=t, clip_range=clip, neighbours=neighbours)
+        ctx = fed.context(
+            dimension=d,
+            threshold=t,
+            clip_range=clip,
+            neighbours=neighbours,
+            compressed_bits=compressed_bits,
+        )
         dropped = set()  # dropouts with SecAgg+ are covered below with a fixed graph
     updates = random_updates(fed.sites, d, seed=n * 1000 + d, scale=2 * clip)
     result = fed.run_round(ctx, updates, drop_before_mask=dropped)

@@ -1,0 +1,149 @@
+"""The site's compression step: one call after training, residual kept in the site's folder.
+
+What the coordinator tells a site for a round is a :class:`CompressionInstruction`
+(JSON-safe, so it rides in the round engine's per-site instructions); the site calls
+:func:`compress_for_upload` in the clear, or :func:`select_for_masking` under secure
+aggregation, on its flat model delta after training and after any DP clipping and noise
+(compressing DP output is post-processing). Both load the error-feedback residual from the
+site's folder and save the new one (:mod:`fl_components.compression.error_feedback`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from fl_components.compression.codec import decode_update, encode_update
+from fl_components.compression.encoded import CompressionError, EncodedUpdate
+from fl_components.compression.error_feedback import load_residual, save_residual
+from fl_components.compression.secure import select_for_secure
+from fl_components.config import CompressionConfig
+from fl_components.parameters import flatten, unflatten
+from fl_components.training import LocalUpdate
+
+
+@dataclass(frozen=True)
+class CompressionInstruction:
+    """How one site compresses its update in one round.
+
+    Attributes
+    ----------
+    config : CompressionConfig
+        The federation's ``compression`` section.
+    run_id, round : str, int
+        Bind shared random-k coordinates and the residual to the round.
+    """
+
+    config: CompressionConfig
+    run_id: str
+    round: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form (for a flow parameter or a site job)."""
+        return {"config": self.config.model_dump(), "run_id": self.run_id, "round": self.round}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompressionInstruction:
+        """Inverse of :meth:`to_dict`."""
+        try:
+            return cls(
+                config=CompressionConfig.model_validate(data["config"]),
+                run_id=str(data["run_id"]),
+                round=int(data["round"]),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise CompressionError(f"malformed compression instruction: {error}") from None
+
+
+def compress_for_upload(
+    delta: npt.NDArray[np.floating],
+    *,
+    instruction: CompressionInstruction,
+    site_dir: str | os.PathLike[str],
+    rng: np.random.Generator,
+) -> EncodedUpdate:
+    """Compress a flat delta for upload in the clear; ``.nbytes`` is the exact upload size."""
+    residual = _residual(delta, instruction, site_dir)
+    message, residual = encode_update(
+        delta,
+        config=instruction.config,
+        run_id=instruction.run_id,
+        round=instruction.round,
+        residual=residual,
+        rng=rng,
+    )
+    _save(instruction, site_dir, residual)
+    return message
+
+
+def compress_local_update(
+    update: LocalUpdate,
+    *,
+    instruction: CompressionInstruction,
+    site_dir: str | os.PathLike[str],
+    seed: int,
+) -> tuple[LocalUpdate, int]:
+    """The round engine's step: compress ``update.delta``, return what the coordinator decodes.
+
+    Returns
+    -------
+    tuple[LocalUpdate, int]
+        The update whose delta is exactly the decoded message (what the coordinator
+        aggregates), and the message's exact size in bytes (``bytes/up``).
+    """
+    message = compress_for_upload(
+        flatten(update.delta),
+        instruction=instruction,
+        site_dir=site_dir,
+        rng=np.random.default_rng([seed, instruction.round]),
+    )
+    decoded = unflatten(decode_update(message), update.delta)
+    return replace(update, delta=decoded), message.nbytes
+
+
+def select_for_masking(
+    delta: npt.NDArray[np.floating],
+    *,
+    instruction: CompressionInstruction,
+    site_dir: str | os.PathLike[str],
+) -> npt.NDArray[np.float32]:
+    """The values a site hands to ``SecAggParticipant.mask_update`` (k of them with random-k)."""
+    residual = _residual(delta, instruction, site_dir)
+    values, residual = select_for_secure(
+        delta,
+        config=instruction.config,
+        run_id=instruction.run_id,
+        round=instruction.round,
+        residual=residual,
+    )
+    _save(instruction, site_dir, residual)
+    return values
+
+
+def _residual(
+    delta: npt.NDArray[np.floating],
+    instruction: CompressionInstruction,
+    site_dir: os.PathLike[str] | str,
+) -> npt.NDArray[np.float32]:
+    return load_residual(
+        site_dir,
+        run_id=instruction.run_id,
+        round=instruction.round,
+        dimension=int(np.asarray(delta).size),
+        max_age=instruction.config.residual_max_age,
+    )
+
+
+def _save(
+    instruction: CompressionInstruction,
+    site_dir: os.PathLike[str] | str,
+    residual: npt.NDArray[np.float32],
+) -> None:
+    if instruction.config.error_feedback and instruction.config.method in ("top_k", "random_k"):
+        save_residual(
+            site_dir, run_id=instruction.run_id, round=instruction.round, residual=residual
+        )

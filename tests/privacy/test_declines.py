@@ -1,0 +1,70 @@
+"""Declined sites count in the federation's epsilon; a round where all decline is recorded."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+from fl_components.config import FederationConfig
+from fl_components.errors import BudgetExhaustedError
+from fl_components.privacy.ledger import PrivacyLedger, SiteBudgetExhausted
+from fl_components.privacy.rounds import PrivacyRounds, declined_record
+from fl_components.training import LocalUpdate
+
+
+def _rounds() -> PrivacyRounds:
+    return PrivacyRounds(
+        FederationConfig.model_validate(
+            {
+                "name": "hospitals",
+                "sites": [{"name": "h1"}, {"name": "h2"}],
+                "privacy": {"mode": "record", "noise_multiplier": 1.1, "max_epsilon": 3.0},
+            }
+        )
+    )
+
+
+def _update(site: str, epsilon: float) -> LocalUpdate:
+    return LocalUpdate(
+        site=site,
+        round=1,
+        delta=[np.zeros(2, dtype=np.float32)],
+        num_examples=10,
+        train_loss=0.1,
+        seconds=0.0,
+        extra={"epsilon": epsilon, "remaining": 3.0 - epsilon},
+    )
+
+
+def test_federation_epsilon_is_the_max_over_every_sites_ledger_decliners_included() -> None:
+    rounds = _rounds()
+    metrics = rounds.metrics([_update("h1", 2.19)], None, declined={"h2": 2.99})
+    # the site that declined had spent 2.99 already: the old max over reporters gave 2.19
+    assert metrics["privacy/epsilon"] == pytest.approx(2.99)
+    assert metrics["privacy/site/h2/epsilon"] == pytest.approx(2.99)
+    assert metrics["privacy/declined"] == 1.0
+    assert rounds.federation_epsilon() == pytest.approx(2.99)
+
+
+def test_every_site_declining_yields_the_metric_and_tags_to_log_before_failing() -> None:
+    metrics, tags = declined_record(
+        {"h1": "site 'h1' declines: epsilon spent 2.990", "h2": "site 'h2' declines"},
+        round_num=1,
+    )
+    assert metrics == {"privacy/declined": 2.0}
+    assert tags["privacy.declined.h1"] == "round 1: site 'h1' declines: epsilon spent 2.990"
+    assert set(tags) == {"privacy.declined.h1", "privacy.declined.h2"}
+
+
+def test_a_decline_carries_the_spent_epsilon_through_pickle(tmp_path) -> None:
+    ledger = PrivacyLedger.open(tmp_path, site="h1", accountant="rdp")
+    plan = {"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 50, "delta": 1e-5}
+    ledger.record(federation="f", round_num=1, **plan, max_epsilon=None)
+    with pytest.raises(BudgetExhaustedError) as caught:
+        ledger.check_round(**plan, max_epsilon=ledger.epsilon(1e-5) + 1e-3)
+    decline = pickle.loads(pickle.dumps(caught.value))  # as a process pool returns it
+    assert isinstance(decline, SiteBudgetExhausted) and decline.site == "h1"
+    assert decline.spent == pytest.approx(ledger.epsilon(1e-5))
+    assert str(decline) == str(caught.value)

@@ -1,0 +1,94 @@
+"""The flow path: dropouts, runs from the champion, the client budget, every site declining."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fl_components.config import FederationConfig
+from fl_components.errors import BudgetExhaustedError, RoundError
+from fl_components.privacy.federation_ledger import FederationLedger, federation_ledger_path
+from fl_components.privacy.ledger import epsilon_of
+
+pytestmark = pytest.mark.integration
+
+
+def _participant(small: FederationConfig, tmp_path: Path, **privacy: Any) -> FederationConfig:
+    # site-2 reads an empty folder: it drops out (bad data) in every round
+    sites = [{"name": "site-0"}, {"name": "site-1"}, {"name": "site-2", "data_path": str(tmp_path)}]
+    return small.model_validate(
+        {
+            **small.model_dump(exclude_unset=True),
+            "sites": sites,
+            "training": {"epochs": 1, "batch_size": 32},
+            "participation": {"fraction": 1.0, "min_participants": 1},
+            "privacy": {"mode": "participant", "delta": 1e-3, **privacy},
+        }
+    )
+
+
+def _metric(client: Any, run_id: str, key: str) -> list[float]:
+    return [m.value for m in client.get_metric_history(run_id, key)]
+
+
+def test_dropouts_every_round_and_a_champion_run_continue_one_budget(
+    prefect_harness, small_config, tmp_path
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from flows.federated_training import federated_training
+
+    config = _participant(small_config, tmp_path / "empty")
+    first = federated_training(config)
+    client = MlflowClient(tracking_uri=first.tracking_uri)
+    # q = 1 (every site selected), whoever answered: survivors-based q would be 2/3
+    assert _metric(client, first.mlflow_run_id, "privacy/client_sample_rate") == [1.0, 1.0]
+    assert _metric(client, first.mlflow_run_id, "dropouts") == [1.0, 1.0]
+    two = epsilon_of([(1.0, 1.0, 2)], delta=1e-3, accountant="rdp")
+    assert _metric(client, first.mlflow_run_id, "privacy/client_epsilon")[-1] == pytest.approx(
+        two, rel=1e-9
+    )
+
+    second = federated_training(config.model_copy(update={"init_from": "champion"}))
+    four = epsilon_of([(1.0, 1.0, 4)], delta=1e-3, accountant="rdp")
+    assert _metric(client, second.mlflow_run_id, "privacy/client_epsilon")[-1] == pytest.approx(
+        four, rel=1e-9
+    )
+    ledger = FederationLedger.load(federation_ledger_path(config.tracking, config.name))
+    assert ledger.lineage(second.mlflow_run_id) == [first.mlflow_run_id, second.mlflow_run_id]
+    assert ledger.runs[second.mlflow_run_id].flow_run_id == second.prefect_flow_run_id
+
+
+def test_a_run_past_max_client_epsilon_is_refused(prefect_harness, small_config, tmp_path) -> None:
+    from flows.federated_training import federated_training
+
+    one = epsilon_of([(1.0, 1.0, 1)], delta=1e-3, accountant="rdp")
+    config = _participant(small_config, tmp_path / "empty", max_client_epsilon=one + 0.01)
+    with pytest.raises(BudgetExhaustedError, match=r"refuses round 2: .*max_client_epsilon"):
+        federated_training(config)
+    ledger = FederationLedger.load(federation_ledger_path(config.tracking, config.name))
+    assert [len(run.rounds) for run in ledger.runs.values()] == [1]
+
+
+def test_every_site_declining_is_logged_before_the_run_fails(prefect_harness, small_config) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from flows.federated_training import federated_training
+
+    config = small_config.model_validate(
+        {
+            **small_config.model_dump(exclude_unset=True),
+            "training": {"epochs": 1, "batch_size": 32},
+            "privacy": {"mode": "record", "noise_multiplier": 1.0, "max_epsilon": 0.01},
+        }
+    )
+    with pytest.raises(RoundError, match="declined"):
+        federated_training(config)
+    client = MlflowClient(tracking_uri=config.tracking.tracking_uri)
+    experiment = client.get_experiment_by_name(config.name)
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.metrics["privacy/declined"] == 3.0
+    assert {f"privacy.declined.site-{i}" for i in range(3)} <= set(run.data.tags)
+    assert "epsilon spent 0.000" in run.data.tags["privacy.declined.site-0"]
