@@ -262,7 +262,7 @@ def test_a_scripted_run_with_some_fields_keeps_the_deployment(stack: dict[str, A
         json={"parameters": {"config": partial}},
     )
     assert created.status_code == 201, created.text
-    run = _wait_flow_run(api, created.json()["id"], timeout=400)
+    run = _wait_flow_run(api, created.json()["id"], timeout=900)
 
     assert run["state"]["type"] == "COMPLETED", run["state"]
     assert re.fullmatch(r"e2e-fed-\d{8}-\d{6}", run["name"]), run["name"]
@@ -283,7 +283,7 @@ def test_a_scripted_run_with_some_fields_keeps_the_deployment(stack: dict[str, A
         f"{api}/deployments/{deployment['id']}/create_flow_run",
         json={"parameters": {"config": {"backend": "local", "rounds": 1}}},
     )
-    refused = _wait_flow_run(api, local.json()["id"], timeout=200)
+    refused = _wait_flow_run(api, local.json()["id"], timeout=600)
     assert refused["state"]["type"] == "FAILED"
     assert "this deployment runs on backend 'work-pool'" in refused["state"]["message"]
 
