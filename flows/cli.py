@@ -41,7 +41,7 @@ def prepare_environment() -> None:
     """Quiet, isolated defaults for an in-process (ephemeral) Prefect, unless set already."""
     os.environ.setdefault("PREFECT_HOME", str((STATE_DIR / "prefect").resolve()))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     # Prefect's console handler at WARNING; the API handler still ships INFO logs to the UI
@@ -153,6 +153,20 @@ def train_and_report(config: FederationConfig, *, resume: str | None = None) -> 
     except FedpipeError as error:
         console.print(f"[bold red]run failed:[/] {error}")
         _print_dropouts(quiet, unless_named_in=str(error))
+        console.print(f"full log: {log_file}", soft_wrap=True)
+        raise typer.Exit(code=1) from None
+    except RuntimeError as error:
+        # Prefect says so only in this message; anything else is a bug, shown as such
+        if "ephemeral Prefect API server" not in str(error):
+            raise
+        wait = os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]
+        console.print(
+            f"[bold red]run failed:[/] Prefect's temporary server did not answer within {wait}s "
+            "(a busy machine starts it slowly); set "
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS higher, or start a server once "
+            "with `fedpipe up` and set PREFECT_API_URL",
+            soft_wrap=True,
+        )
         console.print(f"full log: {log_file}", soft_wrap=True)
         raise typer.Exit(code=1) from None
     finally:

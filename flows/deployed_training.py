@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.runtime import flow_run
 
 from fl_components.config import FederationConfig, config_from_dict
 from fl_components.errors import ConfigError
@@ -95,14 +94,16 @@ def _value(fields: dict[str, Any], dotted: str) -> Any:
 
 def _deployment_config() -> dict[str, Any] | None:
     """The ``config`` parameter of the deployment this run belongs to (None: no deployment)."""
-    deployment_id = flow_run.get_deployment_id()
+    from prefect.runtime import deployment
+
+    deployment_id = deployment.id
     if not deployment_id:
         return None
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        deployment = client.read_deployment(deployment_id)
-    config = deployment.parameters.get("config")
+        parameters = client.read_deployment(deployment_id).parameters
+    config = parameters.get("config")
     return dict(config) if isinstance(config, dict) else None
 
 

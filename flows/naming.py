@@ -23,3 +23,14 @@ def coordinator_run_name() -> str:
     config = flow_run.parameters.get("config")
     name = config.name if isinstance(config, FederationConfig) else dict(config or {}).get("name")
     return run_name(str(name or "federation"), started=datetime.now(UTC))
+
+
+def participant_run_name() -> str:
+    """``<site>-r<round>-<stage>-<coordinator run's short id>``: tells runs of trainings apart.
+
+    For the participant flow's ``flow_run_name`` (Prefect renames a run by it when it
+    starts, so the name ``run_deployment`` gave is not enough).
+    """
+    params = flow_run.parameters
+    short = str(params.get("run_id") or "")[:8]
+    return f"{params.get('site')}-r{params.get('round_num')}-{params.get('stage')}-{short}"

@@ -318,6 +318,8 @@ def _worker_env(base: dict[str, str], api_url: str, home: Path) -> dict[str, str
     return {
         **base,
         "PATH": path,  # the job command `fedpipe-site-exec` is this environment's
+        # flow runs import this checkout's code, whatever else the environment has installed
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), base.get("PYTHONPATH")])),
         **WORKER_ENV,
         "PREFECT_API_URL": api_url,
         "PREFECT_HOME": str(home),

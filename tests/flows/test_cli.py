@@ -63,7 +63,7 @@ def test_run_shows_each_round_and_stops_prefect_cleanly(tmp_path: Path) -> None:
         env=_env(tmp_path),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
         stdin=subprocess.DEVNULL,
     )
     output = done.stdout + done.stderr
@@ -149,7 +149,7 @@ def test_every_site_declining_its_budget_is_one_paragraph(tmp_path: Path) -> Non
     }
     (tmp_path / "spent.yaml").write_text(yaml.safe_dump(config))
 
-    rc, output = _fedpipe(tmp_path, "run", "spent.yaml", timeout=400)
+    rc, output = _fedpipe(tmp_path, "run", "spent.yaml", timeout=900)
 
     assert rc == 1, output
     assert output.count("run failed:") == 1
@@ -188,7 +188,7 @@ def test_a_site_with_bad_data_gets_one_line_and_a_nonzero_exit(tmp_path: Path) -
     }
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
 
-    rc, output = _fedpipe(tmp_path, "run", "bad.yaml", timeout=400)
+    rc, output = _fedpipe(tmp_path, "run", "bad.yaml", timeout=900)
 
     assert rc == 3, output
     assert "1 site(s) dropped out:" in output

@@ -47,7 +47,7 @@ def _kill_after_round(tmp_path: Path, round_num: int) -> tuple[str, str]:
     )
     assert process.stdout is not None
     seen, run_id = [], ""
-    deadline = time.monotonic() + 400
+    deadline = time.monotonic() + 900
     for line in process.stdout:
         seen.append(line)
         found = re.search(r"MLflow run ([0-9a-f]{32})", line)
@@ -84,7 +84,7 @@ def test_a_killed_run_resumes_into_the_same_mlflow_run(tmp_path: Path) -> None:
         env=_env(tmp_path),
         capture_output=True,
         text=True,
-        timeout=400,
+        timeout=900,
     )
     output = resumed.stdout + resumed.stderr
 
