@@ -26,6 +26,7 @@ from fl_components.participant import run_job, site_from_environment
 from fl_components.secure_round import context_from_json
 from fl_components.site_messages import answer_payload, instructions_from_payload
 from fl_components.training import seed_for
+from flows.naming import participant_run_name
 
 Stage = Literal["train", "mask", "unmask", "evaluate"]
 
@@ -83,7 +84,7 @@ def _job(
 
 @flow(
     name="federated-participant",
-    flow_run_name="{site}-r{round_num}-{stage}",
+    flow_run_name=participant_run_name,
     result_serializer="json",
     persist_result=True,
     log_prints=True,
