@@ -94,6 +94,9 @@ class SiteJob:
         ``unmask``: the coordinator's signed request.
     compression : CompressionInstruction or None
         ``train``: compress the update before it leaves the site (None: float32).
+    mlflow_run_id, flow_run_id : str
+        The coordinator's MLflow run and Prefect flow run ('' when there is none): a site's
+        privacy ledger records them with what the round spent.
     """
 
     site: str
@@ -106,6 +109,8 @@ class SiteJob:
     secagg: object | None = None
     unmask_request: bytes | None = None
     compression: CompressionInstruction | None = None
+    mlflow_run_id: str = ""
+    flow_run_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -164,6 +169,8 @@ class RoundPlan:
     evaluation: EvaluationRequest | None = None
     max_update_norm: float | None = None
     secure: SecureAggregation | None = None
+    mlflow_run_id: str = ""
+    flow_run_id: str = ""
     compression: CompressionInstruction | None = None
 
 
@@ -274,6 +281,8 @@ def round_jobs(plan: RoundPlan, state: ServerState, strategy: Strategy) -> list[
             seed=plan.seeds[site],
             instructions=instructions.get(site, SiteInstructions()),
             evaluate_round=evaluate_round,
+            mlflow_run_id=plan.mlflow_run_id,
+            flow_run_id=plan.flow_run_id,
             compression=plan.compression,
         )
         for site in plan.selected

@@ -167,8 +167,13 @@ class Site:
         round_num: int,
         seed: int,
         instructions: SiteInstructions | None = None,
+        spent_by: tuple[str, str] = ("", ""),
     ) -> LocalUpdate:
-        """Local training from the global parameters, as the strategy instructs."""
+        """Local training from the global parameters, as the strategy instructs.
+
+        ``spent_by``: the coordinator's (MLflow run id, Prefect flow run id), written into the
+        site's privacy ledger with what a DP-SGD round spends.
+        """
         instructions = instructions if instructions is not None else SiteInstructions()
         data = self.load()
         model = build_model(self.config.model, self.info, seed=self.config.seed)
@@ -183,6 +188,8 @@ class Site:
                 site=self.name,
                 folder=self.folder,
                 round_num=round_num,
+                mlflow_run_id=spent_by[0] or None,
+                flow_run_id=spent_by[1] or None,
             )
         return local_train(
             model,

@@ -72,12 +72,17 @@ def _work(site: Site, job: SiteJob, keys_dir: Path, evaluation: Metrics | None) 
             keys_dir=keys_dir,
             seed=job.seed,
             instructions=job.instructions,
+            spent_by=(job.mlflow_run_id, job.flow_run_id),
         )
         return SiteResult(
             site=site.name, masked=masked, evaluation=evaluation, bytes_up=len(masked.payload)
         )
     update = site.train(
-        job.parameters, round_num=job.round, seed=job.seed, instructions=job.instructions
+        job.parameters,
+        round_num=job.round,
+        seed=job.seed,
+        instructions=job.instructions,
+        spent_by=(job.mlflow_run_id, job.flow_run_id),
     )
     if job.compression is not None and job.compression.config.enabled:
         update, sent = compress_local_update(

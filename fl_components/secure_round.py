@@ -328,13 +328,19 @@ def mask_at_site(
     keys_dir: str | os.PathLike[str],
     seed: int,
     instructions: SiteInstructions | None = None,
+    spent_by: tuple[str, str] = ("", ""),
 ) -> MaskedContribution:
     """Stage 1 at a site: train, (DP), weight, quantize and mask; return the signed bytes.
 
-    Nothing but the masked message and clear metadata leaves this function.
+    Nothing but the masked message and clear metadata leaves this function. ``spent_by``
+    names the coordinator's runs in the site's privacy ledger (see :meth:`Site.train`).
     """
     update = site.train(
-        global_parameters, round_num=ctx.round, seed=seed, instructions=instructions
+        global_parameters,
+        round_num=ctx.round,
+        seed=seed,
+        instructions=instructions,
+        spent_by=spent_by,
     )
     vector, units = prepare_update(site.config, update, ctx)
     if site.config.compression.method == "random_k":  # the round's shared k coordinates

@@ -243,6 +243,8 @@ def plan_round(
         # an update 100x past the norm bound is not an honest one to clip: refuse it outright
         max_update_norm=None if bound is None else 100.0 * bound,
         secure=secure,
+        mlflow_run_id=run.run_id,
+        flow_run_id=str(flow_run.get_id() or ""),
         # in the clear the site compresses its update; under SecAgg the round context does
         compression=None
         if secure is not None or not config.compression.enabled

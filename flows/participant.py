@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -100,6 +101,7 @@ async def federated_participant(
     secagg: dict[str, str] | None = None,
     evaluate_round: int | None = None,
     instructions: dict[str, Any] | None = None,
+    mlflow_run_id: str = "",
 ) -> dict[str, Any]:
     """Run ``stage`` of round ``round_num`` at ``site`` and return its JSON-safe payload.
 
@@ -126,6 +128,8 @@ async def federated_participant(
         evaluate_round=evaluate_round,
         instructions=instructions,
     )
+    # the coordinator's runs, named in the site's privacy ledger with what the round spends
+    job = replace(job, mlflow_run_id=mlflow_run_id, flow_run_id=run_id)
     get_run_logger().info(
         "site %s run %s round %d: %s, global model %s verified",
         site,

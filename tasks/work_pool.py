@@ -206,6 +206,7 @@ def run_participant(
     secagg: dict[str, str] | None = None,
     evaluate_round: int | None = None,
     instructions: dict[str, Any] | None = None,
+    mlflow_run_id: str = "",
 ) -> dict[str, Any]:
     """Dispatch one site's stage to its work pool and return its JSON payload.
 
@@ -226,6 +227,7 @@ def run_participant(
         **({"secagg": secagg} if secagg is not None else {}),
         **({"evaluate_round": evaluate_round} if evaluate_round is not None else {}),
         **({"instructions": instructions} if instructions else {}),
+        **({"mlflow_run_id": mlflow_run_id} if mlflow_run_id else {}),
     }
     started = time.perf_counter()
     with get_client(sync_client=True) as client:
@@ -332,6 +334,7 @@ class WorkPoolBackend(SiteBackend):
                 secagg=self._secagg(job),
                 evaluate_round=job.evaluate_round,
                 instructions=instructions_payload(job.instructions, exchange=self.exchange),
+                mlflow_run_id=job.mlflow_run_id,
             )
         return collect_answers(
             futures,

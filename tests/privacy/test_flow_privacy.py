@@ -49,6 +49,13 @@ def test_logged_epsilon_is_recomputed_from_logged_params(prefect_harness, small_
     assert [m.step for m in history] == [1, 2]
     artifacts = {a.path for a in client.list_artifacts(summary.mlflow_run_id, "plots")}
     assert {"plots/epsilon.png", "plots/accuracy_vs_epsilon.png"} <= artifacts
+    # each site's ledger names the runs that spent its budget
+    from fl_components.federation import site_folder
+    from fl_components.privacy.ledger import PrivacyLedger
+
+    ledger = PrivacyLedger.open(site_folder(config, "site-0"), site="site-0", accountant="rdp")
+    assert [e.mlflow_run_id for e in ledger.entries] == [summary.mlflow_run_id] * config.rounds
+    assert {e.flow_run_id for e in ledger.entries} == {summary.prefect_flow_run_id}
 
 
 def test_a_budget_refusal_shows_as_declined_in_the_round_table() -> None:
