@@ -49,62 +49,30 @@ def _config(workdir: Path, rounds: int) -> Any:
 def bare_loop(config: Any) -> dict[str, Any]:
     """The federation as a plain loop over the very round engine the flow runs.
 
-    The same ``fl_components.engine.run_round`` with the same strategy, selection, seeds
-    and folded evaluation; the dispatch runs each site's job in-process, one after another,
-    instead of as Prefect tasks.
+    ``fl_components.simulation.simulate``: the same ``run_round``, strategy, selection, seeds
+    and folded evaluation as the flow; each site's job runs in-process, one after another,
+    instead of as a Prefect task.
     """
-    from fl_components.engine import EvaluationRequest, RoundPlan, evaluate_sites, run_round
-    from fl_components.federation import (
-        central_test_split,
-        materialize_sites,
-        select_participants,
-    )
+    from fl_components.data import DatasetInfo
+    from fl_components.federation import central_test_split, dataset_info, materialize_sites
     from fl_components.models import build_model
-    from fl_components.parameters import get_parameters
-    from fl_components.participant import InProcessSites
-    from fl_components.strategies import build_strategy
-    from fl_components.training import evaluate, seed_for
+    from fl_components.simulation import simulate
+    from fl_components.training import evaluate
 
     started = time.perf_counter()
     materialize_sites(config)
-    sites = InProcessSites(config)
+    info: DatasetInfo = dataset_info(config)
     test = central_test_split(config)
-    model = build_model(config.model, sites.info, seed=config.seed)
-    strategy = build_strategy(
-        config.strategy, num_sites=len(config.sites), local_lr=config.training.lr
+    model = build_model(config.model, info, seed=config.seed)
+    accuracy: list[float] = []
+    _, round_seconds = simulate(
+        config,
+        on_round=lambda _, state: accuracy.append(evaluate(model, state.parameters, test).accuracy),
     )
-    state = strategy.initial_state(get_parameters(model))
-    index = {name: i for i, name in enumerate(config.site_names)}
-    evaluation = EvaluationRequest(round=0, sites=config.site_names)
-    round_seconds, accuracy = [], float("nan")
-    for round_num in range(1, config.rounds + 1):
-        t0 = time.perf_counter()
-        selected = select_participants(
-            config.site_names,
-            fraction=config.participation.fraction,
-            minimum=config.participation.min_participants,
-            round_num=round_num,
-            seed=config.seed,
-        )
-        plan = RoundPlan(
-            round=round_num,
-            selected=selected,
-            seeds={
-                s: seed_for(base=config.seed, round_num=round_num, site_index=index[s])
-                for s in selected
-            },
-            min_participants=config.participation.min_participants,
-            evaluation=evaluation,
-        )
-        state, _ = run_round(state, plan, sites, strategy)
-        evaluation = EvaluationRequest(round=round_num, sites=config.site_names)
-        accuracy = evaluate(model, state.parameters, test).accuracy
-        round_seconds.append(time.perf_counter() - t0)
-    evaluate_sites(state.parameters, evaluation, sites)  # the last round's federated score
     return {
         "wall_s": time.perf_counter() - started,
         "median_round_s": statistics.median(round_seconds),
-        "final_accuracy": accuracy,
+        "final_accuracy": accuracy[-1],
     }
 
 

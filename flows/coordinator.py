@@ -9,7 +9,7 @@ in. The round itself is :func:`fl_components.engine.run_round`.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -23,7 +23,6 @@ from fl_components.federation import (
     central_test_split,
     dataset_info,
     materialize_sites,
-    select_participants,
 )
 from fl_components.models import build_model
 from fl_components.parameters import NDArrays, get_parameters
@@ -31,7 +30,8 @@ from fl_components.privacy.federation_ledger import FederationLedger, federation
 from fl_components.privacy.report import PRIVACY_REPORT_JSON, PRIVACY_REPORT_MD, report_markdown
 from fl_components.privacy.rounds import PrivacyRounds, declined_record
 from fl_components.secure_aggregation import SecureSum
-from fl_components.strategies import AccountantStep, ServerState, Strategy, build_strategy
+from fl_components.simulation import draw_selection, plain_plan, strategy_for
+from fl_components.strategies import AccountantStep, ServerState, Strategy
 from fl_components.strategies.private import DPFedAvg
 from fl_components.tracking import (
     RunLink,
@@ -40,7 +40,7 @@ from fl_components.tracking import (
     load_run_model,
     registered_run_id,
 )
-from fl_components.training import Metrics, seed_for
+from fl_components.training import Metrics
 from flows.resume import ResumePoint, close_crashed_attempt, find_resume_point
 from tasks.privacy import log_privacy
 from tasks.sites import LocalBackend, SiteBackend
@@ -152,9 +152,7 @@ def start_run(config: FederationConfig, *, resume: str | None = None) -> Run:
     model = build_model(config.model, info, seed=config.seed)
     parameters, origin = initial_parameters(config, model)
     privacy = PrivacyRounds(config)
-    strategy = build_strategy(
-        config.strategy, num_sites=len(config.sites), local_lr=config.training.lr
-    )
+    strategy = strategy_for(config)
     if config.privacy.participant_level:
         strategy = DPFedAvg(strategy, privacy)
     tracker = RunTracker(config)
@@ -208,18 +206,9 @@ def plan_round(
 ) -> RoundPlan:
     """Select the round's sites and say how it runs (seeds, folded evaluation, secagg)."""
     config = run.config
-    selected = select_participants(
-        config.site_names,
-        fraction=config.participation.fraction,
-        minimum=config.participation.min_participants,
-        round_num=round_num,
-        seed=config.seed,
-        # client-sampling amplification holds only if nobody can replay the selection
-        secret=config.privacy.participant_level and config.privacy.sampling == "random",
-    )
+    selected = draw_selection(config, round_num=round_num)
     if config.privacy.participant_level:  # refuse the round past privacy.max_client_epsilon
         run.privacy.check_round(selected, round_num=round_num)
-    index = {name: i for i, name in enumerate(config.site_names)}
     secure = None
     if config.secure_aggregation.enabled:
         secure = SecureSum.for_round(
@@ -230,18 +219,9 @@ def plan_round(
             selected=selected,
             like=state.parameters,
         )
-    bound = config.strategy.norm_bound
-    return RoundPlan(
-        round=round_num,
-        selected=selected,
-        seeds={
-            s: seed_for(base=config.seed, round_num=round_num, site_index=index[s])
-            for s in selected
-        },
-        min_participants=config.participation.min_participants,
-        evaluation=evaluation,
-        # an update 100x past the norm bound is not an honest one to clip: refuse it outright
-        max_update_norm=None if bound is None else 100.0 * bound,
+    plan = plain_plan(config, round_num=round_num, selected=selected, evaluation=evaluation)
+    return replace(
+        plan,
         secure=secure,
         mlflow_run_id=run.run_id,
         flow_run_id=str(flow_run.get_id() or ""),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 
@@ -22,52 +21,23 @@ def run(config_path: Path) -> dict[str, object]:
     one after another, instead of as Prefect tasks.
     """
     from fl_components.config import load_config
-    from fl_components.engine import EvaluationRequest, RoundPlan, evaluate_sites, run_round
-    from fl_components.federation import central_test_split, select_participants
+    from fl_components.federation import central_test_split, dataset_info, materialize_sites
     from fl_components.models import build_model
-    from fl_components.parameters import get_parameters
-    from fl_components.participant import InProcessSites
-    from fl_components.strategies import build_strategy
-    from fl_components.training import evaluate, seed_for
+    from fl_components.simulation import simulate
+    from fl_components.training import evaluate
 
     config = load_config(config_path)
-    sites = InProcessSites(config)
+    materialize_sites(config)
     test = central_test_split(config)
     if test is None:
         raise RuntimeError(f"{config_path}: the bare loop needs a bundled data set")
-    model = build_model(config.model, sites.info, seed=config.seed)
-    strategy = build_strategy(
-        config.strategy, num_sites=len(config.sites), local_lr=config.training.lr
+    model = build_model(config.model, dataset_info(config), seed=config.seed)
+    accuracy: list[float] = []
+    _, round_seconds = simulate(
+        config,
+        on_round=lambda _, state: accuracy.append(evaluate(model, state.parameters, test).accuracy),
     )
-    state = strategy.initial_state(get_parameters(model))
-    index = {name: i for i, name in enumerate(config.site_names)}
-    evaluation = EvaluationRequest(round=0, sites=config.site_names)
-    round_seconds, accuracy = [], float("nan")
-    for round_num in range(1, config.rounds + 1):
-        started = time.perf_counter()
-        selected = select_participants(
-            config.site_names,
-            fraction=config.participation.fraction,
-            minimum=config.participation.min_participants,
-            round_num=round_num,
-            seed=config.seed,
-        )
-        plan = RoundPlan(
-            round=round_num,
-            selected=selected,
-            seeds={
-                s: seed_for(base=config.seed, round_num=round_num, site_index=index[s])
-                for s in selected
-            },
-            min_participants=config.participation.min_participants,
-            evaluation=evaluation,
-        )
-        state, _ = run_round(state, plan, sites, strategy)
-        evaluation = EvaluationRequest(round=round_num, sites=config.site_names)
-        accuracy = evaluate(model, state.parameters, test).accuracy
-        round_seconds.append(time.perf_counter() - started)
-    evaluate_sites(state.parameters, evaluation, sites)  # the last round's federated score
-    return {"round_seconds": round_seconds, "final_accuracy": accuracy}
+    return {"round_seconds": round_seconds, "final_accuracy": accuracy[-1]}
 
 
 if __name__ == "__main__":

@@ -182,3 +182,18 @@ def test_bare_loop_over_real_sites_learns(small_config, monkeypatch: pytest.Monk
     assert {d.kind for d in caught.value.dropouts} == {DropoutKind.DECLINED}
     scores = evaluate_sites(state.parameters, EvaluationRequest(2, names), sites)
     assert set(scores) == set(names)
+
+
+def test_simulate_plans_rounds_as_the_flow_does(small_config) -> None:
+    from fl_components.simulation import draw_selection, plain_plan, simulate
+
+    seen: list[int] = []
+
+    state, seconds = simulate(small_config, on_round=lambda r, s: seen.append(s.round))
+
+    assert state.round == small_config.rounds == len(seconds) == 2
+    assert seen == [1, 2]
+    selected = draw_selection(small_config, round_num=1)
+    plan = plain_plan(small_config, round_num=1, selected=selected, evaluation=None)
+    assert plan.selected == small_config.site_names  # fraction 1.0
+    assert plan.min_participants == 2 and plan.max_update_norm is None
