@@ -11,7 +11,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first and pinned, so pip takes the CPU wheel on disk (never a CUDA download)
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# the dask extra too, so the suite runs the Dask runner on a local cluster (ray's is
+	# optional: its test runs where `pip install -e '.[ray]'` was done, and skips otherwise)
+	$(BIN)/python -m pip install --quiet -e '.[dev,dask]'
 	touch $(STAMP)
 
 demo: $(STAMP)
