@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fl_components.data import SiteData, Split
+from fl_components.data import SiteData, Split, partition_bundled
 from fl_components.engine import Dropout, RoundPlan, SiteJob, SiteResult, run_round
 from fl_components.errors import RoundError
 from fl_components.parameters import NDArrays, get_parameters, subtract
@@ -26,6 +26,29 @@ from fl_components.strategies.scaffold import scaffold_client_control
 from fl_components.training import LocalUpdate, seed_for
 
 Attack = Callable[[list[LocalUpdate], np.random.Generator], list[LocalUpdate]]
+
+
+def bench_sites(
+    dataset: str,
+    *,
+    n_sites: int,
+    prefix: str,
+    alpha: float,
+    seed: int,
+    partitioner: str = "dirichlet",
+) -> tuple[list[SiteData], Split]:
+    """The benchmarks' split: 20% central test, 1% of each site kept for its own test."""
+    return partition_bundled(
+        dataset=dataset,
+        site_names=tuple(f"{prefix}-{i:02d}" for i in range(n_sites)),
+        partitioner=partitioner,
+        alpha=alpha,
+        shards_per_site=1,
+        quantity_sigma=1.0,
+        test_fraction=0.2,
+        site_test_fraction=0.01,
+        seed=seed,
+    )
 
 
 @dataclass(frozen=True)

@@ -30,10 +30,15 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.logreg_federation import Attack, LocalSetup, run_federation, train_site
+from benchmarks.logreg_federation import (
+    Attack,
+    LocalSetup,
+    bench_sites,
+    run_federation,
+    train_site,
+)
 from benchmarks.strategies_bench import RESULTS, machine, versions
 from fl_components.config import StrategyConfig
-from fl_components.data import partition_bundled
 from fl_components.parameters import flatten
 from fl_components.strategies import SiteInstructions, build_strategy
 from fl_components.training import LocalUpdate
@@ -204,17 +209,7 @@ def main() -> None:
     finals: dict[tuple[str, str], list[float]] = {}
     bounds = []
     for seed in range(args.seeds):
-        sites, test = partition_bundled(
-            dataset="digits",
-            site_names=tuple(f"site-{i:02d}" for i in range(SITES)),
-            partitioner="dirichlet",
-            alpha=1.0,
-            shards_per_site=1,
-            quantity_sigma=1.0,
-            test_fraction=0.2,
-            site_test_fraction=0.01,
-            seed=seed,
-        )
+        sites, test = bench_sites("digits", n_sites=SITES, prefix="site", alpha=1.0, seed=seed)
         bound = honest_norm(sites, seed)
         bounds.append(bound)
         for kind in ("clean", "sign_flip_x5", "scaled_x10", "gaussian"):

@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.logreg_federation import LocalSetup, run_federation
+from benchmarks.logreg_federation import LocalSetup, bench_sites, run_federation
 from fl_components.config import StrategyConfig
-from fl_components.data import SiteData, Split, partition_bundled
+from fl_components.data import SiteData, Split
 from fl_components.strategies import build_strategy
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -76,30 +76,10 @@ STRATEGIES: dict[str, dict[str, Any]] = {
 
 def federations(seed: int) -> dict[str, tuple[list[SiteData], Split, int]]:
     """The two data sets: (sites, pooled test split, sites per round)."""
-    synthetic = partition_bundled(
-        dataset="synthetic",
-        site_names=tuple(f"device-{i:02d}" for i in range(30)),
-        partitioner="iid",
-        alpha=1.0,
-        shards_per_site=1,
-        quantity_sigma=1.0,
-        test_fraction=0.2,
-        site_test_fraction=0.01,
-        seed=seed,
-        synthetic_alpha=1.0,
-        synthetic_beta=1.0,
+    synthetic = bench_sites(
+        "synthetic", n_sites=30, prefix="device", alpha=1.0, seed=seed, partitioner="iid"
     )
-    digits = partition_bundled(
-        dataset="digits",
-        site_names=tuple(f"site-{i:02d}" for i in range(10)),
-        partitioner="dirichlet",
-        alpha=0.1,
-        shards_per_site=1,
-        quantity_sigma=1.0,
-        test_fraction=0.2,
-        site_test_fraction=0.01,
-        seed=seed,
-    )
+    digits = bench_sites("digits", n_sites=10, prefix="site", alpha=0.1, seed=seed)
     return {"synthetic_1_1": (*synthetic, 10), "digits_dirichlet_0.1": (*digits, 10)}
 
 
