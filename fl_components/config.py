@@ -122,6 +122,14 @@ class TrainingConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="'auto' picks CUDA when a GPU is present."
     )
+    threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="torch's CPU threads per simulated site (sites that train side by side "
+        "in one process: the embedded run and the bare loop). Unset: the cores shared out "
+        "among the sites, at least 1. A deployed site's own process keeps torch's default.",
+    )
 
 
 class StrategyConfig(_Section):

@@ -18,7 +18,7 @@ from fl_components.models import build_model
 from fl_components.parameters import get_parameters
 from fl_components.participant import InProcessSites
 from fl_components.strategies import ServerState, Strategy, build_strategy
-from fl_components.training import seed_for
+from fl_components.training import seed_for, share_cores
 
 
 def draw_selection(config: FederationConfig, *, round_num: int) -> tuple[str, ...]:
@@ -78,6 +78,7 @@ def simulate(
     caller's business: its time counts in that round's seconds).
     """
     materialize_sites(config)
+    share_cores(config.training, sites=len(config.sites))  # as the flow's simulated sites
     sites = InProcessSites(config)
     strategy = strategy_for(config)
     model = build_model(config.model, sites.info, seed=config.seed)

@@ -25,6 +25,7 @@ from fl_components.engine import Dropout, DropoutKind, SiteJob, SiteResult
 from fl_components.federation import Site, site_folder
 from fl_components.participant import run_job
 from fl_components.secagg import PublicKeys, Registry
+from fl_components.training import share_cores
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ def collect_answers(
 @task(name="site_job", task_run_name="{job.kind}-{job.site}-r{job.round}", cache_policy=NO_CACHE)
 def site_job(config: FederationConfig, info: DatasetInfo, job: SiteJob) -> SiteResult:
     """One site's job, run here on the site's own folder (no retries: masks, DP noise)."""
+    share_cores(config.training, sites=len(config.sites))  # this process trains many sites
     folder = site_folder(config, job.site)
     site = Site(name=job.site, folder=folder, config=config, info=info)
     return run_job(site, job, keys_dir=secure_round.site_keys_dir(folder))

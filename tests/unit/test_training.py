@@ -58,3 +58,23 @@ def test_flatten_round_trip_and_shape_errors() -> None:
 def test_cnn_rejects_non_square_input() -> None:
     with pytest.raises(ConfigError, match="square"):
         build_model(ModelConfig(kind="cnn"), DatasetInfo(n_features=30, n_classes=2), seed=0)
+
+
+def test_share_cores_gives_each_simulated_site_its_share_of_the_cores() -> None:
+    import os
+
+    import torch
+
+    from fl_components.config import TrainingConfig
+    from fl_components.training import share_cores
+
+    before = torch.get_num_threads()
+    cores = os.cpu_count() or 1
+    try:
+        assert share_cores(TrainingConfig(), sites=cores * 10) == 1
+        assert torch.get_num_threads() == 1
+        assert share_cores(TrainingConfig(), sites=1) == cores
+        assert share_cores(TrainingConfig(threads=3), sites=100) == 3
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
