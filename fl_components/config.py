@@ -74,6 +74,12 @@ class DataConfig(_Section):
     n_classes: int | None = Field(
         default=None, ge=2, description="Number of classes; required for site_files."
     )
+    scale: Literal["none", "site"] = Field(
+        default="none",
+        description="site_files: 'site' standardizes each site's features with the mean and "
+        "std of its own training rows (applied to its test rows too); 'none' uses them as "
+        "they are (a site whose columns look unscaled logs a warning).",
+    )
 
 
 class SiteConfig(_Section):
@@ -594,6 +600,12 @@ class FederationConfig(_Section):
                 f"runner.kind is {self.runner.kind!r} but backend is 'work-pool': sites run "
                 "on their own work pools; set runner.kind: thread or backend: local"
             )
+        if self.data.scale == "site" and self.data.source != "site_files":
+            raise ValueError(
+                "data.scale is 'site' but data.source is 'bundled': the bundled sets are "
+                "already scaled to [0, 1] (and the central test split would not be "
+                "standardized); set data.scale: none or data.source: site_files"
+            )
         if self.data.source == "site_files" and "dataset" in self.data.model_fields_set:
             raise ValueError(
                 f"data.dataset ({self.data.dataset!r}) is set but data.source is 'site_files'; "
@@ -682,15 +694,37 @@ def config_from_dict(raw: dict[str, Any], *, source: str = "config") -> Federati
         raise ConfigError(format_validation_error(error, source=source)) from None
 
 
+def parse_yaml(text: str, *, source: str) -> Any:
+    """``yaml.safe_load`` of a config's text; anything it cannot read is a :class:`ConfigError`.
+
+    Besides :class:`yaml.YAMLError`, PyYAML raises ``ValueError`` for a date that does not
+    exist (``seed: 2020-02-30``) and ``RecursionError`` for very deep nesting.
+    """
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: not valid YAML: {error}") from None
+    except ValueError as error:
+        raise ConfigError(
+            f"{source}: not valid YAML: {error} (an unquoted date that does not exist?); "
+            "quote the value"
+        ) from None
+    except RecursionError:
+        raise ConfigError(f"{source}: not valid YAML: nested too deeply") from None
+
+
 def load_config(path: str | Path) -> FederationConfig:
     """Load and validate a federation config from a YAML file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; see examples/ for templates")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {error.start}); save the config as UTF-8"
+        ) from None
+    raw = parse_yaml(text, source=str(path)) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     return config_from_dict(raw, source=str(path))

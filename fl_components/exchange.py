@@ -10,7 +10,9 @@ JSON-safe payload: arrays as base64 float32 bytes plus their shapes, never a pic
 from __future__ import annotations
 
 import base64
+import json
 import os
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,10 +30,64 @@ SITE_DIR_ENV = "FEDPIPE_SITE_DIR"
 SITE_NAME_ENV = "FEDPIPE_SITE_NAME"
 SITE_KEYS_ENV = "FEDPIPE_SITE_KEYS"
 PAYLOAD_VERSION = 1
+# The most bytes fedpipe reads from another party in one piece (a site's JSON answer, a
+# global model or model download file) before parsing it: 256 MiB holds the base64 update
+# of a ~48M-parameter float32 model, far above the models here (the CNN has ~0.1M), and
+# keeps a corrupt or hostile file from exhausting the reader's memory. Both sides read
+# FEDPIPE_MAX_PAYLOAD_BYTES to raise it.
+MAX_PAYLOAD_BYTES = 256 * 1024 * 1024
+MAX_PAYLOAD_ENV = "FEDPIPE_MAX_PAYLOAD_BYTES"
 
 
 class ExchangeError(FedpipeError):
     """A model reference or a site payload failed verification."""
+
+
+def payload_limit() -> int:
+    """Bytes one payload from another party may have: ``FEDPIPE_MAX_PAYLOAD_BYTES`` or 256 MiB."""
+    raw = os.environ.get(MAX_PAYLOAD_ENV, "").strip()
+    if not raw:
+        return MAX_PAYLOAD_BYTES
+    try:
+        limit = int(raw)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise ExchangeError(f"{MAX_PAYLOAD_ENV} must be a positive number of bytes (got {raw!r})")
+    return limit
+
+
+def check_payload_size(size: int, *, what: str, limit: int | None = None) -> None:
+    """Refuse ``size`` bytes from another party above ``limit`` (default :func:`payload_limit`).
+
+    Raises
+    ------
+    ExchangeError
+        Naming ``what``, its size and the limit, before anything is parsed.
+    """
+    limit = payload_limit() if limit is None else limit
+    if size > limit:
+        raise ExchangeError(
+            f"{what}: {size} bytes, above the {limit}-byte limit on what fedpipe reads from "
+            f"another party; refused unparsed. If the model really is that large, set "
+            f"{MAX_PAYLOAD_ENV} higher on both sides"
+        )
+
+
+def parse_json_payload(raw: str | bytes, *, what: str, limit: int | None = None) -> Any:
+    """``json.loads`` of a payload from another party, its size checked first.
+
+    Raises
+    ------
+    ExchangeError
+        If the payload is too large (:func:`check_payload_size`) or not valid JSON.
+    """
+    size = len(raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw)
+    check_payload_size(size, what=what, limit=limit)
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, bad UTF-8, deep nesting
+        raise ExchangeError(f"{what}: not valid JSON ({error.__class__.__name__})") from None
 
 
 def site_pool_name(config: FederationConfig, site: str) -> str:
@@ -76,8 +132,15 @@ def read_global_model(uri: str, *, sha256: str) -> NDArrays:
             f"global model {uri} is not readable from this site; the exchange folder "
             "(deployment.exchange_dir) must be shared storage mounted at the same path here"
         )
-    with np.load(path, allow_pickle=False) as archive:
-        parameters = [archive[f"arr_{i}"].astype(np.float32) for i in range(len(archive.files))]
+    check_payload_size(path.stat().st_size, what=f"global model {uri}")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            parameters = [archive[f"arr_{i}"].astype(np.float32) for i in range(len(archive.files))]
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as error:
+        raise ExchangeError(
+            f"global model {uri} is not a readable .npz of arrays "
+            f"({error.__class__.__name__}); refusing to train on it"
+        ) from None
     actual = digest(parameters)
     if actual != sha256:
         raise ExchangeError(
@@ -122,6 +185,7 @@ def read_model_download(
             f"model download {uri} is not readable from this site; the exchange folder "
             "(deployment.exchange_dir) must be shared storage mounted at the same path here"
         )
+    check_payload_size(path.stat().st_size, what=f"model download {uri}")
     try:
         download = ModelDownload.from_bytes(path.read_bytes())
         if download.target_sha != sha256:
@@ -143,13 +207,36 @@ def encode_arrays(arrays: NDArrays) -> dict[str, Any]:
 
 
 def decode_arrays(encoded: Mapping[str, Any]) -> NDArrays:
-    """Inverse of :func:`encode_arrays`, checking dtype and size."""
+    """Inverse of :func:`encode_arrays`, checking dtype, shapes and size before allocating."""
+    if not isinstance(encoded, Mapping):
+        raise ExchangeError(f"payload arrays: expected a mapping, got {type(encoded).__name__}")
     if encoded.get("dtype") != "float32":
         raise ExchangeError(
             f"payload arrays: dtype must be 'float32' (got {encoded.get('dtype')!r})"
         )
-    shapes = [tuple(int(d) for d in shape) for shape in encoded["shapes"]]
-    vector = np.frombuffer(base64.b64decode(encoded["data"], validate=True), dtype="<f4")
+    raw_shapes, data = encoded.get("shapes"), encoded.get("data")
+    if not isinstance(data, str) or not isinstance(raw_shapes, list):
+        raise ExchangeError("payload arrays: need 'shapes' (a list) and 'data' (base64 text)")
+    shapes = []
+    for shape in raw_shapes:
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise ExchangeError(f"payload arrays: shape {shape!r} is not a list of sizes >= 0")
+        shapes.append(tuple(shape))
+    check_payload_size(len(data), what="payload arrays")
+    values = sum(int(np.prod(shape, dtype=object)) for shape in shapes)
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except ValueError:  # binascii.Error
+        raise ExchangeError("payload arrays: 'data' is not valid base64") from None
+    if len(raw) != 4 * values:
+        raise ExchangeError(
+            f"payload arrays: {len(raw)} bytes of data for shapes holding {values} float32 values"
+        )
+    if not shapes:
+        return []
+    vector = np.frombuffer(raw, dtype="<f4")
     like = [np.zeros(shape, dtype=np.float32) for shape in shapes]
     return unflatten(vector.astype(np.float32), like)
 

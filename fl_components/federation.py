@@ -6,6 +6,7 @@ where the site's data lives, reads its own folder and returns updates and scores
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,13 +14,19 @@ import numpy as np
 
 from fl_components.config import FederationConfig
 from fl_components.data import (
+    SCALE_MAX_ABS_MEAN,
+    SCALE_MAX_STD,
+    SCALE_MIN_STD,
     DatasetInfo,
     SiteData,
     Split,
+    find_split_file,
     load_bundled,
     load_site,
     partition_bundled,
     read_split,
+    standardize_site,
+    unscaled_columns,
     write_site,
     write_split,
 )
@@ -30,6 +37,10 @@ from fl_components.strategies.base import SiteInstructions
 from fl_components.training import LocalUpdate, Metrics, evaluate, local_train
 
 CENTRAL_DIR = "_central"
+log = logging.getLogger(__name__)
+# (site, train file, mtime, size) already warned about in this process: a site loads its
+# files for every job, the warning is said once per file version
+_WARNED_UNSCALED: set[tuple[str, str, int, int]] = set()
 
 
 def federation_dir(config: FederationConfig) -> Path:
@@ -150,7 +161,11 @@ class Site:
     def load(self) -> SiteData:
         """The site's own train and held-out splits."""
         try:
-            data = load_site(self.folder, label_column=self.config.data.label_column)
+            data = load_site(
+                self.folder,
+                label_column=self.config.data.label_column,
+                n_classes=self.info.n_classes,
+            )
         except DataError as error:
             raise DataError(f"site {self.name!r}: {error}") from None
         if data.train.features.shape[1] != self.info.n_features:
@@ -158,7 +173,37 @@ class Site:
                 f"site {self.name!r}: data has {data.train.features.shape[1]} features, the model "
                 f"expects {self.info.n_features}; fix the site's files or data.n_features"
             )
+        if self.config.data.scale == "site":
+            return standardize_site(data)
+        if self.config.data.source == "site_files":
+            self._warn_if_unscaled(data)
         return data
+
+    def _warn_if_unscaled(self, data: SiteData) -> None:
+        """Log once per file version when the site's training features look unscaled."""
+        far = unscaled_columns(data.train)
+        if not far:
+            return
+        train_file = find_split_file(self.folder, "train")
+        stat = train_file.stat()
+        key = (self.name, str(train_file.resolve()), stat.st_mtime_ns, stat.st_size)
+        if key in _WARNED_UNSCALED:
+            return
+        _WARNED_UNSCALED.add(key)
+        shown = ", ".join(f"{c.name} (mean {c.mean:.4g}, std {c.std:.4g})" for c in far[:5])
+        more = f" and {len(far) - 5} more" if len(far) > 5 else ""
+        log.warning(
+            "site %s: %s has feature column(s) far from scaled: %s%s (limits: |mean| <= %g, "
+            "%g <= std <= %g); the model may learn little from them: standardize the files "
+            "or set data.scale: site",
+            self.name,
+            train_file,
+            shown,
+            more,
+            SCALE_MAX_ABS_MEAN,
+            SCALE_MIN_STD,
+            SCALE_MAX_STD,
+        )
 
     def train(
         self,

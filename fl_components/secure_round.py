@@ -53,6 +53,7 @@ from fl_components.compression.secure import secure_shape
 from fl_components.compression.site import CompressionInstruction, select_for_masking
 from fl_components.config import FederationConfig
 from fl_components.errors import ConfigError
+from fl_components.exchange import ExchangeError, check_payload_size, parse_json_payload
 from fl_components.federation import Site, federation_dir
 from fl_components.parameters import NDArrays, flatten
 from fl_components.secagg import (
@@ -129,6 +130,8 @@ def load_registry(path: str | os.PathLike[str], *, sites: tuple[str, ...] = ()) 
             f"secure_aggregation: registry {target} does not exist; enrol each site with "
             "`fedpipe site init NAME --data PATH` (or set secure_aggregation.registry)"
         )
+    # written by every site's enrolment: bounded like any payload from another party
+    check_payload_size(target.stat().st_size, what=f"secure_aggregation: registry {target}")
     registry = Registry.from_json(target.read_text())
     missing = [s for s in sites if s not in registry]
     if missing:
@@ -397,19 +400,31 @@ def context_to_json(ctx: RoundContext) -> str:
 
 
 def context_from_json(text: str) -> RoundContext:
-    """Inverse of :func:`context_to_json`."""
-    data = json.loads(text)
-    return RoundContext(
-        run_id=str(data["run_id"]),
-        round=int(data["round"]),
-        participants=tuple(str(p) for p in data["participants"]),
-        threshold=int(data["threshold"]),
-        dimension=int(data["dimension"]),
-        clip_range=float(data["clip_range"]),
-        neighbours=None if data["neighbours"] is None else int(data["neighbours"]),
-        bits=None if data["bits"] is None else int(data["bits"]),
-        field_bits=int(data.get("field_bits", 32)),
-    )
+    """Inverse of :func:`context_to_json` (size-bounded before parsing).
+
+    Raises
+    ------
+    ExchangeError
+        If the text is too large, not JSON, or not a round context.
+    """
+    data = parse_json_payload(text, what="secure-aggregation round context")
+    try:
+        return RoundContext(
+            run_id=str(data["run_id"]),
+            round=int(data["round"]),
+            participants=tuple(str(p) for p in data["participants"]),
+            threshold=int(data["threshold"]),
+            dimension=int(data["dimension"]),
+            clip_range=float(data["clip_range"]),
+            neighbours=None if data["neighbours"] is None else int(data["neighbours"]),
+            bits=None if data["bits"] is None else int(data["bits"]),
+            field_bits=int(data.get("field_bits", 32)),
+        )
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError) as error:
+        raise ExchangeError(
+            f"secure-aggregation round context is malformed ({error.__class__.__name__}: "
+            f"{error}); the coordinator and this site may run different fedpipe versions"
+        ) from None
 
 
 def noise_fits_clip_range(config: FederationConfig, threshold: int) -> bool:

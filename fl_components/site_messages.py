@@ -20,6 +20,7 @@ from fl_components.engine import Dropout, DropoutKind, JobKind, SiteJob, SiteRes
 from fl_components.exchange import (
     PAYLOAD_VERSION,
     ExchangeError,
+    check_payload_size,
     metrics_from_payload,
     metrics_payload,
     read_global_model,
@@ -32,6 +33,8 @@ from fl_components.strategies.base import SiteInstructions
 
 # what a site may say of itself; timeouts and failures are the coordinator's to judge
 _SITE_REFUSALS = (DropoutKind.DECLINED, DropoutKind.BAD_DATA)
+# what reading a malformed field raises (a missing key, float(None), float("x"), bad base64)
+_MALFORMED = (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError)
 
 
 def instructions_payload(
@@ -50,17 +53,31 @@ def instructions_payload(
 
 
 def instructions_from_payload(payload: Mapping[str, Any] | None) -> SiteInstructions:
-    """Inverse of :func:`instructions_payload`, verifying any array file by its hash."""
+    """Inverse of :func:`instructions_payload`, verifying any array file by its hash.
+
+    Raises
+    ------
+    ExchangeError
+        If the payload is not a mapping of the fields above.
+    """
     if not payload:
         return SiteInstructions()
-    control = payload.get("server_control")
-    return SiteInstructions(
-        proximal_mu=float(payload.get("proximal_mu", 0.0)),
-        report_initial_loss=bool(payload.get("report_initial_loss", False)),
-        server_control=(
-            read_global_model(control["uri"], sha256=control["sha256"]) if control else None
-        ),
-    )
+    try:
+        control = payload.get("server_control")
+        return SiteInstructions(
+            proximal_mu=float(payload.get("proximal_mu", 0.0)),
+            report_initial_loss=bool(payload.get("report_initial_loss", False)),
+            server_control=(
+                read_global_model(str(control["uri"]), sha256=str(control["sha256"]))
+                if control
+                else None
+            ),
+        )
+    except _MALFORMED as error:
+        raise ExchangeError(
+            f"site instructions are malformed ({error.__class__.__name__}: {error}); "
+            "the coordinator and this site may run different fedpipe versions"
+        ) from None
 
 
 def unmask_payload(response: bytes, *, site: str, round_num: int) -> dict[str, Any]:
@@ -137,15 +154,27 @@ def _refusal(payload: Mapping[str, Any], job: SiteJob) -> Dropout:
 def answer_from_payload(payload: Mapping[str, Any], *, job: SiteJob, size: int) -> SiteResult:
     """Inverse of :func:`answer_payload`, checking stage, site and round of every part.
 
-    ``size`` is the payload's size on the wire (bytes up).
+    ``size`` is the payload's size on the wire (bytes up); the caller parses the JSON with
+    :func:`fl_components.exchange.parse_json_payload`, which bounds it before parsing.
 
     Raises
     ------
     ExchangeError
-        If the payload is not the answer ``job`` asked for.
+        If the payload is too large, malformed, or not the answer ``job`` asked for.
     """
+    check_payload_size(size, what=f"site {job.site!r} round {job.round} answer")
     if not isinstance(payload, Mapping):
         raise ExchangeError(f"site {job.site!r}: result is a {type(payload).__name__}")
+    try:
+        return _answer(payload, job=job, size=size)
+    except _MALFORMED as error:
+        raise ExchangeError(
+            f"site {job.site!r} round {job.round}: malformed {job.kind} answer "
+            f"({error.__class__.__name__}: {error}); discarded"
+        ) from None
+
+
+def _answer(payload: Mapping[str, Any], *, job: SiteJob, size: int) -> SiteResult:
     body = dict(payload)
     folded = body.pop("evaluation", None)
     evaluation = None

@@ -13,18 +13,27 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from fl_components.config import FederationConfig, TrackingConfig, flatten_config
 
+if TYPE_CHECKING:
+    from torch import nn
+
 log = logging.getLogger(__name__)
 
 # MLflow infers requirements by importing the model's environment (~6 s) and writes torch
 # without its local "+cpu" tag; state them instead.
 _PIP_REQUIREMENTS = ["torch==2.13.0", "numpy", "mlflow==3.17.2"]
+# The logged model's parameters as safetensors, next to MLflow's pickled torch model: what
+# fedpipe reads back (init_from, the champion's evaluation), so that nothing in the store,
+# which other parties may write to, is ever unpickled here.
+WEIGHTS_ARTIFACT_DIR = "model_weights"
+WEIGHTS_FILE = "parameters.safetensors"
+ALLOW_PICKLED_ENV = "FEDPIPE_ALLOW_PICKLED_MODELS"
 
 
 def _quiet_mlflow() -> None:
@@ -192,8 +201,22 @@ class RunTracker:
                 registered_model_name=self.config.name if register else None,
                 await_registration_for=60,
             )
+        self._log_weights(model)
         version = getattr(info, "registered_model_version", None)
         return None if version is None else str(version)
+
+    def _log_weights(self, model: Any) -> None:
+        """Log the parameters as safetensors (state_dict order in the metadata)."""
+        import json
+        import tempfile
+
+        from safetensors.numpy import save_file
+
+        state = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+        with tempfile.TemporaryDirectory(prefix="fedpipe-weights-") as folder:
+            path = Path(folder) / WEIGHTS_FILE
+            save_file(state, str(path), metadata={"order": json.dumps(list(state))})
+            self.client.log_artifact(self._run(), str(path), artifact_path=WEIGHTS_ARTIFACT_DIR)
 
     def set_alias(self, alias: str, version: str) -> None:
         """Point a registry alias (champion, challenger) at a version."""
@@ -325,46 +348,125 @@ def epsilon_plots(history: list[dict[str, float]]) -> tuple[Any, Any]:
     return per_round, trade_off
 
 
-def load_registered_parameters(tracking: TrackingConfig, *, name: str, alias: str) -> Any:
-    """Load the torch model behind ``models:/name@alias``; None if there is no such alias."""
+@dataclass(frozen=True)
+class LoggedWeights:
+    """A logged model's parameters, read from safetensors: what ``get_parameters`` needs.
+
+    It stands in for the torch module where only its parameters are used (``state_dict()``
+    in the module's order), so that loading runs no code from the store.
+    """
+
+    tensors: dict[str, Any]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The parameters by name, in the logged module's ``state_dict`` order."""
+        return dict(self.tensors)
+
+
+def load_registered_parameters(
+    tracking: TrackingConfig, *, name: str, alias: str
+) -> LoggedWeights | nn.Module | None:
+    """The parameters of the model behind ``models:/name@alias``; None if there is no alias.
+
+    Raises
+    ------
+    ConfigError
+        If that version was logged without its safetensors weights (before fedpipe logged
+        them) and ``FEDPIPE_ALLOW_PICKLED_MODELS`` is not set.
+    """
     _quiet_mlflow()
     from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
 
-    import mlflow
-
-    uri = resolve_tracking_uri(tracking)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking))
     try:
-        return _load_torch_model(mlflow, f"models:/{name}@{alias}")
+        version = client.get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
+    return _load_weights(
+        tracking,
+        run_id=str(version.run_id or ""),
+        model_uri=f"models:/{name}@{alias}",
+        what=f"model {name!r} version {version.version} (alias {alias!r})",
+    )
 
 
-def _load_torch_model(mlflow: Any, uri: str) -> Any:
-    """Load a logged torch model, its download folder removed once it is in memory.
+def load_run_model(tracking: TrackingConfig, *, run_id: str) -> LoggedWeights | nn.Module:
+    """The parameters of the model logged by run ``run_id`` (see :class:`LoggedWeights`).
 
-    Without a ``dst_path`` MLflow downloads into a fresh temporary folder it never removes:
-    one folder per champion load, per run, for the life of the machine.
+    Raises
+    ------
+    ConfigError
+        If the run logged no model, or logged it without its safetensors weights and
+        ``FEDPIPE_ALLOW_PICKLED_MODELS`` is not set.
     """
+    return _load_weights(
+        tracking, run_id=run_id, model_uri=f"runs:/{run_id}/model", what=f"init_run_id {run_id!r}"
+    )
+
+
+def _load_weights(
+    tracking: TrackingConfig, *, run_id: str, model_uri: str, what: str
+) -> LoggedWeights | nn.Module:
+    """Read a run's safetensors weights; the pickled model only where explicitly allowed.
+
+    The download goes to a temporary folder removed once the weights are in memory
+    (without a ``dst_path`` MLflow leaves one folder per load for the life of the machine).
+    """
+    import json
     import tempfile
 
-    with tempfile.TemporaryDirectory(prefix="fedpipe-model-") as folder:
-        return mlflow.pytorch.load_model(uri, dst_path=folder)
-
-
-def load_run_model(tracking: TrackingConfig, *, run_id: str) -> Any:
-    """Load the torch model logged by run ``run_id``."""
     _quiet_mlflow()
     from mlflow.exceptions import MlflowException
 
     import mlflow
     from fl_components.errors import ConfigError
+    from fl_components.exchange import ExchangeError, check_payload_size
 
     uri = resolve_tracking_uri(tracking)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    with tempfile.TemporaryDirectory(prefix="fedpipe-model-") as folder:
+        try:
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"runs:/{run_id}/{WEIGHTS_ARTIFACT_DIR}/{WEIGHTS_FILE}",
+                dst_path=folder,
+            )
+        except (MlflowException, OSError):
+            local = None
+        if local is None:
+            if os.environ.get(ALLOW_PICKLED_ENV) != "1":
+                raise ConfigError(
+                    f"{what}: the run has no {WEIGHTS_ARTIFACT_DIR}/{WEIGHTS_FILE} (logged "
+                    "by an older fedpipe, or not by fedpipe), and fedpipe does not unpickle "
+                    "models from the store; retrain it, or, only if you trust everyone who "
+                    f"can write to this MLflow store, set {ALLOW_PICKLED_ENV}=1"
+                )
+            log.warning("%s: loading a pickled torch model (%s=1)", what, ALLOW_PICKLED_ENV)
+            try:
+                return mlflow.pytorch.load_model(model_uri, dst_path=folder)
+            except MlflowException as error:
+                raise ConfigError(f"{what}: no model could be loaded ({error})") from None
+        try:
+            check_payload_size(Path(local).stat().st_size, what=f"{what} weights")
+            return _read_weights(Path(local))
+        except (ExchangeError, ValueError, OSError, json.JSONDecodeError) as error:
+            raise ConfigError(f"{what}: its weights could not be read ({error})") from None
+
+
+def _read_weights(path: Path) -> LoggedWeights:
+    import json
+
+    import torch
+    from safetensors import SafetensorError, safe_open
+
     try:
-        return _load_torch_model(mlflow, f"runs:/{run_id}/model")
-    except MlflowException as error:
-        raise ConfigError(f"init_run_id {run_id!r}: no model could be loaded ({error})") from None
+        with safe_open(str(path), framework="numpy") as archive:
+            order = json.loads((archive.metadata() or {}).get("order", "[]"))
+            names = list(archive.keys())
+            if sorted(order) != sorted(names):
+                raise ValueError(f"tensor names {names} do not match the recorded order")
+            arrays = {str(name): archive.get_tensor(name) for name in order}
+    except SafetensorError as error:
+        raise ValueError(f"not a safetensors file: {error}") from None
+    return LoggedWeights({k: torch.from_numpy(v) for k, v in arrays.items()})

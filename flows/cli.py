@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fl_components.config import FederationConfig, config_from_dict, load_config
+from fl_components.config import FederationConfig, config_from_dict, load_config, parse_yaml
 from fl_components.errors import ConfigError, FedpipeError
 from flows.run_report import QuietRun, quiet_console
 
@@ -313,7 +312,7 @@ def read_config_file(path: Path) -> FederationConfig:
             f"{path} is a directory{hint}; give a federation config file, e.g. "
             "`fedpipe run examples/digits-10-sites.yaml`"
         )
-    if path.is_file() and not yaml.safe_load(path.read_text(errors="replace") or "null"):
+    if path.is_file() and not parse_yaml(path.read_text(errors="replace"), source=str(path)):
         raise ConfigError(
             f"{path} is empty (no settings); a run needs at least a federation name and its "
             "sites: copy one of examples/*.yaml, or run the built-in demo with `fedpipe demo`"

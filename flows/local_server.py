@@ -36,10 +36,12 @@ class LocalServer:
 
     @property
     def api_url(self) -> str:
+        """The API's base URL (what ``PREFECT_API_URL`` is set to)."""
         return f"http://127.0.0.1:{self.port}/api"
 
     @property
     def ui_url(self) -> str:
+        """The Prefect UI's address."""
         return f"http://127.0.0.1:{self.port}"
 
 

@@ -196,3 +196,38 @@ def test_a_site_with_bad_data_gets_one_line_and_a_nonzero_exit(tmp_path: Path) -
     assert len(lines) == 1 and "site-c" in lines[0], output
     assert "site-c gave nothing in any round" in output
     assert "Traceback" not in output and "Error flushing" not in output
+
+
+@pytest.mark.slow
+def test_a_site_with_bad_labels_fails_the_run_in_one_paragraph_naming_the_file(
+    tmp_path: Path,
+) -> None:
+    rows = "".join(f"{i * 0.1:.1f},{-i * 0.1:.1f},{i % 2}\n" for i in range(12))
+    for site in ("a", "b"):
+        folder = tmp_path / "data" / site
+        folder.mkdir(parents=True)
+        (folder / "test.csv").write_text("f0,f1,label\n" + rows)
+        # site b's labels are scores, not classes: 0.5 must not be truncated to 0
+        bad = rows.replace(",1\n", ",0.5\n", 2) if site == "b" else rows
+        (folder / "train.csv").write_text("f0,f1,label\n" + bad)
+    config = {
+        "name": "badlabels",
+        "rounds": 2,
+        "sites": [{"name": f"site-{s}", "data_path": f"data/{s}"} for s in "ab"],
+        "participation": {"fraction": 1.0, "min_participants": 2},
+        "data": {"source": "site_files", "n_features": 2, "n_classes": 2},
+        "model": {"kind": "logreg"},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    }
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
+
+    rc, output = _fedpipe(tmp_path, "run", "bad.yaml", timeout=900)
+
+    assert rc == 1, output
+    assert output.count("run failed:") == 1, output
+    train = "data/b/train.csv"
+    named = [line for line in output.splitlines() if train in line]
+    assert len(named) == 1, output
+    assert "site-b" in named[0] and "column 'label', has bad labels" in named[0]
+    assert "2 non-integer label(s), values 0.5, 0.5, at lines 3, 5" in named[0]
+    assert "Traceback" not in output and "Error flushing" not in output

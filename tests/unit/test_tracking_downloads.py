@@ -36,3 +36,65 @@ def test_champion_and_run_model_loads_remove_their_download_folder(
         weights = [t for t in loaded.state_dict().values()]
         assert torch.equal(weights[0], model[0].weight) and torch.equal(weights[1], model[0].bias)
     assert list(downloads.iterdir()) == []
+
+
+def test_loading_never_unpickles_and_keeps_the_state_dict_order(
+    small_config: FederationConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+
+    # names whose sorted order differs from the module's: 0.weight, 0.bias, 10.weight, ...
+    model = torch.nn.Sequential(*[torch.nn.Linear(3, 3) for _ in range(11)])
+    tracker = RunTracker(small_config)
+    link = tracker.start(run_name="no-pickle", tags={})
+    version = tracker.log_model(model, input_example=np.zeros((2, 3), np.float32), register=True)
+    assert version is not None
+    tracker.set_alias("champion", version)
+    tracker.end()
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("mlflow.pytorch.load_model unpickles the model")
+
+    monkeypatch.setattr(mlflow.pytorch, "load_model", refuse)
+    champion = load_registered_parameters(
+        small_config.tracking, name=small_config.name, alias="champion"
+    )
+    from_run = load_run_model(small_config.tracking, run_id=link.run_id)
+
+    expected = list(model.state_dict().items())
+    for loaded in (champion, from_run):
+        assert [k for k, _ in loaded.state_dict().items()] == [k for k, _ in expected]
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(loaded.state_dict().values(), dict(expected).values(), strict=True)
+        )
+
+
+def test_a_model_without_safetensors_weights_is_refused_not_unpickled(
+    small_config: FederationConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+    from fl_components.errors import ConfigError
+    from fl_components.tracking import resolve_tracking_uri
+
+    mlflow.set_tracking_uri(resolve_tracking_uri(small_config.tracking))
+    experiment = mlflow.create_experiment(  # artifacts under tmp_path, not the checkout
+        "legacy", artifact_location=Path(small_config.tracking.artifact_root).as_uri()
+    )
+    with mlflow.start_run(
+        experiment_id=experiment
+    ) as run:  # logged as an older fedpipe did: the pickled model only
+        mlflow.pytorch.log_model(
+            torch.nn.Linear(3, 2), name="model", pip_requirements=[], serialization_format="pickle"
+        )
+    monkeypatch.delenv("FEDPIPE_ALLOW_PICKLED_MODELS", raising=False)
+
+    with pytest.raises(ConfigError) as error:
+        load_run_model(small_config.tracking, run_id=run.info.run_id)
+
+    message = str(error.value)
+    assert f"init_run_id {run.info.run_id!r}" in message
+    assert "does not unpickle" in message and "FEDPIPE_ALLOW_PICKLED_MODELS=1" in message
+    monkeypatch.setenv("FEDPIPE_ALLOW_PICKLED_MODELS", "1")
+    loaded = load_run_model(small_config.tracking, run_id=run.info.run_id)
+    assert isinstance(loaded, torch.nn.Linear)
