@@ -56,7 +56,9 @@ def site_job(site: Site, job: SiteJob, received: DownloadKind | None = None) -> 
     ``received``: which model download the flow used to get ``job.parameters``.
     """
     answer = run_job(site, job, keys_dir=keys_here(site))
-    return answer_payload(replace(answer, received=received or answer.received), job=job)
+    return answer_payload(
+        replace(answer, received=received if received is not None else answer.received), job=job
+    )
 
 
 def receive_download(
