@@ -325,7 +325,7 @@ class WorkPoolBackend(SiteBackend):
         self.exchange = Path(config.deployment.exchange_dir).resolve() / run_id
         self.downloads = ModelDownloads.from_config(config)  # the run's model-delta memory
 
-    def _model_ref(self, job: SiteJob, written: dict[Any, tuple[str, str]]) -> tuple[str, str]:
+    def _model_ref(self, job: SiteJob, written: dict[int, tuple[str, str]]) -> tuple[str, str]:
         if job.parameters is None or job.download is not None:
             return "", ""
         key = id(job.parameters)
@@ -334,22 +334,20 @@ class WorkPoolBackend(SiteBackend):
         return written[key]
 
     def _download_ref(
-        self, job: SiteJob, written: dict[Any, tuple[str, str]]
+        self, job: SiteJob, written: dict[tuple[str, str], tuple[str, int]]
     ) -> tuple[dict[str, Any] | None, dict[DownloadKind, int]]:
         """The job's download files (each written once per wave) and their sizes by kind."""
         download = job.download
         if download is None or job.parameters is None:
             return None, {}
-        full_key = ("full", download.target_sha)
+        full_key = (download.target_sha, "full")
         if full_key not in written:
-            path, size = write_model_download(full_download(job.parameters), self.exchange)
-            written[full_key] = (path, str(size))
+            written[full_key] = write_model_download(full_download(job.parameters), self.exchange)
         refs = {DownloadKind.FULL: written[full_key]}
         if download.kind is DownloadKind.DELTA:
-            delta_key = ("delta", download.target_sha, download.base_sha)
+            delta_key = (download.target_sha, download.base_sha)
             if delta_key not in written:
-                path, size = write_model_download(download, self.exchange)
-                written[delta_key] = (path, str(size))
+                written[delta_key] = write_model_download(download, self.exchange)
             refs[DownloadKind.DELTA] = written[delta_key]
         reference = {
             "sha256": download.target_sha,
@@ -358,7 +356,7 @@ class WorkPoolBackend(SiteBackend):
             "delta_uri": refs[DownloadKind.DELTA][0] if DownloadKind.DELTA in refs else "",
             "shapes": [list(p.shape) for p in job.parameters],
         }
-        return reference, {kind: int(size) for kind, (_, size) in refs.items()}
+        return reference, {kind: size for kind, (_, size) in refs.items()}
 
     def _secagg(self, job: SiteJob) -> dict[str, str] | None:
         if not isinstance(job.secagg, RoundContext):
@@ -370,13 +368,14 @@ class WorkPoolBackend(SiteBackend):
 
     def __call__(self, jobs: Sequence[SiteJob]) -> dict[str, SiteResult | Dropout]:
         """Create every site's flow run, then await them together; failures are dropouts."""
-        written: dict[Any, tuple[str, str]] = {}
+        written: dict[int, tuple[str, str]] = {}
+        files: dict[tuple[str, str], tuple[str, int]] = {}
         by_site = {job.site: job for job in jobs}
         sizes: dict[str, dict[DownloadKind | None, int]] = {}
         futures = {}
         for job in jobs:
             uri, sha = self._model_ref(job, written)
-            download, download_sizes = self._download_ref(job, written)
+            download, download_sizes = self._download_ref(job, files)
             sizes[job.site] = {None: os.path.getsize(uri) if uri else 0, **download_sizes}
             futures[job.site] = run_participant.submit(
                 self.config,
