@@ -373,7 +373,7 @@ def main() -> None:
 
 
 NOTES = [
-    "Digits only: the FedProx Synthetic(1, 1) generator is not in the tree yet.",
+    "Digits by default; --dataset synthetic runs FedProx Synthetic(1, 1).",
     "bytes_up / bytes_down: exact serialized messages, framing included; under secure "
     "aggregation they include the unmask request (down) and response (up).",
     "Compressed variants download the model as an 8-bit QSGD delta against the broadcast "
