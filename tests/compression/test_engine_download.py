@@ -176,3 +176,50 @@ def test_the_coordinator_keeps_one_broadcast_whatever_the_rounds() -> None:
     downloads.broadcast([model[0] + 0.1], round=6)
     assert downloads.for_site("a").kind is DownloadKind.DELTA
     assert downloads.for_site("b").kind is DownloadKind.FULL
+
+
+def test_model_deltas_under_secure_aggregation(small_config: FederationConfig) -> None:
+    from fl_components import secure_round
+    from fl_components.secure_aggregation import SecureSum
+
+    config = _with(
+        small_config,
+        secure_aggregation={"enabled": True, "clip_range": 0.5},
+        compression={"method": "qsgd", "bits": 8, "download": "delta", "download_bits": 8},
+    )
+    materialize_sites(config)
+    keys = {
+        s: secure_round.enroll_site(secure_round.site_keys_dir(site_folder(config, s)))
+        for s in config.site_names
+    }
+    registry = secure_round.publish_public_keys(secure_round.registry_path(config), keys)
+    sites = InProcessSites(config)
+    strategy = FedAvg()
+    state = strategy.initial_state(get_parameters(build_model(config.model, sites.info, seed=0)))
+    d = sum(p.size for p in state.parameters)
+    names = config.site_names
+    reports = []
+    for round_num in (1, 2):
+        secure = SecureSum.for_round(
+            config,
+            registry,
+            run_id="run-sd",
+            round_num=round_num,
+            selected=names,
+            like=state.parameters,
+        )
+        plan = RoundPlan(
+            round=round_num,
+            selected=names,
+            seeds=dict.fromkeys(names, round_num),
+            secure=secure,
+            downloads=sites.downloads,
+        )
+        state, report = run_round(state, plan, sites, strategy)
+        reports.append(report)
+    assert reports[1].metrics["secagg/survivors"] == 3.0
+    model = [reports[0].metrics[f"bytes/down/site/{s}"] for s in names]
+    delta = [reports[1].metrics[f"bytes/down/site/{s}"] for s in names]
+    # round 1: full model + unmask request; round 2: 8-bit delta + unmask request
+    assert all(full_download_nbytes(d) < m < full_download_nbytes(d) + 3000 for m in model)
+    assert all(x < d + 200 + 3000 for x in delta)
