@@ -10,6 +10,11 @@ random-10% with error feedback, each in the clear and under secure aggregation (
 refused under SecAgg: its coordinates differ per site), and under SecAgg shared random-25%
 and random-50% quantized to 4 bits. Compressed variants also download
 the model as an 8-bit delta (``--download-bits``); ``none`` downloads full float32 (today).
+The download runs through the round engine's own pieces: the coordinator's
+:class:`~fl_components.compression.download.ModelDownloads` (the broadcast and the hash each
+site holds) and the site's :func:`~fl_components.compression.download.receive_model` (the
+delta applied to the model in the site's folder, verified by SHA-256), so ``bytes_down`` is
+what the engine reports as ``bytes/down``.
 Writes ``benchmarks/results/communication.json`` and ``communication.png``.
 """
 
@@ -32,7 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.communication_figures import compare, plot, round_
 from fl_components.compression import decode_update, encode_update, load_residual, save_residual
-from fl_components.compression.download import download_for, next_broadcast
+from fl_components.compression.download import (
+    DownloadKind,
+    ModelDownloads,
+    apply_download,
+    full_download,
+    receive_model,
+)
 from fl_components.compression.secure import scatter_secure_sum, secure_shape, select_for_secure
 from fl_components.config import CompressionConfig, ModelConfig, TrainingConfig
 from fl_components.data import DatasetInfo, SiteData, Split, partition_bundled
@@ -191,30 +202,33 @@ def _site_updates(
 
 def run_variant(fed: Federation, variant: Variant, args: argparse.Namespace) -> dict[str, object]:
     """Train ``args.rounds`` rounds; return accuracy, bytes and seconds."""
-    model = build_model(ModelConfig(), fed.info, seed=args.seed)
+    net = build_model(ModelConfig(), fed.info, seed=args.seed)
     training = TrainingConfig(epochs=args.epochs, device="cpu")
-    exact = [p.detach().numpy().astype(np.float32).copy() for p in model.state_dict().values()]
-    broadcast, held = None, {s.name: None for s in fed.sites}
+    exact = [p.detach().numpy().astype(np.float32).copy() for p in net.state_dict().values()]
+    # 'none': today's full float32 model each round; the others: the engine's model deltas
+    compressed = variant.compression.enabled
+    downloads = None
+    if compressed:
+        downloads = ModelDownloads(
+            bits=variant.compression.download_bits,
+            seed=args.seed,
+            bucket=variant.compression.bucket_size,
+        )
     up = down = 0
     extra = 0.0
     sizes = np.array([len(s.train) for s in fed.sites], dtype=np.float64)
     with tempfile.TemporaryDirectory() as folder:
         for round in range(1, args.rounds + 1):
-            bits = variant.compression.download_bits if variant.compression.enabled else None
-            previous = broadcast.model if broadcast is not None else None
-            broadcast = next_broadcast(
-                exact, previous=previous, bits=bits, rng=_rng(args.seed, round)
-            )
-            if not variant.compression.enabled:  # today: the full float32 model every round
-                broadcast = next_broadcast(
-                    exact, previous=None, bits=None, rng=_rng(args.seed, round)
-                )
+            starts = []
             for site in fed.sites:
-                down += download_for(broadcast, site_sha=held[site.name]).nbytes
-                held[site.name] = broadcast.sha
+                model, size = _download(
+                    downloads, exact, Path(folder) / site.name, site.name, round
+                )
+                starts.append(model)
+                down += size
             deltas = [
-                _train(model, broadcast.model, s, training, round, args.seed, i)
-                for i, s in enumerate(fed.sites)
+                _train(net, start, s, training, round, args.seed, i)
+                for i, (s, start) in enumerate(zip(fed.sites, starts, strict=True))
             ]
             sent, seconds, sent_up = _site_updates(
                 fed, variant, deltas, round=round, folder=Path(folder)
@@ -232,7 +246,7 @@ def run_variant(fed: Federation, variant: Variant, args: argparse.Namespace) -> 
             # FedAvg on the exact global model G; what the 8-bit download dropped (G - B_r)
             # goes out with the next round's delta.
             exact = unflatten(flatten(exact) + mean.astype(np.float32), exact)
-    metrics = evaluate(model, exact, fed.test, device="cpu")
+    metrics = evaluate(net, exact, fed.test, device="cpu")
     d = sum(p.size for p in exact)
     uploads = args.rounds * len(fed.sites)
     return {
@@ -248,8 +262,23 @@ def run_variant(fed: Federation, variant: Variant, args: argparse.Namespace) -> 
     }
 
 
-def _rng(seed: int, round: int) -> np.random.Generator:
-    return np.random.default_rng([seed, round])
+def _download(
+    downloads: ModelDownloads | None, exact: NDArrays, folder: Path, site: str, round: int
+) -> tuple[NDArrays, int]:
+    """One site's model download as the engine does it: (the model it trains from, bytes)."""
+    if downloads is None:  # today: the full float32 model, framed as a full download
+        return exact, full_download(exact).nbytes
+    broadcast = downloads.broadcast(exact, round=round)
+    download = downloads.for_site(site)
+    full = download if download.kind is DownloadKind.FULL else full_download(broadcast.model)
+    model, used = receive_model(
+        folder,
+        base_sha=download.base_sha,
+        apply_delta=lambda held: apply_download(download, held=held, like=exact),
+        fetch_full=lambda: apply_download(full, held=None, like=exact),
+    )
+    downloads.received(site, broadcast.sha)
+    return model, (download if used is download.kind else full).nbytes
 
 
 def _train(
@@ -344,11 +373,14 @@ def main() -> None:
 
 
 NOTES = [
-    "Digits only: the FedProx Synthetic(1, 1) generator is not in the tree yet.",
+    "Digits by default; --dataset synthetic runs FedProx Synthetic(1, 1).",
     "bytes_up / bytes_down: exact serialized messages, framing included; under secure "
     "aggregation they include the unmask request (down) and response (up).",
     "Compressed variants download the model as an 8-bit QSGD delta against the broadcast "
-    "model (verified by SHA-256); 'none' downloads full float32 every round, as today.",
+    "model (verified by SHA-256); 'none' downloads full float32 every round, as today. The "
+    "download runs through the round engine's pieces (ModelDownloads at the coordinator, "
+    "receive_model at each site, held model in the site's folder): bytes_down is the "
+    "engine's bytes/down.",
     "upload_reduction_vs_float32: against the float32 upload in the clear (4 bytes per "
     "parameter; today's JSON/base64 payload is larger still); vs_same_mode: against 'none' "
     "with the same secure-aggregation setting (Z_2^32 masks under SecAgg).",

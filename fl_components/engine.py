@@ -12,6 +12,11 @@ A round's federated evaluation travels with the next round's dispatch: the sites
 model they receive (``SiteJob.evaluate_round``) before training from it, and sites not
 training that round get an ``evaluate`` job in the same wave. So a round costs one dispatch
 to the sites (two under secure aggregation: mask, then unmask).
+
+With ``compression.download: delta`` (``RoundPlan.downloads``) the model goes to each site as
+a delta against the broadcast model it already holds (verified by SHA-256 at the site), the
+full model to a site that missed a round, is new, or holds another model; ``bytes/down`` is
+what each site really received, framing included.
 """
 
 from __future__ import annotations
@@ -24,6 +29,13 @@ from enum import StrEnum
 
 import numpy as np
 
+from fl_components.compression.download import (
+    DownloadKind,
+    ModelDownload,
+    ModelDownloads,
+    full_download_nbytes,
+)
+from fl_components.compression.encoded import EncodedUpdate
 from fl_components.compression.site import CompressionInstruction
 from fl_components.errors import RoundError
 from fl_components.parameters import NDArrays, nbytes
@@ -80,7 +92,8 @@ class SiteJob:
         Who, what, and for which round.
     parameters : NDArrays or None
         The model to train from or to score (None for ``unmask``). Backends that cross a
-        trust boundary send a reference and hash of it, never the arrays.
+        trust boundary send a reference and hash of it, never the arrays. With a
+        ``download`` it is the broadcast model B_r the download rebuilds at the site.
     seed : int
         The site's seed for this round (data order, local randomness).
     instructions : SiteInstructions
@@ -94,6 +107,9 @@ class SiteJob:
         ``unmask``: the coordinator's signed request.
     compression : CompressionInstruction or None
         ``train``: compress the update before it leaves the site (None: float32).
+    download : ModelDownload or None
+        How the model travels (``compression.download: delta``): a delta against the model
+        the site holds, or the full model; None: ``parameters`` as they are.
     mlflow_run_id, flow_run_id : str
         The coordinator's MLflow run and Prefect flow run ('' when there is none): a site's
         privacy ledger records them with what the round spent.
@@ -109,13 +125,20 @@ class SiteJob:
     secagg: object | None = None
     unmask_request: bytes | None = None
     compression: CompressionInstruction | None = None
+    download: ModelDownload | None = None
     mlflow_run_id: str = ""
     flow_run_id: str = ""
 
 
 @dataclass(frozen=True)
 class SiteResult:
-    """What a site answered: whichever of these its job asked for."""
+    """What a site answered: whichever of these its job asked for.
+
+    ``upload`` is the compressed update as it travels (``update`` is its decoding);
+    ``received`` which model download the site used (delta or full, when the job carried a
+    ``download``); ``bytes_down`` what the job's model cost on the wire when the backend
+    measured it (0: the engine counts it from the job).
+    """
 
     site: str
     update: LocalUpdate | None = None  # train
@@ -124,6 +147,9 @@ class SiteResult:
     evaluation: Metrics | None = None  # evaluate, or the folded evaluation
     refusal: Dropout | None = None  # evaluated, then declined or failed to train
     bytes_up: int = 0  # what this answer cost on the wire (0: count the update's float32)
+    upload: EncodedUpdate | None = None  # train, compressed: the message that travelled
+    received: DownloadKind | None = None  # the model download used (delta, or full)
+    bytes_down: int = 0  # what the job's model cost on the wire (0: the engine counts it)
 
 
 Dispatch = Callable[[Sequence[SiteJob]], Mapping[str, "SiteResult | Dropout"]]
@@ -160,6 +186,9 @@ class RoundPlan:
         Secure aggregation for this round (the coordinator learns only the sum).
     compression : CompressionInstruction or None
         How training sites compress their updates in the clear (None: float32).
+    downloads : ModelDownloads or None
+        The run's model-delta memory (``compression.download: delta``; None: every site gets
+        the full model).
     """
 
     round: int
@@ -172,6 +201,7 @@ class RoundPlan:
     mlflow_run_id: str = ""
     flow_run_id: str = ""
     compression: CompressionInstruction | None = None
+    downloads: ModelDownloads | None = None
 
 
 class SecureAggregation:
@@ -269,21 +299,33 @@ def validate_update(
 
 
 def round_jobs(plan: RoundPlan, state: ServerState, strategy: Strategy) -> list[SiteJob]:
-    """The round's jobs: train each selected site (with its instructions), evaluate the rest."""
+    """The round's jobs: train each selected site (with its instructions), evaluate the rest.
+
+    With ``plan.downloads`` every job carries the round's broadcast model B_r and the
+    download that rebuilds it at its site (a delta, or the full model).
+    """
     instructions = strategy.configure(plan.round, state, plan.selected)
     evaluate_round = plan.evaluation.round if plan.evaluation is not None else None
+    model = state.parameters
+    if plan.downloads is not None:
+        model = plan.downloads.broadcast(state.parameters, round=plan.round).model
+
+    def download(site: str) -> ModelDownload | None:
+        return plan.downloads.for_site(site) if plan.downloads is not None else None
+
     jobs = [
         SiteJob(
             site=site,
             kind=JobKind.TRAIN,
             round=plan.round,
-            parameters=state.parameters,
+            parameters=model,
             seed=plan.seeds[site],
             instructions=instructions.get(site, SiteInstructions()),
             evaluate_round=evaluate_round,
             mlflow_run_id=plan.mlflow_run_id,
             flow_run_id=plan.flow_run_id,
             compression=plan.compression,
+            download=download(site),
         )
         for site in plan.selected
     ]
@@ -295,12 +337,45 @@ def round_jobs(plan: RoundPlan, state: ServerState, strategy: Strategy) -> list[
                 site=site,
                 kind=JobKind.EVALUATE,
                 round=plan.evaluation.round,
-                parameters=state.parameters,
+                parameters=model,
+                download=download(site),
             )
             for site in plan.evaluation.sites
             if site not in plan.selected
         ]
     return jobs
+
+
+def download_bytes(
+    plan: RoundPlan, jobs: Sequence[SiteJob], answers: Mapping[str, SiteResult | Dropout]
+) -> dict[str, int]:
+    """What each answering site received this dispatch, in bytes; record what it now holds.
+
+    A site that used its delta received ``download.nbytes``, one that fell back (or was sent
+    the full model) the full model's; without downloads, the float32 model. SCAFFOLD's
+    control variate counts too. A backend that measured the transfer (``bytes_down``) wins.
+    Sites that gave no answer are not counted (nothing says what reached them).
+    """
+    sizes: dict[str, int] = {}
+    for job in jobs:
+        answer = answers.get(job.site)
+        if not isinstance(answer, SiteResult) or job.parameters is None:
+            continue
+        size = nbytes(job.parameters)
+        if job.download is not None:
+            used = answer.received if answer.received is not None else job.download.kind
+            size = (
+                job.download.nbytes
+                if used is job.download.kind
+                else full_download_nbytes(sum(int(p.size) for p in job.parameters))
+            )
+            if answer.received is not None and plan.downloads is not None:
+                plan.downloads.received(job.site, job.download.target_sha)
+        if answer.bytes_down:
+            size = answer.bytes_down
+        control = job.instructions.server_control
+        sizes[job.site] = size + (nbytes(control) if control is not None else 0)
+    return sizes
 
 
 def _split(
@@ -351,10 +426,20 @@ def run_round(
     """
     started = time.perf_counter()
     jobs = round_jobs(plan, state, strategy)
-    results, dropouts, evaluations = _split(dispatch(jobs), plan)
+    answers = dispatch(jobs)
+    down = download_bytes(plan, jobs, answers)
+    results, dropouts, evaluations = _split(answers, plan)
     try:
         return _finish_round(
-            state, plan, dispatch, strategy, results, dropouts, evaluations, started=started
+            state,
+            plan,
+            dispatch,
+            strategy,
+            results,
+            dropouts,
+            evaluations,
+            started=started,
+            down=down,
         )
     except RoundAbortedError:
         raise
@@ -399,8 +484,13 @@ def _finish_round(
     evaluations: dict[str, Metrics],
     *,
     started: float,
+    down: Mapping[str, int],
 ) -> tuple[ServerState, RoundReport]:
-    """Validate and aggregate the round's answers, apply the update, report."""
+    """Validate and aggregate the round's answers, apply the update, report.
+
+    ``down``: each site's model download (bytes); under secure aggregation the unmask
+    requests the coordinator sent (``bytes/down/site/*`` from the seam) are added.
+    """
     metrics: dict[str, float] = {}
     if plan.secure is not None:
         require_quorum(plan, len(results), dropouts)
@@ -412,13 +502,16 @@ def _finish_round(
         aggregated, updates, metrics = _aggregate_in_clear(state, plan, strategy, results, dropouts)
     next_state = strategy.apply(state, aggregated)
     examples = sum(u.num_examples for u in updates)
+    for site, size in down.items():
+        key = f"bytes/down/site/{site}"
+        metrics[key] = metrics.get(key, 0.0) + float(size)
+    metrics["bytes/down"] = sum(v for k, v in metrics.items() if k.startswith("bytes/down/site/"))
     metrics.update(
         {
             "participants": float(len(updates)),
             "selected": float(len(plan.selected)),
             "dropouts": float(len(dropouts)),
             "rejected": float(sum(d.kind is DropoutKind.INVALID for d in dropouts)),
-            "bytes/down": float(nbytes(state.parameters) * len(plan.selected)),
             "train/loss": sum(u.train_loss * u.num_examples for u in updates) / max(1, examples),
             "secagg/enabled": float(plan.secure is not None),
             **aggregated.metrics,

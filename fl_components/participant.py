@@ -10,15 +10,27 @@ Refusals the site makes on purpose come back typed, never as an error string to 
 privacy budget that would be exceeded is a ``declined`` dropout, unreadable or mis-shaped
 data a ``bad_data`` one. Any other error propagates, and the backend reports it as
 ``failed``.
+
+A job with a ``download`` (``compression.download: delta``) first rebuilds the model at
+the site (:func:`receive`): the delta applied to the model the site holds, or, when that
+model does not hash to the delta's base, the full model; the answer says which it used.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from fl_components import secure_round
+from fl_components.compression.download import (
+    DownloadKind,
+    ModelDownloads,
+    apply_download,
+    full_download,
+    receive_model,
+)
 from fl_components.compression.site import compress_local_update
 from fl_components.config import FederationConfig
 from fl_components.engine import Dropout, DropoutKind, JobKind, SiteJob, SiteResult
@@ -85,11 +97,43 @@ def _work(site: Site, job: SiteJob, keys_dir: Path, evaluation: Metrics | None) 
         spent_by=(job.mlflow_run_id, job.flow_run_id),
     )
     if job.compression is not None and job.compression.config.enabled:
-        update, sent = compress_local_update(
+        update, message = compress_local_update(
             update, instruction=job.compression, site_dir=site.folder, seed=job.seed
         )
-        return SiteResult(site=site.name, update=update, evaluation=evaluation, bytes_up=sent)
+        return SiteResult(
+            site=site.name,
+            update=update,
+            evaluation=evaluation,
+            bytes_up=message.nbytes,
+            upload=message,
+        )
     return SiteResult(site=site.name, update=update, evaluation=evaluation)
+
+
+def receive(site: Site, job: SiteJob) -> tuple[SiteJob, DownloadKind | None]:
+    """Rebuild the job's model from its ``download`` at ``site``; which download was used.
+
+    The delta is applied to the model the site holds if that hashes to the delta's base;
+    otherwise the site takes the full model (here in this process: ``job.parameters``). The
+    result is verified against the broadcast hash and kept as the site's held model.
+
+    Raises
+    ------
+    CompressionError
+        If the rebuilt model does not hash to the broadcast's (corrupt or mismatched).
+    """
+    download = job.download
+    if download is None or job.parameters is None:
+        return job, None
+    like = job.parameters
+    full = download if download.kind is DownloadKind.FULL else full_download(like)
+    model, used = receive_model(
+        site.folder,
+        base_sha=download.base_sha,
+        apply_delta=lambda held: apply_download(download, held=held, like=like),
+        fetch_full=lambda: apply_download(full, held=None, like=like),
+    )
+    return replace(job, parameters=model, download=None), used
 
 
 def run_job(site: Site, job: SiteJob, *, keys_dir: str | os.PathLike[str]) -> SiteResult:
@@ -113,15 +157,16 @@ def run_job(site: Site, job: SiteJob, *, keys_dir: str | os.PathLike[str]) -> Si
     if job.site != site.name:
         raise FedpipeError(f"this is site {site.name!r}; refusing a job for site {job.site!r}")
     evaluation: Metrics | None = None
+    job, received = receive(site, job)
     try:
         evaluation = _evaluate_first(site, job)
-        return _work(site, job, Path(keys_dir), evaluation)
+        return replace(_work(site, job, Path(keys_dir), evaluation), received=received)
     except BudgetExhaustedError as error:
         spent = getattr(error, "spent", None)  # SiteBudgetExhausted: the ledger's figure
         refusal = Dropout(site.name, DropoutKind.DECLINED, str(error), epsilon_spent=spent)
     except DataError as error:
         refusal = Dropout(site.name, DropoutKind.BAD_DATA, str(error))
-    return SiteResult(site=site.name, evaluation=evaluation, refusal=refusal)
+    return SiteResult(site=site.name, evaluation=evaluation, refusal=refusal, received=received)
 
 
 def site_from_environment(config: FederationConfig, name: str) -> Site:
@@ -160,6 +205,7 @@ class InProcessSites:
     def __init__(self, config: FederationConfig) -> None:
         self.config = config
         self.info = dataset_info(config)
+        self.downloads = ModelDownloads.from_config(config)  # the run's model-delta memory
 
     def __call__(self, jobs: Sequence[SiteJob]) -> dict[str, SiteResult | Dropout]:
         """Run each job in turn; an unexpected error drops that site as ``failed``."""

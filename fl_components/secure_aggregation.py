@@ -102,8 +102,8 @@ class SecureSum(SecureAggregation):
 
     def _receive(
         self, coordinator: SecAggCoordinator, masked: Mapping[str, SiteResult]
-    ) -> tuple[list[LocalUpdate], list[Dropout], int]:
-        reports, dropouts, received = [], [], 0
+    ) -> tuple[list[LocalUpdate], list[Dropout]]:
+        reports, dropouts = [], []
         for site, result in masked.items():
             contribution = result.masked
             if not isinstance(contribution, MaskedContribution):
@@ -115,9 +115,8 @@ class SecureSum(SecureAggregation):
                 kind = f"{type(error).__name__}: {error}"
                 dropouts.append(Dropout(site, DropoutKind.REJECTED, kind))
                 continue
-            received += len(contribution.payload)
             reports.append(contribution.report())
-        return reports, dropouts, received
+        return reports, dropouts
 
     def aggregate(
         self,
@@ -136,9 +135,9 @@ class SecureSum(SecureAggregation):
         """
         ctx = self.ctx
         coordinator = SecAggCoordinator(ctx, self.registry)
-        reports, dropouts, _ = self._receive(coordinator, masked)
+        reports, dropouts = self._receive(coordinator, masked)
         try:
-            requests = coordinator.unmask_requests()
+            requests = {site: r.to_bytes() for site, r in coordinator.unmask_requests().items()}
             answers = dispatch(
                 [
                     SiteJob(
@@ -146,7 +145,7 @@ class SecureSum(SecureAggregation):
                         kind=JobKind.UNMASK,
                         round=ctx.round,
                         secagg=ctx,
-                        unmask_request=request.to_bytes(),
+                        unmask_request=request,
                     )
                     for site, request in requests.items()
                 ]
@@ -178,4 +177,6 @@ class SecureSum(SecureAggregation):
         )
         metrics = secagg_metrics(result)
         metrics["secagg/unmask_failures"] = float(len(requests) - len(responses))
+        # the unmask requests went down to the survivors (the engine adds their model)
+        metrics.update({f"bytes/down/site/{s}": float(len(r)) for s, r in requests.items()})
         return aggregated, reports, dropouts, metrics

@@ -7,6 +7,11 @@ per job (:func:`answer_payload`): its update, masked message, unmask response or
 the folded evaluation under ``"evaluation"``, or a typed refusal (``declined`` /
 ``bad_data``) that the coordinator reads back as a :class:`~fl_components.engine.Dropout`
 without parsing any error text. Nothing here is ever unpickled.
+
+A compressed update (``compression`` in the clear) travels as its wire message
+(:class:`~fl_components.compression.EncodedUpdate`, base64) under ``"delta"``, decoded at
+the coordinator with the same code as in-process (:func:`decode_upload`); with model
+deltas the answer says which download the site used under ``"received"``.
 """
 
 from __future__ import annotations
@@ -14,8 +19,14 @@ from __future__ import annotations
 import base64
 import os
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
+import numpy as np
+
+from fl_components.compression.download import DownloadKind
+from fl_components.compression.encoded import EncodedUpdate
+from fl_components.compression.site import decode_upload
 from fl_components.engine import Dropout, DropoutKind, JobKind, SiteJob, SiteResult
 from fl_components.exchange import (
     PAYLOAD_VERSION,
@@ -30,11 +41,40 @@ from fl_components.exchange import (
 )
 from fl_components.secure_round import MaskedContribution
 from fl_components.strategies.base import SiteInstructions
+from fl_components.training import LocalUpdate
 
 # what a site may say of itself; timeouts and failures are the coordinator's to judge
 _SITE_REFUSALS = (DropoutKind.DECLINED, DropoutKind.BAD_DATA)
 # what reading a malformed field raises (a missing key, float(None), float("x"), bad base64)
 _MALFORMED = (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError)
+
+# a compressed delta's encoding; update_from_payload reads this stand-in for the arrays
+ENCODED_DELTA = "fpcu"
+_NO_ARRAYS = {"dtype": "float32", "shapes": [[0]], "data": ""}
+
+
+def compressed_update_payload(answer: SiteResult) -> dict[str, Any]:
+    """A training result whose delta travels as the compressed message the site made."""
+    if answer.update is None or answer.upload is None:
+        raise ExchangeError(f"site {answer.site!r}: no compressed update to send")
+    body = update_payload(replace(answer.update, delta=[np.zeros(0, dtype=np.float32)]))
+    raw = answer.upload.to_bytes()
+    body["delta"] = {"encoding": ENCODED_DELTA, "data": base64.b64encode(raw).decode("ascii")}
+    return body
+
+
+def update_from_answer(payload: Mapping[str, Any], *, job: SiteJob) -> LocalUpdate:
+    """The update of a training answer, float32 or compressed (decoded against the model)."""
+    delta = payload.get("delta")
+    if not (isinstance(delta, Mapping) and delta.get("encoding") == ENCODED_DELTA):
+        return update_from_payload(payload, site=job.site, round_num=job.round)
+    if job.parameters is None:
+        raise ExchangeError(f"site {job.site!r}: a compressed update needs the job's model")
+    update = update_from_payload(
+        {**payload, "delta": _NO_ARRAYS}, site=job.site, round_num=job.round
+    )
+    message = EncodedUpdate.from_bytes(base64.b64decode(delta["data"], validate=True))
+    return replace(update, delta=decode_upload(message, like=job.parameters))
 
 
 def instructions_payload(
@@ -112,6 +152,8 @@ def _body(answer: SiteResult, job: SiteJob) -> dict[str, Any]:
             "epsilon_spent": answer.refusal.epsilon_spent,
         }
     if job.kind is JobKind.TRAIN and answer.update is not None:
+        if answer.upload is not None:
+            return compressed_update_payload(answer)
         return update_payload(answer.update)
     if job.kind is JobKind.MASK and isinstance(answer.masked, MaskedContribution):
         return answer.masked.to_payload()
@@ -129,6 +171,8 @@ def answer_payload(answer: SiteResult, *, job: SiteJob) -> dict[str, Any]:
         body["evaluation"] = metrics_payload(
             answer.evaluation, site=job.site, round_num=int(job.evaluate_round or 0)
         )
+    if answer.received is not None:
+        body["received"] = answer.received.name.lower()
     return body
 
 
@@ -180,12 +224,12 @@ def _answer(payload: Mapping[str, Any], *, job: SiteJob, size: int) -> SiteResul
     evaluation = None
     if folded is not None and job.evaluate_round is not None:
         evaluation = metrics_from_payload(folded, site=job.site, round_num=job.evaluate_round)
-    common = {"site": job.site, "evaluation": evaluation, "bytes_up": size}
+    received = _received(body.pop("received", None), job)
+    common = {"site": job.site, "evaluation": evaluation, "bytes_up": size, "received": received}
     if body.get("stage") == "refusal":
         return SiteResult(refusal=_refusal(body, job), **common)
     if job.kind is JobKind.TRAIN:
-        update = update_from_payload(body, site=job.site, round_num=job.round)
-        return SiteResult(update=update, **common)
+        return SiteResult(update=update_from_answer(body, job=job), **common)
     if job.kind is JobKind.MASK:
         masked = MaskedContribution.from_payload(body, site=job.site, round_num=job.round)
         return SiteResult(masked=masked, **common)
@@ -193,4 +237,16 @@ def _answer(payload: Mapping[str, Any], *, job: SiteJob, size: int) -> SiteResul
         response = response_from_payload(body, site=job.site, round_num=job.round)
         return SiteResult(unmask_response=response, **common)
     scores = metrics_from_payload(body, site=job.site, round_num=job.round)
-    return SiteResult(site=job.site, evaluation=scores, bytes_up=size)
+    return SiteResult(site=job.site, evaluation=scores, bytes_up=size, received=received)
+
+
+def _received(value: object, job: SiteJob) -> DownloadKind | None:
+    """Which model download the site says it used: only for a job that carried one."""
+    if value is None or job.download is None:
+        return None
+    if value not in ("delta", "full"):
+        raise ExchangeError(f"site {job.site!r}: unknown model download {value!r}")
+    kind = DownloadKind[str(value).upper()]
+    if kind is DownloadKind.DELTA and job.download.kind is not DownloadKind.DELTA:
+        raise ExchangeError(f"site {job.site!r}: says it used a delta it was not sent")
+    return kind

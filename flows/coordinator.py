@@ -229,6 +229,7 @@ def plan_round(
         compression=None
         if secure is not None or not config.compression.enabled
         else CompressionInstruction(config.compression, run.run_id, round_num),
+        downloads=run.backend.downloads,  # compression.download: delta (None: full models)
     )
 
 

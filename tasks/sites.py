@@ -19,6 +19,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from fl_components import secure_round
+from fl_components.compression.download import ModelDownloads
 from fl_components.config import FederationConfig
 from fl_components.data import DatasetInfo
 from fl_components.engine import Dropout, DropoutKind, SiteJob, SiteResult
@@ -31,7 +32,13 @@ log = logging.getLogger(__name__)
 
 
 class SiteBackend(ABC):
-    """Runs site jobs; the round engine's dispatch."""
+    """Runs site jobs; the round engine's dispatch.
+
+    ``downloads`` is the run's model-delta memory (``compression.download: delta``; None
+    otherwise): what the coordinator knows its sites hold, handed to each round's plan.
+    """
+
+    downloads: ModelDownloads | None = None
 
     @abstractmethod
     def __call__(self, jobs: Sequence[SiteJob]) -> dict[str, SiteResult | Dropout]:
@@ -140,6 +147,7 @@ class LocalBackend(SiteBackend):
         self.config = config
         self.info = info
         self._registry: Registry | None = None
+        self.downloads = ModelDownloads.from_config(config)
 
     def __call__(self, jobs: Sequence[SiteJob]) -> dict[str, SiteResult | Dropout]:
         """Submit every job (or cohort) at once, then wait for each (a failure drops it)."""

@@ -29,7 +29,12 @@ def round_markdown(
     extra_columns: dict[str, dict[str, str]] | None = None,
 ) -> str:
     """A markdown summary of one round: global scores and a table of sites."""
-    extra_columns = extra_columns or {}
+    extra_columns = dict(extra_columns or {})
+    for direction in ("up", "down"):  # exact bytes on the wire per site (framing included)
+        prefix = f"bytes/{direction}/site/"
+        per_site = {k.removeprefix(prefix): v for k, v in metrics.items() if k.startswith(prefix)}
+        if per_site:
+            extra_columns[f"bytes {direction}"] = {s: f"{int(v)}" for s, v in per_site.items()}
     lines = [
         f"# {federation}: round {round_num}",
         "",
@@ -38,6 +43,11 @@ def round_markdown(
         f"- participants: {int(metrics.get('participants', 0))}, "
         f"dropouts: {int(metrics.get('dropouts', 0))}, "
         f"seconds: {metrics.get('round_seconds', 0.0):.2f}",
+        *(
+            [f"- bytes up: {int(metrics['bytes/up'])}, down: {int(metrics['bytes/down'])}"]
+            if "bytes/up" in metrics and "bytes/down" in metrics
+            else []
+        ),
         "",
     ]
     header = ["site", "trained on", "held-out examples", "loss", "accuracy", *extra_columns]

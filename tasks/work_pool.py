@@ -7,6 +7,12 @@ writes: concurrent creation measured up to 15 s) and *awaited* together. A site 
 crashes or misses the deadline becomes a :class:`Dropout` naming the reason, and its late
 run is cancelled. Results are read back from the shared result storage as plain JSON: a
 result stored with any other serializer is refused, never unpickled.
+
+The model goes to the exchange folder once per wave: as ``<sha256>.npz``, or, with
+``compression.download: delta``, as the round's delta and full downloads (``.fpmd``, each
+written once and shared by the sites that get it; a site reads only the one it uses). A
+training job carries the round's compression instruction; a compressed update comes back as
+its wire message. ``bytes/down`` is the size of the file the site read.
 """
 
 from __future__ import annotations
@@ -14,10 +20,12 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import threading
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +38,21 @@ from prefect.exceptions import MissingContextError, ObjectNotFound
 from prefect.settings import PREFECT_API_URL
 from prefect.states import Cancelled
 
+from fl_components.compression.download import (
+    DownloadKind,
+    ModelDownloads,
+    full_download,
+)
 from fl_components.config import FederationConfig
 from fl_components.data import DatasetInfo
 from fl_components.engine import Dropout, DropoutKind, SiteJob, SiteResult
 from fl_components.errors import FedpipeError, RoundError
-from fl_components.exchange import ExchangeError, site_pool_name, write_global_model
+from fl_components.exchange import (
+    ExchangeError,
+    site_pool_name,
+    write_global_model,
+    write_model_download,
+)
 from fl_components.secagg import Registry, RoundContext
 from fl_components.secure_round import context_to_json, load_registry, registry_path
 from fl_components.site_messages import answer_from_payload, instructions_payload
@@ -207,11 +225,15 @@ def run_participant(
     evaluate_round: int | None = None,
     instructions: dict[str, Any] | None = None,
     mlflow_run_id: str = "",
+    compression: dict[str, Any] | None = None,
+    download: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Dispatch one site's stage to its work pool and return its JSON payload.
 
     ``secagg`` (secure aggregation's ``mask``/``unmask`` stages) carries the round context
     and, for ``unmask``, the site's unmask request: small, and never an update.
+    ``compression``: the training job's :class:`CompressionInstruction` (``to_dict``).
+    ``download``: the model as delta/full downloads (``model_uri`` is then empty).
     """
     pool = site_pool_name(config, site)
     name = f"{config.deployment.participant_deployment}/{site}"
@@ -228,6 +250,8 @@ def run_participant(
         **({"evaluate_round": evaluate_round} if evaluate_round is not None else {}),
         **({"instructions": instructions} if instructions else {}),
         **({"mlflow_run_id": mlflow_run_id} if mlflow_run_id else {}),
+        **({"compression": compression} if compression is not None else {}),
+        **({"download": download} if download is not None else {}),
     }
     started = time.perf_counter()
     with get_client(sync_client=True) as client:
@@ -299,14 +323,40 @@ class WorkPoolBackend(SiteBackend):
         self.info = info
         self.run_id = run_id
         self.exchange = Path(config.deployment.exchange_dir).resolve() / run_id
+        self.downloads = ModelDownloads.from_config(config)  # the run's model-delta memory
 
     def _model_ref(self, job: SiteJob, written: dict[int, tuple[str, str]]) -> tuple[str, str]:
-        if job.parameters is None:
+        if job.parameters is None or job.download is not None:
             return "", ""
         key = id(job.parameters)
         if key not in written:  # one file per distinct model in the wave
             written[key] = write_global_model(job.parameters, self.exchange)
         return written[key]
+
+    def _download_ref(
+        self, job: SiteJob, written: dict[tuple[str, str], tuple[str, int]]
+    ) -> tuple[dict[str, Any] | None, dict[DownloadKind, int]]:
+        """The job's download files (each written once per wave) and their sizes by kind."""
+        download = job.download
+        if download is None or job.parameters is None:
+            return None, {}
+        full_key = (download.target_sha, "full")
+        if full_key not in written:
+            written[full_key] = write_model_download(full_download(job.parameters), self.exchange)
+        refs = {DownloadKind.FULL: written[full_key]}
+        if download.kind is DownloadKind.DELTA:
+            delta_key = (download.target_sha, download.base_sha)
+            if delta_key not in written:
+                written[delta_key] = write_model_download(download, self.exchange)
+            refs[DownloadKind.DELTA] = written[delta_key]
+        reference = {
+            "sha256": download.target_sha,
+            "base_sha256": download.base_sha,
+            "full_uri": refs[DownloadKind.FULL][0],
+            "delta_uri": refs[DownloadKind.DELTA][0] if DownloadKind.DELTA in refs else "",
+            "shapes": [list(p.shape) for p in job.parameters],
+        }
+        return reference, {kind: size for kind, (_, size) in refs.items()}
 
     def _secagg(self, job: SiteJob) -> dict[str, str] | None:
         if not isinstance(job.secagg, RoundContext):
@@ -319,10 +369,14 @@ class WorkPoolBackend(SiteBackend):
     def __call__(self, jobs: Sequence[SiteJob]) -> dict[str, SiteResult | Dropout]:
         """Create every site's flow run, then await them together; failures are dropouts."""
         written: dict[int, tuple[str, str]] = {}
+        files: dict[tuple[str, str], tuple[str, int]] = {}
         by_site = {job.site: job for job in jobs}
+        sizes: dict[str, dict[DownloadKind | None, int]] = {}
         futures = {}
         for job in jobs:
             uri, sha = self._model_ref(job, written)
+            download, download_sizes = self._download_ref(job, files)
+            sizes[job.site] = {None: os.path.getsize(uri) if uri else 0, **download_sizes}
             futures[job.site] = run_participant.submit(
                 self.config,
                 site=job.site,
@@ -335,12 +389,19 @@ class WorkPoolBackend(SiteBackend):
                 evaluate_round=job.evaluate_round,
                 instructions=instructions_payload(job.instructions, exchange=self.exchange),
                 mlflow_run_id=job.mlflow_run_id,
+                compression=job.compression.to_dict() if job.compression is not None else None,
+                download=download,
             )
+
+        def parse(site: str, payload: dict[str, Any]) -> SiteResult:
+            answer = answer_from_payload(payload, job=by_site[site], size=len(json.dumps(payload)))
+            # what the site read from the exchange: the npz, or the download it used
+            read = sizes[site].get(answer.received, sizes[site][None])
+            return replace(answer, bytes_down=read)
+
         return collect_answers(
             futures,
-            parse=lambda site, payload: answer_from_payload(
-                payload, job=by_site[site], size=len(json.dumps(payload))
-            ),
+            parse=parse,
             kind_of=lambda error: getattr(error, "kind", DropoutKind.FAILED),
         )
 

@@ -22,7 +22,7 @@ from fl_components.compression.encoded import CompressionError, EncodedUpdate
 from fl_components.compression.error_feedback import load_residual, save_residual
 from fl_components.compression.secure import select_for_secure
 from fl_components.config import CompressionConfig
-from fl_components.parameters import flatten, unflatten
+from fl_components.parameters import NDArrays, flatten, unflatten
 from fl_components.training import LocalUpdate
 
 
@@ -86,14 +86,15 @@ def compress_local_update(
     instruction: CompressionInstruction,
     site_dir: str | os.PathLike[str],
     seed: int,
-) -> tuple[LocalUpdate, int]:
+) -> tuple[LocalUpdate, EncodedUpdate]:
     """The round engine's step: compress ``update.delta``, return what the coordinator decodes.
 
     Returns
     -------
-    tuple[LocalUpdate, int]
+    tuple[LocalUpdate, EncodedUpdate]
         The update whose delta is exactly the decoded message (what the coordinator
-        aggregates), and the message's exact size in bytes (``bytes/up``).
+        aggregates, :func:`decode_upload`), and the message itself: what travels, and whose
+        ``nbytes`` is the exact upload size (``bytes/up``).
     """
     message = compress_for_upload(
         flatten(update.delta),
@@ -101,8 +102,23 @@ def compress_local_update(
         site_dir=site_dir,
         rng=np.random.default_rng([seed, instruction.round]),
     )
-    decoded = unflatten(decode_update(message), update.delta)
-    return replace(update, delta=decoded), message.nbytes
+    return replace(update, delta=decode_upload(message, like=update.delta)), message
+
+
+def decode_upload(message: EncodedUpdate, *, like: NDArrays) -> NDArrays:
+    """The coordinator's side: the dense float32 update a message stands for, cut like ``like``.
+
+    Raises
+    ------
+    CompressionError
+        If the message is malformed or not of the model's dimension.
+    """
+    dimension = sum(int(p.size) for p in like)
+    if message.dimension != dimension:
+        raise CompressionError(
+            f"compressed update has d={message.dimension}, the model has {dimension} values"
+        )
+    return unflatten(decode_update(message), like)
 
 
 def select_for_masking(

@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 
-from fl_components.config import FederationConfig
+from fl_components.compression.download import full_download_nbytes
+from fl_components.compression.site import CompressionInstruction
+from fl_components.config import CompressionConfig, FederationConfig
 from fl_components.engine import (
     DropoutKind,
     EvaluationRequest,
@@ -106,3 +108,49 @@ def test_a_budget_refusal_on_a_work_pool_site_is_a_typed_decline(
     assert [(d.site, d.kind) for d in report.dropouts] == [("site-1", DropoutKind.DECLINED)]
     assert "epsilon 2.99 spent" in report.dropouts[0].reason
     assert set(report.evaluations) == {"site-0", "site-1"}  # it still scored the model
+
+
+def test_compressed_updates_and_model_deltas_cross_the_work_pool_boundary(
+    backend_and_calls: tuple[work_pool.WorkPoolBackend, list[dict[str, Any]], NDArrays],
+) -> None:
+    backend, calls, parameters = backend_and_calls
+    compression = {"method": "qsgd", "bits": 4, "download": "delta", "download_bits": 8}
+    config = backend.config.model_copy(
+        update={"compression": CompressionConfig.model_validate(compression)}
+    )
+    backend = work_pool.WorkPoolBackend(config, backend.info, run_id="compress-run")
+    assert backend.downloads is not None
+    strategy = FedAvg()
+    state = strategy.initial_state(parameters)
+    d = sum(p.size for p in parameters)
+    sites = ("site-0", "site-1")
+    reports = []
+    for round_num in (1, 2):
+        calls.clear()
+        plan = RoundPlan(
+            round=round_num,
+            selected=sites,
+            seeds={"site-0": 1, "site-1": 2},
+            compression=CompressionInstruction(config.compression, "compress-run", round_num),
+            downloads=backend.downloads,
+        )
+        state, report = run_round(state, plan, backend, strategy)
+        reports.append(report)
+        assert [c["compression"]["round"] for c in calls] == [round_num] * 2
+        assert all(c["model_uri"] == "" for c in calls)  # the model travels as a download
+    first, second = reports
+
+    # round 1: the full model; round 2: the 8-bit delta, read from the exchange folder
+    assert {c["download"]["delta_uri"] for c in calls} != {""}
+    delta_file = Path(calls[0]["download"]["delta_uri"])
+    assert first.metrics["bytes/down/site/site-0"] == full_download_nbytes(d)
+    assert second.metrics["bytes/down/site/site-0"] == delta_file.stat().st_size
+    assert second.metrics["bytes/down"] == 2 * delta_file.stat().st_size < 0.3 * 4 * d * 2
+    assert backend.downloads.holds("site-0") == calls[0]["download"]["sha256"]
+    # the updates came up as 4-bit QSGD messages (base64 in JSON: a float32 payload is 16d/3
+    # bytes), decoded at the coordinator
+    assert second.metrics["bytes/up/site/site-0"] < 0.25 * 4 * d
+    assert len(second.updates) == 2 and all(
+        u.delta[0].dtype.name == "float32" for u in second.updates
+    )
+    assert state.round == 2
