@@ -263,10 +263,13 @@ def private_local_train(
     ledger = PrivacyLedger.open(folder, site=site, accountant=privacy.accountant)
     digest = parameters_digest(global_parameters)
     charged = ledger.entry_for(
-        federation=config.name, mlflow_run_id=mlflow_run_id, round_num=round_num
+        federation=config.name,
+        mlflow_run_id=mlflow_run_id,
+        round_num=round_num,
+        parameters_digest=digest,
     )
-    if charged is not None:  # asked again for a (run, round) it paid for: never train twice
-        return _released_again(ledger, charged, folder=folder, digest=digest, delta=plan.delta)
+    if charged is not None:  # the same request again, a release paid for: never train twice
+        return _released_again(ledger, charged, folder=folder, delta=plan.delta)
     spent_before = ledger.epsilon(plan.delta)
     ledger.check_round(
         noise_multiplier=plan.noise_multiplier,
@@ -285,7 +288,7 @@ def private_local_train(
     kept = None
     if mlflow_run_id:
         kept = release_path(
-            federation=config.name, mlflow_run_id=mlflow_run_id, round_num=round_num
+            federation=config.name, mlflow_run_id=mlflow_run_id, round_num=round_num, digest=digest
         )
     ledger.record(
         federation=config.name,
@@ -298,7 +301,7 @@ def private_local_train(
         mlflow_run_id=mlflow_run_id,
         flow_run_id=flow_run_id,
         release=kept,
-        parameters_digest=digest if kept else None,
+        parameters_digest=digest,
     )
     epsilon = ledger.epsilon(plan.delta)
     remaining = ledger.remaining(plan.delta)
@@ -328,34 +331,28 @@ def private_local_train(
 
 
 def _released_again(
-    ledger: PrivacyLedger, charged: LedgerEntry, *, folder: Path, digest: str, delta: float
+    ledger: PrivacyLedger, charged: LedgerEntry, *, folder: Path, delta: float
 ) -> LocalUpdate:
-    """The release kept for a charged (run, round), unchanged; or decline the round.
+    """The release kept for a charged (run, round, model), unchanged; or decline the round.
 
     Re-sending an output already charged is post-processing (no new cost); training again
-    would be a second release under the same key, so without the kept release, or for
-    another global model than it was trained from, the site declines.
+    from the same model would be a second release under the same key, so without the kept
+    release the site declines.
 
     Raises
     ------
     RoundAlreadyCharged
-        When no release of the round is kept, or it was trained from another model.
+        When no release of the request is kept (removed, or lost in a crash).
     """
-    kept = None
-    if charged.release is not None and charged.parameters_digest == digest:
-        kept = load_release(folder, charged.release)
+    kept = None if charged.release is None else load_release(folder, charged.release)
     spent = ledger.epsilon(delta)
     if kept is None:
-        why = (
-            "it keeps no release of it"
-            if charged.release is None or charged.parameters_digest == digest
-            else "it was sent another global model than the one it trained that round from"
-        )
         raise RoundAlreadyCharged(
             f"site {ledger.site!r} declines round {charged.round} of run "
-            f"{charged.mlflow_run_id}: its privacy ledger charged this (run, round) already and "
-            f"{why}; training again would release the same records twice (epsilon spent "
-            f"{spent:.3f}). The round goes on without this site",
+            f"{charged.mlflow_run_id}: its privacy ledger charged a release for this (run, "
+            "round, global model) already and keeps no copy of it; training again would "
+            f"release the same records twice (epsilon spent {spent:.3f}). The round goes on "
+            "without this site",
             site=ledger.site,
             spent=spent,
             after=spent,

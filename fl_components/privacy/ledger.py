@@ -7,10 +7,12 @@ Gopi, Lee & Wutschitz 2021, NeurIPS, arXiv:2106.02848; GDP: Dong, Roth & Su 2019
 arXiv:1905.02383) whenever epsilon is asked for. Because the file lives in the site's
 folder, recurring retraining of the same records keeps spending the same budget.
 
-An entry is keyed by (federation, MLflow run, round): a round is charged once per run. A
-second request for a charged round (a retried task, a re-delivered job, a resumed
-coordinator re-running the round) is answered with the release kept for it
-(:mod:`fl_components.privacy.releases`), never by training again.
+An entry is keyed by (federation, MLflow run, round, digest of the global model it was
+trained from): one release, charged once. The same request again (a retried task, a
+re-delivered job, a resumed coordinator re-running a round from the same model) is answered
+with the release kept for it (:mod:`fl_components.privacy.releases`), never by training
+again. A round asked for from *another* model (a resumed run whose earlier rounds came out
+differently) is a new release of the same records: trained, and charged again.
 """
 
 from __future__ import annotations
@@ -55,11 +57,14 @@ class LedgerEntry:
     parameters_digest: str | None = None
 
     @property
-    def key(self) -> tuple[str, str, int] | None:
-        """(federation, MLflow run, round): charged once; None without an MLflow run."""
-        if not self.mlflow_run_id:
+    def key(self) -> tuple[str, str, int, str] | None:
+        """(federation, MLflow run, round, model digest): one release, charged once.
+
+        None without an MLflow run id or a digest (bare loops): nothing to match.
+        """
+        if not self.mlflow_run_id or not self.parameters_digest:
             return None
-        return (self.federation, self.mlflow_run_id, self.round)
+        return (self.federation, self.mlflow_run_id, self.round, self.parameters_digest)
 
 
 class SiteBudgetExhausted(BudgetExhaustedError):
@@ -89,10 +94,10 @@ def _rebuild_decline(message: str, site: str, spent: float, after: float) -> Sit
 
 
 class RoundAlreadyCharged(SiteBudgetExhausted):
-    """A site's decline of a (run, round) its ledger has charged, with no release to return.
+    """A site's decline of a release its ledger has charged, with nothing kept to return.
 
-    Training again would be a second release of the same records, which the ledger would
-    have to charge a second time under the same key; the site declines instead.
+    Training again from the same model for the same (run, round) would be a second release
+    under one key; the site declines instead.
     """
 
     def __reduce__(self) -> tuple[Any, tuple[str, str, float, float]]:
@@ -285,8 +290,9 @@ class PrivacyLedger:
         Raises
         ------
         RoundAlreadyCharged
-            When (federation, ``mlflow_run_id``, ``round_num``) is charged already: the
-            caller must not release what it trained (one charge per key).
+            When (federation, ``mlflow_run_id``, ``round_num``, ``parameters_digest``) is
+            charged already: the caller must not release what it trained (one charge per
+            key).
         """
         entry = LedgerEntry(
             federation=federation,
@@ -304,13 +310,16 @@ class PrivacyLedger:
             if self.path.is_file():
                 self.entries = PrivacyLedger.load(self.path).entries
             earlier = self.entry_for(
-                federation=federation, mlflow_run_id=mlflow_run_id, round_num=round_num
+                federation=federation,
+                mlflow_run_id=mlflow_run_id,
+                round_num=round_num,
+                parameters_digest=parameters_digest,
             )
             if earlier is not None:
                 spent = self.epsilon(delta)
                 raise RoundAlreadyCharged(
                     f"site {self.site!r} declines round {round_num} of run {mlflow_run_id}: "
-                    f"its ledger charged this (run, round) already (recorded at "
+                    f"its ledger charged this (run, round, model) already (recorded at "
                     f"{earlier.recorded_at:.0f}); the update just trained is discarded, not "
                     "released, so it is not charged",
                     site=self.site,
@@ -332,15 +341,20 @@ class PrivacyLedger:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def entry_for(
-        self, *, federation: str, mlflow_run_id: str | None, round_num: int
+        self,
+        *,
+        federation: str,
+        mlflow_run_id: str | None,
+        round_num: int,
+        parameters_digest: str | None,
     ) -> LedgerEntry | None:
-        """The entry charged for (``federation``, ``mlflow_run_id``, ``round_num``), if any.
+        """The entry charged for this (federation, run, round, model), if any.
 
-        None without an MLflow run id: such rounds (bare loops) have no key to match.
+        None without an MLflow run id or digest: such rounds (bare loops) have no key.
         """
-        if not mlflow_run_id:
+        if not mlflow_run_id or not parameters_digest:
             return None
-        key = (federation, mlflow_run_id, round_num)
+        key = (federation, mlflow_run_id, round_num, parameters_digest)
         return next((e for e in self.entries if e.key == key), None)
 
     def remaining(self, delta: float) -> float | None:

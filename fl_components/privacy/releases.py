@@ -8,16 +8,17 @@ records is a second release, a second charge. Returning the release it already m
 post-processing of an output already paid for, and costs nothing more (Dwork & Roth 2014,
 "The Algorithmic Foundations of Differential Privacy", Proposition 2.1). So the site keeps
 each release next to its ledger and returns it unchanged, provided the request carries the
-global model it was trained from (a digest of it is kept); otherwise it declines.
+global model it was trained from (a digest of it is kept; another model is another
+request, trained and charged anew).
 
 Layout in the site's folder (arrays as safetensors, the rest as JSON; nothing pickled)::
 
-    privacy_releases/<federation>/<MLflow run>/round-0007.safetensors
-    privacy_releases/<federation>/<MLflow run>/round-0007.json
+    privacy_releases/<federation>/<MLflow run>/round-0007-<digest[:16]>.safetensors
+    privacy_releases/<federation>/<MLflow run>/round-0007-<digest[:16]>.json
 
-Only the :data:`KEPT_PER_RUN` latest releases of a run are kept: a resumed coordinator
-re-runs at most the two rounds after its last checkpoint (round t is checkpointed once its
-evaluation, which rides with round t + 1, is in).
+Only the releases of a run's :data:`KEPT_PER_RUN` latest rounds are kept: a resumed
+coordinator re-runs at most the two rounds after its last checkpoint (round t is
+checkpointed once its evaluation, which rides with round t + 1, is in).
 """
 
 from __future__ import annotations
@@ -38,18 +39,25 @@ KEPT_PER_RUN = 2
 
 
 def parameters_digest(parameters: NDArrays) -> str:
-    """SHA-256 of the global model as sent (shapes, dtypes and bytes of every array)."""
+    """SHA-256 of the global model a site trains from (shapes, dtypes, bytes of each array).
+
+    Floating arrays are taken as float32, what the site's model holds once they are loaded
+    (a coordinator's float64 copy and its float32 checkpoint are the same model).
+    """
     digest = hashlib.sha256()
     for array in parameters:
+        array = np.asarray(array)
+        if np.issubdtype(array.dtype, np.floating):
+            array = array.astype(np.float32)
         array = np.ascontiguousarray(array)
         digest.update(f"{array.dtype.str}{array.shape};".encode())
         digest.update(array.tobytes())
     return digest.hexdigest()
 
 
-def release_path(*, federation: str, mlflow_run_id: str, round_num: int) -> str:
+def release_path(*, federation: str, mlflow_run_id: str, round_num: int, digest: str) -> str:
     """Where a round's release is kept, relative to the site's folder (no suffix)."""
-    return f"{RELEASES_DIR}/{federation}/{mlflow_run_id}/round-{round_num:04d}"
+    return f"{RELEASES_DIR}/{federation}/{mlflow_run_id}/round-{round_num:04d}-{digest[:16]}"
 
 
 def keep_release(folder: Path, relative: str, update: LocalUpdate) -> None:
@@ -97,8 +105,8 @@ def load_release(folder: Path, relative: str) -> LocalUpdate | None:
 
 
 def _prune(run_folder: Path) -> None:
-    """Keep the run's :data:`KEPT_PER_RUN` latest releases (by round)."""
-    rounds = sorted(p.with_suffix("") for p in run_folder.glob("round-*.json"))
-    for stale in rounds[:-KEPT_PER_RUN]:
-        for suffix in (".json", ".safetensors"):
-            stale.with_suffix(suffix).unlink(missing_ok=True)
+    """Keep the releases of the run's :data:`KEPT_PER_RUN` latest rounds."""
+    kept = sorted({p.name.split("-")[1] for p in run_folder.glob("round-*")})[-KEPT_PER_RUN:]
+    for stale in run_folder.glob("round-*"):
+        if stale.name.split("-")[1] not in kept:
+            stale.unlink(missing_ok=True)
