@@ -2,7 +2,8 @@
 
 The CLI runs the local backend in its own process group (its temporary Prefect server
 included); SIGKILL after round 2's row stops it without any clean-up, as a crash would.
-`fedpipe run --resume <MLflow run id>` then goes on from the last checkpoint.
+`fedpipe run --resume <MLflow run id>` then goes on from the last checkpoint. A DP run
+(both levels) crashed in-process mid-round resumes too, its unknown round counted as spent.
 """
 
 from __future__ import annotations
