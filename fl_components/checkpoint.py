@@ -9,13 +9,14 @@ Layout under the run's folder::
 
     round-0003/arrays.safetensors   the arrays of round 3's state
     round-0003/state.json           the rest, arrays named by reference
-    started.json                    the rounds begun (with their privacy step, if any)
+    started.json                    the rounds begun: per round, each attempt's privacy step
     latest.json                     {"round": 3}: replaced atomically once round-0003 is whole
 
 A round's folder is written under a temporary name, flushed and renamed; ``latest.json``
 follows it (write, flush, ``os.replace``), so a crash at any moment leaves the previous
 checkpoint intact. A round that was begun but has no checkpoint is *unfinished*: its
-outcome is unknown, and whoever resumes counts its privacy step as spent.
+outcome is unknown, and whoever resumes counts its privacy step as spent. A round begun
+again (by a resumed run) is listed once per attempt: each is a run of the mechanism.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from fl_components.errors import FedpipeError
 _ARRAY = "$array"  # {"$array": "parameters.0"}: the array stored under that key
 _LATEST = "latest.json"
 _STARTED = "started.json"
+_STARTED_VERSION = 2
 
 
 class CheckpointError(FedpipeError):
@@ -56,16 +58,16 @@ class Checkpoint:
         ``ServerState.state_dict()`` after that round.
     extra : dict[str, Any]
         Anything else the coordinator keeps (plain JSON and arrays), e.g. the flow run id.
-    unfinished : dict[int, Any]
-        Rounds begun after ``round`` with no checkpoint, each with the privacy step it was
-        begun with (None without DP): their outcome is unknown.
+    unfinished : dict[int, list[Any]]
+        Rounds begun after ``round`` with no checkpoint, each with the privacy steps it was
+        begun with, one per attempt (None without DP): their outcome is unknown.
     """
 
     round: int
     mlflow_run_id: str
     state: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
-    unfinished: dict[int, Any] = field(default_factory=dict)
+    unfinished: dict[int, list[Any]] = field(default_factory=dict)
 
 
 def split_arrays(tree: Any, *, path: str = "") -> tuple[Any, dict[str, npt.NDArray[Any]]]:
@@ -136,11 +138,25 @@ def round_folder(folder: Path, round_num: int) -> Path:
 
 
 def mark_round_started(folder: Path, round_num: int, *, privacy_step: Any = None) -> None:
-    """Record that round ``round_num`` began (before any site is sent anything)."""
+    """Record that round ``round_num`` began (before any site is sent anything).
+
+    Each call is one attempt: a round begun again keeps the earlier attempts' steps.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    started = _read_json(folder / _STARTED) if (folder / _STARTED).is_file() else {}
-    started[str(round_num)] = privacy_step
-    _write_json(folder / _STARTED, started)
+    started = {str(r): steps for r, steps in started_rounds(folder).items()}
+    started.setdefault(str(round_num), []).append(privacy_step)
+    _write_json(folder / _STARTED, {"version": _STARTED_VERSION, "rounds": started})
+
+
+def started_rounds(folder: Path) -> dict[int, list[Any]]:
+    """Every round begun under ``folder``, with each attempt's privacy step, by round."""
+    if not (folder / _STARTED).is_file():
+        return {}
+    started = _read_json(folder / _STARTED)
+    if started.get("version") != _STARTED_VERSION:  # version 1: one step per round, the last
+        return {int(r): [step] for r, step in sorted(started.items(), key=lambda i: int(i[0]))}
+    rounds = started["rounds"]
+    return {int(r): list(steps) for r, steps in sorted(rounds.items(), key=lambda i: int(i[0]))}
 
 
 def save_checkpoint(folder: Path, checkpoint: Checkpoint) -> Path:
@@ -190,7 +206,7 @@ def load_latest(folder: Path) -> Checkpoint | None:
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
-    started = _read_json(folder / _STARTED) if (folder / _STARTED).is_file() else {}
+    started = started_rounds(folder)
     if not (folder / _LATEST).is_file():
         return None
     round_num = int(_read_json(folder / _LATEST)["round"])
@@ -201,7 +217,7 @@ def load_latest(folder: Path) -> Checkpoint | None:
     except (OSError, SafetensorError) as error:
         raise CheckpointError(f"{target}: arrays unreadable ({error})") from None
     joined = join_arrays({"state": document["state"], "extra": document["extra"]}, arrays)
-    unfinished = {int(r): step for r, step in started.items() if int(r) > round_num}
+    unfinished = {r: steps for r, steps in started.items() if r > round_num}
     return Checkpoint(
         round=round_num,
         mlflow_run_id=str(document["mlflow_run_id"]),

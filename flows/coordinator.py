@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from prefect.runtime import flow_run
 
+from fl_components.checkpoint import mark_round_started
 from fl_components.compression.site import CompressionInstruction
 from fl_components.config import FederationConfig
 from fl_components.data import DatasetInfo, Split
@@ -41,7 +42,7 @@ from fl_components.tracking import (
     registered_run_id,
 )
 from fl_components.training import Metrics
-from flows.resume import ResumePoint, close_crashed_attempt, find_resume_point
+from flows.resume import ResumePoint, close_crashed_attempt, find_resume_point, run_folder
 from tasks.privacy import log_privacy
 from tasks.sites import LocalBackend, SiteBackend
 from tasks.tracking import log_round, round_markdown
@@ -164,6 +165,8 @@ def start_run(config: FederationConfig, *, resume: str | None = None) -> Run:
         link = _open_tracking(config, tracker, strategy, origin=origin, flow_run_id=flow_run_id)
     if config.privacy.participant_level:
         attach_federation_ledger(config, privacy, mlflow_run_id=link.run_id, origin=origin)
+        if resumed is not None:
+            charge_begun_rounds(tracker, privacy, resumed)
     return Run(
         config=config,
         info=info,
@@ -199,6 +202,41 @@ def attach_federation_ledger(
         flow_run_id=str(flow_run.get_id() or "") or None,
         parent_run_id=parent,
     )
+
+
+def charge_begun_rounds(tracker: RunTracker, privacy: PrivacyRounds, resumed: ResumePoint) -> None:
+    """Resuming: charge what the crashed attempt began and its records may lack (as spent).
+
+    The federation ledger was charged when each round began; the checkpoint and
+    ``started.json`` make up for a ledger entry lost between the two writes.
+    """
+    charged = privacy.settle(resumed.begun_steps())
+    unknown = sorted(r for r in resumed.started if r >= resumed.next_round)
+    tags = {"privacy.client.unknown_rounds": ",".join(str(r) for r in unknown) or "none"}
+    tracker.set_tags(tags)
+    log.warning(
+        "resume: participant-level rounds begun before the crash, outcome unknown, counted as "
+        "spent: %s (%s newly charged; %d round(s) of this run accounted)",
+        tags["privacy.client.unknown_rounds"],
+        ", ".join(f"round {r}" for r in sorted(charged)) or "none",
+        len(privacy.accountant.rounds) if privacy.accountant is not None else 0,
+    )
+
+
+def begin_round(run: Run, plan: RoundPlan) -> None:
+    """Record that the round began, then charge its participant-level step (write-ahead).
+
+    Both happen before any site is sent anything: however the round ends (a crash
+    included), its step is spent.
+    """
+    privacy = run.privacy
+    entry = None
+    if privacy.accountant is not None:
+        entry = privacy.begin_round(plan.selected, round_num=plan.round)
+    step = None if entry is None else entry.to_json()
+    mark_round_started(run_folder(run.config, run.run_id), plan.round, privacy_step=step)
+    if entry is not None:
+        privacy.charge(entry, round_num=plan.round)
 
 
 def plan_round(

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from prefect import flow
 from prefect.runtime import flow_run
 
-from fl_components.checkpoint import mark_round_started
 from fl_components.config import FederationConfig
 from fl_components.data import DatasetInfo, Split
 from fl_components.engine import EvaluationRequest, RoundAbortedError, evaluate_sites, run_round
@@ -28,6 +27,7 @@ from flows.coordinator import (
     Run,
     TrainedRound,
     account_round,
+    begin_round,
     evaluation_metrics,
     log_privacy_report,
     plan_round,
@@ -38,7 +38,7 @@ from flows.coordinator import (
 )
 from flows.naming import coordinator_run_name
 from flows.progress import report
-from flows.resume import run_folder, save_round
+from flows.resume import save_round
 from tasks.promotion import promote_if_better
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def _record(
         if pending is not None:
             save_round(
                 run.config, mlflow_run_id=run.run_id, state=pending.state,
-                round_num=round_num, history=history,
+                round_num=round_num, history=history, privacy=run.privacy.state_dict(),
             )  # fmt: skip
         return
     if pending is None:
@@ -114,7 +114,7 @@ def _record(
     history.append({"round": float(round_num), **metrics})
     save_round(
         run.config, mlflow_run_id=run.run_id, state=pending.state,
-        round_num=round_num, history=history,
+        round_num=round_num, history=history, privacy=run.privacy.state_dict(),
     )  # fmt: skip
     report("round", {"round": pending.report.round, "metrics": metrics})
     log.info(
@@ -178,8 +178,8 @@ def federated_training(
     status, version = "FAILED", None
     try:
         for round_num in range(first, config.rounds + 1):
-            mark_round_started(run_folder(config, run.run_id), round_num)
             plan = plan_round(run, state, round_num=round_num, evaluation=evaluation)
+            begin_round(run, plan)  # started.json, and its privacy step charged
             if skip_small_cohort(run, plan):  # Poisson draw too small: accounted, skipped
                 continue
             started = time.perf_counter()

@@ -11,19 +11,27 @@ A run checkpoints each round once the round is logged (``fl_components.checkpoin
 It goes on from the round after the checkpoint, logging into the same MLflow run (no second
 run, no round logged twice); what the crash left behind is closed: the crashed Prefect flow
 run and its task runs still RUNNING are marked, so nothing stays RUNNING for ever.
+
+Participant-level DP resumes with its accountant: the checkpoint's accountant rounds, and
+every round the crashed attempt *began* (``started.json``) that neither holds, are charged
+as spent before the first round is re-run (:meth:`ResumePoint.begun_steps`), in the
+accountant and in the federation ledger. A round whose outcome is unknown counts as spent;
+its re-run is another run of the mechanism, and counts again.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fl_components.checkpoint import Checkpoint, load_latest, save_checkpoint
+from fl_components.checkpoint import Checkpoint, load_latest, save_checkpoint, started_rounds
 from fl_components.config import FederationConfig
 from fl_components.errors import ConfigError
+from fl_components.privacy.accounting import ClientRound
 from fl_components.strategies import ServerState
 from fl_components.tracking import RunTracker
 
@@ -47,6 +55,8 @@ class ResumePoint:
     # rounds the crashed attempt logged: one may be past the checkpoint (a crash between
     # logging a round and checkpointing it); logged again it would count twice
     logged_rounds: frozenset[int] = frozenset()
+    # every round begun (started.json), with each attempt's privacy step, checkpoint or not
+    started: Mapping[int, list[Any]] = field(default_factory=dict)
 
     @property
     def next_round(self) -> int:
@@ -58,6 +68,22 @@ class ResumePoint:
         if self.checkpoint is None:
             return None
         return ServerState.load_state_dict(self.checkpoint.state)
+
+    def begun_steps(self) -> list[ClientRound]:
+        """Participant-level steps charged or begun before the crash: all count as spent.
+
+        The checkpoint's accountant rounds and each attempt ``started.json`` lists (a round
+        begun, its outcome unknown); the accountant skips those it holds (by attempt key).
+        """
+        steps: list[ClientRound] = []
+        if self.checkpoint is not None:
+            kept = self.checkpoint.extra.get("privacy", {}).get("rounds", [])
+            steps.extend(ClientRound.from_json(r) for r in kept)
+        for round_num, attempts in sorted(self.started.items()):
+            for attempt in attempts:
+                if isinstance(attempt, Mapping):  # None: a round begun without DP
+                    steps.append(ClientRound.from_json({**attempt, "round": round_num}))
+        return steps
 
     def history(self) -> list[dict[str, float]]:
         """The rows logged before the crash (round 0 included)."""
@@ -74,8 +100,7 @@ def find_resume_point(
     Raises
     ------
     ConfigError
-        If ``resume`` names a run without checkpoints, or the run uses participant-level DP
-        (its accountant is not in the checkpoint yet, and a resume must never under-count).
+        If ``resume`` names a run without checkpoints.
     """
     if resume:
         folder = run_folder(config, resume)
@@ -85,21 +110,20 @@ def find_resume_point(
                 f"resume {resume!r}: no checkpoint under {folder}; a run checkpoints each "
                 "round once it is logged, so this run completed none (start it again instead)"
             )
-        point = ResumePoint(resume, checkpoint, _logged_rounds(tracker, resume))
+        point = ResumePoint(
+            resume, checkpoint, _logged_rounds(tracker, resume), started_rounds(folder)
+        )
     else:
         earlier = tracker.runs_of_flow_run(flow_run_id) if flow_run_id else []
         if not earlier:
             return None
         # a retry of a crashed flow run: the same MLflow run, from its last checkpoint
+        folder = run_folder(config, earlier[0])
         point = ResumePoint(
             earlier[0],
-            load_latest(run_folder(config, earlier[0])),
+            load_latest(folder),
             _logged_rounds(tracker, earlier[0]),
-        )
-    if point.checkpoint is not None and config.privacy.participant_level:
-        raise ConfigError(
-            f"resume {point.mlflow_run_id!r}: participant-level DP runs cannot resume yet (the "
-            "accountant is not checkpointed, so epsilon could be under-counted); start a new run"
+            started_rounds(folder),
         )
     return point
 
@@ -117,13 +141,18 @@ def save_round(
     state: ServerState,
     round_num: int,
     history: list[dict[str, float]],
+    privacy: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Checkpoint round ``round_num`` (logged, its state ``state``); returns its folder."""
+    """Checkpoint round ``round_num`` (logged, its state ``state``); returns its folder.
+
+    ``privacy``: ``PrivacyRounds.state_dict()``, the participant-level accountant's rounds
+    charged so far (those begun after ``round_num`` included: over, never under).
+    """
     checkpoint = Checkpoint(
         round=round_num,
         mlflow_run_id=mlflow_run_id,
         state=state.state_dict(),
-        extra={"history": history},
+        extra={"history": history, "privacy": dict(privacy or {})},
     )
     return save_checkpoint(run_folder(config, mlflow_run_id), checkpoint)
 

@@ -16,8 +16,10 @@ is the worst site's.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from fl_components.privacy.ledger import epsilon_of
 
@@ -37,12 +39,43 @@ class ClientRound:
     sites : tuple of str, optional
         The selected sites for a fixed selection (q = 1); None under Poisson sampling,
         where every site is at risk (and the secret cohort is not kept).
+    attempt : str, optional
+        A key drawn when the round was begun: one mechanism run, charged once however
+        often it is recorded (a resumed run re-running the round begins a new attempt).
+    round : int, optional
+        The round it was begun for. Neither key nor round takes part in comparisons.
     """
 
     noise_multiplier: float
     sample_rate: float
     steps: int = 1
     sites: tuple[str, ...] | None = None
+    attempt: str | None = field(default=None, compare=False)
+    round: int | None = field(default=None, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON (what started.json and a checkpoint keep)."""
+        return {
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "steps": self.steps,
+            "sites": None if self.sites is None else list(self.sites),
+            "attempt": self.attempt,
+            "round": self.round,
+        }
+
+    @classmethod
+    def from_json(cls, document: Mapping[str, Any]) -> ClientRound:
+        """Inverse of :meth:`to_json`."""
+        sites = document.get("sites")
+        return cls(
+            noise_multiplier=float(document["noise_multiplier"]),
+            sample_rate=float(document["sample_rate"]),
+            steps=int(document["steps"]),
+            sites=None if sites is None else tuple(str(s) for s in sites),
+            attempt=None if document.get("attempt") is None else str(document["attempt"]),
+            round=None if document.get("round") is None else int(document["round"]),
+        )
 
 
 def participant_epsilon(rounds: Iterable[ClientRound], *, delta: float, accountant: str) -> float:
@@ -110,6 +143,24 @@ class ParticipantAccountant:
         entry = self.planned(noise_multiplier=noise_multiplier, selected=selected)
         self.rounds.append(entry)
         return entry
+
+    def begun(
+        self, *, noise_multiplier: float, selected: tuple[str, ...], round_num: int
+    ) -> ClientRound:
+        """Round ``round_num`` of a selection, with a fresh attempt key (not accounted yet)."""
+        planned = self.planned(noise_multiplier=noise_multiplier, selected=selected)
+        return replace(planned, attempt=uuid.uuid4().hex, round=round_num)
+
+    def charge(self, entry: ClientRound) -> bool:
+        """Account ``entry`` unless its attempt is accounted already; True if it was added."""
+        if entry.attempt is not None and entry.attempt in self.attempts():
+            return False
+        self.rounds.append(entry)
+        return True
+
+    def attempts(self) -> set[str]:
+        """The attempt keys of this run's accounted rounds."""
+        return {r.attempt for r in self.rounds if r.attempt is not None}
 
     @property
     def amplification(self) -> str:

@@ -18,7 +18,7 @@ import math
 import secrets
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -29,7 +29,19 @@ from fl_components.config import FederationConfig, PrivacyConfig, TrainingConfig
 from fl_components.data import Split
 from fl_components.errors import ConfigError
 from fl_components.parameters import NDArrays, get_parameters, set_parameters, subtract
-from fl_components.privacy.ledger import RDP_ORDERS, PrivacyLedger, default_delta
+from fl_components.privacy.ledger import (
+    RDP_ORDERS,
+    LedgerEntry,
+    PrivacyLedger,
+    RoundAlreadyCharged,
+    default_delta,
+)
+from fl_components.privacy.releases import (
+    keep_release,
+    load_release,
+    parameters_digest,
+    release_path,
+)
 from fl_components.training import LocalUpdate, make_optimizer, pick_device, train_epochs
 
 # Installed once for the process: Opacus's hooks make torch warn at every step, and
@@ -249,6 +261,15 @@ def private_local_train(
         examples=len(train), privacy=privacy, training=config.training, rounds=config.rounds
     )
     ledger = PrivacyLedger.open(folder, site=site, accountant=privacy.accountant)
+    digest = parameters_digest(global_parameters)
+    charged = ledger.entry_for(
+        federation=config.name,
+        mlflow_run_id=mlflow_run_id,
+        round_num=round_num,
+        parameters_digest=digest,
+    )
+    if charged is not None:  # the same request again, a release paid for: never train twice
+        return _released_again(ledger, charged, folder=folder, delta=plan.delta)
     spent_before = ledger.epsilon(plan.delta)
     ledger.check_round(
         noise_multiplier=plan.noise_multiplier,
@@ -264,6 +285,11 @@ def private_local_train(
     loss = dp_train(model, train, config.training, plan=plan, grad_sample_mode=mode, device=device)
     model.to("cpu")
     delta = subtract(get_parameters(model), global_parameters)
+    kept = None
+    if mlflow_run_id:
+        kept = release_path(
+            federation=config.name, mlflow_run_id=mlflow_run_id, round_num=round_num, digest=digest
+        )
     ledger.record(
         federation=config.name,
         round_num=round_num,
@@ -274,10 +300,12 @@ def private_local_train(
         max_epsilon=privacy.max_epsilon,
         mlflow_run_id=mlflow_run_id,
         flow_run_id=flow_run_id,
+        release=kept,
+        parameters_digest=digest,
     )
     epsilon = ledger.epsilon(plan.delta)
     remaining = ledger.remaining(plan.delta)
-    return LocalUpdate(
+    update = LocalUpdate(
         site=site,
         round=round_num,
         delta=delta,
@@ -297,6 +325,45 @@ def private_local_train(
             "grad_sample_mode": float(_MODE_CODES[mode]),
         },
     )
+    if kept is not None:  # charged: what a repeated request for this round gets back
+        keep_release(folder, kept, update)
+    return update
+
+
+def _released_again(
+    ledger: PrivacyLedger, charged: LedgerEntry, *, folder: Path, delta: float
+) -> LocalUpdate:
+    """The release kept for a charged (run, round, model), unchanged; or decline the round.
+
+    Re-sending an output already charged is post-processing (no new cost); training again
+    from the same model would be a second release under the same key, so without the kept
+    release the site declines.
+
+    Raises
+    ------
+    RoundAlreadyCharged
+        When no release of the request is kept (removed, or lost in a crash).
+    """
+    kept = None if charged.release is None else load_release(folder, charged.release)
+    spent = ledger.epsilon(delta)
+    if kept is None:
+        raise RoundAlreadyCharged(
+            f"site {ledger.site!r} declines round {charged.round} of run "
+            f"{charged.mlflow_run_id}: its privacy ledger charged a release for this (run, "
+            "round, global model) already and keeps no copy of it; training again would "
+            f"release the same records twice (epsilon spent {spent:.3f}). The round goes on "
+            "without this site",
+            site=ledger.site,
+            spent=spent,
+            after=spent,
+        )
+    remaining = ledger.remaining(delta)
+    extra = {  # the ledger's figures as of now; the update itself is the one released
+        **kept.extra,
+        "epsilon": spent,
+        "remaining": -1.0 if remaining is None else remaining,
+    }
+    return replace(kept, extra=extra)
 
 
 # LocalUpdate.extra holds floats only; the mode travels as its code

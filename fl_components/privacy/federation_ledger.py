@@ -63,11 +63,21 @@ class LedgerRound:
     steps: int
     sites: tuple[str, ...] | None
     recorded_at: float
+    attempt: str | None = None  # the begun round's key: recorded once
+    # charged by a resumed run for a round begun before a crash whose record was missing
+    settled: bool = False
 
     @property
     def client_round(self) -> ClientRound:
         """The accountant's view of the round."""
-        return ClientRound(self.noise_multiplier, self.sample_rate, self.steps, self.sites)
+        return ClientRound(
+            self.noise_multiplier,
+            self.sample_rate,
+            self.steps,
+            self.sites,
+            attempt=self.attempt,
+            round=self.round,
+        )
 
 
 @dataclass
@@ -170,6 +180,18 @@ class FederationLedger:
             current = run.parent_run_id if run is not None else None
         return [r for r in reversed(chain) if r in self.runs]
 
+    def prior_for(self, run_id: str) -> list[ClientRound]:
+        """The rounds of the runs ``run_id``'s model descends from (not its own)."""
+        return [
+            r.client_round for rid in self.lineage(run_id) if rid != run_id
+            for r in self.runs[rid].rounds
+        ]  # fmt: skip
+
+    def rounds_of(self, run_id: str) -> list[ClientRound]:
+        """``run_id``'s own rounds, as recorded (every attempt)."""
+        run = self.runs.get(run_id)
+        return [] if run is None else [r.client_round for r in run.rounds]
+
     def history_for(self, run_id: str) -> list[ClientRound]:
         """Every round of ``run_id``'s lineage, oldest first (the composition to account)."""
         return [r.client_round for rid in self.lineage(run_id) for r in self.runs[rid].rounds]
@@ -239,13 +261,23 @@ class FederationLedger:
             )
         return after
 
-    def record(self, run_id: str, entry: ClientRound, *, round_num: int) -> None:
-        """Append one accounted round to ``run_id`` (registered by :meth:`begin_run`)."""
+    def record(
+        self, run_id: str, entry: ClientRound, *, round_num: int, settled: bool = False
+    ) -> None:
+        """Append one accounted round to ``run_id`` (registered by :meth:`begin_run`).
+
+        Idempotent for a keyed entry: an attempt already recorded is not recorded again
+        (it is one run of the mechanism). ``settled``: charged by a resumed run for a round
+        begun before the crash (its outcome unknown).
+        """
         if run_id not in self.runs:
             raise ConfigError(f"run {run_id!r} is not in {self.path}; call begin_run first")
 
         def change(ledger: FederationLedger) -> None:
-            ledger.runs[run_id].rounds.append(
+            rounds = ledger.runs[run_id].rounds
+            if entry.attempt is not None and any(r.attempt == entry.attempt for r in rounds):
+                return
+            rounds.append(
                 LedgerRound(
                     round=round_num,
                     noise_multiplier=float(entry.noise_multiplier),
@@ -253,6 +285,8 @@ class FederationLedger:
                     steps=int(entry.steps),
                     sites=entry.sites,
                     recorded_at=time.time(),
+                    attempt=entry.attempt,
+                    settled=settled,
                 )
             )
 

@@ -6,14 +6,24 @@ accountant (RDP: Mironov 2017, "Rényi Differential Privacy", CSF, arXiv:1702.07
 Gopi, Lee & Wutschitz 2021, NeurIPS, arXiv:2106.02848; GDP: Dong, Roth & Su 2019,
 arXiv:1905.02383) whenever epsilon is asked for. Because the file lives in the site's
 folder, recurring retraining of the same records keeps spending the same budget.
+
+An entry is keyed by (federation, MLflow run, round, digest of the global model it was
+trained from): one release, charged once. The same request again (a retried task, a
+re-delivered job, a resumed coordinator re-running a round from the same model) is answered
+with the release kept for it (:mod:`fl_components.privacy.releases`), never by training
+again. A round asked for from *another* model (a resumed run whose earlier rounds came out
+differently) is a new release of the same records: trained, and charged again.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +51,20 @@ class LedgerEntry:
     recorded_at: float
     mlflow_run_id: str | None = None
     flow_run_id: str | None = None
+    # the update released for this round, kept at the site (relative to its folder), and
+    # a digest of the global model it was trained from: a repeat request gets it back
+    release: str | None = None
+    parameters_digest: str | None = None
+
+    @property
+    def key(self) -> tuple[str, str, int, str] | None:
+        """(federation, MLflow run, round, model digest): one release, charged once.
+
+        None without an MLflow run id or a digest (bare loops): nothing to match.
+        """
+        if not self.mlflow_run_id or not self.parameters_digest:
+            return None
+        return (self.federation, self.mlflow_run_id, self.round, self.parameters_digest)
 
 
 class SiteBudgetExhausted(BudgetExhaustedError):
@@ -67,6 +91,21 @@ class SiteBudgetExhausted(BudgetExhaustedError):
 
 def _rebuild_decline(message: str, site: str, spent: float, after: float) -> SiteBudgetExhausted:
     return SiteBudgetExhausted(message, site=site, spent=spent, after=after)
+
+
+class RoundAlreadyCharged(SiteBudgetExhausted):
+    """A site's decline of a release its ledger has charged, with nothing kept to return.
+
+    Training again from the same model for the same (run, round) would be a second release
+    under one key; the site declines instead.
+    """
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str, float, float]]:
+        return _rebuild_charged, (str(self), self.site, self.spent, self.after)
+
+
+def _rebuild_charged(message: str, site: str, spent: float, after: float) -> RoundAlreadyCharged:
+    return RoundAlreadyCharged(message, site=site, spent=spent, after=after)
 
 
 def default_delta(n: int) -> float:
@@ -238,26 +277,85 @@ class PrivacyLedger:
         max_epsilon: float | None,
         mlflow_run_id: str | None = None,
         flow_run_id: str | None = None,
+        release: str | None = None,
+        parameters_digest: str | None = None,
     ) -> None:
-        """Append one trained round and save the ledger.
+        """Append one trained round and save the ledger (re-read under a lock first).
 
         ``mlflow_run_id`` and ``flow_run_id`` name the MLflow run and the Prefect flow run
         that spent it, when the caller knows them (an auditor can then follow each entry).
+        ``release`` and ``parameters_digest``: where the released update is kept and what
+        it was trained from (:mod:`fl_components.privacy.releases`).
+
+        Raises
+        ------
+        RoundAlreadyCharged
+            When (federation, ``mlflow_run_id``, ``round_num``, ``parameters_digest``) is
+            charged already: the caller must not release what it trained (one charge per
+            key).
         """
-        self.entries.append(
-            LedgerEntry(
-                federation=federation,
-                round=round_num,
-                noise_multiplier=float(noise_multiplier),
-                sample_rate=float(sample_rate),
-                steps=int(steps),
-                recorded_at=time.time(),
-                mlflow_run_id=mlflow_run_id,
-                flow_run_id=flow_run_id,
-            )
+        entry = LedgerEntry(
+            federation=federation,
+            round=round_num,
+            noise_multiplier=float(noise_multiplier),
+            sample_rate=float(sample_rate),
+            steps=int(steps),
+            recorded_at=time.time(),
+            mlflow_run_id=mlflow_run_id,
+            flow_run_id=flow_run_id,
+            release=release,
+            parameters_digest=parameters_digest,
         )
-        self.delta, self.max_epsilon = delta, max_epsilon
-        self.save()
+        with self._locked():  # another delivery of the same job may be recording right now
+            if self.path.is_file():
+                self.entries = PrivacyLedger.load(self.path).entries
+            earlier = self.entry_for(
+                federation=federation,
+                mlflow_run_id=mlflow_run_id,
+                round_num=round_num,
+                parameters_digest=parameters_digest,
+            )
+            if earlier is not None:
+                spent = self.epsilon(delta)
+                raise RoundAlreadyCharged(
+                    f"site {self.site!r} declines round {round_num} of run {mlflow_run_id}: "
+                    f"its ledger charged this (run, round, model) already (recorded at "
+                    f"{earlier.recorded_at:.0f}); the update just trained is discarded, not "
+                    "released, so it is not charged",
+                    site=self.site,
+                    spent=spent,
+                    after=spent,
+                )
+            self.entries.append(entry)
+            self.delta, self.max_epsilon = delta, max_epsilon
+            self.save()
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def entry_for(
+        self,
+        *,
+        federation: str,
+        mlflow_run_id: str | None,
+        round_num: int,
+        parameters_digest: str | None,
+    ) -> LedgerEntry | None:
+        """The entry charged for this (federation, run, round, model), if any.
+
+        None without an MLflow run id or digest: such rounds (bare loops) have no key.
+        """
+        if not mlflow_run_id or not parameters_digest:
+            return None
+        key = (federation, mlflow_run_id, round_num, parameters_digest)
+        return next((e for e in self.entries if e.key == key), None)
 
     def remaining(self, delta: float) -> float | None:
         """Budget left at ``delta`` (None when unlimited)."""

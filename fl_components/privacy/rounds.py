@@ -9,7 +9,7 @@ arXiv:1905.03871.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +56,8 @@ class PrivacyRounds:
     ledger: FederationLedger | None = None
     run_id: str | None = None
     record: RunPrivacyRecord = field(default_factory=RunPrivacyRecord)
+    # rounds charged when they began (write-ahead), by round: account() does not step again
+    begun: dict[int, ClientRound] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         privacy = self.config.privacy
@@ -110,9 +112,62 @@ class PrivacyRounds:
             accountant=accountant.accountant,
             delta=self.client_delta,
         )
-        accountant.prior = ledger.history_for(mlflow_run_id)
-        accountant.rounds = []
+        # a resumed run's own rounds are in the ledger already: they stay this run's
+        accountant.prior = ledger.prior_for(mlflow_run_id)
+        accountant.rounds = ledger.rounds_of(mlflow_run_id)
         self.ledger, self.run_id = ledger, mlflow_run_id
+
+    def begin_round(self, selected: tuple[str, ...], *, round_num: int) -> ClientRound:
+        """The participant-level step of a round about to be dispatched, with a fresh key.
+
+        Nothing is accounted yet: write it where a resumed run will find it (the
+        checkpoint's ``started.json``), then :meth:`charge` it, before any site is sent
+        anything.
+        """
+        return self._participant_accountant().begun(
+            noise_multiplier=self.config.privacy.client_noise_multiplier,
+            selected=selected,
+            round_num=round_num,
+        )
+
+    def charge(self, entry: ClientRound, *, round_num: int, settled: bool = False) -> bool:
+        """Account a begun round now (write-ahead): in the accountant and the ledger.
+
+        Whatever happens to the round after (trained, skipped, aborted, or a crash), it is
+        spent. Idempotent by ``entry.attempt``. ``settled``: charged on resume for a round
+        an earlier attempt began. Returns True when the accountant did not hold it yet.
+        """
+        added = self._participant_accountant().charge(entry)
+        if self.ledger is not None and self.run_id is not None:
+            self.ledger.record(self.run_id, entry, round_num=round_num, settled=settled)
+        self.begun[round_num] = entry
+        return added
+
+    def settle(self, begun: Iterable[ClientRound]) -> dict[int, int]:
+        """On resume: charge every round an earlier attempt began and left unaccounted.
+
+        ``begun``: the steps charged or begun before the crash (a checkpoint's accountant
+        rounds and ``started.json``'s); each is charged unless its attempt is accounted
+        already, so a round whose outcome is unknown counts as spent exactly once.
+
+        Returns
+        -------
+        dict[int, int]
+            Round -> steps newly charged (for the run's log).
+        """
+        charged: dict[int, int] = {}
+        for entry in begun:
+            round_num = entry.round if entry.round is not None else 0
+            if self.charge(entry, round_num=round_num, settled=True):
+                charged[round_num] = charged.get(round_num, 0) + 1
+        self.begun.clear()  # none of them is the round this attempt is about to run
+        return charged
+
+    def state_dict(self) -> dict[str, Any]:
+        """The participant-level accountant's rounds of this run, as JSON (a checkpoint's)."""
+        if self.accountant is None:
+            return {}
+        return {"rounds": [r.to_json() for r in self.accountant.rounds]}
 
     def check_round(self, selected: tuple[str, ...], *, round_num: int) -> float:
         """Client epsilon after the round; refuse it past privacy.max_client_epsilon.
@@ -192,14 +247,19 @@ class PrivacyRounds:
         """Account the round with its *selection* (q from it) and adapt the clip norm.
 
         ``result`` is None for a round skipped after selection (cohort too small, every
-        update lost): it is accounted all the same. Records it in the federation ledger.
+        update lost): it is accounted all the same. Records it in the federation ledger,
+        unless the round was charged when it began (:meth:`charge`).
         """
         privacy = self.config.privacy
         accountant = self._participant_accountant()
-        # the whole mechanism (update + noised count) has multiplier z: account z
-        entry = accountant.step(noise_multiplier=privacy.client_noise_multiplier, selected=selected)
-        if self.ledger is not None and self.run_id is not None:
-            self.ledger.record(self.run_id, entry, round_num=round_num)
+        entry = self.begun.pop(round_num, None)  # charged when it began (write-ahead)
+        if entry is None:
+            # the whole mechanism (update + noised count) has multiplier z: account z
+            entry = accountant.step(
+                noise_multiplier=privacy.client_noise_multiplier, selected=selected
+            )
+            if self.ledger is not None and self.run_id is not None:
+                self.ledger.record(self.run_id, entry, round_num=round_num)
         if result is None:
             return entry
         self.last_aggregate = result
@@ -278,6 +338,8 @@ class PrivacyRounds:
             client_epsilon = self.accountant.epsilon(self.client_delta)
             metrics["privacy/client_epsilon"] = client_epsilon
             metrics["privacy/client_sample_rate"] = self.accountant.rounds[-1].sample_rate
+            # rounds charged to this run so far, begun-but-unknown ones of a crash included
+            metrics["privacy/client_rounds"] = float(sum(r.steps for r in self.accountant.rounds))
             if dp is not None:
                 metrics["privacy/clip_norm"] = dp.clip_norm
                 metrics["privacy/clipped_fraction"] = dp.clipped / max(1, len(dp.norms))

@@ -9,8 +9,10 @@ the aggregation; the inner strategy still says what sites are sent and how the s
 
 Under secure aggregation each site clips and adds its share of the noise before masking
 (:func:`fl_components.secure_round.prepare_update`); the wrapper then only records the round.
-The participant-level accountant is stepped by the coordinator after the round, from the
-round's report (:class:`fl_components.privacy.rounds.PrivacyRounds`).
+The participant-level accountant is stepped by the coordinator when the round begins,
+before any site is sent anything (:meth:`fl_components.privacy.rounds.PrivacyRounds.charge`),
+so a round cut short by a crash is spent all the same; its history is checkpointed and a
+resumed run goes on with it.
 """
 
 from __future__ import annotations

@@ -2,11 +2,13 @@
 
 The CLI runs the local backend in its own process group (its temporary Prefect server
 included); SIGKILL after round 2's row stops it without any clean-up, as a crash would.
-`fedpipe run --resume <MLflow run id>` then goes on from the last checkpoint.
+`fedpipe run --resume <MLflow run id>` then goes on from the last checkpoint. A DP run
+(both levels) crashed in-process mid-round resumes too, its unknown round counted as spent.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -102,3 +105,83 @@ def test_a_killed_run_resumes_into_the_same_mlflow_run(tmp_path: Path) -> None:
         assert sorted(site_steps) == list(range(ROUNDS + 1)), (site, site_steps)
     assert (folder / f"round-{ROUNDS:04d}" / "arrays.safetensors").is_file()
     assert "Traceback" not in output
+
+
+class _Crash(Exception):
+    """The coordinator dies mid-round (after the sites trained, before anything is logged)."""
+
+
+def test_a_dp_run_crashed_mid_round_resumes_and_counts_the_unknown_round(
+    prefect_harness: None, small_config: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Participant- and record-level DP (mode both): the round cut short is spent at the
+    coordinator, and its re-run is charged again there. At the sites, re-run round 2 (same
+    model) is answered with the updates released before the crash, charged once; round 3
+    comes from another model (round 2's fresh noise) and is a new release, charged again."""
+    from mlflow.tracking import MlflowClient
+    from opacus.accountants import RDPAccountant
+
+    import flows.federated_training as training
+    from fl_components.federation import federation_dir
+    from fl_components.privacy.federation_ledger import FederationLedger, federation_ledger_path
+    from fl_components.privacy.ledger import RDP_ORDERS, PrivacyLedger, epsilon_of
+
+    config = small_config.model_validate(
+        {
+            **small_config.model_dump(exclude_unset=True),
+            "rounds": ROUNDS,
+            "model": {"kind": "logreg"},
+            "training": {"epochs": 1, "batch_size": 32},
+            "participation": {"fraction": 1.0, "min_participants": 2},
+            "privacy": {"mode": "both", "delta": 1e-3, "noise_multiplier": 1.0},
+        }
+    )
+    real_round = training.run_round
+
+    def crashes_in_round_3(state, plan, *args, **kwargs):  # type: ignore[no-untyped-def]
+        result = real_round(state, plan, *args, **kwargs)  # the sites trained and charged
+        if plan.round == 3:
+            raise _Crash("coordinator lost in round 3")
+        return result
+
+    with monkeypatch.context() as crash:
+        crash.setattr(training, "run_round", crashes_in_round_3)
+        with pytest.raises(_Crash):
+            training.federated_training(config)
+    client = MlflowClient(config.tracking.tracking_uri)
+    (crashed,) = client.search_runs([client.get_experiment_by_name(config.name).experiment_id])
+    run_id = crashed.info.run_id
+
+    summary = training.federated_training(config, resume=run_id)  # old code: ConfigError
+
+    assert summary.mlflow_run_id == run_id
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run_id, "global/accuracy")]
+    assert sorted(steps) == list(range(ROUNDS + 1)), steps  # every round logged once
+    # round 1 was checkpointed; rounds 2 (its evaluation rode with round 3) and 3 were begun
+    assert run.data.tags["privacy.client.unknown_rounds"] == "2,3"
+    ledger = FederationLedger.load(federation_ledger_path(config.tracking, config.name))
+    charged = [r.round for r in ledger.runs[run_id].rounds]
+    assert charged == [1, 2, 3, 2, 3, 4]  # 2 and 3 before the crash, and re-run after it
+
+    epsilons = client.get_metric_history(run_id, "privacy/client_epsilon")
+    final = max(epsilons, key=lambda m: m.step).value
+    q = float(run.data.params["privacy.client.sample_rate"])
+    z = float(run.data.params["privacy.client.noise_multiplier"])
+    uninterrupted_plus_unknown = epsilon_of([(z, q, ROUNDS + 1)], delta=1e-3, accountant="rdp")
+    assert final >= uninterrupted_plus_unknown
+    # recomputed from what is logged: the privacy report's rounds, through Opacus
+    report = json.loads(
+        Path(client.download_artifacts(run_id, "privacy/privacy_report.json")).read_text()
+    )
+    accountant = RDPAccountant()
+    accountant.history = [(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in
+                          report["client"]["rounds"]]  # fmt: skip
+    assert accountant.get_epsilon(1e-3, alphas=RDP_ORDERS) == pytest.approx(final, rel=1e-9)
+    rounds_logged = client.get_metric_history(run_id, "privacy/client_rounds")
+    assert max(rounds_logged, key=lambda m: m.step).value == 6.0
+
+    for site in config.site_names:  # record level: one charge per release at each site
+        entries = PrivacyLedger.load(federation_dir(config) / site / "privacy_ledger.json").entries
+        assert sorted(e.round for e in entries if e.mlflow_run_id == run_id) == [1, 2, 3, 3, 4]

@@ -16,6 +16,7 @@ from fl_components.checkpoint import (
     mark_round_started,
     round_folder,
     save_checkpoint,
+    started_rounds,
 )
 
 
@@ -75,7 +76,28 @@ def test_a_crash_while_writing_leaves_the_previous_round(tmp_path: Path) -> None
 
     assert loaded is not None and loaded.round == 1
     np.testing.assert_array_equal(loaded.state["parameters"][0], np.arange(6).reshape(2, 3))
-    assert loaded.unfinished == {2: [1.1, 0.5, 10]}  # begun, outcome unknown: counts as spent
+    assert loaded.unfinished == {2: [[1.1, 0.5, 10]]}  # begun, outcome unknown: counts as spent
+
+
+def test_a_round_begun_again_lists_every_attempt(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, Checkpoint(round=1, mlflow_run_id="a", state=_state(1)))
+    mark_round_started(tmp_path, 2, privacy_step={"attempt": "first"})
+    mark_round_started(tmp_path, 3, privacy_step={"attempt": "first-3"})
+    mark_round_started(tmp_path, 2, privacy_step={"attempt": "resumed"})  # the re-run
+
+    loaded = load_latest(tmp_path)
+
+    assert loaded is not None
+    assert loaded.unfinished == {
+        2: [{"attempt": "first"}, {"attempt": "resumed"}],
+        3: [{"attempt": "first-3"}],
+    }
+    assert started_rounds(tmp_path)[2] == [{"attempt": "first"}, {"attempt": "resumed"}]
+
+
+def test_a_version_1_started_file_is_read_as_one_attempt_per_round(tmp_path: Path) -> None:
+    (tmp_path / "started.json").write_text(json.dumps({"10": [1.0, 0.5, 1], "9": None}))
+    assert started_rounds(tmp_path) == {9: [None], 10: [[1.0, 0.5, 1]]}
 
 
 def test_a_round_written_again_replaces_it(tmp_path: Path) -> None:
