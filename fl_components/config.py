@@ -451,8 +451,9 @@ class SecureAggregationConfig(_Section):
     threshold: int | None = Field(
         default=None,
         ge=1,
-        description="t: minimum survivors and unmask responses; None = floor(n/2) + 1 over "
-        "the round's participants.",
+        description="t: minimum survivors and unmask responses; None = a majority, "
+        "floor(g/2) + 1, of the group a site shares with (g: the round's participants, or "
+        "a site and its neighbours).",
     )
     neighbours: int | None = Field(
         default=None, ge=1, description="k for SecAgg+ (sparse graph); None = every pair."

@@ -42,7 +42,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -160,26 +160,31 @@ def round_context(
     """
     secagg = config.secure_aggregation
     n = len(participants)
-    threshold = secagg.threshold if secagg.threshold is not None else default_threshold(n)
-    if threshold > n:
-        raise ConfigError(
-            f"secure_aggregation.threshold ({threshold}) exceeds the {n} participants of round "
-            f"{round_num}; lower it, raise participation.fraction, or set it to null "
-            f"(majority: {default_threshold(n)})"
-        )
     # compression: b-bit fixed point packed in Z_2^(b + ceil(log2 n)) (compression.secure)
     shape = secure_shape(config.compression, n=n, dimension=dimension)
-    return RoundContext(
+    provisional = RoundContext(
         run_id=run_id,
         round=round_num,
         participants=participants,
-        threshold=threshold,
+        threshold=1,
         dimension=shape.dimension,  # k with shared random-k: only those are masked
         clip_range=secagg.clip_range,
         neighbours=secagg.neighbours,
         bits=secagg.bits if shape.bits is None else shape.bits,
         field_bits=shape.field_bits,
     )
+    # shares go to a site's neighbourhood (all n, or itself and its neighbours): t is a
+    # majority of that group unless set
+    group = provisional.group_size
+    threshold = secagg.threshold if secagg.threshold is not None else default_threshold(group)
+    if threshold > group:
+        where = f"the {n} participants" if group == n else f"a neighbourhood of {group} sites"
+        raise ConfigError(
+            f"secure_aggregation.threshold ({threshold}) exceeds {where} of round {round_num}; "
+            f"lower it, raise participation.fraction or secure_aggregation.neighbours, or set "
+            f"it to null (majority: {default_threshold(group)})"
+        )
+    return replace(provisional, threshold=threshold)
 
 
 def weight_units(config: FederationConfig, num_examples: int) -> int:

@@ -345,3 +345,23 @@ def test_participant_dp_and_secure_aggregation_in_one_run(small_config: Federati
     client = MlflowClient(tracking_uri=config.tracking.tracking_uri)
     assert _metric(client, summary.mlflow_run_id, "secagg/enabled") == [1.0]
     assert _metric(client, summary.mlflow_run_id, "privacy/client_epsilon")[0] > 0
+
+
+def test_with_neighbours_the_default_threshold_is_a_majority_of_the_neighbourhood(
+    small_config: FederationConfig,
+) -> None:
+    """1,000 sites masking against 14 neighbours each: t defaults to 8 of 15, not 501 of 1,000."""
+    raw = small_config.model_dump(mode="json", exclude_unset=True)
+    raw["sites"] = [{"name": f"s{i:04d}"} for i in range(1000)]
+    raw["secure_aggregation"] = {"enabled": True, "neighbours": 14}
+    config = config_from_dict(raw)
+    sites = tuple(config.site_names)
+    ctx = secure_round.round_context(
+        config, run_id="r", round_num=1, participants=sites, dimension=4
+    )
+    assert (ctx.group_size, ctx.threshold) == (15, 8)
+    raw["secure_aggregation"]["threshold"] = 16
+    with pytest.raises(ConfigError, match=r"threshold \(16\) exceeds a neighbourhood of 15"):
+        secure_round.round_context(
+            config_from_dict(raw), run_id="r", round_num=1, participants=sites, dimension=4
+        )
