@@ -150,6 +150,10 @@ class RunTracker:
         for start in range(0, len(items), 100):
             self.client.log_batch(self._run(), params=items[start : start + 100])
 
+    def logged_at(self, key: str, *, step: int) -> bool:
+        """Whether metric ``key`` already has a value at ``step`` (a retried write's check)."""
+        return any(m.step == step for m in self.client.get_metric_history(self._run(), key))
+
     def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
         """Log a round's metrics at ``step = round`` in one batch."""
         from mlflow.entities import Metric

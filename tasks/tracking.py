@@ -80,8 +80,16 @@ def log_round(
     federation: str,
     round_num: int,
 ) -> None:
-    """Log the round's metrics to MLflow at ``step = round`` and leave a Prefect artifact."""
-    tracker.log_metrics(metrics, step=round_num)
+    """Log the round's metrics to MLflow at ``step = round`` and leave a Prefect artifact.
+
+    Retried on I/O errors; a retry after the metrics went in (the artifact failed) does not
+    log them a second time at the same step.
+    """
+    from prefect.runtime import task_run
+
+    retried = int(task_run.run_count or 1) > 1
+    if metrics and not (retried and tracker.logged_at(next(iter(metrics)), step=round_num)):
+        tracker.log_metrics(metrics, step=round_num)
     create_markdown_artifact(
         markdown=markdown,
         key=artifact_key(federation, "round"),
