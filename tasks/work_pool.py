@@ -49,6 +49,7 @@ from fl_components.engine import Dropout, DropoutKind, SiteJob, SiteResult
 from fl_components.errors import FedpipeError, RoundError
 from fl_components.exchange import (
     ExchangeError,
+    parse_json_payload,
     site_pool_name,
     write_global_model,
     write_model_download,
@@ -99,10 +100,11 @@ def read_json_result(run: FlowRun) -> dict[str, Any]:
         raise ExchangeError(f"flow run {run.name}: result has no storage block")
     storage = resolve_result_storage(metadata.storage_block_id)
     raw = storage.read_path(metadata.storage_key)
-    document = json.loads(raw)
+    what = f"flow run {run.name} result"
+    document = parse_json_payload(raw, what=what)  # size-bounded before it is parsed
     # stored either as the bare JSON result, or as a record {"metadata", "result": "<json>"}
     is_record = isinstance(document, dict) and set(document) == {"metadata", "result"}
-    payload = json.loads(document["result"]) if is_record else document
+    payload = parse_json_payload(document["result"], what=what) if is_record else document
     if not isinstance(payload, dict):
         raise ExchangeError(f"flow run {run.name}: result is not a JSON object")
     return payload
