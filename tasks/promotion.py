@@ -10,6 +10,7 @@ import logging
 
 from fl_components.config import FederationConfig
 from fl_components.engine import Dispatch, EvaluationRequest, evaluate_sites
+from fl_components.errors import ConfigError
 from fl_components.parameters import get_parameters
 from fl_components.promotion import (
     PromotionDecision,
@@ -50,7 +51,21 @@ def promote_if_better(
     coverage = evaluation_coverage(challenger_scores, config.site_names)
     challenger = federated_accuracy(challenger_scores)
     champion_accuracy = None if not champion_scores else federated_accuracy(champion_scores)
-    if champion_scores is not None and not champion_scores:  # no site scored both models
+    unscored = (
+        champion_scores is None
+        and champion_version not in (None, version)
+        and bool(challenger_scores)
+    )
+    if unscored:  # no safetensors weights (an older fedpipe's model) or another architecture
+        decision = PromotionDecision(
+            "champion",
+            f"champion version {champion_version} could not be scored (see the run's log: "
+            "logged without safetensors weights, or another architecture); promoted with "
+            f"federated accuracy {challenger:.4f} {coverage.describe()}",
+            challenger,
+            None,
+        )
+    elif champion_scores is not None and not champion_scores:  # no site scored both models
         decision = PromotionDecision(
             "challenger",
             f"champion version {champion_version} scored on none of the sites that scored "
@@ -93,7 +108,11 @@ def _champion_scores(
     """The champion's federated evaluation on ``sites``; None without a champion to score."""
     if champion_version is None or champion_version == version or not sites:
         return None
-    model = load_registered_parameters(config.tracking, name=config.name, alias="champion")
+    try:
+        model = load_registered_parameters(config.tracking, name=config.name, alias="champion")
+    except ConfigError as error:  # logged by an older fedpipe: never unpickled, not compared
+        log.warning("champion version %s not compared: %s", champion_version, error)
+        return None
     if model is None:
         return None
     try:

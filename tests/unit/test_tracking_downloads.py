@@ -98,3 +98,48 @@ def test_a_model_without_safetensors_weights_is_refused_not_unpickled(
     monkeypatch.setenv("FEDPIPE_ALLOW_PICKLED_MODELS", "1")
     loaded = load_run_model(small_config.tracking, run_id=run.info.run_id)
     assert isinstance(loaded, torch.nn.Linear)
+
+
+def test_an_older_champion_without_safetensors_is_not_compared_and_the_run_goes_on(
+    small_config: FederationConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Upgrading fedpipe must not fail a recurring run at its end on the old champion."""
+    from fl_components.federation import materialize_sites
+    from fl_components.participant import InProcessSites
+    from fl_components.training import Metrics
+    from tasks.promotion import promote_if_better
+
+    materialize_sites(small_config)
+    example = np.zeros((2, 64), np.float32)
+    first = RunTracker(small_config)
+    first.start(run_name="before-upgrade", tags={})
+    old = first.log_model(
+        torch.nn.Sequential(torch.nn.Linear(64, 10)), input_example=example, register=True
+    )
+    assert old is not None
+    first.set_alias("champion", old)
+    first.end()
+    # as an older fedpipe logged it: the MLflow model only, no safetensors weights
+    weights = list(Path(small_config.tracking.artifact_root).rglob("parameters.safetensors"))
+    assert weights
+    for path in weights:
+        path.unlink()
+    monkeypatch.delenv("FEDPIPE_ALLOW_PICKLED_MODELS", raising=False)
+
+    tracker = RunTracker(small_config)
+    tracker.start(run_name="after-upgrade", tags={})
+    version = tracker.log_model(
+        torch.nn.Sequential(torch.nn.Linear(64, 10)), input_example=example, register=True
+    )
+    assert version is not None and version != old
+    scores = {s: Metrics(loss=1.0, accuracy=0.5, examples=10) for s in small_config.site_names}
+    decision = promote_if_better(
+        small_config,
+        InProcessSites(small_config),
+        tracker,
+        version=version,
+        challenger_scores=scores,
+    )
+    tracker.end()
+    assert decision.alias == "champion"
+    assert f"champion version {old} could not be scored" in decision.reason
