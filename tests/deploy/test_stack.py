@@ -437,7 +437,8 @@ def test_dead_worker_is_skipped_fast_and_restarted(stack: dict[str, Any]) -> Non
 
     from fl_components.config import FederationConfig
     from flows.federated_training import federated_training
-    from flows.stack import _group_members, status
+    from flows.stack import status
+    from flows.stack_processes import _group_members
 
     state = Path(stack["root"])
     api = stack["prefect_api_url"]
