@@ -13,6 +13,8 @@ from typing import NoReturn
 import typer
 from rich.console import Console
 
+from flows.stack_state import DEFAULT_STACK_DIR
+
 app = typer.Typer(
     name="fedpipe",
     help="Federated learning as an MLOps pipeline "
@@ -22,7 +24,7 @@ app = typer.Typer(
 )
 console = Console()
 STATE_DIR = Path("state")
-STACK_DIR = STATE_DIR / "stack"
+STACK_DIR = DEFAULT_STACK_DIR
 site_app = typer.Typer(help="Onboard and manage the federation's sites.", no_args_is_help=True)
 app.add_typer(site_app, name="site")
 

@@ -145,3 +145,43 @@ def site_worker(
     path = socket_path or default_socket()
     console.print(f"site worker for pool {pool}: warm executor on {path}")
     raise typer.Exit(run_worker(pool, path, worker_args=list(ctx.args)))
+
+
+def doctor(
+    state_dir: Annotated[Path, typer.Option(help="Stack state folder.")] = STACK_DIR,
+) -> None:
+    """Check the deployment: what is wrong, and the exact command that fixes it.
+
+    The Prefect API and its UI's API address, every site's worker and warm executor, MLflow,
+    the sites' keys against the registry, their data and their privacy budget left. Checks
+    the stack recorded under --state-dir, or the Prefect API named by PREFECT_API_URL.
+    Exit 0 when all is well, 1 otherwise.
+    """
+    import os
+
+    from rich.table import Table
+
+    from flows.doctor import diagnose
+
+    api_url = os.environ.get("PREFECT_API_URL") or None
+    try:
+        checks = diagnose(state_dir=state_dir, api_url=api_url)
+    except FedpipeError as error:
+        console.print(f"[bold red]doctor failed:[/] {error}", soft_wrap=True)
+        raise typer.Exit(code=1) from None
+    table = Table(title=f"fedpipe doctor ({api_url or state_dir})")
+    for column in ("check", "", "found", "fix"):
+        table.add_column(column, overflow="fold")
+    for check in checks:
+        mark = "[green]ok[/]" if check.ok else "[bold red]FAIL[/]"
+        table.add_row(check.name, mark, check.detail, check.fix)
+    console.print(table)
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        console.print(
+            f"[bold red]{len(failed)} problem(s):[/] "
+            + "; ".join(f"{c.name}: {c.fix or c.detail}" for c in failed),
+            soft_wrap=True,
+        )
+        raise typer.Exit(code=1)
+    console.print(f"[bold green]all {len(checks)} checks passed[/]")

@@ -20,6 +20,8 @@ DEFAULT_FEDERATION = REPO / "infra" / "federation.yaml"
 RESULTS_BLOCK = "fedpipe-results"
 COORDINATOR_POOL = "fedpipe-coordinator"
 STACK_TAG_ENV = "FEDPIPE_STACK"
+# where `fedpipe up` keeps a stack unless --state-dir says otherwise (relative to the cwd)
+DEFAULT_STACK_DIR = Path("state") / "stack"
 # worker latency is part of every round: poll for new runs each second
 # one BLAS/torch thread per flow run: a site's runs share its cores with the others here
 # a heartbeat each 5 s: a dead worker reads OFFLINE after 15 s (3 missed), and its site is

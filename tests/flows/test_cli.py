@@ -196,3 +196,13 @@ def test_a_site_with_bad_data_gets_one_line_and_a_nonzero_exit(tmp_path: Path) -
     assert len(lines) == 1 and "site-c" in lines[0], output
     assert "site-c gave nothing in any round" in output
     assert "Traceback" not in output and "Error flushing" not in output
+
+
+def test_doctor_without_a_stack_says_how_to_start_one(tmp_path: Path) -> None:
+    """No stack recorded and no PREFECT_API_URL: exit 1, the fix, no traceback."""
+    code, output = _fedpipe(tmp_path, "doctor", "--state-dir", str(tmp_path / "none"))
+
+    assert code == 1, output
+    assert "no stack is recorded under" in output
+    assert "1 problem(s): deployment: fedpipe up" in output
+    assert "Traceback" not in output
