@@ -124,7 +124,11 @@ def check_site_workers(
 
     checks = []
     for site in sites:
-        restart = _restart_command(site.name, state_dir) if record is not None else (
+        # a site whose worker this stack started (it has an executor) restarts here; any
+        # other runs its worker on its own host, with the command `site init` printed
+        entry = (record or {}).get("sites", {}).get(site.name) or {}
+        local = bool(entry.get("executor"))
+        restart = _restart_command(site.name, state_dir) if local else (
             f"on the site's host, run the worker command `fedpipe site init {site.name}` "
             f"printed (`fedpipe site worker --pool {site.pool}` with its FEDPIPE_SITE_* "
             "settings)"
@@ -133,7 +137,7 @@ def check_site_workers(
         if why is not None:
             checks.append(Check(f"site {site.name}: worker", False, why, restart))
             continue
-        if record is None or site.name not in record.get("sites", {}):
+        if record is None or not local:
             checks.append(Check(f"site {site.name}: worker", True, f"pool {site.pool} served"))
             continue
         state = site_state(dict(record), site.name)

@@ -120,7 +120,10 @@ class _Client:
 def test_a_site_without_a_live_worker_names_the_restart_command(tmp_path: Path) -> None:
     sites = [SiteEntry("north", "fedpipe-north"), SiteEntry("east", "fedpipe-east")]
     record = {
-        "sites": {"north": {"pool": "fedpipe-north"}, "east": {"pool": "fedpipe-east"}},
+        "sites": {
+            s: {"pool": f"fedpipe-{s}", "executor": str(tmp_path / s / "executor.sock")}
+            for s in ("north", "east")
+        },
         "processes": [],  # no worker process recorded: both read as down on this host
     }
     client = _Client(online={"fedpipe-north"})
