@@ -155,7 +155,8 @@ def test_a_late_answer_is_left_out_and_the_round_completes(stack: dict[str, Any]
     artifact = _api_get(f"{api}/artifacts/{name}-round/latest")
     assert artifact.status_code == 200, artifact.text
     row = next(line for line in artifact.json()["data"].splitlines() if f"| {late} |" in line)
-    assert f"timeout: site '{late}' timed out: no result within {deadline}s" in row
+    assert "dropped: timeout: " in row
+    assert f"site '{late}' timed out: no result within {deadline}s" in row
 
     client = MlflowClient(stack["mlflow_url"])
     run = client.get_run(summary.mlflow_run_id)
@@ -185,42 +186,52 @@ def test_a_stage_delivered_twice_counts_once(stack: dict[str, Any]) -> None:
     from tasks.work_pool import read_json_result
 
     api = stack["prefect_api_url"]
-    twice, name = "east", "e2e-twice"
-    config = _quiet_config(stack, name)
+    twice = "east"
     deployment = _api_get(f"{api}/deployments/name/federated-participant/{twice}").json()
-    duplicate: dict[str, Any] = {}
-
-    def redeliver(stop: threading.Event) -> None:
-        while not stop.wait(0.2):
-            runs = _runs_of(api, name, twice, 1, "train")
-            if runs:
-                created = _api_post(
-                    f"{api}/deployments/{deployment['id']}/create_flow_run",
-                    json={"parameters": runs[0]["parameters"], "name": runs[0]["name"] + "-again"},
-                )
-                assert created.status_code == 201, created.text
-                duplicate.update(created.json())
-                return
-
-    with _in_background(redeliver):
-        summary = run_coordinator(stack, config)
-
-    assert [row["participants"] for row in summary.history] == [3]
-    assert [row["dropouts"] for row in summary.history] == [0]
     client = MlflowClient(stack["mlflow_url"])
-    run = client.get_run(summary.mlflow_run_id)
-    (participants,) = client.get_metric_history(run.info.run_id, "participants")
-    assert participants.value == 3.0
+    for attempt in (1, 2):  # a site's own run refused by a busy SQLite server (503): again
+        name = f"e2e-twice-{attempt}"
+        duplicate: dict[str, Any] = {}
 
-    # both deliveries ran to the end and left a result; one was read
-    flow_run_id = run.data.tags["prefect.flow_run_id"]
-    mine = [
-        c
-        for c in participant_runs(api, flow_run_id)
-        if (c["parameters"]["site"], c["parameters"]["stage"]) == (twice, "train")
-    ]
-    assert len(mine) == 2 and duplicate["id"] in {c["id"] for c in mine}
+        def redeliver(
+            stop: threading.Event, name: str = name, into: dict[str, Any] = duplicate
+        ) -> None:
+            while not stop.wait(0.5):
+                runs = _runs_of(api, name, twice, 1, "train")
+                if runs:
+                    again = {
+                        "parameters": runs[0]["parameters"],
+                        "name": runs[0]["name"] + "-again",
+                    }
+                    created = _api_post(
+                        f"{api}/deployments/{deployment['id']}/create_flow_run", json=again
+                    )
+                    assert created.status_code == 201, created.text
+                    into.update(created.json())
+                    return
+
+        with _in_background(redeliver):
+            summary = run_coordinator(stack, _quiet_config(stack, name))
+        run = client.get_run(summary.mlflow_run_id)
+        flow_run_id = run.data.tags["prefect.flow_run_id"]
+        mine = [
+            c
+            for c in participant_runs(api, flow_run_id)
+            if (c["parameters"]["site"], c["parameters"]["stage"]) == (twice, "train")
+        ]
+        own = [c for c in mine if c["id"] != duplicate.get("id")]
+        if duplicate and own and own[0]["state_type"] == "COMPLETED":
+            break
+    # both deliveries ran to the end and left a result; the coordinator read one
+    assert len(mine) == 2 and len(own) == 1, mine
     assert _wait_flow_run(api, duplicate["id"], timeout=300)["state_type"] == "COMPLETED"
+    answered = 3 - summary.history[0]["dropouts"]  # another site may have hit a 503 as well
+    assert [row["participants"] for row in summary.history] == [answered]
+    (participants,) = client.get_metric_history(run.info.run_id, "participants")
+    assert participants.value == answered
+    artifact = _api_get(f"{api}/artifacts/{name}-round/latest").json()["data"]
+    row = next(line for line in artifact.splitlines() if f"| {twice} |" in line)
+    assert "dropped" not in row, row  # east's one answer counted, the other never read
 
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
