@@ -156,6 +156,30 @@ def pool_not_serving(client: Any, pool: str) -> str | None:
     return None
 
 
+# a dispatched site's pool that reads dead is given this long to read live again before its
+# run is cancelled: after a Prefect server restart every worker reads offline until its next
+# heartbeat gets through (its client backs off 2, 4, 8 s), although none of them died
+LIVENESS_GRACE_SECONDS = 30.0
+
+
+class _Liveness:
+    """Whether a site's pool has read not serving for longer than the grace, while it works."""
+
+    def __init__(self, pool: str, *, grace: float = LIVENESS_GRACE_SECONDS) -> None:
+        self.pool = pool
+        self.grace = grace
+        self.since: float | None = None
+
+    def dead(self, client: Any, now: float) -> str | None:
+        """Why the pool cannot serve, once it has read so for ``grace`` seconds; else None."""
+        why = pool_not_serving(client, self.pool)
+        if why is None:
+            self.since = None
+            return None
+        self.since = now if self.since is None else self.since
+        return why if now - self.since >= self.grace else None
+
+
 def _dead_site_message(site: str, pool: str, why: str, *, waited: float | None) -> str:
     when = "before dispatch" if waited is None else f"after {waited:.0f}s of waiting"
     return (
@@ -178,12 +202,13 @@ def _wait(
     Raises
     ------
     ParticipantError
-        At the deadline, or as soon as the site's pool has no live worker (the run is
-        cancelled either way).
+        At the deadline, or once the site's pool has had no live worker for
+        ``LIVENESS_GRACE_SECONDS`` (the run is cancelled either way).
     """
     started = time.monotonic()
     deadline = started + timeout
     next_check = started + liveness_every
+    liveness = _Liveness(pool)
     with get_client(sync_client=True) as client:
         while True:
             run = client.read_flow_run(run_id)
@@ -192,7 +217,7 @@ def _wait(
             now = time.monotonic()
             why = None
             if now >= next_check:
-                why = pool_not_serving(client, pool)
+                why = liveness.dead(client, now)
                 next_check = now + liveness_every
             if now >= deadline or why is not None:
                 state = run.state.name if run.state is not None else "unknown"

@@ -89,7 +89,7 @@ def test_promotion_rule() -> None:
 
 
 def test_stack_state_never_records_the_database_password() -> None:
-    from flows.stack import _redacted
+    from flows.stack_state import _redacted
 
     assert _redacted("postgresql+asyncpg://fed:s3cret@127.0.0.1:5432/prefect") == (
         "postgresql+asyncpg://fed:***@127.0.0.1:5432/prefect"

@@ -1,8 +1,10 @@
 """End to end on 127.0.0.1: `fedpipe up` with 3 sites, a run from the UI's Run button,
 MLflow and Prefect checked, a champion run whose coordinator never opens site data, a site
-enrolled with `fedpipe site init`, a dead worker whose site drops out, `down`.
+enrolled with `fedpipe site init`, `fedpipe doctor` on a healthy stack and on a dead worker
+whose site drops out, `down`.
 
-One stack serves the module (about 35 s to start); the tests run in file order.
+One stack serves the session (tests/deploy/conftest.py, about 35 s to start); the tests run
+in file order.
 """
 
 from __future__ import annotations
@@ -12,167 +14,29 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-import yaml
+
+from tests.deploy.stack_harness import (
+    SHARED,
+    SITES,
+    _api_get,
+    _api_post,
+    _assert_metrics_at_each_round,
+    _assert_one_participant_run_per_site_and_round,
+    _fedpipe,
+    _mlflow_run_for,
+    _wait_flow_run,
+    running_stack,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
-# this checkout's CLI, run from it (an installed `fedpipe` script may be another checkout's)
-FEDPIPE = [sys.executable, "-m", "flows.cli"]
-SITES = ("north", "south", "east")
-FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-SHARED: dict[str, Any] = {}
-
-
-def _api(method: str, url: str, **kwargs: Any) -> httpx.Response:
-    """One Prefect REST call, retried on 502/503/504 as Prefect's own client does: an
-    SQLite-backed server under load answers 503 when its database is briefly locked."""
-    for delay in (1, 2, 4, 8):
-        response = httpx.request(method, url, timeout=30, **kwargs)
-        if response.status_code not in (502, 503, 504):
-            return response
-        time.sleep(delay)
-    return httpx.request(method, url, timeout=30, **kwargs)
-
-
-def _api_get(url: str, **kwargs: Any) -> httpx.Response:
-    return _api("GET", url, **kwargs)
-
-
-def _api_post(url: str, **kwargs: Any) -> httpx.Response:
-    return _api("POST", url, **kwargs)
-
-
-def _fedpipe(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*FEDPIPE, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False
-    )
-
-
-@contextmanager
-def running_stack(
-    root: Path,
-    *,
-    name: str,
-    extra_args: tuple[str, ...] = (),
-    shared: dict[str, Any] | None = None,
-) -> Iterator[dict[str, Any]]:
-    """`fedpipe up` a 3-site stack under ``root`` and yield its record; on exit `fedpipe
-    down` and check that nothing it started is left (a worker a test killed, named in
-    ``shared["killed_worker"]``, must be reported as already stopped)."""
-    from flows.stack import tagged_processes
-
-    federation = {
-        "name": name,
-        "rounds": 2,
-        "sites": [{"name": s} for s in SITES],
-        "participation": {"fraction": 1.0, "min_participants": 2},
-        "data": {"dataset": "digits", "sites_dir": str(root / "sites")},
-        "model": {"kind": "mlp", "hidden": [16]},
-        "training": {"epochs": 1, "batch_size": 64},
-        "deployment": {"timeout_seconds": 120, "poll_interval": 0.3},
-        "seed": 3,
-    }
-    config_file = root / "federation.yaml"
-    config_file.write_text(yaml.safe_dump(federation))
-    state = root / "state"
-    args = ["--state-dir", str(state), "--mlflow-dir", str(root / "mlflow")]
-    result = _fedpipe(
-        "up", "--config", str(config_file), *args, "--prefect-port", "0", "--mlflow-port", "0",
-        *extra_args,
-        timeout=900,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
-    record = json.loads((state / "stack.json").read_text())
-    try:
-        yield record
-    finally:
-        down = _fedpipe("down", "--state-dir", str(state), timeout=120)
-        assert down.returncode == 0, down.stdout + down.stderr
-        assert "no process left" in down.stdout
-        if shared and "killed_worker" in shared:
-            assert f"{shared['killed_worker']}: already stopped" in down.stdout
-        assert not tagged_processes(state.resolve())
-        for process in record["processes"]:
-            assert not Path(f"/proc/{process['pid']}").exists() or (
-                Path(f"/proc/{process['pid']}/stat").read_text().split(") ")[1][0] == "Z"
-            )
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    root = tmp_path_factory.mktemp("stack")
-    with running_stack(root, name="e2e-fed", shared=SHARED) as record:
-        yield record
-
-
-def _wait_flow_run(api: str, run_id: str, timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        run = _api_get(f"{api}/flow_runs/{run_id}").json()
-        if run["state"]["type"] in FINAL_STATES:
-            return dict(run)
-        time.sleep(1)
-    raise AssertionError(f"flow run {run_id} not finished after {timeout}s")
-
-
-def _assert_one_participant_run_per_site_and_round(api: str, run_id: str, *, rounds: int) -> None:
-    """Prefect: one participant run per site per round, each on its own pool, completed.
-
-    A round's ``train`` run also evaluates the model it receives (the previous round's,
-    parameter ``evaluate_round``); one ``evaluate`` run per site follows the last round.
-    """
-    children = _api_post(
-        f"{api}/flow_runs/filter",
-        json={"flows": {"name": {"any_": ["federated-participant"]}}, "limit": 200},
-    ).json()
-    seen: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
-    for child in children:
-        params = child["parameters"]
-        if params.get("run_id") == run_id:
-            seen.setdefault((params["site"], params["round_num"], params["stage"]), []).append(
-                child
-            )
-    stages = [(r, "train", r - 1) for r in range(1, rounds + 1)] + [(rounds, "evaluate", None)]
-    assert set(seen) == {(site, r, stage) for site in SITES for r, stage, _ in stages}
-    for site in SITES:
-        for r, stage, evaluates in stages:
-            (match,) = seen[(site, r, stage)]
-            assert match["parameters"].get("evaluate_round") == evaluates
-            assert match["work_pool_name"] == f"fedpipe-{site}"
-            assert match["state_type"] == "COMPLETED"
-
-
-def _assert_metrics_at_each_round(client: Any, run_id: str, *, rounds: int) -> list[Any]:
-    """MLflow: global and per-site accuracy at step = round (0: the initial model).
-
-    Returns the ``global/accuracy`` history.
-    """
-    history = client.get_metric_history(run_id, "global/accuracy")
-    assert sorted(m.step for m in history) == list(range(rounds + 1))
-    for site in SITES:
-        steps = {m.step for m in client.get_metric_history(run_id, f"site/{site}/accuracy")}
-        assert steps == set(range(rounds + 1)), site
-    return list(history)
-
-
-def _mlflow_run_for(client: Any, experiment: str, flow_run_id: str) -> Any:
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs(
-        [exp.experiment_id], filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'"
-    )
-    assert len(runs) == 1
-    return runs[0]
+__all__ = ["running_stack"]  # tests/deploy/test_stack_postgres.py imports it from here
 
 
 def test_ui_settings_point_at_the_started_server(stack: dict[str, Any]) -> None:
@@ -194,6 +58,23 @@ def test_status_shows_every_process_and_pool(stack: dict[str, Any]) -> None:
     assert {f"fedpipe-{s}" for s in SITES} <= set(report["pools"])
     assert all(v == "READY" for v in report["pools"].values())
     assert report["executors"] == dict.fromkeys(SITES, "warm")
+
+
+def test_doctor_finds_a_healthy_stack(stack: dict[str, Any]) -> None:
+    """`fedpipe doctor` on the stack just started: every check passes, exit 0."""
+    from flows.doctor import diagnose
+
+    state = Path(stack["root"])
+    checks = diagnose(state_dir=state)
+    assert [c for c in checks if not c.ok] == []
+    names = {c.name for c in checks}
+    assert {"prefect api", "prefect ui", "mlflow"} <= names
+    for site in SITES:
+        assert {f"site {site}: {what}" for what in ("worker", "keys", "data", "budget")} <= names
+
+    shown = _fedpipe("doctor", "--state-dir", str(state), timeout=120)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert "checks passed" in shown.stdout and "Traceback" not in shown.stdout + shown.stderr
 
 
 def test_run_button_trains_on_site_pools_and_tracks(stack: dict[str, Any]) -> None:
@@ -437,7 +318,8 @@ def test_dead_worker_is_skipped_fast_and_restarted(stack: dict[str, Any]) -> Non
 
     from fl_components.config import FederationConfig
     from flows.federated_training import federated_training
-    from flows.stack import _group_members, status
+    from flows.stack import status
+    from flows.stack_processes import _group_members
 
     state = Path(stack["root"])
     api = stack["prefect_api_url"]
@@ -517,6 +399,12 @@ def test_dead_worker_is_skipped_fast_and_restarted(stack: dict[str, Any]) -> Non
     # `fedpipe status` says the worker is down and how to restart it; restart brings it back
     shown = _fedpipe("status", "--state-dir", str(state), timeout=60)
     assert "worker down" in shown.stdout and "fedpipe site restart east" in shown.stdout
+    # `fedpipe doctor` says so too, with the command that fixes it, and exits 1
+    doctor = _fedpipe("doctor", "--state-dir", str(state), timeout=120)
+    assert doctor.returncode == 1, doctor.stdout + doctor.stderr
+    summary = doctor.stdout.strip().splitlines()[-1]  # one line, never wrapped
+    assert f"site {dead}: worker: fedpipe site restart {dead} --state-dir {state}" in summary
+    assert "Traceback" not in doctor.stdout + doctor.stderr
     restarted = _fedpipe("site", "restart", dead, "--state-dir", str(state), timeout=150)
     assert restarted.returncode == 0, restarted.stdout + restarted.stderr
     assert "worker restarted" in restarted.stdout
@@ -526,3 +414,12 @@ def test_dead_worker_is_skipped_fast_and_restarted(stack: dict[str, Any]) -> Non
     assert report["pools"][f"fedpipe-{dead}"] == "READY"
     worker_env = json.loads((state / "stack.json").read_text())["sites"][dead]
     assert worker_env["data"].endswith(dead) and worker_env["executor"]
+
+    # doctor: east is well again; what is left is west (enrolled by `site init` above, with
+    # an empty data folder and no worker), whose worker runs on its own host
+    from flows.doctor import diagnose
+
+    failed = {c.name: c for c in diagnose(state_dir=state) if not c.ok}
+    assert set(failed) == {"site west: worker", "site west: data"}, failed
+    assert "fedpipe site worker --pool fedpipe-west" in failed["site west: worker"].fix
+    assert "no train file" in failed["site west: data"].detail

@@ -231,3 +231,13 @@ def test_a_site_with_bad_labels_fails_the_run_in_one_paragraph_naming_the_file(
     assert "site-b" in named[0] and "column 'label', has bad labels" in named[0]
     assert "2 non-integer label(s), values 0.5, 0.5, at lines 3, 5" in named[0]
     assert "Traceback" not in output and "Error flushing" not in output
+
+
+def test_doctor_without_a_stack_says_how_to_start_one(tmp_path: Path) -> None:
+    """No stack recorded and no PREFECT_API_URL: exit 1, the fix, no traceback."""
+    code, output = _fedpipe(tmp_path, "doctor", "--state-dir", str(tmp_path / "none"))
+
+    assert code == 1, output
+    assert "no stack is recorded under" in output
+    assert "1 problem(s): deployment: fedpipe up" in output
+    assert "Traceback" not in output

@@ -1,0 +1,334 @@
+"""Faults on the real local stack (the session's stack, tests/deploy/conftest.py): a site that
+answers after the deadline, a site's stage delivered twice, the Prefect server restarted
+mid-run. Each leaves the stack as it found it (the tests in test_stack.py follow).
+
+What protects a round, in tasks/work_pool.py: the coordinator creates one flow run per site
+and stage and awaits *that* flow run by its id, with a deadline; at the deadline it cancels the
+run and the site is a ``timeout`` dropout. A result is read only from the awaited run, and its
+payload must name the job's site, stage and round (fl_components/site_messages.py); the
+payload does not carry the coordinator's run id, so it is the flow run id that keeps another
+run's answer for the same site and round out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.deploy.stack_harness import (
+    FINAL_STATES,
+    SITES,
+    _api_get,
+    _api_post,
+    _assert_metrics_at_each_round,
+    _assert_one_participant_run_per_site_and_round,
+    _mlflow_run_for,
+    _wait_flow_run,
+    deployed_config,
+    participant_runs,
+    run_coordinator,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _quiet_config(stack: dict[str, Any], name: str, **changes: Any) -> Any:
+    """One round, no secure aggregation, no model registered, every site selected."""
+    return deployed_config(
+        stack,
+        name=name,
+        init_from="fresh",
+        rounds=1,
+        participation={"fraction": 1.0, "min_participants": 2},
+        secure_aggregation={"enabled": False},
+        tracking={"register_model": False},
+        **changes,
+    )
+
+
+def _runs_of(api: str, federation: str, site: str, round_num: int, stage: str) -> list[Any]:
+    """Participant flow runs of ``federation`` for one site, round and stage."""
+    runs = _api_post(
+        f"{api}/flow_runs/filter",
+        json={
+            "flows": {"name": {"any_": ["federated-participant"]}},
+            "flow_runs": {"name": {"like_": f"{site}-r{round_num}-{stage}-"}},
+            "limit": 50,
+        },
+    ).json()
+    return [
+        r
+        for r in runs
+        if r["parameters"].get("federation", {}).get("name") == federation
+        and r["parameters"].get("site") == site
+        and r["parameters"].get("round_num") == round_num
+    ]
+
+
+@contextmanager
+def _in_background(action: Callable[[threading.Event], None]) -> Iterator[dict[str, Any]]:
+    """Run ``action(stop)`` on a thread beside the block; its exception is re-raised after."""
+    stop = threading.Event()
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            action(stop)
+        except BaseException as error:  # surfaced by the test, after the run
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    try:
+        yield outcome
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    if "error" in outcome:
+        raise outcome["error"]
+
+
+def _executor_pid(stack: dict[str, Any], site: str) -> int:
+    """The pid of the site's warm executor (`flows.site_executor serve`, in its worker's group)."""
+    record = json.loads((Path(stack["root"]) / "stack.json").read_text())
+    worker = next(p for p in record["processes"] if p["name"] == f"worker-{site}")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        pgid = int(stat[stat.rindex(")") + 2 :].split()[2])
+        if pgid == worker["pgid"] and b"flows.site_executor" in cmdline and b"serve" in cmdline:
+            return int(entry.name)
+    raise AssertionError(f"no warm executor found for site {site}")
+
+
+def test_a_late_answer_is_left_out_and_the_round_completes(stack: dict[str, Any]) -> None:
+    """Site east's executor is frozen (SIGSTOP): its worker stays live, so its round-1 run is
+    handed over but cannot answer. At the deadline the coordinator cancels that run, east is a
+    ``timeout`` dropout and round 1 completes on the other two. Thawed (SIGCONT) after the
+    cancellation, east's late run cannot add to round 1 (it is not awaited any more), and east
+    answers the final evaluation as usual."""
+    from mlflow.tracking import MlflowClient
+
+    api = stack["prefect_api_url"]
+    late, name, deadline = "east", "e2e-late", 40
+    config = _quiet_config(stack, name, deployment={"timeout_seconds": deadline})
+    executor = _executor_pid(stack, late)
+    seen: dict[str, Any] = {}
+
+    def thaw_after_the_deadline(stop: threading.Event) -> None:
+        try:
+            while not stop.wait(0.5):
+                runs = _runs_of(api, name, late, 1, "train")
+                if runs and runs[0]["state_type"] in FINAL_STATES:
+                    seen["state_at_deadline"] = runs[0]["state_type"]
+                    seen["message"] = runs[0]["state"]["message"]
+                    return
+        finally:
+            os.kill(executor, signal.SIGCONT)
+
+    os.kill(executor, signal.SIGSTOP)
+    started = time.monotonic()
+    with _in_background(thaw_after_the_deadline):
+        summary = run_coordinator(stack, config)
+    elapsed = time.monotonic() - started
+
+    assert [row["participants"] for row in summary.history] == [2]
+    assert [row["dropouts"] for row in summary.history] == [1]
+    assert elapsed >= deadline  # it waited for the deadline, not longer than the run needs
+    assert seen["state_at_deadline"] == "CANCELLED"
+    assert seen["message"] == f"no result within {deadline}s"
+
+    artifact = _api_get(f"{api}/artifacts/{name}-round/latest")
+    assert artifact.status_code == 200, artifact.text
+    row = next(line for line in artifact.json()["data"].splitlines() if f"| {late} |" in line)
+    assert "dropped: timeout: " in row
+    assert f"site '{late}' timed out: no result within {deadline}s" in row
+
+    client = MlflowClient(stack["mlflow_url"])
+    run = client.get_run(summary.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    (participants,) = client.get_metric_history(run.info.run_id, "participants")
+    assert (participants.step, participants.value) == (1, 2.0)
+    # east is alive again: it scored round 1's model in the final evaluation
+    steps = {m.step for m in client.get_metric_history(run.info.run_id, f"site/{late}/accuracy")}
+    assert 1 in steps
+
+    # what became of the late run once thawed (whatever it did, round 1 was closed without it)
+    (late_run,) = _runs_of(api, name, late, 1, "train")
+    final = _wait_flow_run(api, late_run["id"], timeout=120)
+    print(f"late run after thawing: {final['state_type']} {final['state']['message']!r}")
+
+
+def test_a_stage_delivered_twice_counts_once(stack: dict[str, Any]) -> None:
+    """A second flow run of the same site, round and stage (a re-delivery: the participant
+    deployment run again with the same parameters) trains and completes beside the first,
+    but the coordinator reads only the run it created: round 1 counts 3 answers, not 4. An
+    answer from another round is refused by its round id."""
+    from mlflow.tracking import MlflowClient
+
+    from fl_components.engine import JobKind, SiteJob
+    from fl_components.exchange import ExchangeError
+    from fl_components.site_messages import answer_from_payload
+    from tasks.work_pool import read_json_result
+
+    api = stack["prefect_api_url"]
+    twice = "east"
+    deployment = _api_get(f"{api}/deployments/name/federated-participant/{twice}").json()
+    client = MlflowClient(stack["mlflow_url"])
+    for attempt in (1, 2):  # a site's own run refused by a busy SQLite server (503): again
+        name = f"e2e-twice-{attempt}"
+        duplicate: dict[str, Any] = {}
+
+        def redeliver(
+            stop: threading.Event, name: str = name, into: dict[str, Any] = duplicate
+        ) -> None:
+            while not stop.wait(0.5):
+                runs = _runs_of(api, name, twice, 1, "train")
+                if runs:
+                    again = {
+                        "parameters": runs[0]["parameters"],
+                        "name": runs[0]["name"] + "-again",
+                    }
+                    created = _api_post(
+                        f"{api}/deployments/{deployment['id']}/create_flow_run", json=again
+                    )
+                    assert created.status_code == 201, created.text
+                    into.update(created.json())
+                    return
+
+        with _in_background(redeliver):
+            summary = run_coordinator(stack, _quiet_config(stack, name))
+        run = client.get_run(summary.mlflow_run_id)
+        flow_run_id = run.data.tags["prefect.flow_run_id"]
+        mine = [
+            c
+            for c in participant_runs(api, flow_run_id)
+            if (c["parameters"]["site"], c["parameters"]["stage"]) == (twice, "train")
+        ]
+        own = [c for c in mine if c["id"] != duplicate.get("id")]
+        if duplicate and own and own[0]["state_type"] == "COMPLETED":
+            break
+    # both deliveries ran to the end and left a result; the coordinator read one
+    assert len(mine) == 2 and len(own) == 1, mine
+    assert _wait_flow_run(api, duplicate["id"], timeout=300)["state_type"] == "COMPLETED"
+    answered = 3 - summary.history[0]["dropouts"]  # another site may have hit a 503 as well
+    assert [row["participants"] for row in summary.history] == [answered]
+    (participants,) = client.get_metric_history(run.info.run_id, "participants")
+    assert participants.value == answered
+    artifact = _api_get(f"{api}/artifacts/{name}-round/latest").json()["data"]
+    row = next(line for line in artifact.splitlines() if f"| {twice} |" in line)
+    assert "dropped" not in row, row  # east's one answer counted, the other never read
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with (
+        temporary_settings(updates={PREFECT_API_URL: api}),
+        get_client(sync_client=True) as prefect,
+    ):
+        payload = read_json_result(prefect.read_flow_run(duplicate["id"]))
+    # a round-1 answer offered for round 2 (a stale result) is refused by its round id
+    stale_for = SiteJob(site=twice, kind=JobKind.TRAIN, round=2, parameters=None, seed=0)
+    with pytest.raises(ExchangeError, match=r"header \{'round': 1\}"):
+        answer_from_payload(payload, job=stale_for, size=len(json.dumps(payload)))
+    # and offered for another site
+    other = SiteJob(site="north", kind=JobKind.TRAIN, round=1, parameters=None, seed=0)
+    with pytest.raises(ExchangeError, match=r"header \{'site': 'east'\}"):
+        answer_from_payload(payload, job=other, size=len(json.dumps(payload)))
+
+
+def _restart_prefect_server(stack: dict[str, Any]) -> float:
+    """Stop the stack's Prefect server (SIGTERM, SIGKILL after 10 s) and start it again on the
+    same port and database, as `fedpipe up` started it; the seconds its API was away."""
+    from flows.stack_processes import (
+        _bin,
+        _clean_env,
+        _group_members,
+        _spawn,
+        _wait_http,
+        server_environment,
+    )
+    from flows.stack_state import StackPaths
+
+    root = Path(stack["root"])
+    record = json.loads((root / "stack.json").read_text())
+    index, server = next(
+        (i, p) for i, p in enumerate(record["processes"]) if p["name"] == "prefect-server"
+    )
+    api = record["prefect_api_url"]
+    port = api.rsplit(":", 1)[1].split("/")[0]
+    started = time.monotonic()
+    os.killpg(server["pgid"], signal.SIGTERM)
+    while _group_members(server["pgid"]) and time.monotonic() - started < 10:
+        time.sleep(0.2)
+    if _group_members(server["pgid"]):
+        os.killpg(server["pgid"], signal.SIGKILL)
+    paths = StackPaths(root, root)
+    env = server_environment(_clean_env(root), paths, api_url=api, database_url=None)
+    command = [_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", port]
+    process = _spawn("prefect-server", command, env, paths.logs)
+    record["processes"][index] = process  # `fedpipe down` stops the new one
+    (root / "stack.json").write_text(json.dumps(record, indent=2) + "\n")
+    _wait_http(f"{api}/health", process=process, timeout=300, what="Prefect server")
+    return time.monotonic() - started
+
+
+def test_the_prefect_server_restarted_mid_run(stack: dict[str, Any]) -> None:
+    """A run from the deployment (coordinator on its own worker), the Prefect server stopped
+    and started again while round 1's site runs are out: Prefect's clients retry a refused
+    connection once they have connected (5 times, backoff 2-32 s), so the coordinator, the
+    workers and the site runs wait the restart out and the run completes, every round logged
+    once."""
+    from mlflow.tracking import MlflowClient
+
+    api = stack["prefect_api_url"]
+    deployment = _api_get(f"{api}/deployments/name/federated-training/federated-training").json()
+    partial = {
+        "name": "e2e-restart",
+        "rounds": 2,
+        "init_from": "fresh",
+        "sites": [{"name": s} for s in SITES],
+        "tracking": {"register_model": False},
+    }
+    created = _api_post(
+        f"{api}/deployments/{deployment['id']}/create_flow_run",
+        json={"parameters": {"config": partial}},
+    )
+    assert created.status_code == 201, created.text
+    run_id = created.json()["id"]
+    deadline = time.monotonic() + 600
+    while not participant_runs(api, run_id):  # round 1 is out at the sites
+        assert time.monotonic() < deadline, "the run dispatched nothing in 600 s"
+        time.sleep(0.5)
+    away = _restart_prefect_server(stack)
+
+    run = _wait_flow_run(api, run_id, timeout=900)
+    seen = sorted(
+        (c["parameters"]["site"], c["parameters"]["round_num"], c["parameters"]["stage"],
+         c["state_type"], c["created"], (c["state"] or {}).get("message"))
+        for c in participant_runs(api, run_id)
+    )  # fmt: skip
+    client = MlflowClient(stack["mlflow_url"])
+    mlrun = _mlflow_run_for(client, "e2e-restart", run_id)
+    dropouts = [(m.step, m.value) for m in client.get_metric_history(mlrun.info.run_id, "dropouts")]
+    print(f"server away {away:.1f}s; run {run['state']}; dropouts {dropouts}")
+    for row in seen:
+        print("  ", row)
+    assert run["state"]["type"] == "COMPLETED", (away, run["state"])
+    assert mlrun.info.status == "FINISHED"
+    _assert_metrics_at_each_round(client, mlrun.info.run_id, rounds=2)
+    _assert_one_participant_run_per_site_and_round(api, run_id, rounds=2)
