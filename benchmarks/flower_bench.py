@@ -1,7 +1,7 @@
 """fedpipe side by side with Flower's simulation engine, on the same partition and seeds.
 
     .venv/bin/python -m benchmarks.flower_bench [--reps 2] [--workloads digits-10,...]
-        [--systems flower,fedpipe,bare]
+        [--systems flower,fedpipe,fedpipe-server,bare]
 
 For every workload (``benchmarks/flower/workloads.py``) fedpipe's partitioner writes the
 sites once; then, interleaved repetition by repetition (the order of the systems rotates),
@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 FLOWER_VENV = ROOT / "build" / "flower-venv"
 WORKDIR = ROOT / "build" / "flower-bench"
+SERVER_HOME = WORKDIR / "server-home"  # PREFECT_HOME of system 'fedpipe-server'
 # "fedpipe-base": the same CLI from an earlier commit, for before/after (--baseline REV)
 BASELINE = ROOT / "build" / "baseline"
 ROW = re.compile(r"^\s*(\d+)\s+(\d+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)")
@@ -140,6 +141,8 @@ def run_once(
     out.unlink(missing_ok=True)
     code = BASELINE if system == "fedpipe-base" else ROOT
     env = {**os.environ, "PYTHONPATH": str(code), "RAY_DEDUP_LOGS": "0"}
+    if system == "fedpipe-server":  # finds the local server (fedpipe server start) there
+        env["PREFECT_HOME"] = str(SERVER_HOME)
     retries = 0
     while True:
         command = _command(system, workload, paths, out)
@@ -205,6 +208,7 @@ def summarize(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> list[dict[str
 
 RATIOS = [
     ("fedpipe / flower, whole run", "fedpipe", "flower", "wall_s"),
+    ("fedpipe-server / flower, whole run", "fedpipe-server", "flower", "wall_s"),
     ("fedpipe / flower, median round", "fedpipe", "flower", "median_round_s"),
     ("fedpipe / bare engine, median round", "fedpipe", "bare", "median_round_s"),
     ("fedpipe / fedpipe-base, whole run", "fedpipe", "fedpipe-base", "wall_s"),
@@ -275,7 +279,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=2, help="Interleaved repetitions.")
     parser.add_argument("--workloads", default=DEFAULT_WORKLOADS, help=f"Of {sorted(WORKLOADS)}.")
-    parser.add_argument("--systems", default="flower,fedpipe,bare")
+    parser.add_argument("--systems", default="flower,fedpipe,fedpipe-server,bare")
     parser.add_argument("--timeout", type=float, default=900, help="Seconds per run.")
     parser.add_argument(
         "--baseline",
@@ -304,6 +308,41 @@ def main() -> None:
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {
         w.name: {s: [] for s in systems} for w in workloads
     }
+    if "fedpipe-server" in systems:  # started once, before the runs, and not timed
+        _local_server("start", "--port", str(_free_port()))
+    try:
+        _interleave(args, systems, workloads, prepared, runs, versions)
+    finally:
+        if "fedpipe-server" in systems:
+            _local_server("stop")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _local_server(*args: str) -> None:
+    """``fedpipe server ...`` under SERVER_HOME (system 'fedpipe-server' runs against it)."""
+    SERVER_HOME.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PREFECT_HOME": str(SERVER_HOME), "PYTHONPATH": str(ROOT)}
+    env.pop("PREFECT_API_URL", None)
+    command = [sys.executable, "-c", FEDPIPE_MAIN, "server", *args]
+    subprocess.run(command, cwd=WORKDIR, env=env, check=True, timeout=600)
+
+
+def _interleave(
+    args: argparse.Namespace,
+    systems: list[str],
+    workloads: list[Workload],
+    prepared: dict[str, tuple[Path, Path]],
+    runs: dict[str, dict[str, list[dict[str, Any]]]],
+    versions: dict[str, str],
+) -> None:
+    """The repetitions, the order of the systems rotating each repetition."""
     for rep in range(args.reps):
         for workload in workloads:
             order = systems[rep % len(systems) :] + systems[: rep % len(systems)]
@@ -352,6 +391,9 @@ def write_report(
             f"Repetitions interleaved ({_reps(runs)}); ranges are min-max over them.",
             "fedpipe-base: the same `fedpipe run` from the --baseline revision (before/after "
             "in the same interleaved run).",
+            "fedpipe-server: the same `fedpipe run` against a local Prefect server started "
+            "once before the runs (`fedpipe server start`, as a user keeps one for the UI): "
+            "its start is not timed and its memory (~0.3 GB) is not in the run's tree.",
             *args.note,
         ],
         "plots": list(plots.values()),

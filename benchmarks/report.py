@@ -102,7 +102,8 @@ def build() -> str:
         for plot in data.pop("plots", []):
             lines += [f"![{plot}](benchmarks/results/{plot})", ""]
         for key, value in data.items():
-            lines += _render(key, value, 3)
+            if not key.startswith("_"):  # "_name": raw data kept for the benchmark itself
+                lines += _render(key, value, 3)
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -205,6 +205,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="Sites 10/100, params up to 1M.")
     parser.add_argument("--rounds", type=int, default=3, help="Timed rounds per point.")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="Measure only these points (e.g. 'sites:1000:secure,params:10M:clear'), keep the "
+        "others from the stored scaling.json.",
+    )
     parser.add_argument("--point", nargs=3, metavar=("KIND", "X", "SECURE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.point:  # the subprocess of one point
@@ -216,6 +222,12 @@ def main() -> None:
     plan = [("sites", s, sec) for s in sites for sec in (False, True)]
     plan += [("params", p, sec) for p in params for sec in (False, True)]
     points, started = [], time.perf_counter()
+    if args.only:
+        wanted = {tuple(item.split(":")) for item in args.only.split(",")}
+        label = {True: "secure", False: "clear"}
+        stored = json.loads((RESULTS / "scaling.json").read_text()).get("_points", [])
+        points = [p for p in stored if (p["kind"], p["x"], label[p["secure"]]) not in wanted]
+        plan = [(k, x, sec) for k, x, sec in plan if (k, x, label[sec]) in wanted]
     for kind, x, secure in plan:
         command = [sys.executable, "-m", "benchmarks.scaling_bench", "--rounds", str(args.rounds)]
         command += ["--point", kind, x, "1" if secure else "0"]
@@ -235,6 +247,7 @@ def main() -> None:
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     png = RESULTS / "scaling.png"
+    points.sort(key=lambda p: (p["kind"] != "sites", p["sites"], p["parameters"], p["secure"]))
     plot(points, png)
     summary = [
         {
@@ -274,6 +287,7 @@ def main() -> None:
         "seconds_total": round(time.perf_counter() - started, 1),
         "load_average_at_end": round(__import__("os").getloadavg()[0], 1),
         "plots": [png.name],
+        "_points": points,  # raw, for --only (not rendered)
     }
     (RESULTS / "scaling.json").write_text(json.dumps(data, indent=1))
     for row in data["growth"]:

@@ -177,6 +177,17 @@ class SecureSum(SecureAggregation):
         )
         metrics = secagg_metrics(result)
         metrics["secagg/unmask_failures"] = float(len(requests) - len(responses))
+        # what crossed the wire up: each masked message and each unmask response, as sent
+        # (on the work pool, the JSON answer with its framing)
+        up = {site: r.bytes_up for site, r in masked.items() if r.masked is not None}
+        for site, answer in answers.items():
+            if isinstance(answer, SiteResult) and answer.unmask_response is not None:
+                sent = answer.bytes_up or len(answer.unmask_response)
+                up[site] = up.get(site, 0) + sent
+                metrics["bytes/up/unmask"] = metrics.get("bytes/up/unmask", 0.0) + sent
+        if all(up.values()):
+            metrics["bytes/up"] = float(sum(up.values()))
+            metrics.update({f"bytes/up/site/{site}": float(b) for site, b in up.items()})
         # the unmask requests went down to the survivors (the engine adds their model)
         metrics.update({f"bytes/down/site/{s}": float(len(r)) for s, r in requests.items()})
         return aggregated, reports, dropouts, metrics

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from flows import cli_report, cli_run, cli_stack
 from flows.cli_app import app, site_app
+from flows.cli_server import server_app
 
 __all__ = ["app", "main"]
 
@@ -25,6 +26,7 @@ app.command()(cli_stack.status)
 app.command()(cli_stack.doctor)
 app.command()(cli_report.budget)
 app.command("privacy-report")(cli_report.privacy_report)
+app.add_typer(server_app, name="server")
 site_app.command("init")(cli_stack.site_init)
 site_app.command("restart")(cli_stack.site_restart)
 site_app.command(

@@ -75,13 +75,17 @@ def print_where_to_look(summary: Any) -> None:
         f"  then http://127.0.0.1:5000/#/experiments/{summary.experiment_id}/runs/{summary.mlflow_run_id}",
         soft_wrap=True,
     )
-    console.print("Open the Prefect UI:")
-    console.print(
-        f"  PREFECT_HOME={shlex.quote(prefect_home)} {venv_bin}/prefect server start "
-        "--host 127.0.0.1",
-        soft_wrap=True,
-    )
-    console.print("  then http://127.0.0.1:4200/runs", soft_wrap=True)
+    api_url = os.environ.get("PREFECT_API_URL", "")
+    if api_url:  # a server that outlives the run: the local one, or a stack's
+        ui = api_url.removesuffix("/").removesuffix("/api")
+        console.print(f"Prefect UI:   {ui}/runs", soft_wrap=True)
+    else:  # the run's temporary server is gone; its runs are in PREFECT_HOME's database
+        console.print("Open the Prefect UI (and keep it for the next runs):")
+        console.print(
+            f"  PREFECT_HOME={shlex.quote(prefect_home)} {venv_bin}/fedpipe server start",
+            soft_wrap=True,
+        )
+        console.print("  then http://127.0.0.1:4200/runs", soft_wrap=True)
 
 
 def _absolute_sqlite(uri: str) -> str:

@@ -58,14 +58,17 @@ def run_with_progress(config: FederationConfig, *, quiet: QuietRun, resume: str 
     from flows.progress import listening
     from flows.runners import task_runner_for
     from flows.startup import warm_in_background
-    from flows.temporary_server import flush_and_wait
+    from flows.temporary_server import TemporaryServer, flush_and_wait
 
     console.print(
         f"[bold]fedpipe[/] federation [cyan]{config.name}[/]: {len(config.sites)} sites, "
         f"{config.rounds} rounds, {config.strategy.name}, {config.model.kind}, "
         f"backend {config.backend}"
     )
-    console.print("[dim]starting Prefect (ephemeral, first start takes a few seconds)...[/]")
+    if isinstance(server, TemporaryServer):
+        console.print(
+            "[dim]starting Prefect (a temporary server; `fedpipe server start` keeps one)...[/]"
+        )
     columns = (
         TextColumn("[bold blue]{task.description}"),
         BarColumn(),
@@ -169,11 +172,20 @@ def train_and_report(config: FederationConfig, *, resume: str | None = None) -> 
 
 
 def start_temporary_server() -> Any:
-    """Start this run's temporary Prefect server, unless PREFECT_API_URL names one to reuse."""
+    """Start this run's temporary Prefect server, unless there is one to reuse.
+
+    Reused: the server ``PREFECT_API_URL`` names (a stack's), else the local one that
+    ``fedpipe server start`` left running under ``PREFECT_HOME``.
+    """
     if os.environ.get("PREFECT_API_URL"):
         return None
-    from flows.temporary_server import TemporaryServer
+    from flows.local_server import running_api_url
+    from flows.temporary_server import ReusedServer, TemporaryServer
 
+    api_url = running_api_url()
+    if api_url is not None:
+        console.print(f"[dim]Prefect: the local server at {api_url} (`fedpipe server stop`)[/]")
+        return ReusedServer(api_url)
     return TemporaryServer.start(Path(os.environ["PREFECT_HOME"]) / "server.log")
 
 

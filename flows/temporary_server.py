@@ -93,21 +93,9 @@ class TemporaryServer:
             f"(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); see {self.log_path}"
         )
 
-    @contextlib.contextmanager
-    def serving(self) -> Iterator[None]:
+    def serving(self) -> contextlib.AbstractContextManager[None]:
         """Point Prefect (this process and any worker it starts) at this server."""
-        from prefect.settings import PREFECT_API_URL, temporary_settings
-
-        previous = os.environ.get("PREFECT_API_URL")
-        os.environ["PREFECT_API_URL"] = self.api_url  # Ray/Dask workers inherit it
-        try:
-            with temporary_settings(updates={PREFECT_API_URL: self.api_url}):
-                yield
-        finally:
-            if previous is None:
-                os.environ.pop("PREFECT_API_URL", None)
-            else:
-                os.environ["PREFECT_API_URL"] = previous
+        return serving_at(self.api_url)
 
     def stop(self, *, timeout: float = 10.0) -> None:
         """Ask the server to shut down (SIGTERM), kill it after ``timeout`` seconds."""
@@ -119,6 +107,40 @@ class TemporaryServer:
                 self.process.kill()
                 self.process.wait()
         self.log.close()
+
+
+@contextlib.contextmanager
+def serving_at(api_url: str) -> Iterator[None]:
+    """Point Prefect (this process, and Ray/Dask workers it starts) at ``api_url``."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    previous = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = api_url  # Ray/Dask workers inherit it
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = previous
+
+
+@dataclass
+class ReusedServer:
+    """A server that outlives the run (``fedpipe server start``): nothing to wait for or stop."""
+
+    api_url: str
+
+    def wait_ready(self, *, timeout: float) -> None:
+        """It answered already (:func:`flows.local_server.running_api_url`)."""
+
+    def serving(self) -> contextlib.AbstractContextManager[None]:
+        """Point Prefect at it for the run."""
+        return serving_at(self.api_url)
+
+    def stop(self, *, timeout: float = 10.0) -> None:
+        """Left running for the next run."""
 
 
 def _healthy(url: str) -> bool:

@@ -91,6 +91,11 @@ def test_shared_random_k_under_secure_aggregation_masks_k_packed_values(
     assert 0.9 * k <= moved <= k  # only the shared coordinates moved
     # 10 bits per masked value (8 + ceil(log2 3)), plus the header with shares
     assert report.metrics["bytes/up"] < 3 * (k * 10 / 8 + 3000) < 3 * 4 * d
+    # up counts the unmask responses too: each site's masked message plus its response
+    responses = report.metrics["bytes/up/unmask"]
+    assert responses > 0
+    per_site = [report.metrics[f"bytes/up/site/{s}"] for s in names]
+    assert report.metrics["bytes/up"] == sum(per_site)
     # down: the float32 model to each site, plus the unmask request each survivor was sent
     requests = [report.metrics[f"bytes/down/site/{s}"] - 4 * d for s in names]
     assert all(0 < r < 3000 for r in requests)
