@@ -101,6 +101,15 @@ class ParticipationConfig(_Section):
 
     fraction: float = Field(default=1.0, gt=0, le=1, description="Share of sites per round.")
     min_participants: int = Field(default=2, ge=1, description="Fewer than this aborts a round.")
+    over_select: int = Field(
+        default=0,
+        ge=0,
+        le=10_000,
+        description="Extra sites selected each round beyond the fraction's count; the round "
+        "closes once that count of valid updates is in (on the work-pool backend without "
+        "waiting for the rest, whose runs are cancelled), the others are 'surplus' "
+        "(Bonawitz et al. 2019). Not with participant-level DP: it changes the sampling rate.",
+    )
 
 
 class ModelConfig(_Section):
@@ -583,6 +592,12 @@ class FederationConfig(_Section):
             raise ValueError(
                 "data.source is 'site_files': set data.n_features and data.n_classes "
                 "(the coordinator never opens a site's files to find them)"
+            )
+        if self.participation.over_select and self.privacy.participant_level:
+            raise ValueError(
+                f"participation.over_select ({self.participation.over_select}) changes how "
+                "many sites each round samples, and so the sampling rate q the participant-"
+                "level DP accountant assumes; set it to 0, or raise participation.fraction"
             )
         secagg = self.secure_aggregation
         if secagg.enabled and secagg.threshold is not None and secagg.threshold > len(self.sites):

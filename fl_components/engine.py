@@ -67,6 +67,7 @@ class DropoutKind(StrEnum):
     FAILED = "failed"  # any other error while it worked
     REJECTED = "rejected"  # its message failed a protocol check (signature, header, ...)
     INVALID = "invalid"  # its update failed validation (shape, dtype, NaN/Inf, norm)
+    SURPLUS = "surplus"  # over-selected: the round closed with enough answers without it
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,11 @@ class RoundPlan:
     downloads : ModelDownloads or None
         The run's model-delta memory (``compression.download: delta``; None: every site gets
         the full model).
+    target : int or None
+        Over-selection (``participation.over_select``): the round closes with this many valid
+        updates, the first in ``selected`` order; the other valid ones are ``surplus``
+        dropouts (in the clear; under secure aggregation every masked update is summed).
+        None: every valid update counts.
     """
 
     round: int
@@ -202,6 +208,7 @@ class RoundPlan:
     flow_run_id: str = ""
     compression: CompressionInstruction | None = None
     downloads: ModelDownloads | None = None
+    target: int | None = None
 
 
 class SecureAggregation:
@@ -401,6 +408,30 @@ def _split(
     return results, dropouts, evaluations
 
 
+def _close_at_target(
+    plan: RoundPlan, updates: list[LocalUpdate], dropouts: list[Dropout]
+) -> list[LocalUpdate]:
+    """Over-selection: keep the first ``plan.target`` valid updates in selection order.
+
+    The others join ``dropouts`` as ``surplus``.
+    """
+    if plan.target is None or len(updates) <= plan.target:
+        return updates
+    order = {site: i for i, site in enumerate(plan.selected)}
+    ranked = sorted(updates, key=lambda u: order.get(u.site, len(order)))
+    kept, extra = ranked[: plan.target], ranked[plan.target :]
+    dropouts += [
+        Dropout(
+            u.site,
+            DropoutKind.SURPLUS,
+            f"over-selected: the round closed with {plan.target} updates "
+            "(participation.over_select)",
+        )
+        for u in extra
+    ]
+    return kept
+
+
 def require_quorum(plan: RoundPlan, valid: int, dropouts: Sequence[Dropout]) -> None:
     """Abort the round, global model untouched, when too few valid updates came back."""
     if valid >= plan.min_participants:
@@ -465,6 +496,7 @@ def _aggregate_in_clear(
             dropouts.append(refusal)
         else:
             updates.append(result.update)
+    updates = _close_at_target(plan, updates, dropouts)
     require_quorum(plan, len(updates), dropouts)
     aggregated = strategy.aggregate(updates, state)
     sent = [r for r in results.values() if r.update is not None]

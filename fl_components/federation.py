@@ -112,6 +112,11 @@ def central_test_split(config: FederationConfig) -> Split | None:
     return read_split(federation_dir(config) / CENTRAL_DIR / "test.npz")
 
 
+def round_target(site_count: int, *, fraction: float, minimum: int) -> int:
+    """How many updates a round needs: max(minimum, ceil(fraction * n)), at most n."""
+    return min(site_count, max(minimum, int(np.ceil(fraction * site_count))))
+
+
 def select_participants(
     site_names: tuple[str, ...],
     *,
@@ -120,11 +125,12 @@ def select_participants(
     round_num: int,
     seed: int,
     secret: bool = False,
+    extra: int = 0,
 ) -> tuple[str, ...]:
     """Pick a round's cohort: a reproducible uniform draw, or a secret Poisson sample.
 
     By default: max(minimum, ceil(fraction * n)) sites drawn uniformly without replacement,
-    reproducible from ``(seed, round_num)``.
+    reproducible from ``(seed, round_num)``, plus ``extra`` over-selected ones (at most n).
 
     With ``secret=True`` (participant-level DP with ``privacy.sampling: random``): every
     site is included independently with probability q = ``fraction``, from the OS's CSPRNG
@@ -141,7 +147,7 @@ def select_participants(
 
         included = SecureRandom().uniform(n) < fraction
         return tuple(name for name, keep in zip(site_names, included, strict=True) if keep)
-    count = min(n, max(minimum, int(np.ceil(fraction * n))))
+    count = min(n, max(minimum, int(np.ceil(fraction * n))) + extra)
     if count < minimum:
         raise RoundError(f"only {n} site(s) available, participation.min_participants is {minimum}")
     rng = np.random.default_rng([seed, round_num, 0xF3D])

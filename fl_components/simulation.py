@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from fl_components.config import FederationConfig
 from fl_components.engine import EvaluationRequest, RoundPlan, evaluate_sites, run_round
-from fl_components.federation import materialize_sites, select_participants
+from fl_components.federation import materialize_sites, round_target, select_participants
 from fl_components.models import build_model
 from fl_components.parameters import get_parameters
 from fl_components.participant import InProcessSites
@@ -35,6 +35,7 @@ def draw_selection(config: FederationConfig, *, round_num: int) -> tuple[str, ..
         round_num=round_num,
         seed=config.seed,
         secret=privacy.participant_level and privacy.sampling == "random",
+        extra=config.participation.over_select,
     )
 
 
@@ -59,6 +60,13 @@ def plain_plan(
         evaluation=evaluation,
         # an update 100x past the norm bound is not an honest one to clip: refuse it outright
         max_update_norm=None if bound is None else 100.0 * bound,
+        target=round_target(
+            len(config.sites),
+            fraction=config.participation.fraction,
+            minimum=config.participation.min_participants,
+        )
+        if config.participation.over_select
+        else None,
     )
 
 

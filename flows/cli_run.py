@@ -185,6 +185,7 @@ def start_temporary_server() -> Any:
     api_url = running_api_url()
     if api_url is not None:
         console.print(f"[dim]Prefect: the local server at {api_url} (`fedpipe server stop`)[/]")
+        os.environ["PREFECT_API_URL"] = api_url  # for the run, and to point at its UI after
         return ReusedServer(api_url)
     return TemporaryServer.start(Path(os.environ["PREFECT_HOME"]) / "server.log")
 

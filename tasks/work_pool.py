@@ -35,6 +35,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from prefect.exceptions import MissingContextError, ObjectNotFound
+from prefect.futures import as_completed
 from prefect.settings import PREFECT_API_URL
 from prefect.states import Cancelled
 
@@ -45,7 +46,7 @@ from fl_components.compression.download import (
 )
 from fl_components.config import FederationConfig
 from fl_components.data import DatasetInfo
-from fl_components.engine import Dropout, DropoutKind, SiteJob, SiteResult
+from fl_components.engine import Dropout, DropoutKind, JobKind, SiteJob, SiteResult
 from fl_components.errors import FedpipeError, RoundError
 from fl_components.exchange import (
     ExchangeError,
@@ -54,6 +55,7 @@ from fl_components.exchange import (
     write_global_model,
     write_model_download,
 )
+from fl_components.federation import round_target
 from fl_components.secagg import Registry, RoundContext
 from fl_components.secure_round import context_to_json, load_registry, registry_path
 from fl_components.site_messages import answer_from_payload, instructions_payload
@@ -63,6 +65,15 @@ log = logging.getLogger(__name__)
 
 # one creation at a time per coordinator process (SQLite serializes writes anyway)
 _CREATE_LOCK = threading.Lock()
+# over-selection: a wave's (run id, round, stage) whose round closed with enough answers; its
+# participant tasks still waiting cancel their runs (participation.over_select)
+_CLOSED: dict[tuple[str, int, str], threading.Event] = {}
+_CLOSED_LOCK = threading.Lock()
+
+
+def _wave(run_id: str, round_num: int, stage: str) -> threading.Event:
+    with _CLOSED_LOCK:
+        return _CLOSED.setdefault((run_id, round_num, stage), threading.Event())
 
 
 class ParticipantError(FedpipeError):
@@ -196,14 +207,16 @@ def _wait(
     timeout: float,
     poll: float,
     liveness_every: float = 2.0,
+    closed: threading.Event | None = None,
 ) -> FlowRun:
     """Wait for a site's flow run to end; give up at the deadline or once its pool is dead.
 
     Raises
     ------
     ParticipantError
-        At the deadline, or once the site's pool has had no live worker for
-        ``LIVENESS_GRACE_SECONDS`` (the run is cancelled either way).
+        At the deadline, once the site's pool has had no live worker for
+        ``LIVENESS_GRACE_SECONDS``, or once ``closed`` is set (over-selection: the round has
+        enough answers); the run is cancelled in each case.
     """
     started = time.monotonic()
     deadline = started + timeout
@@ -215,6 +228,13 @@ def _wait(
             if run.state is not None and run.state.is_final():
                 return run
             now = time.monotonic()
+            if closed is not None and closed.is_set():
+                reason = "over-selected: the round closed with enough answers"
+                client.set_flow_run_state(run_id, Cancelled(message=reason), force=True)
+                raise ParticipantError(
+                    f"site {site!r}: {reason} (participation.over_select); its run was cancelled",
+                    kind=DropoutKind.SURPLUS,
+                )
             why = None
             if now >= next_check:
                 why = liveness.dead(client, now)
@@ -310,6 +330,9 @@ def run_participant(
         pool=pool,
         timeout=config.deployment.timeout_seconds,
         poll=config.deployment.poll_interval,
+        closed=_wave(run_id, round_num, stage)
+        if config.participation.over_select and stage in ("train", "mask")
+        else None,
     )
     if run.state is None or not run.state.is_completed():
         state = run.state.name if run.state is not None else "unknown"
@@ -420,6 +443,8 @@ class WorkPoolBackend(SiteBackend):
                 download=download,
             )
 
+        self._close_when_enough(jobs, futures)
+
         def parse(site: str, payload: dict[str, Any]) -> SiteResult:
             answer = answer_from_payload(payload, job=by_site[site], size=len(json.dumps(payload)))
             # what the site read from the exchange: the npz, or the download it used
@@ -431,6 +456,37 @@ class WorkPoolBackend(SiteBackend):
             parse=parse,
             kind_of=lambda error: getattr(error, "kind", DropoutKind.FAILED),
         )
+
+    def _close_when_enough(self, jobs: Sequence[SiteJob], futures: dict[str, Any]) -> None:
+        """Over-selection: stop waiting once enough sites have answered.
+
+        Once the round's count of sites has answered its training (or masking) stage, the
+        ones still out are cancelled (``surplus``), not waited for.
+        """
+        training = [j for j in jobs if j.kind in (JobKind.TRAIN, JobKind.MASK)]
+        participation = self.config.participation
+        if not participation.over_select or not training:
+            return
+        key = (self.run_id, training[0].round, str(training[0].kind))
+        need = round_target(
+            len(self.config.sites),
+            fraction=participation.fraction,
+            minimum=participation.min_participants,
+        )
+        try:
+            if len(training) <= need:  # nobody over-selected (fraction 1: all are needed)
+                return
+            answered = 0
+            for future in as_completed([futures[j.site] for j in training]):
+                answered += future.state.is_completed()
+                if answered >= need:
+                    _wave(*key).set()  # the others' tasks cancel their runs at their next poll
+                    break
+            for job in training:  # the rest end within a poll (or at their own deadline)
+                futures[job.site].wait()
+        finally:
+            with _CLOSED_LOCK:
+                _CLOSED.pop(key, None)
 
     def registry(self) -> Registry:
         """The registry written by ``fedpipe site init`` (public keys only)."""

@@ -173,6 +173,44 @@ def test_a_late_answer_is_left_out_and_the_round_completes(stack: dict[str, Any]
     print(f"late run after thawing: {final['state_type']} {final['state']['message']!r}")
 
 
+def test_over_selection_closes_the_round_without_the_straggler(stack: dict[str, Any]) -> None:
+    """2 of the 3 sites are needed (fraction 0.5) and 1 more is over-selected: with east's
+    executor frozen, round 1 closes once north and south have answered, long before the
+    deadline; east's run is cancelled and east is a ``surplus`` dropout."""
+    api = stack["prefect_api_url"]
+    late, name, deadline = "east", "e2e-overselect", 150
+    config = _quiet_config(
+        stack,
+        name,
+        deployment={"timeout_seconds": deadline},
+        participation={"fraction": 0.5, "min_participants": 2, "over_select": 1},
+    )
+    executor = _executor_pid(stack, late)
+
+    def thaw_once_cancelled(stop: threading.Event) -> None:
+        try:
+            while not stop.wait(0.5):
+                runs = _runs_of(api, name, late, 1, "train")
+                if runs and runs[0]["state_type"] in FINAL_STATES:
+                    return
+        finally:
+            os.kill(executor, signal.SIGCONT)
+
+    os.kill(executor, signal.SIGSTOP)
+    started = time.monotonic()
+    with _in_background(thaw_once_cancelled):
+        summary = run_coordinator(stack, config)
+    elapsed = time.monotonic() - started
+
+    assert [row["participants"] for row in summary.history] == [2]
+    assert elapsed < deadline / 2, elapsed  # it did not wait for east's deadline
+    (late_run,) = _runs_of(api, name, late, 1, "train")
+    assert late_run["state_type"] == "CANCELLED"
+    artifact = _api_get(f"{api}/artifacts/{name}-round/latest")
+    row = next(line for line in artifact.json()["data"].splitlines() if f"| {late} |" in line)
+    assert "dropped: surplus: " in row and "participation.over_select" in row
+
+
 def test_a_stage_delivered_twice_counts_once(stack: dict[str, Any]) -> None:
     """A second flow run of the same site, round and stage (a re-delivery: the participant
     deployment run again with the same parameters) trains and completes beside the first,

@@ -197,3 +197,43 @@ def test_simulate_plans_rounds_as_the_flow_does(small_config) -> None:
     plan = plain_plan(small_config, round_num=1, selected=selected, evaluation=None)
     assert plan.selected == small_config.site_names  # fraction 1.0
     assert plan.min_participants == 2 and plan.max_update_norm is None
+
+
+def test_over_selection_closes_the_round_with_the_first_target_updates() -> None:
+    """3 selected for 2 needed: c's valid update is surplus (selection order), a's invalid
+    one does not count, so b and c make the round."""
+    ok = [np.array([1.0, 1.0], np.float32), np.ones((1, 1), np.float32)]
+    bad = [np.array([np.nan, 0.0], np.float32), np.zeros((1, 1), np.float32)]
+    answers: dict[str, SiteResult | Dropout] = {
+        "a": SiteResult("a", update=_update("a", bad)),
+        "b": SiteResult("b", update=_update("b", ok)),
+        "c": SiteResult("c", update=_update("c", ok)),
+        "d": SiteResult("d", update=_update("d", ok)),
+    }
+    strategy = FedAvg()
+
+    _, report = run_round(
+        strategy.initial_state(MODEL), _plan(*"abcd", target=2), Scripted(answers), strategy
+    )
+
+    assert sorted(u.site for u in report.updates) == ["b", "c"]
+    kinds = {d.site: d.kind for d in report.dropouts}
+    assert kinds == {"a": DropoutKind.INVALID, "d": DropoutKind.SURPLUS}
+    assert "participation.over_select" in next(d for d in report.dropouts if d.site == "d").reason
+
+
+def test_over_select_draws_extra_sites_and_plans_the_target(small_config) -> None:
+    from fl_components.config import FederationConfig
+    from fl_components.errors import ConfigError
+    from fl_components.simulation import draw_selection, plain_plan
+
+    raw = small_config.model_dump(mode="json", exclude_unset=True)
+    raw["sites"] = [{"name": f"s{i}"} for i in range(10)]
+    raw["participation"] = {"fraction": 0.3, "min_participants": 2, "over_select": 2}
+    config = FederationConfig.model_validate(raw)
+    selected = draw_selection(config, round_num=1)
+    plan = plain_plan(config, round_num=1, selected=selected, evaluation=None)
+    assert (len(selected), plan.target) == (5, 3)
+    raw["privacy"] = {"mode": "participant"}
+    with pytest.raises((ConfigError, ValueError), match="over_select"):
+        FederationConfig.model_validate(raw)
