@@ -478,7 +478,11 @@ class WorkPoolBackend(SiteBackend):
                 return
             answered = 0
             for future in as_completed([futures[j.site] for j in training]):
-                answered += future.state.is_completed()
+                try:  # the task's own outcome (its state on the server may lag behind)
+                    future.result()
+                except Exception:  # a failed site: it is no answer (collected as a dropout)
+                    continue
+                answered += 1
                 if answered >= need:
                     _wave(*key).set()  # the others' tasks cancel their runs at their next poll
                     break

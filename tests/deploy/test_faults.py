@@ -43,16 +43,14 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 def _quiet_config(stack: dict[str, Any], name: str, **changes: Any) -> Any:
     """One round, no secure aggregation, no model registered, every site selected."""
-    return deployed_config(
-        stack,
-        name=name,
-        init_from="fresh",
-        rounds=1,
-        participation={"fraction": 1.0, "min_participants": 2},
-        secure_aggregation={"enabled": False},
-        tracking={"register_model": False},
-        **changes,
-    )
+    settings: dict[str, Any] = {
+        "init_from": "fresh",
+        "rounds": 1,
+        "participation": {"fraction": 1.0, "min_participants": 2},
+        "secure_aggregation": {"enabled": False},
+        "tracking": {"register_model": False},
+    }
+    return deployed_config(stack, name=name, **{**settings, **changes})
 
 
 def _runs_of(api: str, federation: str, site: str, round_num: int, stage: str) -> list[Any]:
