@@ -28,6 +28,7 @@ QUICK = [
 FULL = [
     ["-m", "benchmarks.flower_bench", "--reps", "2"],
     ["-m", "benchmarks.profile_run", "--workloads", "digits-10,digits-100"],
+    ["-m", "benchmarks.scaling_bench", "--rounds", "2"],
     ["-m", "benchmarks.foundation_bench"],
     ["benchmarks/privacy_bench.py"],
     ["benchmarks/secagg_bench.py"],
