@@ -12,18 +12,18 @@ from (RDP composition, Mironov 2017, arXiv:1702.07476), replayed through Opacus.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fl_components.config import TrackingConfig
 from fl_components.errors import BudgetExhaustedError, ConfigError
 from fl_components.privacy.accounting import ClientRound, participant_epsilon
+from fl_components.privacy.file_lock import locked
 
 FEDERATION_LEDGER_VERSION = 1
 
@@ -153,15 +153,8 @@ class FederationLedger:
         temporary.write_text(json.dumps(payload, indent=2))
         os.replace(temporary, self.path)
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+    def _locked(self) -> AbstractContextManager[None]:
+        return locked(self.path)
 
     def _mutate(self, change: Callable[[FederationLedger], None]) -> None:
         with self._locked():

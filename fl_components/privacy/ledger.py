@@ -17,13 +17,11 @@ differently) is a new release of the same records: trained, and charged again.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ from fl_components.errors import BudgetExhaustedError, ConfigError
 from fl_components.privacy.epsilon import RDP_ORDERS as RDP_ORDERS
 from fl_components.privacy.epsilon import epsilon_of as epsilon_of
 from fl_components.privacy.epsilon import make_accountant as make_accountant
+from fl_components.privacy.file_lock import locked
 
 LEDGER_FILE = "privacy_ledger.json"
 LEDGER_VERSION = 1
@@ -330,15 +329,8 @@ class PrivacyLedger:
             self.delta, self.max_epsilon = delta, max_epsilon
             self.save()
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+    def _locked(self) -> AbstractContextManager[None]:
+        return locked(self.path)
 
     def entry_for(
         self,

@@ -113,6 +113,26 @@ def _executor_pid(stack: dict[str, Any], site: str) -> int:
     raise AssertionError(f"no warm executor found for site {site}")
 
 
+def _thaw_once_final(
+    api: str, name: str, site: str, executor: int, seen: dict[str, Any]
+) -> Callable[[threading.Event], None]:
+    """A background action: once ``site``'s round-1 training run is final (the coordinator
+    gave up on it), note its state in ``seen`` and thaw its frozen executor (SIGCONT)."""
+
+    def thaw(stop: threading.Event) -> None:
+        try:
+            while not stop.wait(0.5):
+                runs = _runs_of(api, name, site, 1, "train")
+                if runs and runs[0]["state_type"] in FINAL_STATES:
+                    seen["state_at_deadline"] = runs[0]["state_type"]
+                    seen["message"] = runs[0]["state"]["message"]
+                    return
+        finally:
+            os.kill(executor, signal.SIGCONT)
+
+    return thaw
+
+
 def test_a_late_answer_is_left_out_and_the_round_completes(stack: dict[str, Any]) -> None:
     """Site east's executor is frozen (SIGSTOP): its worker stays live, so its round-1 run is
     handed over but cannot answer. At the deadline the coordinator cancels that run, east is a
@@ -127,20 +147,9 @@ def test_a_late_answer_is_left_out_and_the_round_completes(stack: dict[str, Any]
     executor = _executor_pid(stack, late)
     seen: dict[str, Any] = {}
 
-    def thaw_after_the_deadline(stop: threading.Event) -> None:
-        try:
-            while not stop.wait(0.5):
-                runs = _runs_of(api, name, late, 1, "train")
-                if runs and runs[0]["state_type"] in FINAL_STATES:
-                    seen["state_at_deadline"] = runs[0]["state_type"]
-                    seen["message"] = runs[0]["state"]["message"]
-                    return
-        finally:
-            os.kill(executor, signal.SIGCONT)
-
     os.kill(executor, signal.SIGSTOP)
     started = time.monotonic()
-    with _in_background(thaw_after_the_deadline):
+    with _in_background(_thaw_once_final(api, name, late, executor, seen)):
         summary = run_coordinator(stack, config)
     elapsed = time.monotonic() - started
 
@@ -185,18 +194,9 @@ def test_over_selection_closes_the_round_without_the_straggler(stack: dict[str, 
     )
     executor = _executor_pid(stack, late)
 
-    def thaw_once_cancelled(stop: threading.Event) -> None:
-        try:
-            while not stop.wait(0.5):
-                runs = _runs_of(api, name, late, 1, "train")
-                if runs and runs[0]["state_type"] in FINAL_STATES:
-                    return
-        finally:
-            os.kill(executor, signal.SIGCONT)
-
     os.kill(executor, signal.SIGSTOP)
     started = time.monotonic()
-    with _in_background(thaw_once_cancelled):
+    with _in_background(_thaw_once_final(api, name, late, executor, {})):
         summary = run_coordinator(stack, config)
     elapsed = time.monotonic() - started
 
