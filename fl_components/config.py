@@ -101,6 +101,15 @@ class ParticipationConfig(_Section):
 
     fraction: float = Field(default=1.0, gt=0, le=1, description="Share of sites per round.")
     min_participants: int = Field(default=2, ge=1, description="Fewer than this aborts a round.")
+    round_retries: int = Field(
+        default=0,
+        ge=0,
+        le=10,
+        description="A round that ends below min_participants (sites down, late or failing; "
+        "not budget declines) is tried again this many times, after a backoff that doubles "
+        "from retry_backoff_seconds, before the run fails. Each attempt is accounted.",
+    )
+    retry_backoff_seconds: float = Field(default=30.0, ge=0, le=3600)
     over_select: int = Field(
         default=0,
         ge=0,

@@ -17,7 +17,15 @@ from prefect.runtime import flow_run
 
 from fl_components.config import FederationConfig
 from fl_components.data import DatasetInfo, Split
-from fl_components.engine import EvaluationRequest, RoundAbortedError, evaluate_sites, run_round
+from fl_components.engine import (
+    DropoutKind,
+    EvaluationRequest,
+    RoundAbortedError,
+    RoundPlan,
+    RoundReport,
+    evaluate_sites,
+    run_round,
+)
 from fl_components.models import build_model
 from fl_components.parameters import set_parameters
 from fl_components.strategies import ServerState
@@ -147,6 +155,56 @@ def _finish(
     return version
 
 
+def _retry_worthwhile(run: Run, error: RoundAbortedError) -> bool:
+    """Whether an aborted round may be tried again.
+
+    Retries are configured, and no site declined for its budget (that does not pass).
+    """
+    declined = any(d.kind is DropoutKind.DECLINED for d in error.dropouts)
+    return run.config.participation.round_retries > 0 and not declined
+
+
+def _retry_round(
+    run: Run, state: ServerState, error: RoundAbortedError, *, round_num: int
+) -> tuple[RoundPlan, ServerState, RoundReport]:
+    """Try an aborted round again, after a backoff that doubles each time (bounded).
+
+    The previous round's evaluation is logged already (each attempt carries none). Each
+    attempt begins, and is accounted, as a round of its own; a site asked again for the same
+    round and model returns the release it kept (its ledger charges it once).
+
+    Raises
+    ------
+    RoundAbortedError
+        The last attempt's, once ``participation.round_retries`` are spent.
+    """
+    participation = run.config.participation
+    for attempt in range(1, participation.round_retries + 1):
+        wait = min(participation.retry_backoff_seconds * 2 ** (attempt - 1), 3600.0)
+        reasons = "; ".join(f"{d.site}: {d.kind}" for d in error.dropouts)
+        log.warning(
+            "round %d aborted (%s); attempt %d of %d in %.0fs",
+            round_num, reasons, attempt + 1, participation.round_retries + 1, wait,
+        )  # fmt: skip
+        time.sleep(wait)
+        plan = plan_round(run, state, round_num=round_num, evaluation=None)
+        begin_round(run, plan)
+        try:
+            next_state, outcome = run_round(state, plan, run.backend, run.strategy)
+        except RoundAbortedError as again:
+            error = again
+            if not _retry_worthwhile(run, again):
+                break
+            continue
+        return plan, next_state, outcome
+    record_aborted(run, plan, error.dropouts)
+    raise RoundAbortedError(
+        f"{error} (after {participation.round_retries} retries)",
+        evaluations=error.evaluations,
+        dropouts=error.dropouts,
+    ) from None
+
+
 def _starting_point(
     run: Run,
 ) -> tuple[int, ServerState, list[dict[str, float]], EvaluationRequest | None]:
@@ -187,10 +245,13 @@ def federated_training(
                 next_state, outcome = run_round(state, plan, run.backend, run.strategy)
             except RoundAbortedError as error:  # the previous round's score still counts
                 _record(run, pending, error.evaluations, history, ended=time.perf_counter())
-                record_aborted(run, plan, error.dropouts)
-                raise
+                if not _retry_worthwhile(run, error):
+                    record_aborted(run, plan, error.dropouts)
+                    raise
+                plan, next_state, outcome = _retry_round(run, state, error, round_num=round_num)
+            else:
+                _record(run, pending, outcome.evaluations, history, ended=started)
             privacy_metrics, next_state = account_round(run, outcome, next_state)
-            _record(run, pending, outcome.evaluations, history, ended=started)
             metrics = {**outcome.metrics, **privacy_metrics}
             pending, state = TrainedRound(outcome, next_state, metrics, started), next_state
             evaluation = EvaluationRequest(round=round_num, sites=config.site_names)

@@ -135,3 +135,45 @@ def test_many_sites_run_as_cohorts_of_sites_per_task(small_config) -> None:
     names = {run.name for run in runs}
     assert {"cohort-0-r1", "cohort-1-r1"} <= names
     assert not any(name.startswith("train-") for name in names)
+
+
+def test_an_aborted_round_is_retried_after_a_backoff_and_logged_once(
+    small_config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Round 2 finds every site failing once (a transient outage): with round_retries 2 it is
+    tried again after the backoff and the run finishes, each metric once per step; without
+    retries the same outage fails the run, and a lasting one fails it after the retries."""
+    from fl_components.errors import DataError
+    from fl_components.federation import Site
+
+    participation = small_config.participation.model_copy(
+        update={"round_retries": 2, "retry_backoff_seconds": 0.1}
+    )
+    config = small_config.model_copy(update={"rounds": 3, "participation": participation})
+    real = Site.train
+    failed: list[str] = []
+
+    def outage_in_round_2(self, parameters, *, round_num, **kwargs):  # type: ignore[no-untyped-def]
+        if round_num == 2 and self.name not in failed:  # each site fails its first try
+            failed.append(self.name)
+            raise DataError(f"site {self.name!r}: train.npz is missing (test)")
+        return real(self, parameters, round_num=round_num, **kwargs)
+
+    monkeypatch.setattr(Site, "train", outage_in_round_2)
+    summary = federated_training(config)
+
+    client = MlflowClient(tracking_uri=config.tracking.tracking_uri)
+    for key in ("global/accuracy", "participants", "site/site-0/accuracy"):
+        steps = [m.step for m in client.get_metric_history(summary.mlflow_run_id, key)]
+        assert sorted(steps) == sorted(set(steps)), key  # never twice at one step
+    participants = client.get_metric_history(summary.mlflow_run_id, "participants")
+    assert sorted((m.step, m.value) for m in participants) == [(1, 3.0), (2, 3.0), (3, 3.0)]
+
+    def always_in_round_2(self, parameters, *, round_num, **kwargs):  # type: ignore[no-untyped-def]
+        if round_num == 2:
+            raise DataError(f"site {self.name!r}: train.npz is missing (test)")
+        return real(self, parameters, round_num=round_num, **kwargs)
+
+    monkeypatch.setattr(Site, "train", always_in_round_2)
+    with pytest.raises(RoundError, match=r"round 2: only 0 of 3.*\(after 2 retries\)"):
+        federated_training(config)
