@@ -18,6 +18,7 @@ model does not hash to the delta's base, the full model; the answer says which i
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import replace
@@ -33,12 +34,15 @@ from fl_components.compression.download import (
 )
 from fl_components.compression.site import compress_local_update
 from fl_components.config import FederationConfig
+from fl_components.data import DatasetInfo
 from fl_components.engine import Dropout, DropoutKind, JobKind, SiteJob, SiteResult
 from fl_components.errors import BudgetExhaustedError, ConfigError, DataError, FedpipeError
 from fl_components.exchange import SITE_DIR_ENV, SITE_NAME_ENV
 from fl_components.federation import Site, dataset_info, site_folder
 from fl_components.secagg import RoundContext
 from fl_components.training import Metrics
+
+log = logging.getLogger(__name__)
 
 
 def _evaluate_first(site: Site, job: SiteJob) -> Metrics | None:
@@ -202,9 +206,9 @@ class InProcessSites:
     machine, as with the ``local`` backend, but no Prefect task wraps them.
     """
 
-    def __init__(self, config: FederationConfig) -> None:
+    def __init__(self, config: FederationConfig, *, info: DatasetInfo | None = None) -> None:
         self.config = config
-        self.info = dataset_info(config)
+        self.info = dataset_info(config) if info is None else info
         self.downloads = ModelDownloads.from_config(config)  # the run's model-delta memory
 
     def __call__(self, jobs: Sequence[SiteJob]) -> dict[str, SiteResult | Dropout]:
@@ -216,6 +220,7 @@ class InProcessSites:
             try:
                 answers[job.site] = run_job(site, job, keys_dir=secure_round.site_keys_dir(folder))
             except Exception as error:  # a site's failure must not sink the round
+                log.warning("site %s failed: %s", job.site, error)
                 reason = f"{type(error).__name__}: {error}"
                 answers[job.site] = Dropout(job.site, DropoutKind.FAILED, reason)
         return answers

@@ -24,7 +24,7 @@ from fl_components.config import FederationConfig
 from fl_components.data import DatasetInfo
 from fl_components.engine import Dropout, DropoutKind, SiteJob, SiteResult
 from fl_components.federation import Site, site_folder
-from fl_components.participant import run_job
+from fl_components.participant import InProcessSites, run_job
 from fl_components.secagg import PublicKeys, Registry
 from fl_components.training import share_cores
 
@@ -114,16 +114,8 @@ def site_cohort(
 
     A site's failure is its own dropout, as with one task per site.
     """
-    answers: dict[str, SiteResult | Dropout] = {}
-    for job in jobs:
-        try:
-            answers[job.site] = site_job.fn(config, info, job)
-        except Exception as error:  # a site's failure must not sink its cohort
-            log.warning("site %s failed: %s", job.site, error)
-            answers[job.site] = Dropout(
-                job.site, DropoutKind.FAILED, f"{type(error).__name__}: {error}"
-            )
-    return answers
+    share_cores(config.training, sites=len(config.sites))  # this process trains many sites
+    return InProcessSites(config, info=info)(jobs)
 
 
 def cohorts(jobs: Sequence[SiteJob], *, count: int) -> list[list[SiteJob]]:

@@ -138,6 +138,12 @@ def _timeout_message(site: str, pool: str, timeout: float, state: str) -> str:
             f"{head} (its flow run on pool {pool!r} was still {state}); the site is slower "
             "than the deadline: raise deployment.timeout_seconds or check the run's logs"
         )
+    if state in ("Pending", "Submitting"):  # handed to the worker, but it never started
+        return (
+            f"{head}: its flow run was handed to a worker of pool {pool!r} but never started "
+            f"(still {state}); the site's warm executor or its host is stuck or overloaded. "
+            f"Check `fedpipe doctor`, or restart it: {_restart_advice(site, pool)}"
+        )
     return (
         f"{head}: its flow run was still {state}, never picked up by a worker of pool "
         f"{pool!r}; its worker is not running or cannot reach this server. Start it again: "
