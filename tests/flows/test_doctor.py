@@ -199,7 +199,9 @@ def test_site_data_is_loaded_as_the_site_loads_it(tmp_path: Path) -> None:
     good, bad_labels, missing = check_site_data(config, sites)
 
     assert good.ok and "4 train / 4 test rows" in good.detail
-    assert not bad_labels.ok and "outside 0..1" in bad_labels.detail
+    # the site's own loader checks the labels: file, values, where, and the fix
+    assert not bad_labels.ok and "b/train.npz" in bad_labels.detail
+    assert "outside [0, 2), values 7, at index 2" in bad_labels.detail
     assert not missing.ok and "site 'c'" in missing.detail and "does not exist" in missing.detail
 
 
