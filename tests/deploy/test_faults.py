@@ -29,7 +29,6 @@ from tests.deploy.stack_harness import (
     SITES,
     _api_get,
     _api_post,
-    _assert_metrics_at_each_round,
     _assert_one_participant_run_per_site_and_round,
     _mlflow_run_for,
     _wait_flow_run,
@@ -379,5 +378,18 @@ def test_the_prefect_server_restarted_mid_run(stack: dict[str, Any]) -> None:
         print("  ", row)
     assert run["state"]["type"] == "COMPLETED", (away, run["state"])
     assert mlrun.info.status == "FINISHED"
-    _assert_metrics_at_each_round(client, mlrun.info.run_id, rounds=2)
+    history = client.get_metric_history(mlrun.info.run_id, "global/accuracy")
+    assert sorted(m.step for m in history) == [0, 1, 2]  # every round logged, once
+    # a site run out during the restart may crash (its own retries spent while the server
+    # was away): that site drops out of round 1, and the evaluation of step 0 its run
+    # carried is missing; nothing else is
+    crashed = {(row[0], row[1]) for row in seen if row[3] == "CRASHED"}
+    assert all(round_num == 1 for _, round_num in crashed), seen
+    for site in SITES:
+        steps = [
+            m.step for m in client.get_metric_history(mlrun.info.run_id, f"site/{site}/accuracy")
+        ]
+        assert len(steps) == len(set(steps)), site  # never twice at one step
+        missing = {0, 1, 2} - set(steps)
+        assert missing <= {r - 1 for s, r in crashed if s == site}, (site, missing, seen)
     _assert_one_participant_run_per_site_and_round(api, run_id, rounds=2)
