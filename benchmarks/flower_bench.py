@@ -29,6 +29,7 @@ from typing import Any
 
 from benchmarks.flower.measure import measure
 from benchmarks.flower.workloads import WORKLOADS, Workload, prepare
+from flows.stack_processes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -309,20 +310,12 @@ def main() -> None:
         w.name: {s: [] for s in systems} for w in workloads
     }
     if "fedpipe-server" in systems:  # started once, before the runs, and not timed
-        _local_server("start", "--port", str(_free_port()))
+        _local_server("start", "--port", str(free_port()))
     try:
         _interleave(args, systems, workloads, prepared, runs, versions)
     finally:
         if "fedpipe-server" in systems:
             _local_server("stop")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _local_server(*args: str) -> None:

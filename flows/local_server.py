@@ -16,12 +16,11 @@ import os
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from fl_components.errors import FedpipeError
+from flows.temporary_server import healthy
 
 RECORD = "fedpipe-server.json"
 PID_FILE = "server.pid"  # prefect.cli._server_utils.SERVER_PID_FILE_NAME
@@ -60,11 +59,7 @@ def _alive(pid: int) -> bool:
 
 
 def _healthy(api_url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
-            return bool(response.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
+    return healthy(f"{api_url}/health")
 
 
 def recorded() -> LocalServer | None:

@@ -85,7 +85,7 @@ class TemporaryServer:
                 raise FedpipeError(
                     f"the temporary Prefect server exited with code {code}; see {self.log_path}"
                 )
-            if _healthy(f"{self.api_url}/health"):
+            if healthy(f"{self.api_url}/health"):
                 return
             time.sleep(0.1)
         raise FedpipeError(
@@ -143,7 +143,8 @@ class ReusedServer:
         """Left running for the next run."""
 
 
-def _healthy(url: str) -> bool:
+def healthy(url: str) -> bool:
+    """Whether ``url`` answers 200 within 2 s."""
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
             return bool(response.status == 200)

@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import json
-import socket
 import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
+from flows.stack_processes import free_port
 from tests.flows.test_cli import _fedpipe
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.mark.slow
 def test_runs_reuse_the_local_server_and_stay_in_its_ui(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     config = {
         "name": "reuse-fed",
         "rounds": 2,
