@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from fl_components.config import FederationConfig
-from fl_components.data import (
+from fl_components.data.site_files import (
     SCALE_MAX_ABS_MEAN,
     SCALE_MAX_STD,
     SCALE_MIN_STD,
@@ -31,10 +31,10 @@ from fl_components.data import (
     write_split,
 )
 from fl_components.errors import ConfigError, DataError, RoundError
-from fl_components.models import build_model
 from fl_components.parameters import NDArrays
+from fl_components.site.models import build_model
+from fl_components.site.training import LocalUpdate, Metrics, evaluate, local_train
 from fl_components.strategies.base import SiteInstructions
-from fl_components.training import LocalUpdate, Metrics, evaluate, local_train
 
 CENTRAL_DIR = "_central"
 log = logging.getLogger(__name__)
@@ -229,7 +229,7 @@ class Site:
         data = self.load()
         model = build_model(self.config.model, self.info, seed=self.config.seed)
         if self.config.privacy.record_level:
-            from fl_components.privacy.dpsgd import private_local_train
+            from fl_components.site.dpsgd import private_local_train
 
             return private_local_train(
                 model,

@@ -24,17 +24,17 @@ import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from fl_components import secure_round
 from fl_components.compression.download import DownloadKind, receive_model
 from fl_components.compression.site import CompressionInstruction
 from fl_components.config import FederationConfig
-from fl_components.engine import JobKind, SiteJob
 from fl_components.exchange import SITE_KEYS_ENV, read_global_model, read_model_download
 from fl_components.federation import Site
-from fl_components.participant import run_job, site_from_environment
-from fl_components.secure_round import context_from_json
-from fl_components.site_messages import answer_payload, instructions_from_payload
-from fl_components.training import seed_for
+from fl_components.round.engine import JobKind, SiteJob
+from fl_components.secure_aggregation import site_stages as secure_round
+from fl_components.secure_aggregation.site_stages import context_from_json
+from fl_components.site.jobs import run_job, site_from_environment
+from fl_components.site.training import seed_for
+from fl_components.wire.site_answer import answer_payload, instructions_from_payload
 from flows.naming import participant_run_name
 
 Stage = Literal["train", "mask", "unmask", "evaluate"]

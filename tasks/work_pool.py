@@ -45,8 +45,7 @@ from fl_components.compression.download import (
     full_download,
 )
 from fl_components.config import FederationConfig
-from fl_components.data import DatasetInfo
-from fl_components.engine import Dropout, DropoutKind, JobKind, SiteJob, SiteResult
+from fl_components.data.site_files import DatasetInfo
 from fl_components.errors import FedpipeError, RoundError
 from fl_components.exchange import (
     ExchangeError,
@@ -56,9 +55,14 @@ from fl_components.exchange import (
     write_model_download,
 )
 from fl_components.federation import round_target
-from fl_components.secagg import Registry, RoundContext
-from fl_components.secure_round import context_to_json, load_registry, registry_path
-from fl_components.site_messages import answer_from_payload, instructions_payload
+from fl_components.round.engine import Dropout, DropoutKind, JobKind, SiteJob, SiteResult
+from fl_components.secure_aggregation.protocol import Registry, RoundContext
+from fl_components.secure_aggregation.site_stages import (
+    context_to_json,
+    load_registry,
+    registry_path,
+)
+from fl_components.wire.site_answer import answer_from_payload, instructions_payload
 from tasks.sites import SiteBackend, collect_answers
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from fl_components.compression.error_feedback import load_residual, save_residua
 from fl_components.compression.secure import select_for_secure
 from fl_components.config import CompressionConfig
 from fl_components.parameters import NDArrays, flatten, unflatten
-from fl_components.training import LocalUpdate
+from fl_components.site.training import LocalUpdate
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import numpy as np
 from fl_components.errors import ConfigError, RoundError
 from fl_components.parameters import NDArrays
 from fl_components.privacy.dp_fedavg import DPAggregate
-from fl_components.training import LocalUpdate
+from fl_components.site.training import LocalUpdate
 
 
 @dataclass(frozen=True)

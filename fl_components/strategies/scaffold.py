@@ -28,11 +28,11 @@ from torch import nn
 
 from fl_components.errors import DataError, RoundError
 from fl_components.parameters import NDArrays, add, flatten, unflatten
+from fl_components.site.training import LocalUpdate
 from fl_components.strategies.aggregation import UpdateAggregation
 from fl_components.strategies.base import AggregatedUpdate, ServerState, SiteInstructions
 from fl_components.strategies.fedavg import FedAvg, next_state, state_arrays
 from fl_components.strategies.robust import weighted_mean
-from fl_components.training import LocalUpdate
 
 CONTROL_FILE = "scaffold_control.npz"
 

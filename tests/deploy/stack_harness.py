@@ -21,7 +21,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 # this checkout's CLI, run from it (an installed `fedpipe` script may be another checkout's)
-FEDPIPE = [sys.executable, "-m", "flows.cli"]
+FEDPIPE = [sys.executable, "-m", "ops.cli.main"]
 SITES = ("north", "south", "east")
 FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 SHARED: dict[str, Any] = {}
@@ -63,7 +63,7 @@ def running_stack(
     """`fedpipe up` a 3-site stack under ``root`` and yield its record; on exit `fedpipe
     down` and check that nothing it started is left (a worker a test killed, named in
     ``shared["killed_worker"]``, must be reported as already stopped)."""
-    from flows.stack import tagged_processes
+    from ops.stack.lifecycle import tagged_processes
 
     federation = {
         "name": name,

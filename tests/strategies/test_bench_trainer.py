@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from benchmarks.logreg_federation import LocalSetup, logreg_sgd
-from fl_components.data import Split
+from fl_components.data.site_files import Split
 from fl_components.parameters import get_parameters
 from fl_components.strategies.fedprox import proximal_penalty
 from fl_components.strategies.scaffold import scaffold_correct_gradients
