@@ -46,7 +46,8 @@ from fl_components.compression.download import (
 )
 from fl_components.compression.secure import scatter_secure_sum, secure_shape, select_for_secure
 from fl_components.config import CompressionConfig, ModelConfig, TrainingConfig
-from fl_components.data.site_files import DatasetInfo, SiteData, Split, partition_bundled
+from fl_components.data.site_files import partition_bundled
+from fl_components.data.types import DatasetInfo, SiteData, Split
 from fl_components.parameters import NDArrays, flatten, unflatten
 from fl_components.secure_aggregation.protocol import (
     Registry,

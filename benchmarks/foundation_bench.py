@@ -53,7 +53,7 @@ def bare_loop(config: Any) -> dict[str, Any]:
     and folded evaluation as the flow; each site's job runs in-process, one after another,
     instead of as a Prefect task.
     """
-    from fl_components.data.site_files import DatasetInfo
+    from fl_components.data.types import DatasetInfo
     from fl_components.federation import central_test_split, dataset_info, materialize_sites
     from fl_components.round.planning import simulate
     from fl_components.site.models import build_model
@@ -105,7 +105,8 @@ def centralized(config: Any) -> dict[str, Any]:
     """Same model, pooled training data of all sites, rounds x epochs passes."""
     import numpy as np
 
-    from fl_components.data.site_files import Split, load_site
+    from fl_components.data.site_files import load_site
+    from fl_components.data.types import Split
     from fl_components.federation import central_test_split, dataset_info, site_folder
     from fl_components.parameters import get_parameters
     from fl_components.site.models import build_model

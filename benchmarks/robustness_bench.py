@@ -40,7 +40,7 @@ from benchmarks.logreg_federation import (
 from benchmarks.strategies_bench import RESULTS, machine, versions
 from fl_components.config import StrategyConfig
 from fl_components.parameters import flatten
-from fl_components.site.training import LocalUpdate
+from fl_components.round.types import LocalUpdate
 from fl_components.strategies import SiteInstructions, build_strategy
 
 SITES, ATTACKERS, F = 15, 3, 3

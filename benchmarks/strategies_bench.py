@@ -37,7 +37,7 @@ import torch
 
 from benchmarks.logreg_federation import LocalSetup, bench_sites, run_federation
 from fl_components.config import StrategyConfig
-from fl_components.data.site_files import SiteData, Split
+from fl_components.data.types import SiteData, Split
 from fl_components.strategies import build_strategy
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -16,9 +16,9 @@ import numpy as np
 from prefect.runtime import flow_run
 
 from fl_components.checkpoint import mark_round_started
-from fl_components.compression.site import CompressionInstruction
+from fl_components.compression.instruction import CompressionInstruction
 from fl_components.config import FederationConfig
-from fl_components.data.site_files import DatasetInfo, Split
+from fl_components.data.types import DatasetInfo, Split
 from fl_components.federation import (
     central_test_split,
     dataset_info,
@@ -28,17 +28,11 @@ from fl_components.parameters import NDArrays, get_parameters
 from fl_components.privacy.federation_ledger import FederationLedger, federation_ledger_path
 from fl_components.privacy.report import PRIVACY_REPORT_JSON, PRIVACY_REPORT_MD, report_markdown
 from fl_components.privacy.rounds import PrivacyRounds, declined_record
-from fl_components.round.engine import (
-    Dropout,
-    DropoutKind,
-    EvaluationRequest,
-    RoundPlan,
-    RoundReport,
-)
+from fl_components.round.engine import EvaluationRequest, RoundPlan, RoundReport
 from fl_components.round.planning import draw_selection, plain_plan, strategy_for
+from fl_components.round.types import Dropout, DropoutKind, Metrics
 from fl_components.secure_aggregation.coordinator import SecureSum
 from fl_components.site.models import build_model
-from fl_components.site.training import Metrics
 from fl_components.strategies import AccountantStep, ServerState, Strategy
 from fl_components.strategies.private import DPFedAvg
 from fl_components.tracking import (

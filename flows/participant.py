@@ -25,11 +25,11 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from fl_components.compression.download import DownloadKind, receive_model
-from fl_components.compression.site import CompressionInstruction
+from fl_components.compression.instruction import CompressionInstruction
 from fl_components.config import FederationConfig
 from fl_components.exchange import SITE_KEYS_ENV, read_global_model, read_model_download
 from fl_components.federation import Site
-from fl_components.round.engine import JobKind, SiteJob
+from fl_components.round.types import JobKind, SiteJob
 from fl_components.secure_aggregation import site_stages as secure_round
 from fl_components.secure_aggregation.site_stages import context_from_json
 from fl_components.site.jobs import run_job, site_from_environment

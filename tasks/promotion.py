@@ -19,7 +19,7 @@ from fl_components.promotion import (
     federated_accuracy,
 )
 from fl_components.round.engine import Dispatch, EvaluationRequest, evaluate_sites
-from fl_components.site.training import Metrics
+from fl_components.round.types import Metrics
 from fl_components.tracking import RunTracker, load_registered_parameters, registered_version
 
 log = logging.getLogger(__name__)

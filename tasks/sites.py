@@ -20,9 +20,9 @@ from prefect.cache_policies import NO_CACHE
 
 from fl_components.compression.download import ModelDownloads
 from fl_components.config import FederationConfig
-from fl_components.data.site_files import DatasetInfo
+from fl_components.data.types import DatasetInfo
 from fl_components.federation import Site, site_folder
-from fl_components.round.engine import Dropout, DropoutKind, SiteJob, SiteResult
+from fl_components.round.types import Dropout, DropoutKind, SiteJob, SiteResult
 from fl_components.secure_aggregation import site_stages as secure_round
 from fl_components.secure_aggregation.protocol import PublicKeys, Registry
 from fl_components.site.jobs import InProcessSites, run_job

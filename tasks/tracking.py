@@ -8,7 +8,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from fl_components.site.training import Metrics
+from fl_components.round.types import Metrics
 from fl_components.tracking import RunTracker
 
 

@@ -13,12 +13,13 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import State
 
 from fl_components.config import FederationConfig
-from fl_components.data.site_files import DatasetInfo, Split
+from fl_components.data.types import DatasetInfo, Split
 from fl_components.errors import FedpipeError
 from fl_components.federation import Site, site_folder
 from fl_components.parameters import NDArrays
+from fl_components.round.types import LocalUpdate, Metrics
 from fl_components.site.models import build_model
-from fl_components.site.training import LocalUpdate, Metrics, evaluate
+from fl_components.site.training import evaluate
 from fl_components.strategies import AggregatedUpdate, ServerState, Strategy, weighted_average
 
 

@@ -45,7 +45,7 @@ from fl_components.compression.download import (
     full_download,
 )
 from fl_components.config import FederationConfig
-from fl_components.data.site_files import DatasetInfo
+from fl_components.data.types import DatasetInfo
 from fl_components.errors import FedpipeError, RoundError
 from fl_components.exchange import (
     ExchangeError,
@@ -55,7 +55,7 @@ from fl_components.exchange import (
     write_model_download,
 )
 from fl_components.federation import round_target
-from fl_components.round.engine import Dropout, DropoutKind, JobKind, SiteJob, SiteResult
+from fl_components.round.types import Dropout, DropoutKind, JobKind, SiteJob, SiteResult
 from fl_components.secure_aggregation.protocol import Registry, RoundContext
 from fl_components.secure_aggregation.site_stages import (
     context_to_json,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+from fl_components.data.types import Split
 from fl_components.errors import ConfigError
 
 IndexArray = npt.NDArray[np.int64]
@@ -121,3 +122,17 @@ def label_skew(labels: npt.NDArray[np.int64], parts: list[IndexArray]) -> float:
         mix = np.array([(site_labels == c).mean() for c in classes])
         distances.append(0.5 * np.abs(mix - overall).sum())
     return float(np.mean(distances))
+
+
+def split_holdout(
+    split: Split, *, fraction: float, rng: np.random.Generator
+) -> tuple[Split, Split]:
+    """Split off a random ``fraction`` of ``split`` (at least one example each side)."""
+    n = len(split)
+    n_test = min(max(1, round(n * fraction)), n - 1) if n > 1 else 0
+    order = rng.permutation(n)
+    test_idx, train_idx = order[:n_test], order[n_test:]
+    return (
+        Split(split.features[train_idx], split.labels[train_idx]),
+        Split(split.features[test_idx], split.labels[test_idx]),
+    )

@@ -16,42 +16,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from fl_components.data.partition import partition_labels
+from fl_components.data.partition import partition_labels, split_holdout
+from fl_components.data.synthetic import synthetic_sites
+from fl_components.data.types import LabelArray, SiteData, Split
 from fl_components.errors import DataError
 
-FloatArray = npt.NDArray[np.float32]
-LabelArray = npt.NDArray[np.int64]
-
 SUPPORTED_SUFFIXES = (".npz", ".csv", ".parquet")
-
-
-@dataclass(frozen=True)
-class Split:
-    """Features (n, d) float32 and integer labels (n,); ``columns``: feature names, if any."""
-
-    features: FloatArray
-    labels: LabelArray
-    columns: tuple[str, ...] = ()
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-
-@dataclass(frozen=True)
-class SiteData:
-    """A site's training split and held-out split."""
-
-    name: str
-    train: Split
-    test: Split
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What a model needs to know of the data: input width and number of classes."""
-
-    n_features: int
-    n_classes: int
 
 
 def load_bundled(name: str) -> Split:
@@ -75,20 +45,6 @@ def load_bundled(name: str) -> Split:
     span = np.where(high > low, high - low, 1.0)
     features = (features - low) / span
     return Split(features.astype(np.float32), np.asarray(bunch.target, dtype=np.int64))
-
-
-def split_holdout(
-    split: Split, *, fraction: float, rng: np.random.Generator
-) -> tuple[Split, Split]:
-    """Split off a random ``fraction`` of ``split`` (at least one example each side)."""
-    n = len(split)
-    n_test = min(max(1, round(n * fraction)), n - 1) if n > 1 else 0
-    order = rng.permutation(n)
-    test_idx, train_idx = order[:n_test], order[n_test:]
-    return (
-        Split(split.features[train_idx], split.labels[train_idx]),
-        Split(split.features[test_idx], split.labels[test_idx]),
-    )
 
 
 def partition_bundled(
@@ -136,31 +92,6 @@ def partition_bundled(
         own = Split(pool.features[indices], pool.labels[indices])
         train, test = split_holdout(own, fraction=site_test_fraction, rng=rng)
         sites.append(SiteData(name=name, train=train, test=test))
-    return sites, central_test
-
-
-def synthetic_sites(
-    *,
-    site_names: tuple[str, ...],
-    alpha: float,
-    beta: float,
-    test_fraction: float,
-    site_test_fraction: float,
-    rng: np.random.Generator,
-) -> tuple[list[SiteData], Split]:
-    """One Synthetic(α, β) device per site; each gives ``test_fraction`` to the central test."""
-    from fl_components.data.synthetic import synthetic_devices  # synthetic imports Split from here
-
-    devices = synthetic_devices(n_devices=len(site_names), alpha=alpha, beta=beta, rng=rng)
-    sites, central = [], []
-    for name, device in zip(site_names, devices, strict=True):
-        own, held = split_holdout(device.data, fraction=test_fraction, rng=rng)
-        train, test = split_holdout(own, fraction=site_test_fraction, rng=rng)
-        sites.append(SiteData(name=name, train=train, test=test))
-        central.append(held)
-    central_test = Split(
-        np.concatenate([c.features for c in central]), np.concatenate([c.labels for c in central])
-    )
     return sites, central_test
 
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fl_components.data.site_files import Split
+from fl_components.data.partition import split_holdout
+from fl_components.data.types import SiteData, Split
 from fl_components.errors import ConfigError
 
 N_FEATURES = 60
@@ -72,3 +73,26 @@ def synthetic_devices(
             )
         )
     return devices
+
+
+def synthetic_sites(
+    *,
+    site_names: tuple[str, ...],
+    alpha: float,
+    beta: float,
+    test_fraction: float,
+    site_test_fraction: float,
+    rng: np.random.Generator,
+) -> tuple[list[SiteData], Split]:
+    """One Synthetic(α, β) device per site; each gives ``test_fraction`` to the central test."""
+    devices = synthetic_devices(n_devices=len(site_names), alpha=alpha, beta=beta, rng=rng)
+    sites, central = [], []
+    for name, device in zip(site_names, devices, strict=True):
+        own, held = split_holdout(device.data, fraction=test_fraction, rng=rng)
+        train, test = split_holdout(own, fraction=site_test_fraction, rng=rng)
+        sites.append(SiteData(name=name, train=train, test=test))
+        central.append(held)
+    central_test = Split(
+        np.concatenate([c.features for c in central]), np.concatenate([c.labels for c in central])
+    )
+    return sites, central_test

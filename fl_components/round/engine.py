@@ -24,135 +24,31 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from enum import StrEnum
+from dataclasses import dataclass
 
 import numpy as np
 
 from fl_components.compression.download import (
-    DownloadKind,
     ModelDownload,
     ModelDownloads,
     full_download_nbytes,
 )
-from fl_components.compression.encoded import EncodedUpdate
-from fl_components.compression.site import CompressionInstruction
+from fl_components.compression.instruction import CompressionInstruction
 from fl_components.errors import RoundError
 from fl_components.parameters import NDArrays, nbytes
-from fl_components.site.training import LocalUpdate, Metrics
-from fl_components.strategies.base import (
+from fl_components.round.types import (
     AggregatedUpdate,
+    Dropout,
+    DropoutKind,
+    JobKind,
+    LocalUpdate,
+    Metrics,
     ServerState,
     SiteInstructions,
-    Strategy,
+    SiteJob,
+    SiteResult,
 )
-
-
-class JobKind(StrEnum):
-    """What a site is asked to do."""
-
-    TRAIN = "train"
-    MASK = "mask"  # secure aggregation, stage 1: train, then return the masked update
-    UNMASK = "unmask"  # secure aggregation, stage 2: answer the unmask request
-    EVALUATE = "evaluate"
-
-
-class DropoutKind(StrEnum):
-    """Why a selected site gave nothing usable this round."""
-
-    DECLINED = "declined"  # its privacy budget would be exceeded (its ledger refused)
-    BAD_DATA = "bad_data"  # its files are missing, unreadable or of the wrong shape
-    TIMEOUT = "timeout"  # no answer before the deadline
-    UNREACHABLE = "unreachable"  # no live worker / deployment for the site
-    FAILED = "failed"  # any other error while it worked
-    REJECTED = "rejected"  # its message failed a protocol check (signature, header, ...)
-    INVALID = "invalid"  # its update failed validation (shape, dtype, NaN/Inf, norm)
-    SURPLUS = "surplus"  # over-selected: the round closed with enough answers without it
-
-
-@dataclass(frozen=True)
-class Dropout:
-    """A site that gave no usable result, the kind of reason and its text."""
-
-    site: str
-    kind: DropoutKind
-    reason: str
-    epsilon_spent: float | None = None  # DECLINED: the epsilon the site's ledger holds
-
-    def __str__(self) -> str:
-        return f"{self.kind}: {self.reason}"
-
-
-@dataclass(frozen=True)
-class SiteJob:
-    """One site's work in one dispatch.
-
-    Attributes
-    ----------
-    site, kind, round :
-        Who, what, and for which round.
-    parameters : NDArrays or None
-        The model to train from or to score (None for ``unmask``). Backends that cross a
-        trust boundary send a reference and hash of it, never the arrays. With a
-        ``download`` it is the broadcast model B_r the download rebuilds at the site.
-    seed : int
-        The site's seed for this round (data order, local randomness).
-    instructions : SiteInstructions
-        What the strategy sends along (FedProx μ, SCAFFOLD's c, ...).
-    evaluate_round : int or None
-        ``train``/``mask``: first score ``parameters`` as the federated evaluation of round
-        ``evaluate_round`` (the folded evaluation).
-    secagg : object or None
-        Secure aggregation's :class:`~fl_components.secure_aggregation.protocol.RoundContext`
-        (``mask``/``unmask``).
-    unmask_request : bytes or None
-        ``unmask``: the coordinator's signed request.
-    compression : CompressionInstruction or None
-        ``train``: compress the update before it leaves the site (None: float32).
-    download : ModelDownload or None
-        How the model travels (``compression.download: delta``): a delta against the model
-        the site holds, or the full model; None: ``parameters`` as they are.
-    mlflow_run_id, flow_run_id : str
-        The coordinator's MLflow run and Prefect flow run ('' when there is none): a site's
-        privacy ledger records them with what the round spent.
-    """
-
-    site: str
-    kind: JobKind
-    round: int
-    parameters: NDArrays | None = None
-    seed: int = 0
-    instructions: SiteInstructions = field(default_factory=SiteInstructions)
-    evaluate_round: int | None = None
-    secagg: object | None = None
-    unmask_request: bytes | None = None
-    compression: CompressionInstruction | None = None
-    download: ModelDownload | None = None
-    mlflow_run_id: str = ""
-    flow_run_id: str = ""
-
-
-@dataclass(frozen=True)
-class SiteResult:
-    """What a site answered: whichever of these its job asked for.
-
-    ``upload`` is the compressed update as it travels (``update`` is its decoding);
-    ``received`` which model download the site used (delta or full, when the job carried a
-    ``download``); ``bytes_down`` what the job's model cost on the wire when the backend
-    measured it (0: the engine counts it from the job).
-    """
-
-    site: str
-    update: LocalUpdate | None = None  # train
-    masked: object | None = None  # mask: secure_round.MaskedContribution
-    unmask_response: bytes | None = None  # unmask
-    evaluation: Metrics | None = None  # evaluate, or the folded evaluation
-    refusal: Dropout | None = None  # evaluated, then declined or failed to train
-    bytes_up: int = 0  # what this answer cost on the wire (0: count the update's float32)
-    upload: EncodedUpdate | None = None  # train, compressed: the message that travelled
-    received: DownloadKind | None = None  # the model download used (delta, or full)
-    bytes_down: int = 0  # what the job's model cost on the wire (0: the engine counts it)
-
+from fl_components.strategies.base import Strategy
 
 Dispatch = Callable[[Sequence[SiteJob]], Mapping[str, "SiteResult | Dropout"]]
 """Runs the jobs (one per site) and answers for every site: a result or a dropout."""

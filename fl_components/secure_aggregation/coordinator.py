@@ -20,12 +20,15 @@ from fl_components.compression.secure import scatter_secure_sum
 from fl_components.config import FederationConfig
 from fl_components.errors import RoundError
 from fl_components.parameters import NDArrays
-from fl_components.round.engine import (
-    Dispatch,
+from fl_components.round.engine import Dispatch, SecureAggregation
+from fl_components.round.types import (
+    AggregatedUpdate,
     Dropout,
     DropoutKind,
     JobKind,
-    SecureAggregation,
+    LocalUpdate,
+    MaskedContribution,
+    ServerState,
     SiteJob,
     SiteResult,
 )
@@ -36,14 +39,12 @@ from fl_components.secure_aggregation.protocol import (
     SecAggCoordinator,
 )
 from fl_components.secure_aggregation.site_stages import (
-    MaskedContribution,
     noise_fits_clip_range,
     round_context,
     secagg_metrics,
     weight_scale,
 )
-from fl_components.site.training import LocalUpdate
-from fl_components.strategies.base import AggregatedUpdate, ServerState, Strategy
+from fl_components.strategies.base import Strategy
 
 log = logging.getLogger(__name__)
 

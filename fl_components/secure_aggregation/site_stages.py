@@ -43,20 +43,22 @@ import logging
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from fl_components.compression.instruction import CompressionInstruction
 from fl_components.compression.secure import secure_shape
-from fl_components.compression.site import CompressionInstruction, select_for_masking
+from fl_components.compression.site import select_for_masking
 from fl_components.config import FederationConfig
 from fl_components.errors import ConfigError
 from fl_components.exchange import ExchangeError, check_payload_size, parse_json_payload
 from fl_components.federation import Site, federation_dir
 from fl_components.parameters import NDArrays, flatten
+from fl_components.privacy.dp_fedavg import SecureRandom, participant_noise
+from fl_components.round.types import LocalUpdate, MaskedContribution, SiteInstructions
 from fl_components.secure_aggregation.protocol import (
     AggregateResult,
     PublicKeys,
@@ -68,8 +70,7 @@ from fl_components.secure_aggregation.protocol import (
     default_threshold,
 )
 from fl_components.secure_aggregation.protocol.keys import ED25519_FILE
-from fl_components.site.training import LocalUpdate
-from fl_components.strategies.base import SiteInstructions
+from fl_components.strategies.aggregation import bound_norm
 
 log = logging.getLogger(__name__)
 
@@ -200,85 +201,6 @@ def weight_scale(config: FederationConfig) -> int:
     return 1 if config.privacy.participant_level else config.secure_aggregation.max_weight
 
 
-@dataclass(frozen=True)
-class MaskedContribution:
-    """What a site returns from stage 1: the signed masked message and clear metadata.
-
-    Attributes
-    ----------
-    site : str
-        The sender.
-    round : int
-        The round.
-    num_examples : int
-        Training examples (clear, as in plaintext FedAvg).
-    train_loss, seconds : float
-        How local training went.
-    extra : dict[str, float]
-        Privacy report of the site (epsilon, ...), as in :class:`LocalUpdate`.
-    payload : bytes
-        ``MaskedUpdate.to_bytes()``: uint32 masked vector, encrypted shares, signature.
-    """
-
-    site: str
-    round: int
-    num_examples: int
-    train_loss: float
-    seconds: float
-    payload: bytes
-    extra: dict[str, float] = field(default_factory=dict)
-
-    def report(self) -> LocalUpdate:
-        """The metadata as a :class:`LocalUpdate` with an empty delta (nothing to unmask)."""
-        return LocalUpdate(
-            site=self.site,
-            round=self.round,
-            delta=[],
-            num_examples=self.num_examples,
-            train_loss=self.train_loss,
-            seconds=self.seconds,
-            extra=dict(self.extra),
-        )
-
-    def to_payload(self) -> dict[str, Any]:
-        """JSON-safe form (the work-pool exchange)."""
-        import base64
-
-        return {
-            "stage": "mask",
-            "site": self.site,
-            "round": self.round,
-            "num_examples": self.num_examples,
-            "train_loss": float(self.train_loss),
-            "seconds": float(self.seconds),
-            "extra": {k: float(v) for k, v in self.extra.items()},
-            "masked": base64.b64encode(self.payload).decode("ascii"),
-        }
-
-    @classmethod
-    def from_payload(
-        cls, payload: Mapping[str, Any], *, site: str, round_num: int
-    ) -> MaskedContribution:
-        """Inverse of :meth:`to_payload`, checking the stage, site and round."""
-        import base64
-
-        header = {k: payload.get(k) for k in ("stage", "site", "round")}
-        if header != {"stage": "mask", "site": site, "round": round_num}:
-            raise ConfigError(
-                f"site {site!r} round {round_num}: masked result header {header} does not "
-                "match; discarded"
-            )
-        return cls(
-            site=site,
-            round=round_num,
-            num_examples=int(payload["num_examples"]),
-            train_loss=float(payload["train_loss"]),
-            seconds=float(payload["seconds"]),
-            extra={str(k): float(v) for k, v in payload.get("extra", {}).items()},
-            payload=base64.b64decode(payload["masked"], validate=True),
-        )
-
-
 def _participant(
     site: str, keys_dir: str | os.PathLike[str], registry: Registry, folder: Path
 ) -> SecAggParticipant:
@@ -297,14 +219,10 @@ def prepare_update(
     """
     delta = update.delta
     if config.strategy.norm_bound is not None:  # the coordinator sees only the sum: bound here
-        from fl_components.strategies.aggregation import bound_norm
-
         delta = bound_norm(delta, config.strategy.norm_bound)
     vector = flatten(delta).astype(np.float64)
     privacy = config.privacy
     if privacy.participant_level:
-        from fl_components.privacy.dp_fedavg import SecureRandom, participant_noise
-
         norm = float(np.linalg.norm(vector))
         if norm > privacy.clip_norm:
             vector *= privacy.clip_norm / norm

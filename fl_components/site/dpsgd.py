@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fl_components.config import FederationConfig, PrivacyConfig, TrainingConfig
-from fl_components.data.site_files import Split
+from fl_components.data.types import Split
 from fl_components.errors import ConfigError
 from fl_components.parameters import NDArrays, get_parameters, set_parameters, subtract
 from fl_components.privacy.ledger import (
@@ -42,7 +42,8 @@ from fl_components.privacy.releases import (
     parameters_digest,
     release_path,
 )
-from fl_components.site.training import LocalUpdate, make_optimizer, pick_device, train_epochs
+from fl_components.round.types import LocalUpdate
+from fl_components.site.training import make_optimizer, pick_device, train_epochs
 
 # Installed once for the process: Opacus's hooks make torch warn at every step, and
 # warnings.catch_warnings is not thread-safe (sites train on concurrent threads).

@@ -33,14 +33,13 @@ from fl_components.compression.download import (
 )
 from fl_components.compression.site import compress_local_update
 from fl_components.config import FederationConfig
-from fl_components.data.site_files import DatasetInfo
+from fl_components.data.types import DatasetInfo
 from fl_components.errors import BudgetExhaustedError, ConfigError, DataError, FedpipeError
 from fl_components.exchange import SITE_DIR_ENV, SITE_NAME_ENV
 from fl_components.federation import Site, dataset_info, site_folder
-from fl_components.round.engine import Dropout, DropoutKind, JobKind, SiteJob, SiteResult
+from fl_components.round.types import Dropout, DropoutKind, JobKind, Metrics, SiteJob, SiteResult
 from fl_components.secure_aggregation import site_stages as secure_round
 from fl_components.secure_aggregation.protocol import RoundContext
-from fl_components.site.training import Metrics
 
 log = logging.getLogger(__name__)
 

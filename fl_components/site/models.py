@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fl_components.config import ModelConfig
-from fl_components.data.site_files import DatasetInfo
+from fl_components.data.types import DatasetInfo
 from fl_components.errors import ConfigError
 
 

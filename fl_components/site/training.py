@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,35 +19,13 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fl_components.config import TrainingConfig
-from fl_components.data.site_files import Split
+from fl_components.data.types import Split
 from fl_components.parameters import NDArrays, get_parameters, set_parameters, subtract
+from fl_components.round.types import LocalUpdate, Metrics
+from fl_components.site.objective import LocalObjective
 
 if TYPE_CHECKING:
-    from fl_components.strategies.base import SiteInstructions
-
-
-@dataclass(frozen=True)
-class Metrics:
-    """Loss and accuracy of a model on one split."""
-
-    loss: float
-    accuracy: float
-    examples: int
-
-
-@dataclass(frozen=True)
-class LocalUpdate:
-    """What a participant returns: its update, its weight, and how training went."""
-
-    site: str
-    round: int
-    delta: NDArrays
-    num_examples: int
-    train_loss: float
-    seconds: float
-    extra: dict[str, float] = field(default_factory=dict)
-    control_delta: NDArrays | None = None  # SCAFFOLD: Δc_i = c_i⁺ − c_i
-    initial_loss: float | None = None  # q-FedAvg: F_k(θ_t) on the training split
+    from fl_components.round.types import SiteInstructions
 
 
 def share_cores(config: TrainingConfig, *, sites: int) -> int:
@@ -146,8 +123,6 @@ def local_train(
     ``instructions`` come from the strategy (FedProx's μ, SCAFFOLD's c); ``folder`` is the
     site's own folder, where SCAFFOLD keeps the site's control variate c_i across rounds.
     """
-    from fl_components.strategies.local import LocalObjective
-
     started = time.perf_counter()
     device = pick_device(config.device)
     torch.manual_seed(seed)

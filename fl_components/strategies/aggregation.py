@@ -18,7 +18,7 @@ import numpy as np
 
 from fl_components.errors import RoundError
 from fl_components.parameters import NDArrays, flatten, unflatten
-from fl_components.site.training import LocalUpdate
+from fl_components.round.types import LocalUpdate
 from fl_components.strategies.krum import bulyan, krum, multi_krum
 from fl_components.strategies.robust import (
     FloatVector,

@@ -19,9 +19,9 @@ import numpy as np
 
 from fl_components.errors import RoundError
 from fl_components.parameters import NDArrays, add
-from fl_components.site.training import LocalUpdate
+from fl_components.round.types import AggregatedUpdate, LocalUpdate, ServerState
 from fl_components.strategies.aggregation import UpdateAggregation
-from fl_components.strategies.base import AggregatedUpdate, ServerState, Strategy
+from fl_components.strategies.base import Strategy
 
 
 def weighted_average(updates: Sequence[tuple[NDArrays, int]]) -> NDArrays:

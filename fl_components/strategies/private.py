@@ -24,13 +24,8 @@ from fl_components.errors import ConfigError
 from fl_components.parameters import NDArrays
 from fl_components.privacy.dp_fedavg import DPAggregate
 from fl_components.privacy.rounds import PrivacyRounds
-from fl_components.site.training import LocalUpdate
-from fl_components.strategies.base import (
-    AggregatedUpdate,
-    ServerState,
-    SiteInstructions,
-    Strategy,
-)
+from fl_components.round.types import AggregatedUpdate, LocalUpdate, ServerState, SiteInstructions
+from fl_components.strategies.base import Strategy
 
 
 class DPFedAvg(Strategy):

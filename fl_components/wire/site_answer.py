@@ -38,10 +38,16 @@ from fl_components.exchange import (
     update_payload,
     write_global_model,
 )
-from fl_components.round.engine import Dropout, DropoutKind, JobKind, SiteJob, SiteResult
-from fl_components.secure_aggregation.site_stages import MaskedContribution
-from fl_components.site.training import LocalUpdate
-from fl_components.strategies.base import SiteInstructions
+from fl_components.round.types import (
+    Dropout,
+    DropoutKind,
+    JobKind,
+    LocalUpdate,
+    MaskedContribution,
+    SiteInstructions,
+    SiteJob,
+    SiteResult,
+)
 
 # what a site may say of itself; timeouts and failures are the coordinator's to judge
 _SITE_REFUSALS = (DropoutKind.DECLINED, DropoutKind.BAD_DATA)

@@ -16,7 +16,8 @@ from fl_components.compression.download import (
 from fl_components.config import FederationConfig
 from fl_components.federation import materialize_sites, site_folder
 from fl_components.parameters import digest, flatten, get_parameters
-from fl_components.round.engine import RoundPlan, SiteJob, run_round
+from fl_components.round.engine import RoundPlan, run_round
+from fl_components.round.types import SiteJob
 from fl_components.site.jobs import InProcessSites
 from fl_components.site.models import build_model
 from fl_components.strategies import FedAvg, ServerState

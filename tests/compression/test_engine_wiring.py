@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from fl_components.compression.error_feedback import RESIDUAL_FILE
-from fl_components.compression.site import CompressionInstruction
+from fl_components.compression.instruction import CompressionInstruction
 from fl_components.config import FederationConfig
 from fl_components.federation import materialize_sites, site_folder
 from fl_components.parameters import get_parameters

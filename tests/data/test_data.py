@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 
 from fl_components.config import FederationConfig
-from fl_components.data.site_files import Split, load_site, read_split, write_split
+from fl_components.data.site_files import load_site, read_split, write_split
+from fl_components.data.types import Split
 from fl_components.errors import DataError
 from fl_components.federation import materialize_sites, select_participants
 

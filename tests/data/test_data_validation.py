@@ -11,14 +11,13 @@ import pytest
 
 from fl_components.config import FederationConfig, config_from_dict
 from fl_components.data.site_files import (
-    SiteData,
-    Split,
     load_site,
     read_split,
     standardize_site,
     unscaled_columns,
     validate_labels,
 )
+from fl_components.data.types import SiteData, Split
 from fl_components.errors import ConfigError, DataError
 from fl_components.federation import Site, dataset_info
 

@@ -20,7 +20,7 @@ from fl_components.exchange import (
     write_global_model,
 )
 from fl_components.promotion import decide_promotion, federated_accuracy
-from fl_components.site.training import LocalUpdate, Metrics
+from fl_components.round.types import LocalUpdate, Metrics
 
 
 def _arrays() -> list[np.ndarray]:

@@ -229,7 +229,7 @@ def test_a_stage_delivered_twice_counts_once(stack: dict[str, Any]) -> None:
     from mlflow.tracking import MlflowClient
 
     from fl_components.exchange import ExchangeError
-    from fl_components.round.engine import JobKind, SiteJob
+    from fl_components.round.types import JobKind, SiteJob
     from fl_components.wire.site_answer import answer_from_payload
     from tasks.work_pool import read_json_result
 

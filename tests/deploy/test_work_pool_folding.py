@@ -13,18 +13,13 @@ from typing import Any
 import pytest
 
 from fl_components.compression.download import full_download_nbytes
-from fl_components.compression.site import CompressionInstruction
+from fl_components.compression.instruction import CompressionInstruction
 from fl_components.config import CompressionConfig, FederationConfig
 from fl_components.errors import BudgetExhaustedError
 from fl_components.federation import Site, dataset_info, materialize_sites
 from fl_components.parameters import NDArrays, get_parameters
-from fl_components.round.engine import (
-    DropoutKind,
-    EvaluationRequest,
-    RoundPlan,
-    evaluate_sites,
-    run_round,
-)
+from fl_components.round.engine import EvaluationRequest, RoundPlan, evaluate_sites, run_round
+from fl_components.round.types import DropoutKind
 from fl_components.site.models import build_model
 from fl_components.strategies import FedAvg
 from tasks import work_pool

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from fl_components.config import FederationConfig
-from fl_components.data.site_files import Split, write_split
+from fl_components.data.site_files import write_split
+from fl_components.data.types import Split
 from ops.doctor import (
     SiteEntry,
     check_budgets,

@@ -20,7 +20,7 @@ from fl_components.federation import Site, dataset_info, materialize_sites, site
 from fl_components.parameters import get_parameters
 from fl_components.privacy.ledger import PrivacyLedger, RoundAlreadyCharged
 from fl_components.privacy.releases import KEPT_PER_RUN, RELEASES_DIR
-from fl_components.round.engine import DropoutKind, JobKind, SiteJob
+from fl_components.round.types import DropoutKind, JobKind, SiteJob
 from fl_components.site.jobs import run_job
 from fl_components.site.models import build_model
 

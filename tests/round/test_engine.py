@@ -10,20 +10,23 @@ import pytest
 from fl_components.errors import BudgetExhaustedError
 from fl_components.federation import Site, central_test_split, materialize_sites
 from fl_components.round.engine import (
-    Dropout,
-    DropoutKind,
     EvaluationRequest,
-    JobKind,
     RoundAbortedError,
     RoundPlan,
-    SiteJob,
-    SiteResult,
     evaluate_sites,
     run_round,
     validate_update,
 )
+from fl_components.round.types import (
+    Dropout,
+    DropoutKind,
+    JobKind,
+    LocalUpdate,
+    Metrics,
+    SiteJob,
+    SiteResult,
+)
 from fl_components.site.jobs import InProcessSites
-from fl_components.site.training import LocalUpdate, Metrics
 from fl_components.strategies import AccountantStep, FedAvg, ServerState
 
 MODEL = [np.zeros(2, dtype=np.float32), np.zeros((1, 1), dtype=np.float32)]

@@ -310,7 +310,7 @@ def test_work_pool_backend_runs_both_stages_through_the_participant_flow(
 def test_participant_dp_under_secagg_clips_and_adds_a_noise_share(
     small_config: FederationConfig,
 ) -> None:
-    from fl_components.site.training import LocalUpdate
+    from fl_components.round.types import LocalUpdate
 
     privacy = small_config.privacy.model_copy(
         update={"mode": "participant", "clip_norm": 1.0, "client_noise_multiplier": 0.5}

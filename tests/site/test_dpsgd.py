@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from fl_components.config import PrivacyConfig, TrainingConfig
-from fl_components.data.site_files import Split
+from fl_components.data.types import Split
 from fl_components.errors import ConfigError
 from fl_components.parameters import get_parameters, subtract
 from fl_components.privacy.dp_fedavg import global_norm

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from fl_components.config import ModelConfig, TrainingConfig
-from fl_components.data.site_files import DatasetInfo, load_bundled
+from fl_components.data.site_files import load_bundled
+from fl_components.data.types import DatasetInfo
 from fl_components.errors import ConfigError, FedpipeError
 from fl_components.parameters import digest, flatten, get_parameters, set_parameters, unflatten
 from fl_components.site.models import build_model

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from fl_components.errors import RoundError
-from fl_components.site.training import LocalUpdate
+from fl_components.round.types import LocalUpdate
 from fl_components.strategies import (
     AggregatedUpdate,
     FedAdagrad,

@@ -29,9 +29,8 @@ from fl_components.exchange import (
     read_global_model,
     update_payload,
 )
-from fl_components.round.engine import JobKind, SiteJob
+from fl_components.round.types import JobKind, LocalUpdate, SiteJob
 from fl_components.secure_aggregation.site_stages import context_from_json
-from fl_components.site.training import LocalUpdate
 from fl_components.wire.site_answer import answer_from_payload, instructions_from_payload
 
 FUZZ = settings(

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fl_components.errors import DataError, RoundError
-from fl_components.strategies.fedprox import proximal_penalty
+from fl_components.site.objective import proximal_penalty
 from fl_components.strategies.scaffold import (
     CONTROL_FILE,
     load_client_control,
