@@ -59,6 +59,7 @@ def _single_dispatch_seconds(config: Any, *, repeats: int) -> list[float]:
     from fl_components.federation import dataset_info
     from fl_components.parameters import get_parameters
     from fl_components.site.models import build_model
+    from fl_components.wire.site_job import ModelRef, SiteJobMessage
     from tasks.work_pool import run_participant
 
     model = build_model(config.model, dataset_info(config), seed=0)
@@ -68,13 +69,14 @@ def _single_dispatch_seconds(config: Any, *, repeats: int) -> list[float]:
     for attempt in range(repeats):
         t0 = time.perf_counter()
         run_participant.fn(
-            config,
-            site=config.site_names[0],
-            round_num=1000 + attempt,
-            stage="evaluate",
-            model_uri=uri,
-            model_sha256=sha,
-            run_id="single-dispatch",
+            SiteJobMessage(
+                federation=config,
+                site=config.site_names[0],
+                round=1000 + attempt,
+                stage="evaluate",
+                model=ModelRef(uri=uri, sha256=sha),
+                run_id="single-dispatch",
+            )
         )
         seconds.append(time.perf_counter() - t0)
     return seconds

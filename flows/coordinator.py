@@ -43,10 +43,10 @@ from fl_components.tracking import (
     registered_run_id,
 )
 from flows.resume import ResumePoint, close_crashed_attempt, find_resume_point, run_folder
+from tasks.evaluation import evaluate_global
 from tasks.privacy import log_privacy
 from tasks.sites import LocalBackend, SiteBackend
 from tasks.tracking import log_round, round_markdown
-from tasks.training import evaluate_global
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,6 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,11 +20,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from fl_components.config import TrainingConfig
 from fl_components.data.types import Split
 from fl_components.parameters import NDArrays, get_parameters, set_parameters, subtract
-from fl_components.round.types import LocalUpdate, Metrics
+from fl_components.round.types import LocalUpdate, Metrics, SiteInstructions
 from fl_components.site.objective import LocalObjective
-
-if TYPE_CHECKING:
-    from fl_components.round.types import SiteInstructions
 
 
 def share_cores(config: TrainingConfig, *, sites: int) -> int:

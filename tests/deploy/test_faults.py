@@ -65,9 +65,9 @@ def _runs_of(api: str, federation: str, site: str, round_num: int, stage: str) -
     return [
         r
         for r in runs
-        if r["parameters"].get("federation", {}).get("name") == federation
-        and r["parameters"].get("site") == site
-        and r["parameters"].get("round_num") == round_num
+        if r["parameters"].get("job", {}).get("federation", {}).get("name") == federation
+        and r["parameters"].get("job", {}).get("site") == site
+        and r["parameters"].get("job", {}).get("round") == round_num
     ]
 
 
@@ -265,7 +265,7 @@ def test_a_stage_delivered_twice_counts_once(stack: dict[str, Any]) -> None:
         mine = [
             c
             for c in participant_runs(api, flow_run_id)
-            if (c["parameters"]["site"], c["parameters"]["stage"]) == (twice, "train")
+            if (c["parameters"]["job"]["site"], c["parameters"]["job"]["stage"]) == (twice, "train")
         ]
         own = [c for c in mine if c["id"] != duplicate.get("id")]
         if duplicate and own and own[0]["state_type"] == "COMPLETED":
@@ -366,7 +366,7 @@ def test_the_prefect_server_restarted_mid_run(stack: dict[str, Any]) -> None:
 
     run = _wait_flow_run(api, run_id, timeout=900)
     seen = sorted(
-        (c["parameters"]["site"], c["parameters"]["round_num"], c["parameters"]["stage"],
+        (c["parameters"]["job"]["site"], c["parameters"]["job"]["round"], c["parameters"]["job"]["stage"],
          c["state_type"], c["created"], (c["state"] or {}).get("message"))
         for c in participant_runs(api, run_id)
     )  # fmt: skip

@@ -65,7 +65,7 @@ def test_evaluation_rides_with_training_and_covers_the_sites_not_training(
 
     state, report = run_round(strategy.initial_state(parameters), _plan(sites), backend, strategy)
 
-    assert [(c["site"], c["stage"], c["round_num"], c["evaluate_round"]) for c in calls] == [
+    assert [(c["site"], c["stage"], c["round"], c["evaluate_round"]) for c in calls] == [
         ("site-0", "train", 1, 0),
         ("site-1", "train", 1, 0),
         ("site-2", "evaluate", 0, None),  # not training this round: evaluated in the same wave
@@ -132,7 +132,7 @@ def test_compressed_updates_and_model_deltas_cross_the_work_pool_boundary(
         state, report = run_round(state, plan, backend, strategy)
         reports.append(report)
         assert [c["compression"]["round"] for c in calls] == [round_num] * 2
-        assert all(c["model_uri"] == "" for c in calls)  # the model travels as a download
+        assert all(c["model"] is None for c in calls)  # the model travels as a download
     first, second = reports
 
     # round 1: the full model; round 2: the 8-bit delta, read from the exchange folder

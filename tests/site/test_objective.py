@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from fl_components.errors import DataError, RoundError
-from fl_components.site.objective import proximal_penalty
-from fl_components.strategies.scaffold import (
+from fl_components.site.objective import (
     CONTROL_FILE,
     load_client_control,
+    proximal_penalty,
     save_client_control,
     scaffold_client_control,
     scaffold_correct_gradients,
