@@ -99,7 +99,7 @@ class SiteJobMessage(_Message):
     site: str = Field(min_length=1)
     run_id: str = Field(min_length=1)
     mlflow_run_id: str = ""
-    round: int = Field(ge=1)
+    round: int = Field(ge=0)  # 0: the initial model's evaluation
     stage: Stage
     model: ModelRef | None = None
     download: ModelDownloadRef | None = None
