@@ -14,7 +14,7 @@ from typing import Any
 from fl_components.config import FederationConfig
 from fl_components.errors import FedpipeError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PREFECT_FILE = REPO / "infra" / "prefect.yaml"
 DEFAULT_FEDERATION = REPO / "infra" / "federation.yaml"
 RESULTS_BLOCK = "fedpipe-results"
