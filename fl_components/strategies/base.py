@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 import numpy as np
+import numpy.typing as npt
 
 from fl_components.errors import ConfigError, RoundError
 from fl_components.parameters import NDArrays
@@ -35,9 +36,9 @@ class Strategy(ABC):
     """
 
     name: ClassVar[str]
-    needs_individual_updates: ClassVar[bool] = False
+    needs_individual_updates: bool = False
     """True when :meth:`aggregate` must see each update in the clear (no secure aggregation,
-    no DP-FedAvg)."""
+    no DP-FedAvg); an instance may set its own (FedAvg's follows its aggregation step)."""
 
     def initial_state(self, parameters: NDArrays) -> ServerState:
         """The state before round 1 (no optimizer moments, no control variates)."""
@@ -60,7 +61,12 @@ class Strategy(ABC):
         """
 
     def aggregate_sum(
-        self, total: NDArrays, *, weight: float, participants: int, state: ServerState
+        self,
+        total: Sequence[npt.NDArray[np.floating]],
+        *,
+        weight: float,
+        participants: int,
+        state: ServerState,
     ) -> AggregatedUpdate:
         """Combine from a securely aggregated sum Σ_k w_k Δ_k and its weight Σ_k w_k.
 

@@ -34,7 +34,8 @@ def krum_scores(matrix: npt.NDArray[np.float64], *, f: int) -> npt.NDArray[np.fl
     squared = np.sum((matrix[:, None, :] - matrix[None, :, :]) ** 2, axis=-1)
     neighbours = max(n - f - 2, 1) if n > 1 else 0
     # column 0 of each sorted row is the distance to itself (0)
-    return np.sort(squared, axis=1)[:, 1 : 1 + neighbours].sum(axis=1)
+    scores: npt.NDArray[np.float64] = np.sort(squared, axis=1)[:, 1 : 1 + neighbours].sum(axis=1)
+    return scores
 
 
 def _require_krum_size(rule: str, n: int, f: int) -> None:
@@ -52,7 +53,7 @@ def krum(vectors: Sequence[FloatVector], weights: Sequence[float], *, f: int) ->
     del weights
     matrix = stack_updates(vectors, rule="krum")
     _require_krum_size("krum", matrix.shape[0], f)
-    return matrix[int(np.argmin(krum_scores(matrix, f=f)))].astype(np.float32)
+    return np.asarray(matrix[int(np.argmin(krum_scores(matrix, f=f)))], dtype=np.float32)
 
 
 def multi_krum(
@@ -70,7 +71,7 @@ def multi_krum(
             "lower it or leave it null (n - f)"
         )
     chosen = np.argsort(krum_scores(matrix, f=f), kind="stable")[:keep]
-    return matrix[chosen].mean(axis=0).astype(np.float32)
+    return np.asarray(matrix[chosen].mean(axis=0), dtype=np.float32)
 
 
 def bulyan(vectors: Sequence[FloatVector], weights: Sequence[float], *, f: int) -> FloatVector:
@@ -94,4 +95,4 @@ def bulyan(vectors: Sequence[FloatVector], weights: Sequence[float], *, f: int) 
     median = np.median(chosen, axis=0)
     # step 2: per coordinate, the β values nearest the median
     nearest = np.argsort(np.abs(chosen - median), axis=0, kind="stable")[:beta]
-    return np.take_along_axis(chosen, nearest, axis=0).mean(axis=0).astype(np.float32)
+    return np.asarray(np.take_along_axis(chosen, nearest, axis=0).mean(axis=0), dtype=np.float32)

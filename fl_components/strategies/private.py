@@ -20,6 +20,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+import numpy.typing as npt
+
 from fl_components.errors import ConfigError
 from fl_components.parameters import NDArrays
 from fl_components.privacy.dp_fedavg import DPAggregate
@@ -59,7 +62,12 @@ class DPFedAvg(Strategy):
         return AggregatedUpdate(delta=dp.mean_update, participants=len(updates), private=dp)
 
     def aggregate_sum(
-        self, total: NDArrays, *, weight: float, participants: int, state: ServerState
+        self,
+        total: Sequence[npt.NDArray[np.floating]],
+        *,
+        weight: float,
+        participants: int,
+        state: ServerState,
     ) -> AggregatedUpdate:
         """The sites clipped and noised before masking: the mean of the sum, recorded.
 

@@ -40,7 +40,7 @@ def weighted_mean(vectors: Sequence[FloatVector], weights: Sequence[float]) -> F
         raise RoundError(f"mean: {w.size} weights for {matrix.shape[0]} updates")
     if np.any(w < 0) or w.sum() <= 0:
         raise RoundError(f"mean: weights must be >= 0 and sum to > 0 (got {w.tolist()})")
-    return ((w @ matrix) / w.sum()).astype(np.float32)
+    return np.asarray((w @ matrix) / w.sum(), dtype=np.float32)
 
 
 def coordinate_median(vectors: Sequence[FloatVector], weights: Sequence[float]) -> FloatVector:
@@ -49,7 +49,7 @@ def coordinate_median(vectors: Sequence[FloatVector], weights: Sequence[float]) 
     ``weights`` is accepted for the common signature and ignored (see the module note).
     """
     del weights
-    return np.median(stack_updates(vectors, rule="median"), axis=0).astype(np.float32)
+    return np.asarray(np.median(stack_updates(vectors, rule="median"), axis=0), dtype=np.float32)
 
 
 def trimmed_mean(
@@ -67,4 +67,4 @@ def trimmed_mean(
     n = matrix.shape[0]
     cut = int(np.floor(beta * n))
     ordered = np.sort(matrix, axis=0)
-    return ordered[cut : n - cut].mean(axis=0).astype(np.float32)
+    return np.asarray(ordered[cut : n - cut].mean(axis=0), dtype=np.float32)
