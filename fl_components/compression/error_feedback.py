@@ -67,7 +67,7 @@ def load_residual(
     with np.load(path, allow_pickle=False) as stored:
         made_in = int(stored["round"])
         same_run = bytes(stored["run_id"]).decode() == run_id
-        residual = stored["residual"].astype(np.float32)
+        residual = np.asarray(stored["residual"], dtype=np.float32)
     if not same_run or residual.shape != (dimension,) or not 0 < round - made_in <= max_age:
         return zeros
     return residual

@@ -44,8 +44,9 @@ def _scales(values: npt.NDArray[np.float64], bucket: int) -> npt.NDArray[np.floa
     padded = np.zeros(-(-values.size // bucket) * bucket)
     padded[: values.size] = np.abs(values)
     # float32 on the wire, so round the scale up: every |v_i| / scale stays <= 1.
-    scales = padded.reshape(-1, bucket).max(axis=1).astype(np.float32)
-    return np.nextafter(scales, np.float32(np.inf), where=scales > 0, out=scales)
+    scales = np.asarray(padded.reshape(-1, bucket).max(axis=1), dtype=np.float32)
+    np.nextafter(scales, np.float32(np.inf), where=scales > 0, out=scales)
+    return scales
 
 
 def quantize(

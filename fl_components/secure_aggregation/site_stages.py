@@ -269,6 +269,7 @@ def mask_at_site(
         instructions=instructions,
         spent_by=spent_by,
     )
+    vector: npt.NDArray[np.floating]
     vector, units = prepare_update(site.config, update, ctx)
     if site.config.compression.method == "random_k":  # the round's shared k coordinates
         instruction = CompressionInstruction(site.config.compression, ctx.run_id, ctx.round)

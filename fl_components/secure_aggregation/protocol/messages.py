@@ -118,7 +118,7 @@ def _get(header: Mapping[str, Any], name: str, kind: type | tuple[type, ...]) ->
 
 
 def _str_map(header: Mapping[str, Any], name: str) -> dict[str, Any]:
-    value = _get(header, name, dict)
+    value: dict[str, Any] = _get(header, name, dict)
     if not all(isinstance(k, str) for k in value):
         raise MalformedMessageError(f"field {name!r} must map site names to values")
     return value

@@ -65,4 +65,7 @@ def unpack(data: bytes | memoryview, *, count: int, bits: int) -> npt.NDArray[np
         return np.frombuffer(data, dtype=f"<u{bits // 8}").astype(np.uint32)
     stream = np.unpackbits(raw, count=count * bits, bitorder="little").reshape(count, bits)
     weights = (np.uint32(1) << np.arange(bits, dtype=np.uint32)).astype(np.uint32)
-    return (stream.astype(np.uint32) * weights).sum(axis=1, dtype=np.uint32)
+    values: npt.NDArray[np.uint32] = (stream.astype(np.uint32) * weights).sum(
+        axis=1, dtype=np.uint32
+    )
+    return values

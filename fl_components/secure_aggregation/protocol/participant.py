@@ -174,7 +174,6 @@ class SecAggParticipant:
             )
             for holder, share in zip(holders, shares, strict=True)
         }
-        commit = {"run_id": ctx.run_id, "round": ctx.round, "owner": self.site}
         message = MaskedUpdate(
             run_id=ctx.run_id,
             round=ctx.round,
@@ -182,7 +181,9 @@ class SecAggParticipant:
             num_examples=int(num_examples),
             masked=masked,
             shares=encrypted,
-            self_mask_commitment=agreement.commitment(self_seed, **commit),
+            self_mask_commitment=agreement.commitment(
+                self_seed, run_id=ctx.run_id, round=ctx.round, owner=self.site
+            ),
             pairwise_commitments={
                 peer: agreement.commitment(
                     seeds[peer],
