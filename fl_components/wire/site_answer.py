@@ -20,6 +20,7 @@ import base64
 import os
 from collections.abc import Mapping
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -186,8 +187,9 @@ def _refusal(payload: Mapping[str, Any], job: SiteJob) -> Dropout:
     header = {k: payload.get(k) for k in ("version", "site", "round")}
     if header != {"version": PAYLOAD_VERSION, "site": job.site, "round": job.round}:
         raise ExchangeError(f"site {job.site!r} round {job.round}: refusal header {header}")
+    raw_kind = payload.get("kind")
     try:
-        kind = DropoutKind(payload.get("kind"))
+        kind = DropoutKind(raw_kind) if isinstance(raw_kind, str) else DropoutKind.FAILED
     except ValueError:
         kind = DropoutKind.FAILED
     if kind not in _SITE_REFUSALS:
@@ -231,17 +233,19 @@ def _answer(payload: Mapping[str, Any], *, job: SiteJob, size: int) -> SiteResul
     if folded is not None and job.evaluate_round is not None:
         evaluation = metrics_from_payload(folded, site=job.site, round_num=job.evaluate_round)
     received = _received(body.pop("received", None), job)
-    common = {"site": job.site, "evaluation": evaluation, "bytes_up": size, "received": received}
+    result = partial(
+        SiteResult, site=job.site, evaluation=evaluation, bytes_up=size, received=received
+    )
     if body.get("stage") == "refusal":
-        return SiteResult(refusal=_refusal(body, job), **common)
+        return result(refusal=_refusal(body, job))
     if job.kind is JobKind.TRAIN:
-        return SiteResult(update=update_from_answer(body, job=job), **common)
+        return result(update=update_from_answer(body, job=job))
     if job.kind is JobKind.MASK:
         masked = MaskedContribution.from_payload(body, site=job.site, round_num=job.round)
-        return SiteResult(masked=masked, **common)
+        return result(masked=masked)
     if job.kind is JobKind.UNMASK:
         response = response_from_payload(body, site=job.site, round_num=job.round)
-        return SiteResult(unmask_response=response, **common)
+        return result(unmask_response=response)
     scores = metrics_from_payload(body, site=job.site, round_num=job.round)
     return SiteResult(site=job.site, evaluation=scores, bytes_up=size, received=received)
 

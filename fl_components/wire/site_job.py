@@ -15,13 +15,13 @@ This is the message the coordinator signs and the site verifies before it touche
 
 from __future__ import annotations
 
-from typing import Any, Literal, Self
+from typing import Any, Final, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fl_components.config import FederationConfig
 
-SITE_JOB_VERSION = 1
+SITE_JOB_VERSION: Final = 1
 
 Stage = Literal["train", "mask", "unmask", "evaluate"]
 
