@@ -185,7 +185,10 @@ def validate_update(
 
     Nothing invalid ever reaches the strategy: the round goes on without it.
     """
-    fail = lambda reason: Dropout(update.site, DropoutKind.INVALID, reason)  # noqa: E731
+
+    def fail(reason: str) -> Dropout:
+        return Dropout(update.site, DropoutKind.INVALID, reason)
+
     if len(update.delta) != len(like):
         return fail(f"update has {len(update.delta)} arrays, the model has {len(like)}")
     for index, (delta, ref) in enumerate(zip(update.delta, like, strict=True)):
@@ -398,8 +401,11 @@ def _aggregate_in_clear(
     updates = _close_at_target(plan, updates, dropouts)
     require_quorum(plan, len(updates), dropouts)
     aggregated = strategy.aggregate(updates, state)
-    sent = [r for r in results.values() if r.update is not None]
-    per_site = {r.site: r.bytes_up or nbytes(r.update.delta) for r in sent}
+    per_site = {
+        r.site: r.bytes_up or nbytes(r.update.delta)
+        for r in results.values()
+        if r.update is not None
+    }
     metrics = {"bytes/up": float(sum(per_site.values()))}
     metrics.update({f"bytes/up/site/{site}": float(b) for site, b in per_site.items()})
     return aggregated, updates, metrics

@@ -40,7 +40,8 @@ class SmallCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Classify a batch of flat images (batch, side * side)."""
         images = x.reshape(-1, 1, self.side, self.side)
-        return self.head(self.features(images).flatten(1))
+        logits: torch.Tensor = self.head(self.features(images).flatten(1))
+        return logits
 
 
 def build_model(config: ModelConfig, info: DatasetInfo, *, seed: int) -> nn.Module:

@@ -124,7 +124,9 @@ def save_client_control(folder: Path, control: NDArrays) -> Path:
     path = Path(folder) / CONTROL_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{CONTROL_FILE}.partial.npz")
-    np.savez(partial, **{f"c{i}": np.asarray(a, dtype=np.float32) for i, a in enumerate(control)})
+    arrays = {f"c{i}": np.asarray(a, dtype=np.float32) for i, a in enumerate(control)}
+    # numpy's stub types **kwds as if a key could be `allow_pickle`; every key here is c<i>
+    np.savez(partial, **arrays)  # type: ignore[arg-type]
     os.replace(partial, path)
     return path
 
@@ -166,7 +168,10 @@ class LocalObjective:
             objective.folder = folder
             objective.server_control = instructions.server_control
             objective.client_control = load_client_control(folder, instructions.server_control)
-            as_tensors = lambda arrays: [torch.as_tensor(a, device=device) for a in arrays]  # noqa: E731
+
+            def as_tensors(arrays: NDArrays) -> list[torch.Tensor]:
+                return [torch.as_tensor(a, device=device) for a in arrays]
+
             objective._c = as_tensors(instructions.server_control)
             objective._c_i = as_tensors(objective.client_control)
         return objective
