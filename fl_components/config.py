@@ -231,7 +231,7 @@ class StrategyConfig(_Section):
 
     def _moved(self, knob: str) -> bool:
         """True when ``knob`` differs from its default (a dumped and reloaded config passes)."""
-        return getattr(self, knob) != type(self).model_fields[knob].default
+        return bool(getattr(self, knob) != type(self).model_fields[knob].default)
 
     @model_validator(mode="after")
     def _knobs_match_rule(self) -> StrategyConfig:

@@ -444,7 +444,8 @@ def _load_weights(
                 )
             log.warning("%s: loading a pickled torch model (%s=1)", what, ALLOW_PICKLED_ENV)
             try:
-                return mlflow.pytorch.load_model(model_uri, dst_path=folder)
+                pickled: nn.Module = mlflow.pytorch.load_model(model_uri, dst_path=folder)
+                return pickled
             except MlflowException as error:
                 raise ConfigError(f"{what}: no model could be loaded ({error})") from None
         try:

@@ -139,7 +139,7 @@ def build_privacy_report(
     declines :
         ``{site: [reason, ...]}`` of budget refusals in this run.
     """
-    sites = []
+    sites: list[dict[str, Any]] = []
     for site in sorted(set(site_rounds) | set(site_budgets)):
         rounds = list(site_rounds.get(site, ()))
         delta = site_deltas.get(site)
