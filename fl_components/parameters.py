@@ -7,6 +7,8 @@ one flat float32 vector (what secure aggregation masks). Tensors never leave a p
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -18,7 +20,15 @@ from fl_components.errors import FedpipeError
 NDArrays = list[npt.NDArray[np.float32]]
 
 
-def get_parameters(model: nn.Module) -> NDArrays:
+class HasStateDict(Protocol):
+    """A torch module, or a logged model's weights (``tracking.LoggedWeights``)."""
+
+    def state_dict(self) -> Mapping[str, torch.Tensor]:
+        """The parameters by name, in the module's order."""
+        ...
+
+
+def get_parameters(model: HasStateDict) -> NDArrays:
     """Copy a model's parameters out as float32 numpy arrays (state_dict order)."""
     return [
         t.detach().cpu().numpy().astype(np.float32, copy=True) for t in model.state_dict().values()
