@@ -250,8 +250,8 @@ def check_budgets(config: FederationConfig, sites: Iterable[SiteEntry]) -> list[
             if not config.privacy.record_level:
                 checks.append(Check(name, True, "no ledger: record-level DP is off"))
                 continue
-            left = "unlimited" if limit is None else f"{limit:g} left (max_epsilon)"
-            checks.append(Check(name, True, f"no DP round yet; {left}"))
+            allowance = "unlimited" if limit is None else f"{limit:g} left (max_epsilon)"
+            checks.append(Check(name, True, f"no DP round yet; {allowance}"))
             continue
         try:
             ledger = PrivacyLedger.load(path)

@@ -112,8 +112,8 @@ def client_main() -> None:
         print(f"fedpipe-site-exec: the executor refused the run: {first}", file=sys.stderr)
         sys.exit(1)
     child = int(first.split()[1])
-    for signum in early:
-        _signal(child, signum)
+    for early_signum in early:
+        _signal(child, early_signum)
     while True:
         try:
             last = _read_line(sock, buffer)

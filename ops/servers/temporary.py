@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
+from uuid import UUID
 
 from fl_components.errors import FedpipeError
 
@@ -183,7 +184,7 @@ def wait_recorded(flow_run_id: str, *, timeout: float, poll: float = 0.25) -> bo
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+    runs = FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)]))
     deadline = time.monotonic() + timeout
     seen = -1
     with get_client(sync_client=True) as client:

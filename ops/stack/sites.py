@@ -108,7 +108,8 @@ def deploy_coordinator(config: FederationConfig) -> None:
         for s in spec.get("schedules", [])
     ]
     source = prefect_flow.from_source(source=str(REPO), entrypoint=spec["entrypoint"])
-    source.deploy(
+    # prefect's async_dispatch types from_source as Flow | Coroutine; sync callers get the Flow
+    source.deploy(  # type: ignore[union-attr]
         name=spec["name"],
         work_pool_name=COORDINATOR_POOL,
         parameters={"config": config.model_dump(mode="json", exclude_unset=True)},
@@ -128,7 +129,8 @@ def deploy_participant(config: FederationConfig, site: str) -> None:
 
     spec = _deployment_settings()["participant"]
     source = prefect_flow.from_source(source=str(REPO), entrypoint=spec["entrypoint"])
-    source.deploy(
+    # prefect's async_dispatch types from_source as Flow | Coroutine; sync callers get the Flow
+    source.deploy(  # type: ignore[union-attr]
         name=site,
         work_pool_name=site_pool_name(config, site),
         description=f"Site {site}'s stage of a round, run by its own worker.",
