@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from fl_components.checkpoint import Checkpoint, load_latest, save_checkpoint, started_rounds
 from fl_components.config import FederationConfig
@@ -184,7 +185,7 @@ def close_crashed_attempt(crashed_flow_run_id: str, *, current_flow_run_id: str)
     with get_client(sync_client=True) as client:
         if crashed_flow_run_id != current_flow_run_id:
             try:
-                run = client.read_flow_run(crashed_flow_run_id)
+                run = client.read_flow_run(UUID(crashed_flow_run_id))
             except ObjectNotFound:  # another server (a temporary one that is gone)
                 return lines
             if run.state is not None and not run.state.is_final():
@@ -192,7 +193,7 @@ def close_crashed_attempt(crashed_flow_run_id: str, *, current_flow_run_id: str)
                 client.set_flow_run_state(run.id, Crashed(message=message), force=True)
                 lines.append(f"flow run {run.name}: marked Crashed")
         tasks = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[crashed_flow_run_id])),
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(crashed_flow_run_id)])),
             task_run_filter=TaskRunFilter(
                 state=TaskRunFilterState(type=TaskRunFilterStateType(any_=live))
             ),
