@@ -121,7 +121,9 @@ def read_json_result(run: FlowRun) -> dict[str, Any]:
     if metadata.storage_block_id is None:
         raise ExchangeError(f"flow run {run.name}: result has no storage block")
     storage = resolve_result_storage(metadata.storage_block_id)
-    raw = storage.read_path(metadata.storage_key)
+    # prefect types both as async (async_dispatch; WritableFileSystem.read_path is declared
+    # async), but called from sync code they run and return the value
+    raw: bytes = storage.read_path(metadata.storage_key)  # type: ignore[union-attr,assignment]
     what = f"flow run {run.name} result"
     document = parse_json_payload(raw, what=what)  # size-bounded before it is parsed
     # stored either as the bare JSON result, or as a record {"metadata", "result": "<json>"}
@@ -141,7 +143,7 @@ def _restart_advice(site: str, pool: str) -> str:
     )
 
 
-def _timeout_message(site: str, pool: str, timeout: float, state: str) -> str:
+def _timeout_message(site: str, pool: str, timeout: float, state: str | None) -> str:
     """Why site ``site`` missed the deadline and what to do, by its flow run's last state."""
     head = f"site {site!r} timed out: no result within {timeout:g}s"
     if state in ("Running", "Retrying"):  # picked up, but too slow
@@ -292,7 +294,8 @@ def run_participant(message: SiteJobMessage) -> dict[str, Any]:
         )
     with _CREATE_LOCK:
         try:
-            created = run_deployment(
+            # prefect's async_dispatch types it FlowRun | Coroutine; a sync caller gets the run
+            created: FlowRun = run_deployment(  # type: ignore[assignment]
                 name,
                 parameters=parameters,
                 timeout=0,
@@ -319,8 +322,8 @@ def run_participant(message: SiteJobMessage) -> dict[str, Any]:
     )
     if run.state is None or not run.state.is_completed():
         state = run.state.name if run.state is not None else "unknown"
-        message = run.state.message if run.state is not None else ""
-        raise ParticipantError(f"site {site!r}: flow run {run.name} ended {state}: {message}")
+        detail = run.state.message if run.state is not None else ""
+        raise ParticipantError(f"site {site!r}: flow run {run.name} ended {state}: {detail}")
     payload = read_json_result(run)
     try:
         logger: logging.Logger | logging.LoggerAdapter[logging.Logger] = get_run_logger()
@@ -437,7 +440,7 @@ class WorkPoolBackend(SiteBackend):
             model = self._model_ref(job, written)
             download, download_sizes = self._download_ref(job, files)
             model_size = os.path.getsize(model.uri) if model is not None else 0
-            sizes[job.site] = {None: model_size, **download_sizes}
+            sizes[job.site] = {None: model_size} | download_sizes
             message = self.message(job, model=model, download=download)
             futures[job.site] = run_participant.submit(message)
 
