@@ -28,8 +28,16 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # the clone's own code, whichever fedpipe is installed
-    sys.path.insert(0, str(ROOT))
+
+
+def _own_code() -> None:
+    """Import this checkout's packages, whichever fedpipe is installed.
+
+    MkDocs restores ``sys.path`` after loading a hook module, so this runs at each use.
+    """
+    if sys.path[:1] != [str(ROOT)]:
+        sys.path.insert(0, str(ROOT))
+
 
 CONFIG_PAGE = "reference/config.md"
 CLI_PAGE = "reference/cli.md"
@@ -154,6 +162,7 @@ def _doc(model: type[BaseModel]) -> str:
 
 def config_reference() -> str:
     """The configuration reference page: one table per section of FederationConfig."""
+    _own_code()
     from fl_components.config import FederationConfig
 
     lines = [
@@ -214,6 +223,7 @@ def cli_app() -> tuple[str, Any]:
     """The ``fedpipe`` console script's Typer app as a click command, found via pyproject."""
     import typer
 
+    _own_code()
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     module_name, _, _function = scripts["fedpipe"].partition(":")
     module = importlib.import_module(module_name)

@@ -35,10 +35,12 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs"
 TUTORIALS = DOCS / "tutorials"
-EXAMPLES = sorted((REPO / "examples").glob("*.yaml")) + [REPO / "infra" / "federation.yaml"]
+EXAMPLES = [*sorted((REPO / "examples").glob("*.yaml")), REPO / "infra" / "federation.yaml"]
 
 FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,})(?P<lang>[\w-]*)(?P<info>.*)$")
-MARKER = re.compile(r"^\s*<!--\s*docs-test:\s*(?P<verb>skip|run)\s*(?::\s*(?P<reason>.*?))?\s*-->\s*$")
+MARKER = re.compile(
+    r"^\s*<!--\s*docs-test:\s*(?P<verb>skip|run)\s*(?::\s*(?P<reason>.*?))?\s*-->\s*$"
+)
 TITLE = re.compile(r'title="(?P<title>[^"]+)"')
 
 
@@ -134,7 +136,13 @@ def _console_script() -> tuple[str, str]:
 def test_every_example_passes_fedpipe_validate(path: Path) -> None:
     module, _ = _console_script()
     done = subprocess.run(
-        [sys.executable, "-c", f"import sys; from {module} import app; app()", "validate", str(path)],
+        [
+            sys.executable,
+            "-c",
+            f"import sys; from {module} import app; app()",
+            "validate",
+            str(path),
+        ],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "120"},
         capture_output=True,
@@ -186,9 +194,7 @@ TUTORIAL_PAGES = sorted({b.page for b in BLOCKS if b.runs})
 
 
 def _trains(page: Path) -> bool:
-    return any(
-        re.search(r"\bfedpipe (run|demo)\b", b.body) for b in parse_blocks(page) if b.runs
-    )
+    return any(re.search(r"\bfedpipe (run|demo)\b", b.body) for b in parse_blocks(page) if b.runs)
 
 
 def _scratch(tmp_path: Path) -> dict[str, str]:
@@ -267,9 +273,7 @@ def test_tutorial_runs_as_written(page: Path, tmp_path: Path) -> None:
 
 # --- paths and names the docs mention -------------------------------------------------
 
-PATH = re.compile(
-    r"`((?:fl_components|flows|tasks|ops|tests|benchmarks|infra|examples)/[\w./-]*)"
-)
+PATH = re.compile(r"`((?:fl_components|flows|tasks|ops|tests|benchmarks|infra|examples)/[\w./-]*)")
 NAME = re.compile(r"`(fl_components(?:\.\w+)+)")
 API = re.compile(r"^:::\s*([\w.]+)", re.M)
 
@@ -284,9 +288,7 @@ def _mentions(pattern: re.Pattern[str]) -> list[tuple[str, str]]:
 
 def test_every_repository_path_the_docs_name_exists() -> None:
     missing = [
-        (page, path)
-        for page, path in _mentions(PATH)
-        if not (REPO / path.rstrip(".,:;")).exists()
+        (page, path) for page, path in _mentions(PATH) if not (REPO / path.rstrip(".,:;")).exists()
     ]
     assert not missing, f"paths named in the docs that do not exist: {missing}"
 
@@ -372,7 +374,9 @@ def test_config_reference_lists_every_field_of_the_model_with_its_default() -> N
         if cells[2] == "(section)" or path == "sites":
             continue
         if "default" not in declared:
-            assert cells[2] == "required", f"{path}: no default in the model, {cells[2]} in the page"
+            assert cells[2] == "required", (
+                f"{path}: no default in the model, {cells[2]} in the page"
+            )
             continue
         shown = json.loads(cells[2].strip("`"))
         assert shown == declared["default"], (
@@ -402,7 +406,9 @@ def test_readme_is_short_and_starts_with_the_two_commands() -> None:
     assert len(readme.splitlines()) <= 160, "the README is a front page: move detail to docs/"
     blocks = parse_blocks(REPO / "README.md")
     commands_before = [
-        line for line in readme.split("```", 1)[0].splitlines() if re.match(r"\s*(\$ |make |fedpipe )", line)
+        line
+        for line in readme.split("```", 1)[0].splitlines()
+        if re.match(r"\s*(\$ |make |fedpipe )", line)
     ]
     assert not commands_before, f"a command comes before the set-up block: {commands_before}"
     first = next(b for b in blocks if b.lang in ("bash", "sh", "shell", ""))
