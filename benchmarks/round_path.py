@@ -27,9 +27,9 @@ PACKAGES = ("ops", "flows", "tasks", "fl_components")
 
 def measure(config_path: Path) -> list[str]:
     """The first-party files one round (round 2 of 3) calls into, sorted."""
+    from fl_components.config import load_config
     from flows.federated_training import federated_training
     from flows.progress import listening
-    from fl_components.config import load_config
     from ops.servers.temporary import TemporaryServer
 
     seen: set[str] = set()
