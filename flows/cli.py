@@ -2,16 +2,17 @@
 
 ``fedpipe demo`` trains the embedded default federation; ``fedpipe run FILE.yaml`` trains
 any federation; ``fedpipe partition`` writes site folders; ``fedpipe validate`` checks a
-config; ``fedpipe up`` / ``down`` / ``status`` / ``doctor`` / ``site ...`` start, stop and
-check the local stack and its sites; ``fedpipe budget`` / ``privacy-report`` report. The
-commands live by concern in :mod:`flows.cli_run`, :mod:`flows.cli_stack` and
+config (with ``--data`` also the sites' files, as ``fedpipe data check`` does);
+``fedpipe up`` / ``down`` / ``status`` / ``doctor`` / ``site ...`` start, stop and check the
+local stack and its sites; ``fedpipe budget`` / ``privacy-report`` report. The commands live
+by concern in :mod:`flows.cli_run`, :mod:`flows.cli_data`, :mod:`flows.cli_stack` and
 :mod:`flows.cli_report`; they are registered here, in the order ``--help`` lists them.
 """
 
 from __future__ import annotations
 
-from flows import cli_report, cli_run, cli_stack
-from flows.cli_app import app, site_app
+from flows import cli_data, cli_report, cli_run, cli_stack
+from flows.cli_app import app, data_app, site_app
 from flows.cli_server import server_app
 
 __all__ = ["app", "main"]
@@ -27,6 +28,7 @@ app.command()(cli_stack.doctor)
 app.command()(cli_report.budget)
 app.command("privacy-report")(cli_report.privacy_report)
 app.add_typer(server_app, name="server")
+data_app.command("check")(cli_data.data_check)
 site_app.command("init")(cli_stack.site_init)
 site_app.command("restart")(cli_stack.site_restart)
 site_app.command(

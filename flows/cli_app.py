@@ -27,6 +27,8 @@ STATE_DIR = Path("state")
 STACK_DIR = DEFAULT_STACK_DIR
 site_app = typer.Typer(help="Onboard and manage the federation's sites.", no_args_is_help=True)
 app.add_typer(site_app, name="site")
+data_app = typer.Typer(help="Check the sites' own data files.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 
 
 def fail(error: Exception) -> NoReturn:

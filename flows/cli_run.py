@@ -221,7 +221,9 @@ def run(
             config = config_from_dict(raw, source=f"{config_path} with --rounds {rounds}")
     except FedpipeError as error:
         fail(error)
-    train_and_report(config, resume=resume)
+    from flows.cli_data import checked_before_run
+
+    train_and_report(checked_before_run(config), resume=resume)
 
 
 def read_config_file(path: Path) -> FederationConfig:
@@ -249,14 +251,24 @@ def read_config_file(path: Path) -> FederationConfig:
 
 def validate(
     config_path: Annotated[Path, typer.Argument(help="Federation config (YAML).")],
+    data: Annotated[
+        bool,
+        typer.Option(
+            "--data", help="Also load every site folder on this host against the data contract."
+        ),
+    ] = False,
 ) -> None:
-    """Check a config and print it with every default filled in."""
+    """Check a config and print it with every default filled in (and, with --data, the sites)."""
     try:
         config = read_config_file(config_path)
     except FedpipeError as error:
         fail(error)
     console.print_json(config.model_dump_json())
     console.print(f"[green]{config_path} is valid[/]")
+    if data:
+        from flows.cli_data import check_and_exit
+
+        check_and_exit(config)
 
 
 def partition(
