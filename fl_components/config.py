@@ -107,6 +107,12 @@ class DataConfig(_Section):
         default=",", min_length=1, max_length=1, description="CSV field separator, e.g. ';'."
     )
     decimal: Literal[".", ","] = Field(default=".", description="CSV decimal mark: '.' or ','.")
+    allow_unloadable_sites: bool = Field(
+        default=False,
+        description="site_files: a run whose check finds sites that cannot load their files "
+        "starts anyway (those sites drop out of every round); by default it stops before "
+        "round 1 with the check's table.",
+    )
 
     @field_validator("label_map", mode="before")
     @classmethod

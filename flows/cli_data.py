@@ -59,13 +59,21 @@ def report(check: DataCheck) -> None:
 def checked_before_run(config: FederationConfig) -> FederationConfig:
     """Check a local federation's site files before any server starts; exit 2 if one fails.
 
+    With ``data.allow_unloadable_sites`` the problems are printed as warnings and the run
+    starts (those sites drop out of every round).
     Returns the config with ``data.columns`` pinned to what every site holds (when unset),
     so each site refuses, at every job, files whose columns differ.
     """
     if config.data.source != "site_files" or config.backend != "local":
         return config
     check = check_sites(config)
-    if not check.ok:
+    if not check.ok and config.data.allow_unloadable_sites:
+        for line in check.problems:
+            console.print(f"[bold yellow]warning:[/] {line}", soft_wrap=True)
+        console.print(
+            "[yellow]data.allow_unloadable_sites is true: the run starts without the sites above[/]"
+        )
+    elif not check.ok:
         report(check)
         console.print(
             "[bold red]run not started:[/] fix the site files named above "
