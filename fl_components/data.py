@@ -260,9 +260,9 @@ class _Rows:
         return f"{self.noun}{plural} {shown}{more} {self.note}"
 
 
-_CSV_ROWS = _Rows(2, "line", "(counting the header as line 1)")
-_PARQUET_ROWS = _Rows(1, "row", "(1-based, not counting the header)")
-_NPZ_ROWS = _Rows(0, "index", "of y (0-based)")
+CSV_ROWS = _Rows(2, "line", "(counting the header as line 1)")
+PARQUET_ROWS = _Rows(1, "row", "(1-based, not counting the header)")
+NPZ_ROWS = _Rows(0, "index", "of y (0-based)")
 
 
 def _shown_values(values: Any, indices: npt.NDArray[np.intp]) -> str:
@@ -273,7 +273,7 @@ def validate_labels(
     raw: npt.ArrayLike,
     *,
     source: str,
-    rows: _Rows = _PARQUET_ROWS,
+    rows: _Rows = PARQUET_ROWS,
     n_classes: int | None = None,
 ) -> LabelArray:
     """Integer class indices from raw labels, or a :class:`DataError` naming every bad row.
@@ -376,7 +376,7 @@ def _sniffed_dialect(path: Path, contract: DataContract) -> str:
     )
 
 
-def _read_frame(path: Path, *, contract: DataContract) -> Any:
+def read_frame(path: Path, *, contract: DataContract) -> Any:
     """A CSV or Parquet file as a pandas frame; unreadable, empty or header-only is refused.
 
     CSV: read with the contract's delimiter and decimal mark; a UTF-8 byte-order mark is
@@ -478,7 +478,7 @@ def _non_numeric_error(path: Path, frame: Any, columns: list[str], rows: _Rows) 
 def _one_hot(path: Path, frame: Any, column: str, levels: tuple[str, ...], rows: _Rows) -> Any:
     """A categorical column as one 0/1 column per declared level, in the declared order."""
     values = frame[column]
-    text = values.map(_as_text)
+    text = values.map(cell_text)
     outside = ~text.isin(levels).to_numpy()
     if outside.any():
         where = np.flatnonzero(outside)
@@ -491,7 +491,7 @@ def _one_hot(path: Path, frame: Any, column: str, levels: tuple[str, ...], rows:
     return np.stack([(text == level).to_numpy() for level in levels], axis=1)
 
 
-def _as_text(value: Any) -> str | None:
+def cell_text(value: Any) -> str | None:
     """A cell as the text a label map or level list names (1.0 -> '1'; missing -> None)."""
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return None
@@ -598,7 +598,7 @@ def _npz_features(path: Path, contract: DataContract) -> _Features:
             )
         frame = pd.DataFrame(x, columns=list(names))
         frame[contract.label_column] = y
-        return _frame_arrays(path, frame, contract=contract, rows=_NPZ_ROWS)
+        return _frame_arrays(path, frame, contract=contract, rows=NPZ_ROWS)
     if names:
         raise DataError(
             f"{path}: array 'columns' names {len(names)} columns but x has shape "
@@ -636,10 +636,10 @@ def read_split(
     suffix = path.suffix.lower()
     if suffix == ".npz":
         found = _npz_features(path, contract)
-        rows, label_source = _NPZ_ROWS, f"{path}, array 'y',"
+        rows, label_source = NPZ_ROWS, f"{path}, array 'y',"
     elif suffix in (".csv", ".parquet"):
-        rows = _CSV_ROWS if suffix == ".csv" else _PARQUET_ROWS
-        frame = _read_frame(path, contract=contract)
+        rows = CSV_ROWS if suffix == ".csv" else PARQUET_ROWS
+        frame = read_frame(path, contract=contract)
         found = _frame_arrays(path, frame, contract=contract, rows=rows)
         label_source = f"{path}, column {contract.label_column!r},"
     else:
@@ -683,10 +683,10 @@ def read_split(
 
 
 def map_labels(
-    raw: npt.ArrayLike, *, label_map: dict[str, int], source: str, rows: _Rows = _PARQUET_ROWS
+    raw: npt.ArrayLike, *, label_map: dict[str, int], source: str, rows: _Rows = PARQUET_ROWS
 ) -> LabelArray:
     """Class indices from label values through ``data.label_map`` (values compared as text)."""
-    texts = np.array([_as_text(v) for v in np.asarray(raw, dtype=object).reshape(-1)], object)
+    texts = np.array([cell_text(v) for v in np.asarray(raw, dtype=object).reshape(-1)], object)
     missing = np.array([t is None for t in texts], bool)
     unknown = ~missing & np.array([t not in label_map for t in texts], bool)
     problems = []

@@ -274,15 +274,60 @@ def validate(
 def partition(
     config_path: Annotated[Path, typer.Argument(help="Federation config (YAML).")],
     overwrite: Annotated[bool, typer.Option(help="Rebuild existing site folders.")] = False,
+    pooled: Annotated[
+        Path | None,
+        typer.Option(
+            "--from",
+            help="Split this pooled CSV/Parquet file into the config's sites (site_files): "
+            "by data.partitioner (iid, dirichlet on the label, ...) or --by.",
+        ),
+    ] = None,
+    by: Annotated[
+        str | None, typer.Option(help="With --from: one site per value of this column.")
+    ] = None,
 ) -> None:
-    """Materialize site folders (sites/<federation>/<site>/train.npz, test.npz)."""
+    """Materialize site folders: a bundled set's split (npz), or one pooled file's (--from)."""
     from fl_components.federation import materialize_sites
 
     try:
         config = load_config(config_path)
-        folders = materialize_sites(config, overwrite=overwrite)
+        if pooled is None and by is not None:
+            raise ConfigError("--by splits a pooled file: give it with --from FILE")
+        if pooled is None and config.data.source == "site_files":
+            raise ConfigError(
+                f"{config_path}: data.source is 'site_files': sites bring their own files "
+                "(check them with `fedpipe data check`); to simulate the sites from one pooled "
+                "file, give it with --from FILE"
+            )
+        if pooled is not None:
+            folders = _partition_pooled(config, pooled, by=by, overwrite=overwrite)
+        else:
+            folders = materialize_sites(config, overwrite=overwrite)
     except FedpipeError as error:
         fail(error)
     for folder in folders:
         console.print(f"{folder}")
     console.print(f"[green]{len(folders)} site folders ready[/]")
+
+
+def _partition_pooled(
+    config: FederationConfig, pooled: Path, *, by: str | None, overwrite: bool
+) -> list[Path]:
+    from fl_components.pooled_file import split_pooled_file, write_simulated_sites
+
+    if config.data.source != "site_files":
+        raise ConfigError(
+            "--from writes site files: set data.source: site_files and each site's "
+            "data_path (the folder its train.csv and test.csv go to)"
+        )
+    sites = split_pooled_file(pooled, config, by=by)
+    folders = write_simulated_sites(sites, config, overwrite=overwrite)
+    for site in sites:
+        held = f" ({by} = {site.value})" if site.value is not None else ""
+        console.print(f"site {site.name}{held}: {len(site.train)} train / {len(site.test)} test")
+    if by is not None and by not in config.data.drop:
+        console.print(
+            f"[yellow]note:[/] column {by!r} names the site in every row; add it to "
+            "data.drop so the model does not learn it"
+        )
+    return folders
