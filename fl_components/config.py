@@ -192,6 +192,11 @@ class DataConfig(_Section):
                     "model inputs (categorical columns count one per level); remove "
                     "data.n_features or make it match"
                 )
+        if self.categorical and self.columns is None:
+            raise ValueError(
+                f"data.categorical ({', '.join(self.categorical)}) needs data.columns: list the "
+                "feature columns, so every site one-hot encodes the same inputs in one order"
+            )
         if self.label_column in self.drop:
             raise ValueError(
                 f"data.drop names the label column {self.label_column!r}; remove it from drop"

@@ -386,6 +386,59 @@ def test_data_check_of_four_sites_of_10k_rows_takes_seconds(tmp_path: Path) -> N
     assert "site data matches the contract" in result.output and seconds < 5
 
 
+def test_a_declared_id_like_column_is_kept_but_named_by_the_check(tmp_path: Path) -> None:
+    from fl_components.data_check import check_sites
+
+    train, test = _frame(60, seed=1), _frame(20, seed=2)
+    train["account"], test["account"] = np.arange(60), np.arange(20)
+    _write(tmp_path / "east", train, test)
+    config = _config(tmp_path, ["east"], n_features=5, columns=[*COLUMNS, "account"])
+
+    check = check_sites(config)
+
+    assert check.ok and check.sites[0].id_like == ("account",)
+    assert "column(s) ['account'] differ on every row (an ID?)" in check.warnings[0]
+    assert "move them from data.columns to data.drop" in check.warnings[0]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"label_map": {True: 1, False: 0}}, "quote the label values"),
+        ({"columns": ["age"], "drop": ["age"]}, "data.columns and data.drop both name ['age']"),
+        ({"categorical": {"region": ["a", "b"]}}, "data.categorical (region) needs data.columns"),
+        ({"columns": ["a", "b"], "n_features": 3}, "data.n_features is 3 but data.columns gives 2"),
+        ({"label_map": {"no": 0, "yes": 2}, "n_classes": 2}, "maps {'yes': 2} outside 0..1"),
+        ({"delimiter": ",", "decimal": ","}, "a CSV with a decimal comma separates fields"),
+    ],
+)
+def test_contract_settings_that_contradict_each_other_are_refused(
+    data: dict[str, Any], message: str
+) -> None:
+    from fl_components.config import config_from_dict
+    from fl_components.errors import ConfigError
+
+    width = {} if "columns" in data else {"n_features": 4}  # else derived from the columns
+    raw = {
+        "sites": [{"name": "east", "data_path": "east"}],
+        "participation": {"min_participants": 1},
+        "data": {"source": "site_files", "n_classes": 2, **width, **data},
+    }
+
+    with pytest.raises(ConfigError) as error:
+        config_from_dict(raw)
+
+    assert message in " ".join(str(error.value).split())
+
+
+def test_contract_settings_with_bundled_data_are_refused() -> None:
+    from fl_components.config import config_from_dict
+    from fl_components.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data\.columns is set but data\.source is 'bundled'"):
+        config_from_dict({"data": {"columns": ["a"]}})
+
+
 def _app() -> Any:
     from flows.cli import app
 
