@@ -141,15 +141,15 @@ class Site:
     def load(self) -> SiteData:
         """The site's own train and held-out splits, read by name against the contract."""
         data = load_configured_site(self.config, self.name, self.folder, info=self.info)
-        if self.config.data.scale == "site":
-            return standardize_site(data)
         if self.config.data.source == "site_files":
             self._warn_if_unscaled(data)
+        if self.config.data.scale == "site":
+            return standardize_site(data)
         return data
 
     def _warn_if_unscaled(self, data: SiteData) -> None:
         """Log once per file version when training features look unscaled or like an ID."""
-        far = unscaled_columns(data.train)
+        far = unscaled_columns(data.train) if self.config.data.scale == "none" else []
         if not far and not data.train.id_like:
             return
         train_file = find_split_file(self.folder, "train", source=self.config.data.source)
