@@ -137,7 +137,9 @@ def _check_one(config: FederationConfig, name: str, info: DatasetInfo) -> SiteCh
         test_rows=len(data.test),
         label_counts=tuple(int(c) for c in counts),
         columns=data.train.columns,
-        unscaled=tuple(c.name for c in unscaled_columns(data.train)),
+        unscaled=tuple(c.name for c in unscaled_columns(data.train))
+        if config.data.scale == "none"
+        else (),
         id_like=data.train.id_like,
     )
 
