@@ -448,3 +448,37 @@ def _app() -> Any:
 def _flat(output: str) -> str:
     """Rich wraps long lines at the terminal width; join them back."""
     return " ".join(output.split())
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_the_own_files_example_checks_clean_and_its_broken_variant_is_refused(
+    tmp_path: Path, broken: bool
+) -> None:
+    import importlib.util
+
+    from fl_components.config import load_config
+    from fl_components.data_check import check_sites
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    spec = importlib.util.spec_from_file_location(
+        "make_bank_files", examples / "make_bank_files.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = load_config(examples / "bank-branches-own-files.yaml")
+    raw = config.model_dump(mode="json", exclude_unset=True)
+    for site in raw["sites"]:
+        site["data_path"] = str(tmp_path / site["name"])
+    config = FederationConfig.model_validate(raw)
+    module.write(tmp_path, broken=broken)
+
+    check = check_sites(config)
+
+    if not broken:
+        assert check.ok, check.problems
+        assert [row.train_rows for row in check.sites] == [960, 2880, 480, 1200]
+    else:
+        assert len(check.problems) == 4
+        for part in ("2 train files", "lacks column(s) ['debt']", "'maybe'", "does not exist"):
+            assert any(part in line for line in check.problems), part
