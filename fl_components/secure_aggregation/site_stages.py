@@ -53,9 +53,10 @@ from fl_components.compression.instruction import CompressionInstruction
 from fl_components.compression.secure import secure_shape
 from fl_components.compression.site import select_for_masking
 from fl_components.config import FederationConfig
+from fl_components.data.check import federation_dir
 from fl_components.errors import ConfigError
 from fl_components.exchange import ExchangeError, check_payload_size, parse_json_payload
-from fl_components.federation import Site, federation_dir
+from fl_components.federation import Site
 from fl_components.parameters import NDArrays, flatten
 from fl_components.privacy.dp_fedavg import SecureRandom, participant_noise
 from fl_components.round.types import LocalUpdate, MaskedContribution, SiteInstructions
