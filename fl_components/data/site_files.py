@@ -337,7 +337,7 @@ def _non_numeric_error(path: Path, frame: Any, columns: list[str], rows: _Rows) 
     offending = (coerced.isna() & bad.notna()).any(axis=1).to_numpy()
     first = int(np.flatnonzero(offending)[0]) if offending.any() else 0
     sample = ", ".join(f"{c}={bad[c].iloc[first]!r}" for c in columns[:4])
-    texts = bad.stack().astype(str)
+    texts = bad.stack().map(str)  # astype(str) keeps a missing value as NaN (pandas 3)
     if len(texts) and texts.map(lambda t: bool(_DECIMAL_COMMA.match(t))).mean() > 0.5:
         fix = "numbers are written with a decimal comma: set data.decimal: ',' (and data.delimiter)"
     else:
