@@ -37,6 +37,8 @@ from typing import Any, TextIO
 from fl_components.errors import FedpipeError
 
 PORT_IN_USE = 3  # uvicorn's exit code when its port is taken
+LOCAL_PORT = 4200  # `fedpipe server start`'s default port (flows.local_server)
+LOCAL_UI_URL = f"http://127.0.0.1:{LOCAL_PORT}"
 RECORDS = "temporary-servers"  # beside server.log: <server pid>.json, naming its owner
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _SERVER_APP = "prefect.server.api.server:create_app"
@@ -123,8 +125,13 @@ class TemporaryServer:
         )
 
     def serving(self) -> contextlib.AbstractContextManager[None]:
-        """Point Prefect (this process and any worker it starts) at this server."""
-        return serving_at(self.api_url)
+        """Point Prefect (this process and any worker it starts) at this server.
+
+        Run links (the MLflow run's ``prefect.flow_run_url``) point at the UI of the local
+        server, which reads the same database once started (``fedpipe server start``, the
+        CLI says so at the end): this server has no UI, and its port is gone after the run.
+        """
+        return serving_at(self.api_url, ui_url=LOCAL_UI_URL)
 
     def stop(self, *, timeout: float = 10.0) -> None:
         """Ask the server to shut down (SIGTERM), kill it after ``timeout`` seconds."""
@@ -140,14 +147,20 @@ class TemporaryServer:
 
 
 @contextlib.contextmanager
-def serving_at(api_url: str) -> Iterator[None]:
-    """Point Prefect (this process, and Ray/Dask workers it starts) at ``api_url``."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+def serving_at(api_url: str, *, ui_url: str | None = None) -> Iterator[None]:
+    """Point Prefect (this process, and Ray/Dask workers it starts) at ``api_url``.
+
+    ``ui_url``: where run links point (None: the API's own server).
+    """
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 
     previous = os.environ.get("PREFECT_API_URL")
     os.environ["PREFECT_API_URL"] = api_url  # Ray/Dask workers inherit it
+    updates: dict[Any, str] = {PREFECT_API_URL: api_url}
+    if ui_url is not None:
+        updates[PREFECT_UI_URL] = ui_url
     try:
-        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        with temporary_settings(updates=updates):
             yield
     finally:
         if previous is None:

@@ -30,6 +30,7 @@ from tests.deploy.stack_harness import (
     _api_get,
     _api_post,
     _assert_one_participant_run_per_site_and_round,
+    _fedpipe,
     _mlflow_run_for,
     _wait_flow_run,
     deployed_config,
@@ -451,3 +452,36 @@ def test_a_run_cancelled_after_a_server_outage_stops_and_registers_nothing(
     assert len(logged) < rounds  # it stopped between rounds, not at the end
     # stopped at the next round boundary: a round here takes well under 2 minutes
     assert stopped_after < 240, stopped_after
+
+
+def test_a_dead_prefect_server_is_named_by_doctor_and_repaired(stack: dict[str, Any]) -> None:
+    """The stack's Prefect server killed (SIGKILL, its whole group): `fedpipe doctor` names
+    the fix, `fedpipe up --repair` (not `fedpipe up`, which refuses a running stack) starts
+    it again on its port and database, and `fedpipe status` says so."""
+    from flows.stack_processes import _group_members
+
+    state = stack["root"]
+    record = json.loads((Path(state) / "stack.json").read_text())
+    (server,) = [p for p in record["processes"] if p["name"] == "prefect-server"]
+    os.killpg(server["pgid"], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while _group_members(server["pgid"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+    doctor = _fedpipe("doctor", "--state-dir", state, timeout=300)
+    assert doctor.returncode == 1, doctor.stdout + doctor.stderr
+    assert f"fedpipe up --repair --state-dir {state}" in doctor.stdout.replace("\n", "")
+    repaired = _fedpipe("up", "--repair", "--state-dir", state, timeout=600)
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    assert "prefect-server: restarted" in repaired.stdout, repaired.stdout
+
+    status = _fedpipe("status", "--state-dir", state, timeout=120)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "healthy=True" in status.stdout.splitlines()[0], status.stdout
+    line = next(x for x in status.stdout.splitlines() if "prefect-server" in x)
+    assert "running" in line, status.stdout
+    deployment = _api_get(f"{stack['prefect_api_url']}/deployments/name/federated-training/"
+                          "federated-training")  # fmt: skip
+    assert deployment.status_code == 200  # the same database: the deployments are there
+    again = _fedpipe("up", "--repair", "--state-dir", state, timeout=300)
+    assert "nothing had stopped" in again.stdout, again.stdout
