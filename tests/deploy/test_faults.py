@@ -5,7 +5,7 @@ mid-run. Each leaves the stack as it found it (the tests in test_stack.py follow
 What protects a round, in tasks/work_pool.py: the coordinator creates one flow run per site
 and stage and awaits *that* flow run by its id, with a deadline; at the deadline it cancels the
 run and the site is a ``timeout`` dropout. A result is read only from the awaited run, and its
-payload must name the job's site, stage and round (fl_components/site_messages.py); the
+payload must name the job's site, stage and round (fl_components/wire/site_answer.py); the
 payload does not carry the coordinator's run id, so it is the flow run id that keeps another
 run's answer for the same site and round out.
 """
@@ -66,9 +66,9 @@ def _runs_of(api: str, federation: str, site: str, round_num: int, stage: str) -
     return [
         r
         for r in runs
-        if r["parameters"].get("federation", {}).get("name") == federation
-        and r["parameters"].get("site") == site
-        and r["parameters"].get("round_num") == round_num
+        if r["parameters"].get("job", {}).get("federation", {}).get("name") == federation
+        and r["parameters"].get("job", {}).get("site") == site
+        and r["parameters"].get("job", {}).get("round") == round_num
     ]
 
 
@@ -96,7 +96,7 @@ def _in_background(action: Callable[[threading.Event], None]) -> Iterator[dict[s
 
 
 def _executor_pid(stack: dict[str, Any], site: str) -> int:
-    """The pid of the site's warm executor (`flows.site_executor serve`, in its worker's group)."""
+    """The pid of the site's warm executor (`ops.site_executor serve`, in its worker's group)."""
     record = json.loads((Path(stack["root"]) / "stack.json").read_text())
     worker = next(p for p in record["processes"] if p["name"] == f"worker-{site}")
     for entry in Path("/proc").iterdir():
@@ -108,7 +108,7 @@ def _executor_pid(stack: dict[str, Any], site: str) -> int:
         except OSError:
             continue
         pgid = int(stat[stat.rindex(")") + 2 :].split()[2])
-        if pgid == worker["pgid"] and b"flows.site_executor" in cmdline and b"serve" in cmdline:
+        if pgid == worker["pgid"] and b"ops.site_executor" in cmdline and b"serve" in cmdline:
             return int(entry.name)
     raise AssertionError(f"no warm executor found for site {site}")
 
@@ -229,9 +229,9 @@ def test_a_stage_delivered_twice_counts_once(stack: dict[str, Any]) -> None:
     answer from another round is refused by its round id."""
     from mlflow.tracking import MlflowClient
 
-    from fl_components.engine import JobKind, SiteJob
     from fl_components.exchange import ExchangeError
-    from fl_components.site_messages import answer_from_payload
+    from fl_components.round.types import JobKind, SiteJob
+    from fl_components.wire.site_answer import answer_from_payload
     from tasks.work_pool import read_json_result
 
     api = stack["prefect_api_url"]
@@ -266,7 +266,7 @@ def test_a_stage_delivered_twice_counts_once(stack: dict[str, Any]) -> None:
         mine = [
             c
             for c in participant_runs(api, flow_run_id)
-            if (c["parameters"]["site"], c["parameters"]["stage"]) == (twice, "train")
+            if (c["parameters"]["job"]["site"], c["parameters"]["job"]["stage"]) == (twice, "train")
         ]
         own = [c for c in mine if c["id"] != duplicate.get("id")]
         if duplicate and own and own[0]["state_type"] == "COMPLETED":
@@ -306,7 +306,7 @@ def _restart_prefect_server(
     """Stop the stack's Prefect server (``kill``; SIGKILL after 10 s), leave it down for
     ``down_for`` seconds and start it again on the same port and database, as `fedpipe up`
     started it; the seconds its API was away."""
-    from flows.stack_processes import (
+    from ops.stack.processes import (
         _bin,
         _clean_env,
         _group_members,
@@ -314,7 +314,7 @@ def _restart_prefect_server(
         _wait_http,
         server_environment,
     )
-    from flows.stack_state import StackPaths
+    from ops.stack.state import StackPaths
 
     root = Path(stack["root"])
     record = json.loads((root / "stack.json").read_text())
@@ -371,7 +371,7 @@ def test_the_prefect_server_restarted_mid_run(stack: dict[str, Any]) -> None:
 
     run = _wait_flow_run(api, run_id, timeout=900)
     seen = sorted(
-        (c["parameters"]["site"], c["parameters"]["round_num"], c["parameters"]["stage"],
+        (c["parameters"]["job"]["site"], c["parameters"]["job"]["round"], c["parameters"]["job"]["stage"],
          c["state_type"], c["created"], (c["state"] or {}).get("message"))
         for c in participant_runs(api, run_id)
     )  # fmt: skip
@@ -458,7 +458,7 @@ def test_a_dead_prefect_server_is_named_by_doctor_and_repaired(stack: dict[str, 
     """The stack's Prefect server killed (SIGKILL, its whole group): `fedpipe doctor` names
     the fix, `fedpipe up --repair` (not `fedpipe up`, which refuses a running stack) starts
     it again on its port and database, and `fedpipe status` says so."""
-    from flows.stack_processes import _group_members
+    from ops.stack.processes import _group_members
 
     state = stack["root"]
     record = json.loads((Path(state) / "stack.json").read_text())

@@ -44,7 +44,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 def _fedpipe(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", "fed.yaml", *args],
+        [sys.executable, "-m", "ops.cli.main", "run", "fed.yaml", *args],
         cwd=tmp_path,
         env=_env(tmp_path),
         capture_output=True,
@@ -59,7 +59,7 @@ def _kill_when(tmp_path: Path, moment: Callable[[Any, str], bool]) -> str:
 
     out = (tmp_path / "run.out").open("w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", "fed.yaml"],
+        [sys.executable, "-m", "ops.cli.main", "run", "fed.yaml"],
         cwd=tmp_path,
         env=_env(tmp_path),
         stdout=out,
