@@ -44,8 +44,8 @@ def keys_here(site: Site) -> Path:
     return Path(configured) if configured else secure_round.site_keys_dir(site.folder)
 
 
-@task(name="site_job", task_run_name="{job.kind}-{job.site}-r{job.round}", cache_policy=NO_CACHE)
-def site_job(site: Site, job: SiteJob, received: DownloadKind | None = None) -> dict[str, Any]:
+@task(name="site_stage", task_run_name="{job.kind}-{job.site}-r{job.round}", cache_policy=NO_CACHE)
+def site_stage(site: Site, job: SiteJob, received: DownloadKind | None = None) -> dict[str, Any]:
     """The job, run on this site's own folder; the answer as one JSON-safe payload.
 
     ``received``: which model download the flow used to get ``job.parameters``.
@@ -75,7 +75,7 @@ async def federated_participant(job: SiteJobMessage) -> dict[str, Any]:
     aggregation's context and request, the compression instruction.
     """
     participant = site_from_environment(job.federation, job.site)
-    site_job_, received = site_job_from_message(job, folder=participant.folder)
+    engine_job, received = site_job_from_message(job, folder=participant.folder)
     get_run_logger().info(
         "site %s run %s round %d: %s, global model %s verified%s",
         job.site,
@@ -85,4 +85,4 @@ async def federated_participant(job: SiteJobMessage) -> dict[str, Any]:
         job.model_sha256[:12] or "-",
         f" ({received.name.lower()} download)" if received is not None else "",
     )
-    return site_job(participant, site_job_, received)
+    return site_stage(participant, engine_job, received)
