@@ -441,7 +441,7 @@ def test_a_run_cancelled_after_a_server_outage_stops_and_registers_nothing(
 
     run = _wait_flow_run(api, run_id, timeout=900)
     stopped_after = time.monotonic() - cancelled_at
-    client = MlflowClient(stack["mlflow_url"])
+    client = MlflowClient(stack["mlflow_url"], registry_uri=stack["mlflow_url"])
     mlrun = _mlflow_run_for(client, name, run_id)
     logged = sorted(m.step for m in client.get_metric_history(mlrun.info.run_id, "participants"))
     print(f"server away {away:.1f}s; {run['state_type']} {stopped_after:.0f}s after the cancel")

@@ -52,7 +52,8 @@ def test_a_run_cancelled_mid_round_stops_before_the_next_and_registers_nothing(
     with pytest.raises(CancelledRun, match="stopped before round 3"):
         training.federated_training(config)
 
-    client = MlflowClient(config.tracking.tracking_uri)
+    uri = config.tracking.tracking_uri
+    client = MlflowClient(uri, registry_uri=uri)  # not the registry an earlier test set
     (run,) = client.search_runs([client.get_experiment_by_name(config.name).experiment_id])
     assert run.info.status == "KILLED"
     # round 1 was logged when round 2's evaluation came in; nothing after round 2 ran

@@ -66,7 +66,8 @@ def _kill_when(tmp_path: Path, moment: Callable[[Any, str], bool]) -> str:
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)  # not the registry an earlier test set
     run_id, deadline = "", time.monotonic() + 900
     try:
         while True:
@@ -116,7 +117,8 @@ def test_a_run_killed_at_registration_resumes_without_a_second_version(
         "seed": 5,
     }
     (tmp_path / "fed.yaml").write_text(yaml.safe_dump(config))
-    client = MlflowClient(config["tracking"]["tracking_uri"])
+    uri = config["tracking"]["tracking_uri"]
+    client = MlflowClient(uri, registry_uri=uri)  # not the registry an earlier test set
     first = _fedpipe(tmp_path)  # version 1, the champion: the next runs score it, slowly
     assert first.returncode == 0, first.stdout + first.stderr
 
