@@ -187,40 +187,102 @@ class RunTracker:
     def log_model(
         self, model: Any, *, input_example: npt.NDArray[np.float32], register: bool
     ) -> str | None:
-        """Log the final torch model with a signature; register it; return its version."""
+        """Log the final torch model with a signature; register it; return its version.
+
+        Called again for a run that got this far before (resumed after a crash at the end),
+        it never makes a second version: the run's registered version is reused, a logged
+        model finished but not registered is registered, one the crash left PENDING is
+        marked FAILED and logged again. MLflow stages the model in a folder named by the
+        run, removed before each attempt: a crash mid-write leaves it for the next one.
+        """
+        import shutil
+
+        staging = _staging_folder(self._run())
+        shutil.rmtree(staging, ignore_errors=True)  # what a killed attempt left
+        try:
+            version = self._registered_version() if register else None
+            if version is None:
+                version = self._log_and_register(model, input_example, staging, register)
+            self._log_weights(model, staging)  # (again: the same file, overwritten)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return version
+
+    def _registered_version(self) -> str | None:
+        """The version registered from this run already (the lowest, if a bug made two)."""
+        found = self.client.search_model_versions(
+            f"name = '{self.config.name}' and run_id = '{self._run()}'"
+        )
+        versions = sorted(int(v.version) for v in found)
+        if versions:
+            log.warning("run %s registered version %d already: kept", self._run(), versions[0])
+        return str(versions[0]) if versions else None
+
+    def _log_and_register(
+        self, model: Any, input_example: npt.NDArray[np.float32], staging: Path, register: bool
+    ) -> str | None:
+        """Log the model (or take the one a crash left logged, unregistered); register it."""
+        import tempfile
+
         import torch
+        from mlflow.entities import LoggedModelStatus
         from mlflow.models import infer_signature
 
+        logged = self._logged_models()
+        for pending in (m for m in logged if m.status == LoggedModelStatus.PENDING):
+            log.warning("logged model %s was cut short by a crash: FAILED", pending.model_id)
+            self.client.finalize_logged_model(pending.model_id, LoggedModelStatus.FAILED)
+        ready = [m for m in logged if m.status == LoggedModelStatus.READY]
+        if ready:  # logged in full, the crash came before its registration
+            if not register:
+                return None
+            version = self._mlflow.register_model(
+                f"models:/{ready[0].model_id}", self.config.name, await_registration_for=60
+            )
+            return str(version.version)
         model.eval()
         with torch.no_grad():
             output = model(torch.from_numpy(input_example)).numpy()
         signature = infer_signature(input_example, output)
-        with self._mlflow.start_run(run_id=self._run()):
-            info = self._mlflow.pytorch.log_model(
-                model,
-                name="model",
-                signature=signature,
-                input_example=input_example,
-                pip_requirements=_PIP_REQUIREMENTS,
-                registered_model_name=self.config.name if register else None,
-                await_registration_for=60,
-            )
-        self._log_weights(model)
+        staging.mkdir(parents=True, exist_ok=True)
+        # MLflow stages in tempfile's folder, with no way to name it: point that here while
+        # it logs (the process's other threads are idle at the end of a run)
+        previous, tempfile.tempdir = tempfile.tempdir, str(staging)
+        try:
+            with self._mlflow.start_run(run_id=self._run()):
+                info = self._mlflow.pytorch.log_model(
+                    model,
+                    name="model",
+                    signature=signature,
+                    input_example=input_example,
+                    pip_requirements=_PIP_REQUIREMENTS,
+                    registered_model_name=self.config.name if register else None,
+                    await_registration_for=60,
+                )
+        finally:
+            tempfile.tempdir = previous
         version = getattr(info, "registered_model_version", None)
         return None if version is None else str(version)
 
-    def _log_weights(self, model: Any) -> None:
+    def _logged_models(self) -> list[Any]:
+        """The logged models whose source is this run, oldest first."""
+        found = self.client.search_logged_models(
+            [self.experiment_id], filter_string=f"source_run_id = '{self._run()}'"
+        )
+        return sorted(found, key=lambda m: m.creation_timestamp)
+
+    def _log_weights(self, model: Any, staging: Path) -> None:
         """Log the parameters as safetensors (state_dict order in the metadata)."""
         import json
-        import tempfile
 
         from safetensors.numpy import save_file
 
         state = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
-        with tempfile.TemporaryDirectory(prefix="fedpipe-weights-") as folder:
-            path = Path(folder) / WEIGHTS_FILE
-            save_file(state, str(path), metadata={"order": json.dumps(list(state))})
-            self.client.log_artifact(self._run(), str(path), artifact_path=WEIGHTS_ARTIFACT_DIR)
+        folder = staging / "weights"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / WEIGHTS_FILE
+        save_file(state, str(path), metadata={"order": json.dumps(list(state))})
+        self.client.log_artifact(self._run(), str(path), artifact_path=WEIGHTS_ARTIFACT_DIR)
 
     def set_alias(self, alias: str, version: str) -> None:
         """Point a registry alias (champion, challenger) at a version."""
@@ -235,6 +297,13 @@ class RunTracker:
         if self.run_id is None:
             raise RuntimeError("RunTracker.start() must be called before logging")
         return self.run_id
+
+
+def _staging_folder(run_id: str) -> Path:
+    """Where run ``run_id``'s final model is staged while it is logged (named by the run)."""
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / f"fedpipe-log-model-{run_id}"
 
 
 def accuracy_plot(history: list[dict[str, float]]) -> Any:

@@ -19,6 +19,7 @@ from fl_components.checkpoint import mark_round_started
 from fl_components.compression.instruction import CompressionInstruction
 from fl_components.config import FederationConfig
 from fl_components.data.types import DatasetInfo, Split
+from fl_components.errors import FedpipeError
 from fl_components.federation import (
     central_test_split,
     dataset_info,
@@ -49,6 +50,10 @@ from tasks.sites import LocalBackend, SiteBackend
 from tasks.tracking import log_round, round_markdown
 
 log = logging.getLogger(__name__)
+
+
+class RunCancelledError(FedpipeError):
+    """The run's own Prefect flow run was cancelled: it stops, nothing more is trained."""
 
 
 @dataclass(frozen=True)
@@ -269,6 +274,42 @@ def plan_round(
         else CompressionInstruction(config.compression, run.run_id, round_num),
         downloads=run.backend.downloads,  # compression.download: delta (None: full models)
     )
+
+
+def stop_if_cancelled(*, before: str) -> None:
+    """Stop (raise) if this run's Prefect flow run is being cancelled or was cancelled.
+
+    Prefect cancels a deployed run by having its worker kill the process; a worker whose
+    cancellation observer failed (a Prefect server outage: "Flow run cancellation disabled")
+    never does, and the run would train on and register a model. So the coordinator reads
+    its own state between rounds and before it registers or promotes. A server that cannot
+    be read now does not stop the run (the round's own calls wait the outage out).
+
+    Raises
+    ------
+    RunCancelledError
+        If the flow run is CANCELLING or CANCELLED.
+    """
+    flow_run_id = flow_run.get_id()
+    if not flow_run_id:
+        return
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(flow_run_id).state
+    except (httpx.HTTPError, ObjectNotFound) as error:
+        log.warning("could not read this flow run's state before %s: %s", before, error)
+        return
+    if state is not None and state.type in (StateType.CANCELLING, StateType.CANCELLED):
+        raise RunCancelledError(
+            f"flow run {flow_run_id} is {state.type.value.lower()} "
+            f"({state.message or 'cancelled'}): stopped before {before}; no model registered "
+            "or promoted"
+        )
 
 
 def dropout_reasons(dropouts: list[Dropout]) -> dict[str, str]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.states import State
 
 from fl_components.config import FederationConfig, config_from_dict
 from fl_components.errors import ConfigError
@@ -111,7 +112,7 @@ def _deployment_config() -> dict[str, Any] | None:
 def deployed_training(
     config: FederationConfig = FederationConfig(),  # noqa: B008
     resume: str | None = None,
-) -> TrainingSummary:
+) -> TrainingSummary | State[None]:
     """Train the federation with the run's config merged into the deployment's (see module).
 
     ``resume``: an MLflow run id to go on with from its last checkpoint (flows.resume).

@@ -13,7 +13,9 @@ import time
 from dataclasses import dataclass, field
 
 from prefect import flow
+from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
+from prefect.states import Cancelled, State
 
 from fl_components.config import FederationConfig
 from fl_components.data.types import DatasetInfo, Split
@@ -32,6 +34,7 @@ from fl_components.strategies import ServerState
 from fl_components.tracking import RunTracker, accuracy_plot, epsilon_plots
 from flows.coordinator import (
     Run,
+    RunCancelledError,
     TrainedRound,
     account_round,
     begin_round,
@@ -42,6 +45,7 @@ from flows.coordinator import (
     record_round,
     skip_small_cohort,
     start_run,
+    stop_if_cancelled,
 )
 from flows.naming import coordinator_run_name
 from flows.progress import report
@@ -146,8 +150,10 @@ def _finish(
         run.tracker.log_figure(per_round, "plots/epsilon.png")
         run.tracker.log_figure(trade_off, "plots/accuracy_vs_epsilon.png")
     log_privacy_report(run)
+    stop_if_cancelled(before="registering the final model")
     version = _log_final_model(run.config, run.info, run.tracker, state, run.central_test)
     if version is not None:  # scores: the last federated evaluation
+        stop_if_cancelled(before=f"promoting version {version}")
         promote_if_better(
             run.config, run.backend, run.tracker, version=version, challenger_scores=scores
         )
@@ -222,11 +228,13 @@ def _starting_point(
 def federated_training(
     config: FederationConfig = FederationConfig(),  # noqa: B008
     resume: str | None = None,
-) -> TrainingSummary:
+) -> TrainingSummary | State[None]:
     """Train a global model across the federation's sites for ``config.rounds`` rounds.
 
     ``resume``: the MLflow run id of a crashed run to go on with from its last checkpoint
     (a Prefect retry of a crashed run resumes by itself; see :mod:`flows.resume`).
+    Cancelled (its flow run CANCELLING, seen between rounds or before the registration),
+    it returns a ``Cancelled`` state: its MLflow run ends KILLED, nothing is registered.
     """
     run = start_run(config, resume=resume)
     report("start", {"config": config, "run_id": run.run_id})
@@ -235,6 +243,7 @@ def federated_training(
     status, version = "FAILED", None
     try:
         for round_num in range(first, config.rounds + 1):
+            stop_if_cancelled(before=f"round {round_num}")
             plan = plan_round(run, state, round_num=round_num, evaluation=evaluation)
             begin_round(run, plan)  # started.json, and its privacy step charged
             if skip_small_cohort(run, plan):  # Poisson draw too small: accounted, skipped
@@ -260,6 +269,13 @@ def federated_training(
         _record(run, pending, scores, history, ended=time.perf_counter())
         version = _finish(run, state, history, scores)
         status = "FINISHED"
+    except RunCancelledError as cancelled:
+        status = "KILLED"
+        log.warning("%s", cancelled)
+        return Cancelled(message=str(cancelled))
+    except TerminationSignal:  # the worker killed it on cancellation (or it was stopped)
+        status = "KILLED"
+        raise
     finally:
         run.tracker.end(status=status)
     last = history[-1]

@@ -339,7 +339,12 @@ def diagnose(*, state_dir: Path, api_url: str | None = None) -> list[Check]:
             )
         ]
     api = (api_url or (record or {})["prefect_api_url"]).rstrip("/")
-    start = "fedpipe up" if api_url is None else f"start the Prefect server behind {api}"
+    # a recorded stack whose server died: `fedpipe up` refuses while the stack runs
+    start = (
+        f"fedpipe up --repair --state-dir {state_dir}"
+        if api_url is None
+        else f"start the Prefect server behind {api}"
+    )
     checks = check_prefect(api, fix=start)
     config = _record_config(state_dir) if running else None
     sites = _sites_from_record(record) if running and record is not None else []
@@ -368,7 +373,8 @@ def diagnose(*, state_dir: Path, api_url: str | None = None) -> list[Check]:
     mlflow = mlflow or os.environ.get("MLFLOW_TRACKING_URI")
     if mlflow is None and config is not None:
         mlflow = config.tracking.tracking_uri
-    checks.append(check_mlflow(mlflow, fix=start if running else "start the MLflow server"))
+    repair = f"fedpipe up --repair --state-dir {state_dir}"
+    checks.append(check_mlflow(mlflow, fix=repair if running else "start the MLflow server"))
     local = [s for s in sites if s.data is not None or s.keys is not None]
     if config is not None and local:
         from fl_components.secure_aggregation.site_stages import registry_path

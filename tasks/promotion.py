@@ -36,7 +36,9 @@ def promote_if_better(
     """Give ``version`` the alias ``champion`` or ``challenger`` and tag the run with why.
 
     Challenger and champion are compared on the sites that scored both; the run is tagged
-    ``fedpipe.eval_partial`` and logs ``eval/sites`` / ``eval/partial`` for that comparison.
+    ``fedpipe.eval_partial`` and logs ``promotion/sites`` / ``promotion/partial`` for that
+    comparison (``eval/sites`` / ``eval/partial`` at the last step are the evaluation's own,
+    logged with the round: once per step).
     """
     champion_version = registered_version(config.tracking, name=config.name, alias="champion")
     champion_scores = _champion_scores(
@@ -90,7 +92,11 @@ def promote_if_better(
     if champion_version is not None:
         tags["fedpipe.previous_champion"] = champion_version
     tracker.set_tags(tags)
-    metrics = {"promotion/challenger_accuracy": challenger, **coverage.metrics()}
+    metrics = {
+        "promotion/challenger_accuracy": challenger,
+        "promotion/sites": float(len(coverage.sites)),
+        "promotion/partial": float(coverage.partial),
+    }
     if champion_accuracy is not None:
         metrics["promotion/champion_accuracy"] = champion_accuracy
     tracker.log_metrics(metrics, step=config.rounds)

@@ -96,11 +96,13 @@ def run_with_progress(config: FederationConfig, *, quiet: QuietRun, resume: str 
                 progress.console.print(round_row(config, payload["round"], m))
                 progress.update(
                     bar,
-                    advance=1,
+                    completed=payload["round"],  # resumed: the rounds before count as done
                     status=f"acc {m['global/accuracy']:.3f}  loss {m['global/loss']:.3f}",
                 )
                 for site, reason in payload.get("dropouts", {}).items():
                     quiet.dropouts.add(site, f"round {payload['round']}: {reason}")
+            elif event == "end":  # (resumed after its last round: no round row comes)
+                progress.update(bar, completed=config.rounds)
 
         named = run_name(config.name, started=datetime.now(UTC))
         flow = federated_training.with_options(
@@ -155,6 +157,14 @@ def train_and_report(config: FederationConfig, *, resume: str | None = None) -> 
         )
         console.print(f"full log: {log_file}", soft_wrap=True)
         raise typer.Exit(code=1) from None
+    except Exception as error:
+        from prefect.exceptions import CancelledRun  # imported by the run already
+
+        if not isinstance(error, CancelledRun):
+            raise
+        console.print(f"[bold yellow]run cancelled:[/] {error}", soft_wrap=True)
+        console.print(f"full log: {log_file}", soft_wrap=True)
+        raise typer.Exit(code=1) from None
     finally:
         quiet.close()
     print_where_to_look(summary)
@@ -174,13 +184,18 @@ def train_and_report(config: FederationConfig, *, resume: str | None = None) -> 
 def start_temporary_server() -> Any:
     """Start this run's temporary Prefect server, unless there is one to reuse.
 
+    First, any temporary server a killed run left behind is stopped.
+
     Reused: the server ``PREFECT_API_URL`` names (a stack's), else the local one that
     ``fedpipe server start`` left running under ``PREFECT_HOME``.
     """
+    from ops.servers.temporary import RECORDS, ReusedServer, TemporaryServer, stop_orphans
+
+    for line in stop_orphans(Path(os.environ["PREFECT_HOME"]) / RECORDS):  # a killed run's
+        console.print(f"[dim]{line}[/]", soft_wrap=True)
     if os.environ.get("PREFECT_API_URL"):
         return None
     from ops.servers.local import running_api_url
-    from ops.servers.temporary import ReusedServer, TemporaryServer
 
     api_url = running_api_url()
     if api_url is not None:

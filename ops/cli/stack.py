@@ -24,11 +24,28 @@ def up(
         str | None,
         typer.Option(help="Prefect database (postgresql+asyncpg://...); SQLite if unset."),
     ] = None,
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair",
+            help="Restart whatever of the running stack has stopped (a server, a worker).",
+        ),
+    ] = False,
 ) -> None:
     """Start Prefect + MLflow servers, a work pool and worker per site, and the deployments."""
     from ops.stack import lifecycle as stack
 
     started = time.perf_counter()
+    if repair:
+        try:
+            lines = stack.repair(root=state_dir, database_url=database_url)
+        except FedpipeError as error:
+            fail(error)
+        for line in lines:
+            console.print(line, soft_wrap=True)
+        done = f"{len(lines)} process(es) restarted" if lines else "nothing had stopped"
+        console.print(f"[green]stack repaired[/]: {done}, in {time.perf_counter() - started:.1f}s")
+        return
     try:
         record = stack.up(
             config_path=config_path,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fl_components.errors import FedpipeError
-from ops.servers.temporary import healthy
+from ops.servers.temporary import LOCAL_PORT, healthy
 
 RECORD = "fedpipe-server.json"
 PID_FILE = "server.pid"  # prefect.cli._server_utils.SERVER_PID_FILE_NAME
@@ -86,7 +86,7 @@ def _prefect(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
 
 
-def start(*, port: int = 4200, timeout: float = 120.0) -> LocalServer:
+def start(*, port: int = LOCAL_PORT, timeout: float = 120.0) -> LocalServer:
     """Start the background server on 127.0.0.1:``port`` (or return the one running).
 
     Raises

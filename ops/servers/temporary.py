@@ -8,12 +8,19 @@ starts the same server (Prefect's own command: uvicorn on ``create_app``, no UI,
 services) before it imports anything heavy, its output in ``server.log`` under
 ``PREFECT_HOME``; the flow runs against it (``PREFECT_API_URL``); at the end the CLI waits,
 bounded, for the server to record every task run, then stops it.
+
+A CLI killed outright (SIGKILL, the OOM killer) stops nothing: on Linux the kernel sends
+the server SIGTERM when the CLI dies (a parent-death signal armed before the server's
+command runs), and everywhere the server is recorded in ``temporary-servers/<pid>.json``
+beside its log, naming the CLI that owns it; the next CLI to start one stops any whose
+owner is gone (:func:`stop_orphans`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import signal
 import socket
@@ -22,7 +29,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -31,6 +38,11 @@ from uuid import UUID
 from fl_components.errors import FedpipeError
 
 PORT_IN_USE = 3  # uvicorn's exit code when its port is taken
+LOCAL_PORT = 4200  # `fedpipe server start`'s default port (ops.servers.local)
+LOCAL_UI_URL = f"http://127.0.0.1:{LOCAL_PORT}"
+RECORDS = "temporary-servers"  # beside server.log: <server pid>.json, naming its owner
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_SERVER_APP = "prefect.server.api.server:create_app"
 
 
 def _free_port() -> int:
@@ -66,7 +78,24 @@ class TemporaryServer:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log = log_path.open("a")
         port = _free_port()
-        return cls(port, _launch(port, log), log_path, log)
+        server = cls(port, _launch(port, log), log_path, log)
+        server._record()
+        return server
+
+    @property
+    def _record_path(self) -> Path:
+        return self.log_path.parent / RECORDS / f"{self.process.pid}.json"
+
+    def _record(self) -> None:
+        """Name this CLI as the server's owner (what :func:`stop_orphans` checks)."""
+        self._record_path.parent.mkdir(parents=True, exist_ok=True)
+        record = {
+            "pid": self.process.pid,
+            "port": self.port,
+            "parent": os.getpid(),
+            "parent_started": _started(os.getpid()),
+        }
+        self._record_path.write_text(json.dumps(record) + "\n")
 
     def wait_ready(self, *, timeout: float) -> None:
         """Block until the API answers ``/health``.
@@ -80,8 +109,10 @@ class TemporaryServer:
         while time.monotonic() < deadline:
             code = self.process.poll()
             if code == PORT_IN_USE:  # lost the race for the port: take another
+                self._record_path.unlink(missing_ok=True)
                 self.port = _free_port()
                 self.process = _launch(self.port, self.log)
+                self._record()
             elif code is not None:
                 raise FedpipeError(
                     f"the temporary Prefect server exited with code {code}; see {self.log_path}"
@@ -95,8 +126,13 @@ class TemporaryServer:
         )
 
     def serving(self) -> contextlib.AbstractContextManager[None]:
-        """Point Prefect (this process and any worker it starts) at this server."""
-        return serving_at(self.api_url)
+        """Point Prefect (this process and any worker it starts) at this server.
+
+        Run links (the MLflow run's ``prefect.flow_run_url``) point at the UI of the local
+        server, which reads the same database once started (``fedpipe server start``, the
+        CLI says so at the end): this server has no UI, and its port is gone after the run.
+        """
+        return serving_at(self.api_url, ui_url=LOCAL_UI_URL)
 
     def stop(self, *, timeout: float = 10.0) -> None:
         """Ask the server to shut down (SIGTERM), kill it after ``timeout`` seconds."""
@@ -107,18 +143,25 @@ class TemporaryServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        self._record_path.unlink(missing_ok=True)
         self.log.close()
 
 
 @contextlib.contextmanager
-def serving_at(api_url: str) -> Iterator[None]:
-    """Point Prefect (this process, and Ray/Dask workers it starts) at ``api_url``."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+def serving_at(api_url: str, *, ui_url: str | None = None) -> Iterator[None]:
+    """Point Prefect (this process, and Ray/Dask workers it starts) at ``api_url``.
+
+    ``ui_url``: where run links point (None: the API's own server).
+    """
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 
     previous = os.environ.get("PREFECT_API_URL")
     os.environ["PREFECT_API_URL"] = api_url  # Ray/Dask workers inherit it
+    updates: dict[Any, str] = {PREFECT_API_URL: api_url}
+    if ui_url is not None:
+        updates[PREFECT_UI_URL] = ui_url
     try:
-        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        with temporary_settings(updates=updates):
             yield
     finally:
         if previous is None:
@@ -170,8 +213,113 @@ def _launch(port: int, log: TextIO) -> subprocess.Popen[bytes]:
         *("--log-level", "error", "--lifespan", "on"),
     ]
     return subprocess.Popen(
-        command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        command,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=_die_with_parent(os.getpid()),
     )
+
+
+def _die_with_parent(parent: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` (Linux) that has the kernel SIGTERM the server when ``parent`` dies.
+
+    The signal follows the *thread* that started the server: the CLI starts it from its main
+    thread, which lives as long as the CLI. libc is loaded before the fork, so the child
+    only calls ``prctl``; a parent gone before the signal was armed is checked after it.
+    """
+    if not sys.platform.startswith("linux"):
+        return None  # elsewhere only stop_orphans covers a killed CLI
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def arm() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return arm
+
+
+def _stat(pid: int) -> list[str] | None:
+    """``/proc/<pid>/stat`` after the command name (None: no /proc, or no such pid)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def _started(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot; None: no /proc, or no such pid).
+
+    With the pid it names one process: a pid reused by another process starts later.
+    """
+    fields = _stat(pid)
+    return None if fields is None else fields[19]
+
+
+def _alive(pid: int, started: str | None) -> bool:
+    """Whether process ``pid`` runs (not a zombie) and, if given, started at ``started``."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive, and not ours to judge
+        return True
+    fields = _stat(pid)
+    if fields is None:  # no /proc: os.kill is all there is
+        return True
+    return fields[0] != "Z" and (started is None or fields[19] == started)
+
+
+def _is_temporary_server(pid: int, port: int) -> bool:
+    """Whether ``pid`` runs this module's server command on ``port`` (not a reused pid)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return _alive(pid, None)  # no /proc: trust the record
+    return _SERVER_APP in argv and str(port) in argv
+
+
+def stop_orphans(records: Path, *, timeout: float = 10.0) -> list[str]:
+    """Stop the temporary servers recorded in ``records`` whose owning CLI is gone.
+
+    A record whose server is gone too is removed. Returns one line per server stopped.
+    """
+    stopped: list[str] = []
+    for path in sorted(records.glob("*.json")) if records.is_dir() else []:
+        try:
+            record = json.loads(path.read_text())
+            pid, port, parent = int(record["pid"]), int(record["port"]), int(record["parent"])
+        except (OSError, ValueError, KeyError, TypeError):
+            path.unlink(missing_ok=True)  # unreadable: a record cut short by a crash
+            continue
+        if _alive(parent, record.get("parent_started")):
+            continue  # its CLI runs: its server is in use
+        if _alive(pid, None) and _is_temporary_server(pid, port):
+            _terminate(pid, timeout=timeout)
+            stopped.append(
+                f"stopped a temporary Prefect server left by a killed fedpipe run "
+                f"(pid {pid}, port {port}, its run's pid {parent})"
+            )
+        path.unlink(missing_ok=True)
+    return stopped
+
+
+def _terminate(pid: int, *, timeout: float) -> None:
+    """SIGTERM ``pid``, SIGKILL after ``timeout`` seconds."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and _alive(pid, None):
+            with contextlib.suppress(ChildProcessError):  # reap it if it is our child
+                os.waitpid(pid, os.WNOHANG)
+            time.sleep(0.1)
+        if _alive(pid, None):
+            os.kill(pid, signal.SIGKILL)
 
 
 def wait_recorded(flow_run_id: str, *, timeout: float, poll: float = 0.25) -> bool:

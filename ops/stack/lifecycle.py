@@ -64,6 +64,7 @@ __all__ = [
     "free_port",
     "load_record",
     "remove_stale_sockets",
+    "repair",
     "restart_site",
     "server_environment",
     "site_init",
@@ -108,6 +109,7 @@ def up(
         "prefect_ui_url": f"http://127.0.0.1:{prefect_port}",
         "mlflow_url": mlflow_url,
         "database": _redacted(database_url) if database_url else "sqlite",
+        "mlflow_dir": str(paths.mlflow_dir),
         "federation": config.name,
         "processes": [],
         "sites": {},
@@ -119,22 +121,8 @@ def up(
         paths.state_file.write_text(json.dumps(record, indent=2) + "\n")
 
     try:
-        server_env = server_environment(base, paths, api_url=api_url, database_url=database_url)
-        (paths.root / "prefect").mkdir(exist_ok=True)
-        server_cmd = [_bin("prefect"), "server", "start", "--host", "127.0.0.1"]
-        processes.append(
-            _spawn(
-                "prefect-server", [*server_cmd, "--port", str(prefect_port)], server_env, paths.logs
-            )
-        )
-        mlflow_env = {**base, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        mlflow_cmd = [
-            _bin("mlflow"), "server", "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{paths.mlflow_dir / 'mlflow.db'}",
-            "--artifacts-destination", str(paths.mlflow_dir / "artifacts"),
-            "--host", "127.0.0.1", "--port", str(mlflow_port),
-        ]  # fmt: skip
-        processes.append(_spawn("mlflow-server", mlflow_cmd, mlflow_env, paths.logs))
+        processes.append(_start_prefect_server(paths, base, api_url, database_url))
+        processes.append(_start_mlflow_server(paths, base, mlflow_url))
         save()
         _wait_http(f"{api_url}/health", process=processes[0], timeout=300, what="Prefect server")
         _wait_http(f"{mlflow_url}/health", process=processes[1], timeout=300, what="MLflow server")
@@ -150,15 +138,7 @@ def up(
 
         from fl_components.federation import site_folder
 
-        coordinator_env = _worker_env(base, api_url, paths.root / "workers" / "coordinator")
-        coordinator_env["MLFLOW_TRACKING_URI"] = mlflow_url
-        coordinator_env[CHECKPOINT_DIR_ENV] = str(paths.root / "checkpoints")  # flows.resume
-        worker_cmd = [_bin("prefect"), "worker", "start", "--type", "process", "--pool"]
-        processes.append(
-            _spawn(
-                "worker-coordinator", [*worker_cmd, COORDINATOR_POOL], coordinator_env, paths.logs
-            )
-        )
+        processes.append(_start_coordinator_worker(paths, base, api_url, mlflow_url))
         pools = [COORDINATOR_POOL]
         for site in config.site_names:
             keys = enrol_keys(paths, site)
@@ -182,6 +162,101 @@ def up(
         raise
     save()
     return record
+
+
+def _port(url: str) -> str:
+    return url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1]
+
+
+def _start_prefect_server(
+    paths: StackPaths, base: dict[str, str], api_url: str, database_url: str | None
+) -> dict[str, Any]:
+    server_env = server_environment(base, paths, api_url=api_url, database_url=database_url)
+    (paths.root / "prefect").mkdir(exist_ok=True)
+    command = [_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", _port(api_url)]
+    return _spawn("prefect-server", command, server_env, paths.logs)
+
+
+def _start_mlflow_server(
+    paths: StackPaths, base: dict[str, str], mlflow_url: str
+) -> dict[str, Any]:
+    mlflow_env = {**base, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    mlflow_cmd = [
+        _bin("mlflow"), "server", "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{paths.mlflow_dir / 'mlflow.db'}",
+        "--artifacts-destination", str(paths.mlflow_dir / "artifacts"),
+        "--host", "127.0.0.1", "--port", _port(mlflow_url),
+    ]  # fmt: skip
+    return _spawn("mlflow-server", mlflow_cmd, mlflow_env, paths.logs)
+
+
+def _start_coordinator_worker(
+    paths: StackPaths, base: dict[str, str], api_url: str, mlflow_url: str
+) -> dict[str, Any]:
+    coordinator_env = _worker_env(base, api_url, paths.root / "workers" / "coordinator")
+    coordinator_env["MLFLOW_TRACKING_URI"] = mlflow_url
+    coordinator_env[CHECKPOINT_DIR_ENV] = str(paths.root / "checkpoints")  # flows.resume
+    worker_cmd = [_bin("prefect"), "worker", "start", "--type", "process", "--pool"]
+    return _spawn(
+        "worker-coordinator", [*worker_cmd, COORDINATOR_POOL], coordinator_env, paths.logs
+    )
+
+
+def repair(*, root: Path, database_url: str | None = None) -> list[str]:
+    """Start again, as ``up`` did, each process of the running stack that has stopped.
+
+    The Prefect server, the MLflow server, the coordinator's worker, a site's worker (with
+    its data, keys and warm executor): each comes back on its address, database and pool,
+    and the record says so (``fedpipe status``). Returns one line per process started.
+
+    Raises
+    ------
+    StackError
+        If no stack runs from ``root``, a PostgreSQL-backed server is to be started without
+        ``database_url``, or a server does not answer after its start.
+    """
+    paths_root = root.resolve()
+    record = load_record(paths_root)
+    if not record.get("processes"):
+        raise StackError(f"no stack is running from {root}; start one: `fedpipe up`")
+    paths = StackPaths(paths_root, Path(record.get("mlflow_dir") or paths_root / "mlflow"))
+    base = _clean_env(paths_root)
+    api_url, mlflow_url = record["prefect_api_url"], record["mlflow_url"]
+    lines: list[str] = []
+    for name in [p["name"] for p in record["processes"]]:
+        index, process = next(
+            (i, p) for i, p in enumerate(record["processes"]) if p["name"] == name
+        )
+        if _group_members(process["pgid"]):
+            continue
+        if name.startswith("worker-") and name != "worker-coordinator":
+            site = name.removeprefix("worker-")
+            started = restart_site(name=site, root=paths_root)  # it saves the record itself
+            record = load_record(paths_root)
+            lines.append(f"{name}: restarted (pid {started['pid']}, log {started['log']})")
+            continue
+        if name == "prefect-server":
+            if record.get("database", "sqlite") != "sqlite" and database_url is None:
+                raise StackError(
+                    f"the Prefect server's database is {record['database']}: give its URL "
+                    "again, `fedpipe up --repair --database-url postgresql+asyncpg://...`"
+                )
+            started = _start_prefect_server(paths, base, api_url, database_url)
+            health = f"{api_url}/health"
+        elif name == "mlflow-server":
+            started = _start_mlflow_server(paths, base, mlflow_url)
+            health = f"{mlflow_url}/health"
+        elif name == "worker-coordinator":
+            started = _start_coordinator_worker(paths, base, api_url, mlflow_url)
+            health = ""
+        else:
+            continue
+        record["processes"][index] = started
+        paths.state_file.write_text(json.dumps(record, indent=2) + "\n")
+        if health:
+            _wait_http(health, process=started, timeout=300, what=name)
+        lines.append(f"{name}: restarted (pid {started['pid']}, log {started['log']})")
+    return lines
 
 
 def status(*, root: Path) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from tests.deploy.stack_harness import (
     _api_get,
     _api_post,
     _assert_one_participant_run_per_site_and_round,
+    _fedpipe,
     _mlflow_run_for,
     _wait_flow_run,
     deployed_config,
@@ -299,9 +300,12 @@ def test_a_stage_delivered_twice_counts_once(stack: dict[str, Any]) -> None:
         answer_from_payload(payload, job=other, size=len(json.dumps(payload)))
 
 
-def _restart_prefect_server(stack: dict[str, Any]) -> float:
-    """Stop the stack's Prefect server (SIGTERM, SIGKILL after 10 s) and start it again on the
-    same port and database, as `fedpipe up` started it; the seconds its API was away."""
+def _restart_prefect_server(
+    stack: dict[str, Any], *, kill: signal.Signals = signal.SIGTERM, down_for: float = 0.0
+) -> float:
+    """Stop the stack's Prefect server (``kill``; SIGKILL after 10 s), leave it down for
+    ``down_for`` seconds and start it again on the same port and database, as `fedpipe up`
+    started it; the seconds its API was away."""
     from ops.stack.processes import (
         _bin,
         _clean_env,
@@ -320,11 +324,12 @@ def _restart_prefect_server(stack: dict[str, Any]) -> float:
     api = record["prefect_api_url"]
     port = api.rsplit(":", 1)[1].split("/")[0]
     started = time.monotonic()
-    os.killpg(server["pgid"], signal.SIGTERM)
+    os.killpg(server["pgid"], kill)
     while _group_members(server["pgid"]) and time.monotonic() - started < 10:
         time.sleep(0.2)
     if _group_members(server["pgid"]):
         os.killpg(server["pgid"], signal.SIGKILL)
+    time.sleep(max(0.0, started + down_for - time.monotonic()))
     paths = StackPaths(root, root)
     env = server_environment(_clean_env(root), paths, api_url=api, database_url=None)
     command = [_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", port]
@@ -393,3 +398,90 @@ def test_the_prefect_server_restarted_mid_run(stack: dict[str, Any]) -> None:
         missing = {0, 1, 2} - set(steps)
         assert missing <= {r - 1 for s, r in crashed if s == site}, (site, missing, seen)
     _assert_one_participant_run_per_site_and_round(api, run_id, rounds=2)
+
+
+def test_a_run_cancelled_after_a_server_outage_stops_and_registers_nothing(
+    stack: dict[str, Any],
+) -> None:
+    """A deployed run, its Prefect server killed (SIGKILL) for 30 s and started again, then
+    cancelled as `prefect flow-run cancel` does (state CANCELLING). After the outage its
+    worker's cancellation observer may have given up ("Flow run cancellation disabled"), so
+    nothing kills the coordinator: it must see its own state between rounds and stop there,
+    its flow run CANCELLED, its MLflow run KILLED, no model registered, no alias moved."""
+    from mlflow.tracking import MlflowClient
+
+    api, name, rounds = stack["prefect_api_url"], "e2e-cancel", 5
+    deployment = _api_get(f"{api}/deployments/name/federated-training/federated-training").json()
+    partial = {
+        "name": name,
+        "rounds": rounds,
+        "init_from": "fresh",
+        "sites": [{"name": s} for s in SITES],
+        "secure_aggregation": {"enabled": False},
+        "tracking": {"register_model": True},
+    }
+    created = _api_post(
+        f"{api}/deployments/{deployment['id']}/create_flow_run",
+        json={"parameters": {"config": partial}},
+    )
+    assert created.status_code == 201, created.text
+    run_id = created.json()["id"]
+    deadline = time.monotonic() + 600
+    while not participant_runs(api, run_id):  # round 1 is out at the sites
+        assert time.monotonic() < deadline, "the run dispatched nothing in 600 s"
+        time.sleep(0.5)
+    away = _restart_prefect_server(stack, kill=signal.SIGKILL, down_for=30)
+    cancelled_at = time.monotonic()
+    cancel = _api_post(
+        f"{api}/flow_runs/{run_id}/set_state",
+        json={"state": {"type": "CANCELLING", "message": "cancelled by the fault test"}},
+    )
+    assert cancel.status_code in (200, 201), cancel.text
+    assert cancel.json()["status"] == "ACCEPT", cancel.json()
+
+    run = _wait_flow_run(api, run_id, timeout=900)
+    stopped_after = time.monotonic() - cancelled_at
+    client = MlflowClient(stack["mlflow_url"], registry_uri=stack["mlflow_url"])
+    mlrun = _mlflow_run_for(client, name, run_id)
+    logged = sorted(m.step for m in client.get_metric_history(mlrun.info.run_id, "participants"))
+    print(f"server away {away:.1f}s; {run['state_type']} {stopped_after:.0f}s after the cancel")
+    print(f"rounds logged {logged}; state message {run['state']['message']!r}")
+    assert client.search_model_versions(f"name = '{name}'") == []  # nothing registered
+    assert run["state_type"] == "CANCELLED", run["state"]
+    assert mlrun.info.status == "KILLED"
+    assert len(logged) < rounds  # it stopped between rounds, not at the end
+    # stopped at the next round boundary: a round here takes well under 2 minutes
+    assert stopped_after < 240, stopped_after
+
+
+def test_a_dead_prefect_server_is_named_by_doctor_and_repaired(stack: dict[str, Any]) -> None:
+    """The stack's Prefect server killed (SIGKILL, its whole group): `fedpipe doctor` names
+    the fix, `fedpipe up --repair` (not `fedpipe up`, which refuses a running stack) starts
+    it again on its port and database, and `fedpipe status` says so."""
+    from ops.stack.processes import _group_members
+
+    state = stack["root"]
+    record = json.loads((Path(state) / "stack.json").read_text())
+    (server,) = [p for p in record["processes"] if p["name"] == "prefect-server"]
+    os.killpg(server["pgid"], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while _group_members(server["pgid"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+    doctor = _fedpipe("doctor", "--state-dir", state, timeout=300)
+    assert doctor.returncode == 1, doctor.stdout + doctor.stderr
+    assert f"fedpipe up --repair --state-dir {state}" in doctor.stdout.replace("\n", "")
+    repaired = _fedpipe("up", "--repair", "--state-dir", state, timeout=600)
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    assert "prefect-server: restarted" in repaired.stdout, repaired.stdout
+
+    status = _fedpipe("status", "--state-dir", state, timeout=120)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "healthy=True" in status.stdout.splitlines()[0], status.stdout
+    line = next(x for x in status.stdout.splitlines() if "prefect-server" in x)
+    assert "running" in line, status.stdout
+    deployment = _api_get(f"{stack['prefect_api_url']}/deployments/name/federated-training/"
+                          "federated-training")  # fmt: skip
+    assert deployment.status_code == 200  # the same database: the deployments are there
+    again = _fedpipe("up", "--repair", "--state-dir", state, timeout=300)
+    assert "nothing had stopped" in again.stdout, again.stdout

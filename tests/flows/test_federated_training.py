@@ -32,6 +32,11 @@ def test_three_sites_two_rounds_end_to_end(small_config) -> None:
             m.step for m in client.get_metric_history(run.info.run_id, f"site/{site}/accuracy")
         ]
         assert sorted(steps) == [0, 1, 2]
+    for key in ("eval/sites", "eval/partial"):  # once a step, the last step included
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert sorted(steps) == [0, 1, 2], (key, steps)
+    for key in ("promotion/sites", "promotion/partial"):  # the comparison's, once
+        assert len(client.get_metric_history(run.info.run_id, key)) == 1, key
     participants = client.get_metric_history(run.info.run_id, "participants")
     assert all(m.value == 3 for m in participants)
     assert events == ["start", "round", "round", "end"]
