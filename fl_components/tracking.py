@@ -261,8 +261,8 @@ class RunTracker:
                 )
         finally:
             tempfile.tempdir = previous
-        version = getattr(info, "registered_model_version", None)
-        return None if version is None else str(version)
+        registered = getattr(info, "registered_model_version", None)
+        return None if registered is None else str(registered)
 
     def _logged_models(self) -> list[Any]:
         """The logged models whose source is this run, oldest first."""

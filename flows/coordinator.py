@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 from typing import Any
+from uuid import UUID
 
 import numpy as np
 from prefect.runtime import flow_run
@@ -300,7 +301,7 @@ def stop_if_cancelled(*, before: str) -> None:
 
     try:
         with get_client(sync_client=True) as client:
-            state = client.read_flow_run(flow_run_id).state
+            state = client.read_flow_run(UUID(flow_run_id)).state
     except (httpx.HTTPError, ObjectNotFound) as error:
         log.warning("could not read this flow run's state before %s: %s", before, error)
         return
