@@ -690,6 +690,13 @@ def strategy_conflict(config: FederationConfig) -> str | None:
             f"true (the coordinator sees only the sum); {fix} (strategy.norm_bound still "
             "works: sites bound their own update), or set secure_aggregation.enabled: false"
         )
+    if strategy.name == "qfedavg" and config.privacy.record_level:
+        return (
+            "strategy.name 'qfedavg' weighs each site by F_k(θ_t), the global model's loss on "
+            "the site's training records, which the site would send without noise: DP-SGD "
+            f"(privacy.mode {config.privacy.mode!r}) does not cover it. Use another strategy "
+            "(fedavg, fedprox, scaffold, ...) or set privacy.mode: off"
+        )
     if clear and config.privacy.participant_level:
         return (
             f"{what} cannot run with privacy.mode {config.privacy.mode!r} (DP-FedAvg noises "

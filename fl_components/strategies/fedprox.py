@@ -6,7 +6,8 @@ Networks", MLSys 2020, arXiv:1812.06127, Algorithm 2 and Eq. (2): site k minimiz
     h_k(θ; θ_t) = F_k(θ) + (μ/2) ‖θ − θ_t‖²
 
 from θ_t; the server averages as FedAvg does. The coordinator sends μ in
-:class:`SiteInstructions`; the site adds :func:`proximal_penalty` to each batch's loss.
+:class:`SiteInstructions`; the site adds the gradient of :func:`proximal_penalty` to each
+step's gradient (:func:`add_proximal_gradient`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,27 @@ def proximal_penalty(
     for theta, anchor in zip(params, global_tensors, strict=True):
         total = total + torch.sum((theta - anchor.detach()) ** 2)
     return 0.5 * mu * total
+
+
+def add_proximal_gradient(
+    model: nn.Module, global_tensors: Sequence[torch.Tensor], mu: float
+) -> None:
+    """Add μ (θ − θ_t) to each gradient in place: that of :func:`proximal_penalty` (Eq. 2).
+
+    Added to the gradient rather than to the loss so that DP-SGD can add it after the
+    per-sample clipping and noise (it does not depend on any record).
+    """
+    params = list(model.parameters())
+    if len(params) != len(global_tensors):
+        raise RoundError(
+            f"proximal term: {len(global_tensors)} global tensors for a model with "
+            f"{len(params)} parameters; pass θ_t in model.parameters() order"
+        )
+    with torch.no_grad():
+        for theta, anchor in zip(params, global_tensors, strict=True):
+            if theta.grad is None:
+                theta.grad = torch.zeros_like(theta)
+            theta.grad.add_(theta.detach() - anchor.detach(), alpha=mu)
 
 
 class FedProx(FedAvg):
