@@ -28,6 +28,7 @@ from fl_components.strategies.private import DPFedAvg
 from fl_components.training import LocalUpdate
 
 RUNS = 1200
+RECORD_STEPS = 300  # DP-SGD steps are dearer; with z = 0.25 the shift's error stays ~2 %
 DIM = 4
 # three standard errors of a std estimated from RUNS draws, and of a mean shift
 TOLERANCE = 0.08
@@ -169,3 +170,87 @@ def test_adaptive_clipping_under_secure_aggregation_is_refused() -> None:
     # the per-site norms it needs never reach the coordinator: nothing to audit but the refusal
     with pytest.raises(ConfigError, match="adaptive_clipping needs each update's norm"):
         _config(sites=8, adaptive=True, secure=True)
+
+
+def _record_level(config: FederationConfig) -> tuple[float, float]:
+    """Measured multiplier, and the one accounted, of DP-SGD as a site runs it.
+
+    One batch holds every record (q = 1, as Opacus's Poisson loader draws it), the
+    learning rate is 0 so θ stays fixed, and the gradient each step is handed (after
+    Opacus's clipping, noise and scaling: where the strategy's terms are added) is read
+    back and multiplied by the batch size Opacus divides by. D: 8 ordinary records; D':
+    the same and one outlier whose gradient is far above the clip norm C.
+    """
+    import torch
+    from torch import nn
+
+    from fl_components.data import Split
+    from fl_components.privacy.dpsgd import DPSGD, choose_grad_sample_mode, plan_round
+    from fl_components.training import TrainingRun, make_loader, train_epochs
+
+    steps = RECORD_STEPS
+    features = np.full((8, DIM), 0.1, dtype=np.float32)
+    outlier = np.full((1, DIM), 1e3, dtype=np.float32)
+    training = config.training.model_copy(
+        update={"epochs": steps, "batch_size": 16, "lr": 0.0, "momentum": 0.0}
+    )
+    sums: dict[str, list[npt.NDArray[np.float64]]] = {"D": [], "D'": []}
+    direction: npt.NDArray[np.float64] | None = None
+    plan = None
+    for name, rows in (("D", features), ("D'", np.concatenate([features, outlier]))):
+        split = Split(features=rows, labels=np.zeros(len(rows), dtype=np.int64))
+        torch.manual_seed(0)
+        model = nn.Linear(DIM, 2)
+        plan = plan_round(examples=len(split), privacy=config.privacy, training=training, rounds=1)
+        if direction is None:  # the outlier's own gradient: the direction D' moves in
+            loss = nn.functional.cross_entropy(
+                model(torch.from_numpy(outlier)), torch.zeros(1, dtype=torch.long)
+            )
+            grads = torch.autograd.grad(loss, list(model.parameters()))
+            flat = torch.cat([g.reshape(-1) for g in grads]).double().numpy()
+            direction = flat / np.linalg.norm(flat)
+        seen: list[npt.NDArray[np.float64]] = []
+
+        def read(model: nn.Module = model, seen: list[Any] = seen) -> None:
+            seen.append(
+                torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double().numpy()
+            )
+
+        run = TrainingRun(
+            model=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+            loader=make_loader(split, batch_size=training.batch_size, seed=0),
+            adjust_gradients=read,
+        )
+        private = DPSGD(plan, choose_grad_sample_mode(model, "auto")).wrap(run)
+        train_epochs(
+            private.model, private.loader, private.optimizer, epochs=steps,
+            device=torch.device("cpu"), loss_fn=private.loss_fn,
+        )  # fmt: skip
+        if private.close is not None:
+            private.close()
+        batch = float(private.optimizer.expected_batch_size)
+        sums[name] = [g * batch for g in seen]
+    assert direction is not None and plan is not None
+    released, neighbour = np.stack(sums["D"]), np.stack(sums["D'"])
+    shift, _ = _along(released, neighbour, direction)
+    # the noise is i.i.d. over the coordinates: its std pooled over all of them
+    std = float((released - released.mean(axis=0)).std())
+    return _multiplier([(shift, std)]), plan.noise_multiplier
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["in-the-clear", "secure-aggregation"])
+def test_record_level_dpsgd_releases_what_is_accounted(secure: bool) -> None:
+    # under secure aggregation the site releases the same DP-SGD output, masked afterwards
+    config = config_from_dict(
+        {
+            "name": "audit-record",
+            "sites": [{"name": f"s{i}"} for i in range(4)],
+            "privacy": {"mode": "record", "noise_multiplier": 0.25, "max_grad_norm": 0.5},
+            "secure_aggregation": {"enabled": secure},
+        }
+    )
+
+    measured, accounted = _record_level(config)
+
+    assert accounted <= measured * (1 + TOLERANCE), (accounted, measured)
