@@ -20,6 +20,7 @@ from fl_components.compression.site import CompressionInstruction
 from fl_components.config import FederationConfig
 from fl_components.data import DatasetInfo, Split
 from fl_components.engine import Dropout, DropoutKind, EvaluationRequest, RoundPlan, RoundReport
+from fl_components.errors import BudgetExhaustedError
 from fl_components.federation import (
     central_test_split,
     dataset_info,
@@ -356,6 +357,19 @@ def record_aborted(run: Run, plan: RoundPlan, dropouts: list[Dropout]) -> None:
     if tags:
         run.tracker.set_tags(tags)
     log_privacy_report(run)
+
+
+def stop_for_budget(run: Run, refusal: BudgetExhaustedError, *, round_num: int) -> None:
+    """A round refused for privacy.max_client_epsilon ends the run, cleanly.
+
+    The refusal came before the round was charged or dispatched. The rounds before it were
+    charged and are logged as usual (the last one once its evaluation is in), then the
+    privacy report (saying which round was refused and why) and the last good model.
+    """
+    metrics = run.privacy.refuse(refusal, round_num=round_num)
+    run.tracker.log_metrics(metrics, step=round_num)
+    run.tracker.set_tags({"fedpipe.stopped": f"round {round_num}: {refusal}"[:5000]})
+    log.warning("round %d refused, the run stops here: %s", round_num, refusal)
 
 
 def log_privacy_report(run: Run) -> None:

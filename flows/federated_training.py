@@ -26,6 +26,7 @@ from fl_components.engine import (
     evaluate_sites,
     run_round,
 )
+from fl_components.errors import BudgetExhaustedError
 from fl_components.models import build_model
 from fl_components.parameters import set_parameters
 from fl_components.strategies import ServerState
@@ -43,6 +44,7 @@ from flows.coordinator import (
     record_round,
     skip_small_cohort,
     start_run,
+    stop_for_budget,
 )
 from flows.naming import coordinator_run_name
 from flows.progress import report
@@ -236,7 +238,11 @@ def federated_training(
     status, version = "FAILED", None
     try:
         for round_num in range(first, config.rounds + 1):
-            plan = plan_round(run, state, round_num=round_num, evaluation=evaluation)
+            try:
+                plan = plan_round(run, state, round_num=round_num, evaluation=evaluation)
+            except BudgetExhaustedError as refusal:  # nothing spent for it: stop cleanly
+                stop_for_budget(run, refusal, round_num=round_num)
+                break
             begin_round(run, plan)  # started.json, and its privacy step charged
             if skip_small_cohort(run, plan):  # Poisson draw too small: accounted, skipped
                 continue

@@ -124,6 +124,7 @@ def build_privacy_report(
     client_sampling: str | None,
     max_client_epsilon: float | None,
     declines: Mapping[str, Sequence[str]],
+    refused: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The run's privacy report as a JSON-safe mapping (see :func:`report_markdown`).
 
@@ -138,6 +139,9 @@ def build_privacy_report(
         None when participant-level DP is off.
     declines :
         ``{site: [reason, ...]}`` of budget refusals in this run.
+    refused :
+        The round the coordinator refused for ``max_client_epsilon`` (round, reason,
+        client epsilon spent), which ended the run; None if none was.
     """
     sites = []
     for site in sorted(set(site_rounds) | set(site_budgets)):
@@ -185,6 +189,7 @@ def build_privacy_report(
         "sites": sites,
         "client": client,
         "federation_site_epsilon": max(site_max) if site_max else None,
+        "refused": None if refused is None else dict(refused),
         "recompute": RECOMPUTE,
     }
 
@@ -244,6 +249,16 @@ def report_markdown(report: Mapping[str, Any]) -> str:
             for r in client["rounds"]
         ]
         lines.append("")
+    refused = report.get("refused")
+    if refused:
+        lines += [
+            "## Stopped by the participant-level budget",
+            "",
+            f"Round {refused['round']} was refused before any site was asked (nothing "
+            f"spent for it); epsilon spent {_figure(refused['client_epsilon_spent'])}. "
+            f"{refused['reason']}",
+            "",
+        ]
     lines += ["## Recompute every figure from privacy_report.json", "", "```python"]
     lines += [report["recompute"].rstrip(), "```", ""]
     return "\n".join(lines)

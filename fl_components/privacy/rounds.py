@@ -198,6 +198,19 @@ class PrivacyRounds:
             )
         return after
 
+    def refuse(self, error: BudgetExhaustedError, *, round_num: int) -> dict[str, float]:
+        """Note the round refused for privacy.max_client_epsilon: the run stops before it.
+
+        Nothing was charged for it (the check comes before the write-ahead charge); the
+        privacy report says which round, why, and what was spent. Returns the metrics to
+        log at the refused round's step.
+        """
+        spent = None
+        if self.accountant is not None and (self.accountant.rounds or self.accountant.prior):
+            spent = self.accountant.epsilon(self.client_delta)
+        self.record.refuse(round_num=round_num, reason=str(error), epsilon=spent)
+        return {"privacy/refused": 1.0}
+
     def cohort_too_small(self, selected: tuple[str, ...]) -> bool:
         """True when a Poisson cohort is below participation.min_participants (or empty).
 
