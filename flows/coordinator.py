@@ -164,6 +164,7 @@ def start_run(config: FederationConfig, *, resume: str | None = None) -> Run:
         link = _reopen_crashed(tracker, resumed, flow_run_id=flow_run_id)
     else:
         link = _open_tracking(config, tracker, strategy, origin=origin, flow_run_id=flow_run_id)
+    privacy.bind_run(link.run_id)  # record-level rows of the privacy report name it too
     if config.privacy.participant_level:
         attach_federation_ledger(config, privacy, mlflow_run_id=link.run_id, origin=origin)
         if resumed is not None:

@@ -1,4 +1,10 @@
-"""A run's privacy report: every figure, and the Opacus lines that recompute it from the JSON.
+"""A run's privacy report: every figure, and how to recompute each one.
+
+Every epsilon of *this run* (each site's DP-SGD rounds, the participant-level rounds of the
+model's whole lineage) is recomputed from the JSON alone by the Opacus lines it carries. A
+site's ``ledger_epsilon`` spans the site's earlier runs too, which the coordinator never
+sees: it is the site's own figure, recomputed at the site by the command the report names
+(``fedpipe budget <site folder> --delta <delta>``, from the site's ``privacy_ledger.json``).
 
 Pure: explicit inputs in, a JSON-safe mapping and its markdown out (no MLflow, no Prefect).
 Each epsilon is given under RDP (Mironov 2017, arXiv:1702.07476; the sampled Gaussian's RDP
@@ -157,6 +163,10 @@ def build_privacy_report(
                 "rounds": _rows(rounds),
                 "epsilon_this_run": run_epsilon,
                 "ledger_epsilon": None if budget is None else budget.epsilon,
+                # all the site's runs: only its own ledger holds them
+                "ledger_epsilon_recompute": None
+                if budget is None or delta is None
+                else f"at the site: fedpipe budget <folder of {site}> --delta {delta!r}",
                 "budget": None if budget is None else budget.max_epsilon,
                 "remaining": None
                 if budget is None
@@ -259,7 +269,15 @@ def report_markdown(report: Mapping[str, Any]) -> str:
             f"{refused['reason']}",
             "",
         ]
-    lines += ["## Recompute every figure from privacy_report.json", "", "```python"]
+    lines += [
+        "## Recompute every figure of this run from privacy_report.json",
+        "",
+        "A site's ledger epsilon also counts its earlier runs, which only the site's own "
+        "ledger holds: recompute it at the site with `fedpipe budget <site folder> --delta "
+        "<delta>` (the `ledger_epsilon_recompute` field of each site).",
+        "",
+        "```python",
+    ]
     lines += [report["recompute"].rstrip(), "```", ""]
     return "\n".join(lines)
 

@@ -90,6 +90,10 @@ class PrivacyRounds:
             raise ValueError("participant-level DP is off (privacy.mode); nothing to account")
         return self.accountant
 
+    def bind_run(self, mlflow_run_id: str) -> None:
+        """The MLflow run this coordinator's rounds belong to (names the report's rows)."""
+        self.run_id = mlflow_run_id
+
     def attach_ledger(
         self,
         ledger: FederationLedger,
@@ -360,6 +364,11 @@ class PrivacyRounds:
         """
         metrics: dict[str, float] = {}
         for update in updates:
+            if "epsilon" in update.extra and self.run_id is None:
+                raise ValueError(
+                    "PrivacyRounds.bind_run(mlflow_run_id) before logging DP-SGD rounds: the "
+                    "privacy report names the run of each"
+                )
             self.record.site_update(update, run=self.run_id or "")
             if "epsilon" in update.extra:
                 self.note_site_epsilons({update.site: update.extra["epsilon"]})
