@@ -16,10 +16,10 @@ import pytest
 from fl_components.config import config_from_dict
 from fl_components.errors import ConfigError
 from fl_components.federation import Site, dataset_info, materialize_sites, site_folder
-from fl_components.models import build_model
 from fl_components.parameters import get_parameters
 from fl_components.privacy.dp_fedavg import global_norm
-from fl_components.strategies.base import SiteInstructions
+from fl_components.round.types import SiteInstructions
+from fl_components.site.models import build_model
 
 LR, EPOCHS = 0.05, 2
 

@@ -22,10 +22,10 @@ from fl_components.config import FederationConfig, config_from_dict
 from fl_components.errors import ConfigError
 from fl_components.privacy.dp_fedavg import SecureRandom
 from fl_components.privacy.rounds import PrivacyRounds
-from fl_components.secure_round import prepare_update, round_context
+from fl_components.round.types import LocalUpdate
+from fl_components.secure_aggregation.site_stages import prepare_update, round_context
 from fl_components.strategies import FedAvg
 from fl_components.strategies.private import DPFedAvg
-from fl_components.training import LocalUpdate
 
 RUNS = 1200
 RECORD_STEPS = 300  # DP-SGD steps are dearer; with z = 0.25 the shift's error stays ~2 %
@@ -184,9 +184,9 @@ def _record_level(config: FederationConfig) -> tuple[float, float]:
     import torch
     from torch import nn
 
-    from fl_components.data import Split
-    from fl_components.privacy.dpsgd import DPSGD, choose_grad_sample_mode, plan_round
-    from fl_components.training import TrainingRun, make_loader, train_epochs
+    from fl_components.data.types import Split
+    from fl_components.site.dpsgd import DPSGD, choose_grad_sample_mode, plan_round
+    from fl_components.site.training import TrainingRun, make_loader, train_epochs
 
     steps = RECORD_STEPS
     features = np.full((8, DIM), 0.1, dtype=np.float32)

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from fl_components.config import FederationConfig
 from fl_components.privacy.ledger import PrivacyLedger
 from fl_components.privacy.rounds import PrivacyRounds
-from fl_components.training import LocalUpdate
+from fl_components.round.types import LocalUpdate
 
 DELTA = 1e-5
 
@@ -67,7 +67,7 @@ def test_record_level_rounds_are_not_logged_without_their_run() -> None:
 
 
 def test_a_sites_ledger_epsilon_names_the_command_that_recomputes_it(tmp_path: Path) -> None:
-    from flows.cli import app
+    from ops.cli.main import app
 
     # the site's ledger: an earlier run's round and this run's
     ledger = PrivacyLedger.open(tmp_path, site="h1", accountant="rdp")

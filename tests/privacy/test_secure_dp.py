@@ -15,22 +15,20 @@ import numpy as np
 import pytest
 
 from fl_components.config import FederationConfig, config_from_dict
-from fl_components.engine import SiteResult
 from fl_components.errors import ConfigError, RoundError
-from fl_components.secagg import UnmaskRequest
-from fl_components.secagg.errors import UnsafeRequestError
-from fl_components.secure_aggregation import SecureSum
-from fl_components.secure_round import (
+from fl_components.round.types import LocalUpdate, MaskedContribution, SiteResult
+from fl_components.secure_aggregation.coordinator import SecureSum
+from fl_components.secure_aggregation.protocol import UnmaskRequest
+from fl_components.secure_aggregation.protocol.errors import UnsafeRequestError
+from fl_components.secure_aggregation.site_stages import (
     NOISE_CLIP_TAIL,
-    MaskedContribution,
     dp_clip_range,
     prepare_update,
     round_context,
     unmask_at_site,
 )
 from fl_components.strategies import FedAvg
-from fl_components.training import LocalUpdate
-from tests.secagg.federation import Federation
+from tests.secure_aggregation.federation import Federation
 
 
 def _config(sites: int = 6, **secagg: Any) -> FederationConfig:
