@@ -167,3 +167,26 @@ def test_a_site_refuses_to_unmask_a_sum_of_two(tmp_path: Path) -> None:
             registry=fed.registry,
             keys_dir=tmp_path / "keys",
         )
+
+
+def test_clipped_fraction_is_not_logged_where_the_coordinator_cannot_know_it() -> None:
+    from fl_components.privacy.rounds import PrivacyRounds
+    from fl_components.strategies.private import DPFedAvg
+
+    config = _config()
+    privacy = PrivacyRounds(config)
+    strategy = DPFedAvg(FedAvg(), privacy)
+    state = strategy.initial_state([np.zeros(4, dtype=np.float32)])
+    privacy.account(None, selected=config.site_names, round_num=1)
+
+    secure = strategy.aggregate_sum([np.ones(4)], weight=6.0, participants=6, state=state)
+    in_clear = strategy.aggregate(
+        [_update(s, np.full(4, 2.0)) for s in config.site_names[:3]], state
+    )
+
+    assert secure.private is not None and secure.private.clipped is None
+    secure_metrics = privacy.metrics([], secure.private, declined={})
+    assert "privacy/clipped_fraction" not in secure_metrics  # the sites clipped; norms stayed
+    assert secure_metrics["privacy/clip_norm"] == 1.0
+    clear_metrics = privacy.metrics([], in_clear.private, declined={})
+    assert clear_metrics["privacy/clipped_fraction"] == 1.0  # norm 4 > C = 1: all clipped
