@@ -753,6 +753,24 @@ class FederationConfig(_Section):
                 "level DP accountant assumes; set it to 0, or raise participation.fraction"
             )
         secagg = self.secure_aggregation
+        if secagg.enabled and len(self.sites) < 3:
+            raise ValueError(
+                f"secure_aggregation.enabled with {len(self.sites)} site(s): with two "
+                "participants each learns the other's update from the sum; secure aggregation "
+                "needs at least 3 sites (add sites or set secure_aggregation.enabled: false)"
+            )
+        if secagg.enabled and secagg.threshold is not None and secagg.threshold < 3:
+            raise ValueError(
+                f"secure_aggregation.threshold ({secagg.threshold}) lets a sum of fewer than 3 "
+                "updates be unmasked, and with two each survivor learns the other's update; "
+                "set it to 3 or more, or null (a majority)"
+            )
+        if secagg.enabled and secagg.neighbours is not None and secagg.neighbours < 2:
+            raise ValueError(
+                f"secure_aggregation.neighbours ({secagg.neighbours}) makes groups of fewer "
+                "than 3 sites, whose sums tell each member the other's update; set it to 2 or "
+                "more (an even k such as 6), or null"
+            )
         if secagg.enabled and secagg.threshold is not None and secagg.threshold > len(self.sites):
             raise ValueError(
                 f"secure_aggregation.threshold ({secagg.threshold}) exceeds the number of "
@@ -815,6 +833,13 @@ def strategy_conflict(config: FederationConfig) -> str | None:
             f"{what} needs each site's update in the clear, but secure_aggregation.enabled is "
             f"true (the coordinator sees only the sum); {fix} (strategy.norm_bound still "
             "works: sites bound their own update), or set secure_aggregation.enabled: false"
+        )
+    if strategy.name == "qfedavg" and config.privacy.record_level:
+        return (
+            "strategy.name 'qfedavg' weighs each site by F_k(θ_t), the global model's loss on "
+            "the site's training records, which the site would send without noise: DP-SGD "
+            f"(privacy.mode {config.privacy.mode!r}) does not cover it. Use another strategy "
+            "(fedavg, fedprox, scaffold, ...) or set privacy.mode: off"
         )
     if clear and config.privacy.participant_level:
         return (

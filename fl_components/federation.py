@@ -208,6 +208,8 @@ class Site:
                 site=self.name,
                 folder=self.folder,
                 round_num=round_num,
+                seed=seed,
+                instructions=instructions,
                 mlflow_run_id=spent_by[0] or None,
                 flow_run_id=spent_by[1] or None,
             )

@@ -20,7 +20,7 @@ from fl_components.checkpoint import mark_round_started
 from fl_components.compression.instruction import CompressionInstruction
 from fl_components.config import FederationConfig
 from fl_components.data.types import DatasetInfo, Split
-from fl_components.errors import FedpipeError
+from fl_components.errors import BudgetExhaustedError, FedpipeError
 from fl_components.federation import (
     central_test_split,
     dataset_info,
@@ -169,6 +169,7 @@ def start_run(config: FederationConfig, *, resume: str | None = None) -> Run:
         link = _reopen_crashed(tracker, resumed, flow_run_id=flow_run_id)
     else:
         link = _open_tracking(config, tracker, strategy, origin=origin, flow_run_id=flow_run_id)
+    privacy.bind_run(link.run_id)  # record-level rows of the privacy report name it too
     if config.privacy.participant_level:
         attach_federation_ledger(config, privacy, mlflow_run_id=link.run_id, origin=origin)
         if resumed is not None:
@@ -398,6 +399,19 @@ def record_aborted(run: Run, plan: RoundPlan, dropouts: list[Dropout]) -> None:
     if tags:
         run.tracker.set_tags(tags)
     log_privacy_report(run)
+
+
+def stop_for_budget(run: Run, refusal: BudgetExhaustedError, *, round_num: int) -> None:
+    """A round refused for privacy.max_client_epsilon ends the run, cleanly.
+
+    The refusal came before the round was charged or dispatched. The rounds before it were
+    charged and are logged as usual (the last one once its evaluation is in), then the
+    privacy report (saying which round was refused and why) and the last good model.
+    """
+    metrics = run.privacy.refuse(refusal, round_num=round_num)
+    run.tracker.log_metrics(metrics, step=round_num)
+    run.tracker.set_tags({"fedpipe.stopped": f"round {round_num}: {refusal}"[:5000]})
+    log.warning("round %d refused, the run stops here: %s", round_num, refusal)
 
 
 def log_privacy_report(run: Run) -> None:

@@ -19,6 +19,7 @@ from prefect.states import Cancelled, State
 
 from fl_components.config import FederationConfig
 from fl_components.data.types import DatasetInfo, Split
+from fl_components.errors import BudgetExhaustedError
 from fl_components.parameters import set_parameters
 from fl_components.round.engine import (
     EvaluationRequest,
@@ -45,6 +46,7 @@ from flows.coordinator import (
     record_round,
     skip_small_cohort,
     start_run,
+    stop_for_budget,
     stop_if_cancelled,
 )
 from flows.naming import coordinator_run_name
@@ -244,7 +246,11 @@ def federated_training(
     try:
         for round_num in range(first, config.rounds + 1):
             stop_if_cancelled(before=f"round {round_num}")
-            plan = plan_round(run, state, round_num=round_num, evaluation=evaluation)
+            try:
+                plan = plan_round(run, state, round_num=round_num, evaluation=evaluation)
+            except BudgetExhaustedError as refusal:  # nothing spent for it: stop cleanly
+                stop_for_budget(run, refusal, round_num=round_num)
+                break
             begin_round(run, plan)  # started.json, and its privacy step charged
             if skip_small_cohort(run, plan):  # Poisson draw too small: accounted, skipped
                 continue

@@ -108,12 +108,16 @@ def gaussian_noise_like(update: NDArrays, *, std: float, rng: SecureRandom) -> N
 
 @dataclass(frozen=True)
 class DPAggregate:
-    """The noised mean update and what it took to make it."""
+    """The noised mean update and what it took to make it.
+
+    ``clipped`` is None where the coordinator cannot know it (under secure aggregation the
+    sites clip, and their norms never leave them).
+    """
 
     mean_update: NDArrays
     clip_norm: float
     noise_std: float
-    clipped: int
+    clipped: int | None
     norms: tuple[float, ...]
 
 
@@ -166,34 +170,59 @@ def adaptive_clip_norm(
     target_quantile: float,
     learning_rate: float,
     count_noise_std: float,
+    expected_count: float,
     rng: SecureRandom,
 ) -> float:
     """Next round's clip norm: C · exp(-η (b̃ - γ)) (Andrew et al. 2021, Algorithm 1).
 
-    b̃ is the noised fraction of updates whose norm was at most C, with N(0, σ_b^2) added
-    to the count (the paper suggests σ_b = m / 20).
+    Each participant's bit b_i = 1[‖Δ_i‖ ≤ C] is centred, b_i - ½ (sensitivity ½ under
+    adding or removing a participant), the centred sum gets N(0, σ_b²), and the fraction is
+    taken over the *expected* cohort size m, not the actual one (under Poisson selection
+    the actual size is itself secret): b̃ = (Σ (b_i - ½) + N(0, σ_b²)) / m + ½. This is the
+    mechanism whose cost :func:`update_noise_multiplier` folds into z, as TF-Privacy's
+    ``QuantileEstimatorQuery`` (``privacy/dp_query/quantile_estimator_query.py``) does it:
+    records mapped to ±½, a normalized query over ``expected_num_records``.
+
+    Raises
+    ------
+    ValueError
+        If ``expected_count`` is not positive.
     """
-    if not norms:
-        return clip_norm
-    below = sum(1.0 for n in norms if n <= clip_norm) + count_noise_std * float(rng.normal(1)[0])
-    fraction = below / len(norms)
+    if expected_count <= 0:
+        raise ValueError(f"adaptive_clip_norm: expected_count must be > 0 (got {expected_count})")
+    centred = sum((1.0 if n <= clip_norm else 0.0) - 0.5 for n in norms)
+    noised = centred + count_noise_std * float(rng.normal(1)[0])
+    fraction = noised / expected_count + 0.5
     return float(clip_norm * math.exp(-learning_rate * (fraction - target_quantile)))
 
 
-def update_noise_multiplier(noise_multiplier: float, *, count_noise_multiplier: float) -> float:
+def count_sensitivity() -> float:
+    """L2 sensitivity of the centred clipped-bit sum: one participant moves it by ½."""
+    return 0.5
+
+
+def update_noise_multiplier(noise_multiplier: float, *, count_noise_std: float) -> float:
     """z_Δ = (z^-2 - (2 σ_b)^-2)^(-1/2): the update noise left once the count is noised.
 
-    Andrew et al. 2021, Section 3.1: releasing the noised count costs privacy too; shrinking
-    the update noise this way keeps the total equal to a single mechanism with multiplier z.
-    Here ``count_noise_multiplier`` is σ_b divided by the count's sensitivity (1).
+    Andrew et al. 2021, Section 3.1 / Theorem 1: the update sum (sensitivity C, noise
+    z_Δ C) and the centred bit sum (sensitivity ½, noise σ_b) released together are one
+    Gaussian mechanism of multiplier (z_Δ^-2 + (½ / σ_b)^2)^(-1/2) = z, so the round is
+    accounted at z. ``count_noise_std`` is σ_b on the *centred* sum of
+    :func:`adaptive_clip_norm`; the identity does not hold for uncentred bits.
     """
-    remainder = noise_multiplier**-2 - (2 * count_noise_multiplier) ** -2
+    count_multiplier = count_noise_std / count_sensitivity()
+    remainder = noise_multiplier**-2 - count_multiplier**-2
     if remainder <= 0:
         raise ValueError(
-            f"count noise multiplier {count_noise_multiplier} is too small for noise "
-            f"multiplier {noise_multiplier}: needs 2 * sigma_b > z"
+            f"count noise std {count_noise_std} is too small for noise multiplier "
+            f"{noise_multiplier}: needs 2 * sigma_b > z"
         )
     return float(remainder**-0.5)
+
+
+def combined_noise_multiplier(update_multiplier: float, *, count_noise_std: float) -> float:
+    """The multiplier of the update and the count released together (inverse of the above)."""
+    return float((update_multiplier**-2 + (count_noise_std / count_sensitivity()) ** -2) ** -0.5)
 
 
 def participant_noise(

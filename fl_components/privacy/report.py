@@ -1,4 +1,10 @@
-"""A run's privacy report: every figure, and the Opacus lines that recompute it from the JSON.
+"""A run's privacy report: every figure, and how to recompute each one.
+
+Every epsilon of *this run* (each site's DP-SGD rounds, the participant-level rounds of the
+model's whole lineage) is recomputed from the JSON alone by the Opacus lines it carries. A
+site's ``ledger_epsilon`` spans the site's earlier runs too, which the coordinator never
+sees: it is the site's own figure, recomputed at the site by the command the report names
+(``fedpipe budget <site folder> --delta <delta>``, from the site's ``privacy_ledger.json``).
 
 Pure: explicit inputs in, a JSON-safe mapping and its markdown out (no MLflow, no Prefect).
 Each epsilon is given under RDP (Mironov 2017, arXiv:1702.07476; the sampled Gaussian's RDP
@@ -124,6 +130,7 @@ def build_privacy_report(
     client_sampling: str | None,
     max_client_epsilon: float | None,
     declines: Mapping[str, Sequence[str]],
+    refused: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The run's privacy report as a JSON-safe mapping (see :func:`report_markdown`).
 
@@ -138,6 +145,9 @@ def build_privacy_report(
         None when participant-level DP is off.
     declines :
         ``{site: [reason, ...]}`` of budget refusals in this run.
+    refused :
+        The round the coordinator refused for ``max_client_epsilon`` (round, reason,
+        client epsilon spent), which ended the run; None if none was.
     """
     sites: list[dict[str, Any]] = []
     for site in sorted(set(site_rounds) | set(site_budgets)):
@@ -153,6 +163,10 @@ def build_privacy_report(
                 "rounds": _rows(rounds),
                 "epsilon_this_run": run_epsilon,
                 "ledger_epsilon": None if budget is None else budget.epsilon,
+                # all the site's runs: only its own ledger holds them
+                "ledger_epsilon_recompute": None
+                if budget is None or delta is None
+                else f"at the site: fedpipe budget <folder of {site}> --delta {delta!r}",
                 "budget": None if budget is None else budget.max_epsilon,
                 "remaining": None
                 if budget is None
@@ -185,6 +199,7 @@ def build_privacy_report(
         "sites": sites,
         "client": client,
         "federation_site_epsilon": max(site_max) if site_max else None,
+        "refused": None if refused is None else dict(refused),
         "recompute": RECOMPUTE,
     }
 
@@ -244,7 +259,25 @@ def report_markdown(report: Mapping[str, Any]) -> str:
             for r in client["rounds"]
         ]
         lines.append("")
-    lines += ["## Recompute every figure from privacy_report.json", "", "```python"]
+    refused = report.get("refused")
+    if refused:
+        lines += [
+            "## Stopped by the participant-level budget",
+            "",
+            f"Round {refused['round']} was refused before any site was asked (nothing "
+            f"spent for it); epsilon spent {_figure(refused['client_epsilon_spent'])}. "
+            f"{refused['reason']}",
+            "",
+        ]
+    lines += [
+        "## Recompute every figure of this run from privacy_report.json",
+        "",
+        "A site's ledger epsilon also counts its earlier runs, which only the site's own "
+        "ledger holds: recompute it at the site with `fedpipe budget <site folder> --delta "
+        "<delta>` (the `ledger_epsilon_recompute` field of each site).",
+        "",
+        "```python",
+    ]
     lines += [report["recompute"].rstrip(), "```", ""]
     return "\n".join(lines)
 

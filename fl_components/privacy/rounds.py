@@ -90,6 +90,10 @@ class PrivacyRounds:
             raise ValueError("participant-level DP is off (privacy.mode); nothing to account")
         return self.accountant
 
+    def bind_run(self, mlflow_run_id: str) -> None:
+        """The MLflow run this coordinator's rounds belong to (names the report's rows)."""
+        self.run_id = mlflow_run_id
+
     def attach_ledger(
         self,
         ledger: FederationLedger,
@@ -198,6 +202,19 @@ class PrivacyRounds:
             )
         return after
 
+    def refuse(self, error: BudgetExhaustedError, *, round_num: int) -> dict[str, float]:
+        """Note the round refused for privacy.max_client_epsilon: the run stops before it.
+
+        Nothing was charged for it (the check comes before the write-ahead charge); the
+        privacy report says which round, why, and what was spent. Returns the metrics to
+        log at the refused round's step.
+        """
+        spent = None
+        if self.accountant is not None and (self.accountant.rounds or self.accountant.prior):
+            spent = self.accountant.epsilon(self.client_delta)
+        self.record.refuse(round_num=round_num, reason=str(error), epsilon=spent)
+        return {"privacy/refused": 1.0}
+
     def cohort_too_small(self, selected: tuple[str, ...]) -> bool:
         """True when a Poisson cohort is below participation.min_participants (or empty).
 
@@ -206,9 +223,23 @@ class PrivacyRounds:
         """
         return len(selected) < self.config.participation.min_participants
 
+    def expected_cohort(self, participants: int) -> float:
+        """m, what the mean and the clipped-bit fraction divide by.
+
+        Under Poisson selection the fixed q·N (the actual cohort size is secret); under a
+        fixed, public selection the count that came back (known anyway).
+        """
+        denominator = self.denominator
+        return float(participants) if denominator is None else denominator
+
     def count_noise_std(self, participants: int) -> float:
-        """σ_b of the adaptive-clipping count (Andrew et al.: m / 20), at least z."""
-        return max(participants / 20, self.config.privacy.client_noise_multiplier)
+        """σ_b of the centred adaptive-clipping count (Andrew et al.: m / 20), at least z.
+
+        From the *expected* cohort m, so that the noise, like the denominator, does not
+        depend on how many were drawn.
+        """
+        expected = self.expected_cohort(participants)
+        return max(expected / 20, self.config.privacy.client_noise_multiplier)
 
     def update_noise_multiplier(self, participants: int) -> float:
         """Noise multiplier of the update itself (smaller share when the count is noised)."""
@@ -217,7 +248,7 @@ class PrivacyRounds:
             return privacy.client_noise_multiplier
         return update_noise_multiplier(
             privacy.client_noise_multiplier,
-            count_noise_multiplier=self.count_noise_std(participants),
+            count_noise_std=self.count_noise_std(participants),
         )
 
     @property
@@ -263,16 +294,29 @@ class PrivacyRounds:
         if result is None:
             return entry
         self.last_aggregate = result
-        if privacy.adaptive_clipping:
+        self.adapt_clip(result)
+        return entry
+
+    def adapt_clip(self, result: DPAggregate) -> float:
+        """With adaptive clipping, move the clip norm by the round's noised, centred count.
+
+        Released with the round's update: together one mechanism of multiplier z (see
+        :func:`fl_components.privacy.dp_fedavg.update_noise_multiplier`). Returns the clip
+        norm in force for the next round.
+        """
+        privacy = self.config.privacy
+        if privacy.adaptive_clipping and result.norms:
+            participants = len(result.norms)
             self.clip_norm = adaptive_clip_norm(
                 self.clip_norm,
                 norms=result.norms,
                 target_quantile=privacy.target_quantile,
                 learning_rate=privacy.clip_learning_rate,
-                count_noise_std=self.count_noise_std(len(result.norms)),
+                count_noise_std=self.count_noise_std(participants),
+                expected_count=self.expected_cohort(participants),
                 rng=self.rng,
             )
-        return entry
+        return self.clip_norm
 
     def note_site_epsilons(self, site_epsilons: Mapping[str, float]) -> None:
         """Record sites' ledger epsilons: from their updates and from their declines."""
@@ -320,6 +364,11 @@ class PrivacyRounds:
         """
         metrics: dict[str, float] = {}
         for update in updates:
+            if "epsilon" in update.extra and self.run_id is None:
+                raise ValueError(
+                    "PrivacyRounds.bind_run(mlflow_run_id) before logging DP-SGD rounds: the "
+                    "privacy report names the run of each"
+                )
             self.record.site_update(update, run=self.run_id or "")
             if "epsilon" in update.extra:
                 self.note_site_epsilons({update.site: update.extra["epsilon"]})
@@ -342,7 +391,8 @@ class PrivacyRounds:
             metrics["privacy/client_rounds"] = float(sum(r.steps for r in self.accountant.rounds))
             if dp is not None:
                 metrics["privacy/clip_norm"] = dp.clip_norm
-                metrics["privacy/clipped_fraction"] = dp.clipped / max(1, len(dp.norms))
+                if dp.clipped is not None and dp.norms:  # unknown under secure aggregation
+                    metrics["privacy/clipped_fraction"] = dp.clipped / len(dp.norms)
             if "privacy/epsilon" not in metrics:
                 metrics["privacy/epsilon"] = client_epsilon
         return metrics

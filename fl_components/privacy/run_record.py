@@ -29,6 +29,8 @@ class RunPrivacyRecord:
     site_deltas: dict[str, float] = field(default_factory=dict)
     site_budgets: dict[str, SiteBudget] = field(default_factory=dict)
     declines: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    # the round the coordinator refused for the participant-level budget (the run stopped)
+    refused: dict[str, Any] | None = None
 
     def site_update(self, update: LocalUpdate, *, run: str) -> None:
         """Note a DP-SGD round a site reported (no-op for an update without DP)."""
@@ -59,6 +61,10 @@ class RunPrivacyRecord:
                 float(epsilon), known.max_epsilon if known else None
             )
 
+    def refuse(self, *, round_num: int, reason: str, epsilon: float | None) -> None:
+        """Note the round refused for the participant-level budget, which ended the run."""
+        self.refused = {"round": round_num, "reason": reason, "client_epsilon_spent": epsilon}
+
     def report(
         self,
         privacy: PrivacyConfig,
@@ -88,6 +94,7 @@ class RunPrivacyRecord:
             client_sampling=privacy.sampling if accountant is not None else None,
             max_client_epsilon=privacy.max_client_epsilon,
             declines=dict(self.declines),
+            refused=self.refused,
         )
 
 

@@ -39,7 +39,8 @@ from fl_components.secure_aggregation.protocol import (
     SecAggCoordinator,
 )
 from fl_components.secure_aggregation.site_stages import (
-    noise_fits_clip_range,
+    MIN_SECURE_PARTICIPANTS,
+    NOISE_CLIP_TAIL,
     round_context,
     secagg_metrics,
     weight_scale,
@@ -85,7 +86,11 @@ class SecureSum(SecureAggregation):
         selected: tuple[str, ...],
         like: NDArrays,
     ) -> SecureSum:
-        """The round's context from ``config.secure_aggregation`` (warns on a tight range)."""
+        """The round's context from ``config.secure_aggregation``.
+
+        Under participant-level DP the clip range is widened, where needed, so that the
+        noise shares are not clipped (:func:`.site_stages.dp_clip_range`).
+        """
         ctx = round_context(
             config,
             run_id=run_id,
@@ -93,12 +98,19 @@ class SecureSum(SecureAggregation):
             participants=selected,
             dimension=sum(int(p.size) for p in like),
         )
-        if not noise_fits_clip_range(config, ctx.threshold):
-            log.warning(
-                "secure_aggregation.clip_range=%g is small for DP noise of std %g per site: "
-                "noise will be clipped; raise clip_range",
+        if ctx.clip_range > config.secure_aggregation.clip_range:
+            log.info(
+                "round %d: secure_aggregation.clip_range %g widened to %.4g so that no site's "
+                "DP noise share (std %.4g = z C / sqrt(t), t = %d) is clipped but with "
+                "probability %g",
+                round_num,
                 config.secure_aggregation.clip_range,
-                config.privacy.client_noise_multiplier * config.privacy.clip_norm,
+                ctx.clip_range,
+                config.privacy.client_noise_multiplier
+                * config.privacy.clip_norm
+                / ctx.threshold**0.5,
+                ctx.threshold,
+                NOISE_CLIP_TAIL,
             )
         return cls(config, ctx, registry)
 
@@ -142,6 +154,13 @@ class SecureSum(SecureAggregation):
         ctx = self.ctx
         coordinator = SecAggCoordinator(ctx, self.registry)
         reports, dropouts = self._receive(coordinator, masked)
+        if len(reports) < MIN_SECURE_PARTICIPANTS:  # before anyone is asked to unmask
+            raise RoundError(
+                f"round {ctx.round}: secure aggregation aborted: {len(reports)} masked "
+                f"update(s) survived ({', '.join(r.site for r in reports) or 'none'}); a sum of "
+                f"fewer than {MIN_SECURE_PARTICIPANTS} tells each survivor the other's update, "
+                "so nobody was asked to unmask. The global model was left unchanged"
+            )
         try:
             requests = {site: r.to_bytes() for site, r in coordinator.unmask_requests().items()}
             answers = dispatch(

@@ -32,8 +32,21 @@ variance (z C s)^2 / t in quantized units (s = quantizer scale, t = threshold: t
 distributed discrete Gaussian of Kairouz, Liu & Steinke 2021, ICML, arXiv:2102.06387, via
 :func:`fl_components.privacy.dp_fedavg.participant_noise`). It is added as ``noise / s``
 before quantization, which stochastic rounding maps to exactly ``+noise`` levels; any t
-survivors carry at least the central variance (z C)^2. ``clip_range`` must then cover
-C plus a few noise standard deviations z C / sqrt(t), or noise gets clipped.
+survivors carry at least the central variance (z C)^2. The quantizer clips each value to
+``±clip_range``: a clipped share is neither Gaussian nor of the variance accounted, so the
+round's range is sized from the noise (:func:`dp_clip_range`): at least C + k z C / sqrt(t)
+with k such that, in a round, *any* coordinate of *any* site's noised update is clipped
+with probability at most :data:`NOISE_CLIP_TAIL` (each share is (z C / sqrt(t))-
+subgaussian, Canonne, Kamath & Steinke 2020, Proposition 19 of arXiv:2004.00010, so
+P(|X| >= k sigma) <= 2 exp(-k^2 / 2); union over d coordinates of n sites). A site
+refuses a round context whose range is narrower than that.
+
+At least three participants
+---------------------------
+With two participants, the sum tells each of them the other's update. A round needs at
+least :data:`MIN_SECURE_PARTICIPANTS` selected sites (:func:`round_context`) and as many
+whose masked update survives (the coordinator aborts before asking anyone to unmask, and
+a site refuses an unmask request that names fewer survivors).
 """
 
 from __future__ import annotations
@@ -70,12 +83,16 @@ from fl_components.secure_aggregation.protocol import (
     UnmaskRequest,
     default_threshold,
 )
+from fl_components.secure_aggregation.protocol.errors import UnsafeRequestError
 from fl_components.secure_aggregation.protocol.keys import ED25519_FILE
 from fl_components.strategies.aggregation import bound_norm
 
 log = logging.getLogger(__name__)
 
 REGISTRY_FILE = "registry.json"
+MIN_SECURE_PARTICIPANTS = 3
+# probability that any noise share is clipped by the quantizer in a round (stated bound)
+NOISE_CLIP_TAIL = 1e-9
 KEYS_DIR = "keys"
 STATE_DIR = "secagg-state"
 
@@ -159,7 +176,8 @@ def round_context(
     Raises
     ------
     ConfigError
-        If ``threshold`` exceeds the round's participants.
+        If ``threshold`` exceeds the round's participants, or fewer than
+        :data:`MIN_SECURE_PARTICIPANTS` take part.
     """
     secagg = config.secure_aggregation
     n = len(participants)
@@ -187,7 +205,31 @@ def round_context(
             f"lower it, raise participation.fraction or secure_aggregation.neighbours, or set "
             f"it to null (majority: {default_threshold(group)})"
         )
+    if n < MIN_SECURE_PARTICIPANTS:
+        raise ConfigError(
+            f"round {round_num}: secure aggregation with {n} participant(s) "
+            f"({', '.join(participants) or 'none'}): with two, each learns the other's update "
+            f"from the sum; it needs at least {MIN_SECURE_PARTICIPANTS}. Raise "
+            "participation.fraction or participation.min_participants, or add sites"
+        )
+    if config.privacy.participant_level:  # the noise shares are sized by t
+        wanted = dp_clip_range(config, participants=n, dimension=dimension, threshold=threshold)
+        return replace(provisional, threshold=threshold, clip_range=max(secagg.clip_range, wanted))
     return replace(provisional, threshold=threshold)
+
+
+def dp_clip_range(
+    config: FederationConfig, *, participants: int, dimension: int, threshold: int
+) -> float:
+    """The smallest ±range that clips no DP noise share but with :data:`NOISE_CLIP_TAIL`.
+
+    C + k z C / sqrt(t), k = sqrt(2 ln(2 d n / tail)): each coordinate of a clipped update
+    is at most C, and each share's noise is (z C / sqrt(t))-subgaussian (module docstring).
+    """
+    privacy = config.privacy
+    share_std = privacy.client_noise_multiplier * privacy.clip_norm / math.sqrt(threshold)
+    k = math.sqrt(2.0 * math.log(2.0 * max(1, dimension) * max(1, participants) / NOISE_CLIP_TAIL))
+    return privacy.clip_norm + k * share_std
 
 
 def weight_units(config: FederationConfig, num_examples: int) -> int:
@@ -209,14 +251,26 @@ def _participant(
 
 
 def prepare_update(
-    config: FederationConfig, update: LocalUpdate, ctx: RoundContext
+    config: FederationConfig,
+    update: LocalUpdate,
+    ctx: RoundContext,
+    *,
+    rng: SecureRandom | None = None,
 ) -> tuple[npt.NDArray[np.float64], int]:
     """Flatten, DP-clip-and-noise (participant-level DP) and weight a site's update.
+
+    ``rng`` draws the noise share (a fresh key from the OS's CSPRNG unless given).
 
     Returns
     -------
     tuple[numpy.ndarray of float64, int]
         The vector to mask (shape (d,)) and its weight in units (sent in the clear).
+
+    Raises
+    ------
+    ConfigError
+        Under participant-level DP, when the round's clip range would clip the noise
+        (the site refuses: the coordinator sized it too narrow).
     """
     delta = update.delta
     if config.strategy.norm_bound is not None:  # the coordinator sees only the sum: bound here
@@ -224,13 +278,29 @@ def prepare_update(
     vector = flatten(delta).astype(np.float64)
     privacy = config.privacy
     if privacy.participant_level:
+        wanted = dp_clip_range(
+            config, participants=len(ctx.participants), dimension=vector.size,
+            threshold=ctx.threshold,
+        )  # fmt: skip
+        if ctx.clip_range < wanted:
+            share_std = privacy.client_noise_multiplier * privacy.clip_norm
+            raise ConfigError(
+                f"site {update.site!r} refuses round {ctx.round}: its clip range "
+                f"±{ctx.clip_range:g} would clip the DP noise (std "
+                f"{share_std / math.sqrt(ctx.threshold):g} per site, t = {ctx.threshold}); "
+                f"it needs at least ±{wanted:.4g}. The "
+                "coordinator sizes it from privacy.clip_norm and client_noise_multiplier: "
+                "run the same fedpipe version on both sides"
+            )
         norm = float(np.linalg.norm(vector))
         if norm > privacy.clip_norm:
             vector *= privacy.clip_norm / norm
         scale = ctx.quantizer.scale
         sigma_levels = privacy.client_noise_multiplier * privacy.clip_norm * scale
         noise = participant_noise(
-            vector.shape, variance_share=sigma_levels**2 / ctx.threshold, rng=SecureRandom()
+            vector.shape,
+            variance_share=sigma_levels**2 / ctx.threshold,
+            rng=rng if rng is not None else SecureRandom(),
         )
         vector += noise / scale
         return vector, 1
@@ -299,8 +369,15 @@ def unmask_at_site(
     keys_dir: str | os.PathLike[str],
 ) -> bytes:
     """Stage 2 at a site: answer the coordinator's unmask request (refusing unsafe ones)."""
+    parsed = UnmaskRequest.from_bytes(request)
+    if len(parsed.survivors) < MIN_SECURE_PARTICIPANTS:
+        raise UnsafeRequestError(
+            f"site {site!r} refuses to unmask round {ctx.round}: the request names "
+            f"{len(parsed.survivors)} survivor(s) ({', '.join(parsed.survivors)}); a sum of "
+            f"fewer than {MIN_SECURE_PARTICIPANTS} tells each survivor the other's update"
+        )
     participant = _participant(site, keys_dir, registry, Path(folder))
-    return participant.unmask_response(ctx, UnmaskRequest.from_bytes(request)).to_bytes()
+    return participant.unmask_response(ctx, parsed).to_bytes()
 
 
 def secagg_metrics(result: AggregateResult) -> dict[str, float]:
@@ -351,12 +428,3 @@ def context_from_json(text: str) -> RoundContext:
             f"secure-aggregation round context is malformed ({error.__class__.__name__}: "
             f"{error}); the coordinator and this site may run different fedpipe versions"
         ) from None
-
-
-def noise_fits_clip_range(config: FederationConfig, threshold: int) -> bool:
-    """True when ±clip_range covers C + 4 noise std (participant-level DP under secagg)."""
-    privacy = config.privacy
-    if not privacy.participant_level:
-        return True
-    std = privacy.client_noise_multiplier * privacy.clip_norm / math.sqrt(threshold)
-    return config.secure_aggregation.clip_range >= privacy.clip_norm + 4 * std

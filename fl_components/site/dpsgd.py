@@ -18,17 +18,19 @@ import math
 import secrets
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from fl_components.config import FederationConfig, PrivacyConfig, TrainingConfig
 from fl_components.data.types import Split
 from fl_components.errors import ConfigError
-from fl_components.parameters import NDArrays, get_parameters, set_parameters, subtract
+from fl_components.parameters import NDArrays
 from fl_components.privacy.ledger import (
     RDP_ORDERS,
     LedgerEntry,
@@ -42,8 +44,14 @@ from fl_components.privacy.releases import (
     parameters_digest,
     release_path,
 )
-from fl_components.round.types import LocalUpdate
-from fl_components.site.training import make_optimizer, pick_device, train_epochs
+from fl_components.round.types import LocalUpdate, SiteInstructions
+from fl_components.site.training import (
+    TrainingRun,
+    local_train,
+    make_loader,
+    make_optimizer,
+    train_epochs,
+)
 
 # Installed once for the process: Opacus's hooks make torch warn at every step, and
 # warnings.catch_warnings is not thread-safe (sites train on concurrent threads).
@@ -176,6 +184,78 @@ def _secret_generator() -> torch.Generator:
     return torch.Generator().manual_seed(secrets.randbits(63))
 
 
+@dataclass(frozen=True)
+class DPSGD:
+    """DP-SGD around a plain training run: Opacus's per-sample clipping, noise, Poisson batches.
+
+    A :class:`fl_components.site.training.TrainingWrapper`: the run keeps its model, optimizer
+    and objective. The strategy's terms (FedProx's proximal gradient, SCAFFOLD's
+    correction) depend on no record, so they are added to the gradient *after* Opacus
+    clipped and noised it (in the optimizer's step hook, between the noise and the step):
+    post-processing, which costs no privacy, and the same objective as plain training.
+    Opacus's own accountant is not used: the site's ledger accounts the planned steps,
+    whether or not a Poisson batch came out empty.
+    """
+
+    plan: RecordPlan
+    grad_sample_mode: str
+
+    def wrap(self, run: TrainingRun) -> TrainingRun:
+        """The private run: Poisson batches from a secret generator, per-sample clipping."""
+        from opacus import PrivacyEngine
+
+        validate_model(run.model)
+        batch_size = run.loader.batch_size or 1
+        # the plain loader's order comes from the public seed; Poisson sampling must not
+        loader = DataLoader(
+            run.loader.dataset, batch_size=batch_size, shuffle=True, generator=_secret_generator()
+        )
+        engine = PrivacyEngine(accountant="rdp")
+        criterion: nn.Module = nn.CrossEntropyLoss() if run.loss_fn is None else run.loss_fn
+        wrapped = engine.make_private(
+            module=run.model,
+            optimizer=run.optimizer,
+            criterion=criterion,
+            data_loader=loader,
+            noise_multiplier=self.plan.noise_multiplier,
+            max_grad_norm=self.plan.max_grad_norm,
+            poisson_sampling=True,
+            noise_generator=_secret_generator(),
+            grad_sample_mode=self.grad_sample_mode,
+        )
+        if len(wrapped) == 4:  # ghost clipping also wraps the loss
+            private_model, private_optimizer, criterion, private_loader = wrapped
+        else:
+            private_model, private_optimizer, private_loader = wrapped
+        if run.adjust_gradients is not None:
+            _after_noise(private_optimizer, run.adjust_gradients)
+
+        def close() -> None:
+            if hasattr(private_model, "_close"):
+                private_model._close()  # remove Opacus's hooks so the model can be reused
+
+        return TrainingRun(
+            model=private_model,
+            optimizer=private_optimizer,
+            loader=private_loader,
+            loss_fn=criterion,
+            adjust_gradients=None,  # runs inside the private step, after the noise
+            close=close,
+        )
+
+
+def _after_noise(optimizer: Any, adjust: Callable[[], None]) -> None:
+    """Run ``adjust`` in Opacus's step hook: after clip, noise and scaling, before the step."""
+    previous = optimizer.step_hook
+
+    def hook(private: Any) -> None:
+        if previous is not None:
+            previous(private)
+        adjust()
+
+    optimizer.step_hook = hook
+
+
 def dp_train(
     model: nn.Module,
     train: Split,
@@ -185,47 +265,31 @@ def dp_train(
     grad_sample_mode: str,
     device: torch.device,
 ) -> float:
-    """Run DP-SGD for ``plan.steps`` steps; return the mean loss of the last epoch.
+    """Plain local SGD on ``train`` under :class:`DPSGD`; return the last epoch's mean loss.
 
-    The model is trained in place (its parameters end at θ_k). Opacus's accountant is not
-    used here: the site's ledger accounts the planned steps, whether or not a Poisson
-    batch came out empty.
+    The model is trained in place (its parameters end at θ_k). The same loop as every
+    site's training (:func:`fl_components.site.training.train_epochs`), for benchmarks and tests
+    that need no strategy.
     """
-    from opacus import PrivacyEngine
-
-    validate_model(model)
-    dataset = TensorDataset(torch.from_numpy(train.features), torch.from_numpy(train.labels))
-    batch_size = min(training.batch_size, len(train))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=_secret_generator())
-    optimizer = make_optimizer(model, training)
-    engine = PrivacyEngine(accountant="rdp")
-    criterion: nn.Module = nn.CrossEntropyLoss()
-    wrapped = engine.make_private(
-        module=model,
-        optimizer=optimizer,
-        criterion=criterion,
-        data_loader=loader,
-        noise_multiplier=plan.noise_multiplier,
-        max_grad_norm=plan.max_grad_norm,
-        poisson_sampling=True,
-        noise_generator=_secret_generator(),
-        grad_sample_mode=grad_sample_mode,
+    run = DPSGD(plan, grad_sample_mode).wrap(
+        TrainingRun(
+            model=model,
+            optimizer=make_optimizer(model, training),
+            loader=make_loader(train, batch_size=training.batch_size, seed=0),
+        )
     )
-    if len(wrapped) == 4:  # ghost clipping also wraps the loss
-        private_model, private_optimizer, criterion, private_loader = wrapped
-    else:
-        private_model, private_optimizer, private_loader = wrapped
-    last_loss = train_epochs(
-        private_model,
-        private_loader,
-        private_optimizer,
-        epochs=training.epochs,
-        device=device,
-        loss_fn=criterion,
-    )
-    if hasattr(private_model, "_close"):
-        private_model._close()  # remove Opacus's hooks so the model can be reused
-    return last_loss
+    try:
+        return train_epochs(
+            run.model,
+            run.loader,
+            run.optimizer,
+            epochs=training.epochs,
+            device=device,
+            loss_fn=run.loss_fn,
+        )
+    finally:
+        if run.close is not None:
+            run.close()
 
 
 def private_local_train(
@@ -237,10 +301,17 @@ def private_local_train(
     site: str,
     folder: Path,
     round_num: int,
+    seed: int,
+    instructions: SiteInstructions | None = None,
     mlflow_run_id: str | None = None,
     flow_run_id: str | None = None,
 ) -> LocalUpdate:
-    """Local training with DP-SGD, after the site's ledger agrees to the round.
+    """The site's local training (the strategy's objective) under DP-SGD, once the ledger agrees.
+
+    :func:`fl_components.site.training.local_train` with :class:`DPSGD` around it: FedProx's
+    proximal term and SCAFFOLD's correction apply as in plain training; ``seed`` seeds
+    what plain training seeds (never the batch sampling or the noise, which are secret).
+    q-FedAvg's F_k(θ_t) on the training records would be released without noise: refused.
 
     ``mlflow_run_id`` and ``flow_run_id`` (when the caller knows them) are written into
     the ledger entry, naming the runs that spent it.
@@ -258,6 +329,12 @@ def private_local_train(
     """
     started = time.perf_counter()
     privacy = config.privacy
+    if instructions is not None and instructions.report_initial_loss:
+        raise ConfigError(
+            f"site {site!r} refuses round {round_num}: q-FedAvg asks for the loss of the "
+            "global model on its training records, which DP-SGD does not privatize "
+            "(privacy.mode record/both); use another strategy or privacy.mode participant"
+        )
     plan = plan_round(
         examples=len(train), privacy=privacy, training=config.training, rounds=config.rounds
     )
@@ -279,13 +356,19 @@ def private_local_train(
         delta=plan.delta,
         max_epsilon=privacy.max_epsilon,
     )
-    device = pick_device(config.training.device)
-    set_parameters(model, global_parameters)
-    model.to(device)
     mode = choose_grad_sample_mode(model, privacy.grad_sample_mode)
-    loss = dp_train(model, train, config.training, plan=plan, grad_sample_mode=mode, device=device)
-    model.to("cpu")
-    delta = subtract(get_parameters(model), global_parameters)
+    trained = local_train(
+        model,
+        global_parameters,
+        train,
+        config.training,
+        site=site,
+        round_num=round_num,
+        seed=seed,
+        instructions=instructions,
+        folder=folder,
+        wrapper=DPSGD(plan, mode),
+    )
     kept = None
     if mlflow_run_id:
         kept = release_path(
@@ -306,12 +389,8 @@ def private_local_train(
     )
     epsilon = ledger.epsilon(plan.delta)
     remaining = ledger.remaining(plan.delta)
-    update = LocalUpdate(
-        site=site,
-        round=round_num,
-        delta=delta,
-        num_examples=len(train),
-        train_loss=loss,
+    update = replace(
+        trained,
         seconds=time.perf_counter() - started,
         extra={
             "epsilon": epsilon,

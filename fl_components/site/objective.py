@@ -52,6 +52,27 @@ def proximal_penalty(
     return 0.5 * mu * total
 
 
+def add_proximal_gradient(
+    model: nn.Module, global_tensors: Sequence[torch.Tensor], mu: float
+) -> None:
+    """Add μ (θ − θ_t) to each gradient in place: that of :func:`proximal_penalty` (Eq. 2).
+
+    Added to the gradient rather than to the loss so that DP-SGD can add it after the
+    per-sample clipping and noise (it does not depend on any record).
+    """
+    params = list(model.parameters())
+    if len(params) != len(global_tensors):
+        raise RoundError(
+            f"proximal term: {len(global_tensors)} global tensors for a model with "
+            f"{len(params)} parameters; pass θ_t in model.parameters() order"
+        )
+    with torch.no_grad():
+        for theta, anchor in zip(params, global_tensors, strict=True):
+            if theta.grad is None:
+                theta.grad = torch.zeros_like(theta)
+            theta.grad.add_(theta.detach() - anchor.detach(), alpha=mu)
+
+
 def scaffold_correct_gradients(
     model: nn.Module,
     server_control: Sequence[torch.Tensor | np.ndarray],
@@ -177,20 +198,28 @@ class LocalObjective:
         return objective
 
     @property
-    def penalty(self) -> Callable[[], torch.Tensor] | None:
-        """FedProx's (μ/2)‖θ − θ_t‖² as a callable, or None."""
-        if self.anchor is None:
-            return None
-        anchor, mu, model = self.anchor, self.mu, self.model
-        return lambda: proximal_penalty(model, anchor, mu)
+    def adjust_gradients(self) -> Callable[[], None] | None:
+        """The objective's terms on the gradient, as a callable; None for plain SGD.
 
-    @property
-    def before_step(self) -> Callable[[], None] | None:
-        """SCAFFOLD's g ← g − c_i + c as a callable, or None."""
-        if self._c is None or self._c_i is None:
+        FedProx: g ← g + μ (θ − θ_t), the gradient of (μ/2)‖θ − θ_t‖²; SCAFFOLD:
+        g ← g − c_i + c. Neither depends on the site's records, so under DP-SGD they are
+        added to the privatized gradient (post-processing) and the objective is the same.
+        """
+        hooks: list[Callable[[], None]] = []
+        if self.anchor is not None:
+            anchor, mu, model = self.anchor, self.mu, self.model
+            hooks.append(lambda: add_proximal_gradient(model, anchor, mu))
+        if self._c is not None and self._c_i is not None:
+            c, c_i, model = self._c, self._c_i, self.model
+            hooks.append(lambda: scaffold_correct_gradients(model, c, c_i))
+        if not hooks:
             return None
-        c, c_i, model = self._c, self._c_i, self.model
-        return lambda: scaffold_correct_gradients(model, c, c_i)
+
+        def adjust() -> None:
+            for hook in hooks:
+                hook()
+
+        return adjust
 
     def finish(self, local: NDArrays, *, steps: int, lr: float) -> NDArrays | None:
         """SCAFFOLD: c_i⁺ from option II, saved in the site's folder; return Δc_i."""

@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -63,6 +65,36 @@ def make_loader(
     )
 
 
+@dataclass
+class TrainingRun:
+    """What one local training run steps: model, optimizer, batches, loss, objective terms.
+
+    ``adjust_gradients`` adds the strategy's data-independent terms (FedProx's proximal
+    gradient, SCAFFOLD's correction) to the gradient before each step; ``close`` undoes
+    what a wrapper installed. A :class:`TrainingWrapper` (DP-SGD) returns another run
+    around the same model and the same objective.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: DataLoader[tuple[torch.Tensor, ...]]
+    loss_fn: nn.Module | None = None
+    adjust_gradients: Callable[[], None] | None = None
+    close: Callable[[], None] | None = None
+
+
+class TrainingWrapper(Protocol):
+    """Wraps a plain training run (record-level DP: :class:`fl_components.site.dpsgd.DPSGD`).
+
+    It must keep the run's objective: whatever it does to the gradients, the run's
+    ``adjust_gradients`` still applies to the gradient the optimizer steps with.
+    """
+
+    def wrap(self, run: TrainingRun) -> TrainingRun:
+        """The run to train instead of ``run``."""
+        ...
+
+
 def train_epochs(
     model: nn.Module,
     loader: DataLoader[tuple[torch.Tensor, ...]],
@@ -71,15 +103,14 @@ def train_epochs(
     epochs: int,
     device: torch.device,
     loss_fn: nn.Module | None = None,
-    penalty: Callable[[], torch.Tensor] | None = None,
-    before_step: Callable[[], None] | None = None,
+    adjust_gradients: Callable[[], None] | None = None,
 ) -> float:
     """Run ``epochs`` passes; return the mean training loss of the last epoch.
 
     ``loss_fn`` defaults to cross-entropy; DP-SGD passes the criterion Opacus wrapped
-    (ghost clipping needs its own). ``penalty()`` is added to each batch's loss (FedProx's
-    proximal term); ``before_step()`` runs between ``backward`` and the optimizer step
-    (SCAFFOLD's gradient correction). The reported loss excludes the penalty.
+    (ghost clipping needs its own). ``adjust_gradients()`` runs between ``backward`` and
+    the optimizer step (the strategy's objective terms: FedProx's proximal gradient,
+    SCAFFOLD's correction). The reported loss is the data loss alone.
     """
     loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
     model.train()
@@ -92,9 +123,9 @@ def train_epochs(
             features, labels = features.to(device), labels.to(device)
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(features), labels)
-            (loss + penalty() if penalty is not None else loss).backward()
-            if before_step is not None:
-                before_step()
+            loss.backward()
+            if adjust_gradients is not None:
+                adjust_gradients()
             optimizer.step()
             total += float(loss.detach()) * len(labels)
             count += len(labels)
@@ -113,11 +144,14 @@ def local_train(
     seed: int,
     instructions: SiteInstructions | None = None,
     folder: Path | None = None,
+    wrapper: TrainingWrapper | None = None,
 ) -> LocalUpdate:
     """Train ``model`` from θ_t on ``train`` and return Δ = θ_k − θ_t.
 
-    ``instructions`` come from the strategy (FedProx's μ, SCAFFOLD's c); ``folder`` is the
-    site's own folder, where SCAFFOLD keeps the site's control variate c_i across rounds.
+    ``instructions`` come from the strategy (FedProx's μ, SCAFFOLD's c, q-FedAvg's request
+    for F_k(θ_t)); ``folder`` is the site's own folder, where SCAFFOLD keeps the site's
+    control variate c_i across rounds. ``wrapper`` (DP-SGD) wraps the run: the same
+    objective, with its per-sample clipping and noise around the data gradient.
     """
     started = time.perf_counter()
     device = pick_device(config.device)
@@ -133,19 +167,30 @@ def local_train(
         else None
     )
     model.to(device)
-    optimizer = make_optimizer(model, config)
-    loss = train_epochs(
-        model,
-        loader,
-        optimizer,
-        epochs=config.epochs,
-        device=device,
-        penalty=objective.penalty,
-        before_step=objective.before_step,
+    run = TrainingRun(
+        model=model,
+        optimizer=make_optimizer(model, config),
+        loader=loader,
+        adjust_gradients=objective.adjust_gradients,
     )
+    if wrapper is not None:
+        run = wrapper.wrap(run)
+    try:
+        loss = train_epochs(
+            run.model,
+            run.loader,
+            run.optimizer,
+            epochs=config.epochs,
+            device=device,
+            loss_fn=run.loss_fn,
+            adjust_gradients=run.adjust_gradients,
+        )
+    finally:
+        if run.close is not None:
+            run.close()
     model.to("cpu")
     local = get_parameters(model)
-    control_delta = objective.finish(local, steps=config.epochs * len(loader), lr=config.lr)
+    control_delta = objective.finish(local, steps=config.epochs * len(run.loader), lr=config.lr)
     return LocalUpdate(
         site=site,
         round=round_num,

@@ -6,7 +6,8 @@ Networks", MLSys 2020, arXiv:1812.06127, Algorithm 2 and Eq. (2): site k minimiz
     h_k(θ; θ_t) = F_k(θ) + (μ/2) ‖θ − θ_t‖²
 
 from θ_t; the server averages as FedAvg does. The coordinator sends μ in
-:class:`SiteInstructions`; the site adds :func:`proximal_penalty` to each batch's loss.
+:class:`SiteInstructions`; the site adds the gradient of the proximal term to each step's gradient
+(:func:`fl_components.site.objective.add_proximal_gradient`).
 """
 
 from __future__ import annotations

@@ -86,7 +86,7 @@ class DPFedAvg(Strategy):
             mean_update=mean.delta,
             clip_norm=privacy.clip_norm,
             noise_std=privacy.client_noise_multiplier * privacy.clip_norm,
-            clipped=0,  # per-site norms stay at the sites under secure aggregation
+            clipped=None,  # the sites clip under secure aggregation: unknown here
             norms=(),
         )
         return AggregatedUpdate(delta=mean.delta, participants=participants, private=dp)

@@ -15,7 +15,7 @@ from fl_components.round.types import LocalUpdate
 
 
 def _rounds() -> PrivacyRounds:
-    return PrivacyRounds(
+    rounds = PrivacyRounds(
         FederationConfig.model_validate(
             {
                 "name": "hospitals",
@@ -24,6 +24,8 @@ def _rounds() -> PrivacyRounds:
             }
         )
     )
+    rounds.bind_run("run-1")
+    return rounds
 
 
 def _update(site: str, epsilon: float) -> LocalUpdate:

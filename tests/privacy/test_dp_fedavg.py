@@ -61,6 +61,7 @@ def test_adaptive_clipping_moves_toward_the_target_quantile() -> None:
         target_quantile=0.5,
         learning_rate=0.2,
         count_noise_std=0.0,
+        expected_count=100,
         rng=rng,
     )
     shrunk = adaptive_clip_norm(
@@ -69,6 +70,7 @@ def test_adaptive_clipping_moves_toward_the_target_quantile() -> None:
         target_quantile=0.5,
         learning_rate=0.2,
         count_noise_std=0.0,
+        expected_count=100,
         rng=rng,
     )
     assert grown == pytest.approx(np.exp(0.1))

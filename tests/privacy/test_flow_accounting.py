@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from fl_components.config import FederationConfig
-from fl_components.errors import BudgetExhaustedError, RoundError
+from fl_components.errors import RoundError
 from fl_components.privacy.federation_ledger import FederationLedger, federation_ledger_path
 from fl_components.privacy.ledger import epsilon_of
 
@@ -66,15 +66,45 @@ def test_dropouts_every_round_and_a_champion_run_continue_one_budget(
     assert ledger.runs[second.mlflow_run_id].flow_run_id == second.prefect_flow_run_id
 
 
-def test_a_run_past_max_client_epsilon_is_refused(prefect_harness, small_config, tmp_path) -> None:
+def test_a_round_past_max_client_epsilon_ends_the_run_cleanly(
+    prefect_harness, small_config, tmp_path
+) -> None:
+    from mlflow.tracking import MlflowClient
+
     from flows.federated_training import federated_training
 
-    one = epsilon_of([(1.0, 1.0, 1)], delta=1e-3, accountant="rdp")
-    config = _participant(small_config, tmp_path / "empty", max_client_epsilon=one + 0.01)
-    with pytest.raises(BudgetExhaustedError, match=r"refuses round 2: .*max_client_epsilon"):
-        federated_training(config)
+    two = epsilon_of([(1.0, 1.0, 2)], delta=1e-3, accountant="rdp")
+    config = _participant(small_config, tmp_path / "empty", max_client_epsilon=two + 0.01)
+    config = config.model_copy(update={"rounds": 4})
+
+    summary = federated_training(config)  # round 3 refused: no exception, the run finishes
+
     ledger = FederationLedger.load(federation_ledger_path(config.tracking, config.name))
-    assert [len(run.rounds) for run in ledger.runs.values()] == [1]
+    assert [len(run.rounds) for run in ledger.runs.values()] == [2]
+    client = MlflowClient(tracking_uri=config.tracking.tracking_uri)
+    run = client.get_run(summary.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert "refuses round 3" in run.data.tags["fedpipe.stopped"]
+    # every charged round is logged, the last one with its evaluation
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "global/accuracy")] == [
+        0,
+        1,
+        2,
+    ]
+    assert _metric(client, run.info.run_id, "privacy/client_epsilon")[-1] == pytest.approx(
+        two, rel=1e-9
+    )
+    assert _metric(client, run.info.run_id, "privacy/refused") == [1.0]
+    report = json.loads(
+        Path(client.download_artifacts(run.info.run_id, "privacy/privacy_report.json")).read_text()
+    )
+    assert report["refused"]["round"] == 3
+    assert "max_client_epsilon" in report["refused"]["reason"]
+    assert report["refused"]["client_epsilon_spent"] == pytest.approx(two, rel=1e-9)
+    assert len(report["client"]["rounds"]) == 2
+    # the last good model (round 2's) is logged and registered
+    assert summary.model_version is not None
+    assert [h["round"] for h in summary.history] == [1.0, 2.0]
 
 
 def test_every_site_declining_is_logged_before_the_run_fails(prefect_harness, small_config) -> None:
