@@ -148,13 +148,14 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _contract_consistent(self) -> DataConfig:
-        set_fields = self.model_fields_set & {
-            "columns",
-            "drop",
-            "label_map",
-            "categorical",
-            "delimiter",
-            "decimal",
+        # a value other than the default, not a field present: a dumped config (every field
+        # written out, as a Prefect deployment stores it) must load again
+        contract = ("columns", "drop", "label_map", "categorical", "delimiter", "decimal")
+        set_fields = {
+            name
+            for name in contract
+            if getattr(self, name)
+            != type(self).model_fields[name].get_default(call_default_factory=True)
         }
         if self.source == "bundled" and set_fields:
             first = sorted(set_fields)[0]
