@@ -99,7 +99,7 @@ class DataConfig(_Section):
         "must already be class indices 0..n_classes-1.",
     )
     categorical: dict[str, tuple[str, ...]] = Field(
-        default_factory=dict,
+        default={},  # pydantic copies it per instance; a plain default shows in the schema
         description="site_files: column -> its levels; one-hot encoded in this order at every "
         "site (columns '<column>=<level>'); a value outside the levels is refused.",
     )
