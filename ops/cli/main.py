@@ -3,7 +3,8 @@
 ``fedpipe demo`` trains the embedded default federation; ``fedpipe run FILE.yaml`` trains
 any federation; ``fedpipe partition`` writes site folders; ``fedpipe validate`` checks a
 config; ``fedpipe up`` / ``down`` / ``status`` / ``doctor`` / ``site ...`` start, stop and
-check the local stack and its sites; ``fedpipe budget`` / ``privacy-report`` report. The
+check the local stack and its sites; ``fedpipe schedule on|off|show`` switches
+recurring retraining; ``fedpipe budget`` / ``privacy-report`` report. The
 commands live by concern in :mod:`ops.cli.run`, :mod:`ops.cli.stack` and
 :mod:`ops.cli.report`; they are registered here, in the order ``--help`` lists them.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from ops.cli import report as cli_report
 from ops.cli import run as cli_run
+from ops.cli import schedule as cli_schedule
 from ops.cli import stack as cli_stack
 from ops.cli.app import app, site_app
 from ops.cli.server import server_app
@@ -26,6 +28,7 @@ app.command()(cli_stack.up)
 app.command()(cli_stack.down)
 app.command()(cli_stack.status)
 app.command()(cli_stack.doctor)
+app.command()(cli_schedule.schedule)
 app.command()(cli_report.budget)
 app.command("privacy-report")(cli_report.privacy_report)
 app.add_typer(server_app, name="server")

@@ -102,7 +102,7 @@ def run_with_progress(config: FederationConfig, *, quiet: QuietRun, resume: str 
                 for site, reason in payload.get("dropouts", {}).items():
                     quiet.dropouts.add(site, f"round {payload['round']}: {reason}")
 
-        named = run_name(config.name, started=datetime.now(UTC))
+        named = run_name(config.name, strategy=config.strategy.name, started=datetime.now(UTC))
         flow = federated_training.with_options(
             flow_run_name=named, task_runner=task_runner_for(config)
         )
