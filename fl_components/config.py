@@ -80,6 +80,150 @@ class DataConfig(_Section):
         "std of its own training rows (applied to its test rows too); 'none' uses them as "
         "they are (a site whose columns look unscaled logs a warning).",
     )
+    # The data contract (site_files): every site reads its files by name against it.
+    columns: tuple[str, ...] | None = Field(
+        default=None,
+        description="site_files: the feature columns by name, in the model's input order; a "
+        "site's files may hold them in any order. Unset: every column but label_column and "
+        "drop, sorted by name (a run pins the list it found at every site).",
+    )
+    drop: tuple[str, ...] = Field(
+        default=(),
+        description="site_files: columns of the sites' files that are not features (IDs, "
+        "dates, free text); ignored wherever they appear.",
+    )
+    label_map: dict[str, int] | None = Field(
+        default=None,
+        description="site_files: label values as written in the files -> class index, e.g. "
+        "{'no': 0, 'yes': 1} (quote yes/no: YAML reads them as booleans). Unset: labels "
+        "must already be class indices 0..n_classes-1.",
+    )
+    categorical: dict[str, tuple[str, ...]] = Field(
+        default_factory=dict,
+        description="site_files: column -> its levels; one-hot encoded in this order at every "
+        "site (columns '<column>=<level>'); a value outside the levels is refused.",
+    )
+    delimiter: str = Field(
+        default=",", min_length=1, max_length=1, description="CSV field separator, e.g. ';'."
+    )
+    decimal: Literal[".", ","] = Field(default=".", description="CSV decimal mark: '.' or ','.")
+    allow_unloadable_sites: bool = Field(
+        default=False,
+        description="site_files: a run whose check finds sites that cannot load their files "
+        "starts anyway (those sites drop out of every round); by default it stops before "
+        "round 1 with the check's table.",
+    )
+
+    @field_validator("label_map", mode="before")
+    @classmethod
+    def _label_keys_are_text(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            for key in value:
+                if isinstance(key, bool):
+                    raise ValueError(
+                        f"key {key!r} was read as a boolean (YAML turns unquoted yes/no/true/"
+                        "false into booleans); quote the label values, e.g. "
+                        "{'no': 0, 'yes': 1}"
+                    )
+            return {str(key): index for key, index in value.items()}
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _widths_from_contract(cls, data: Any) -> Any:
+        """Fill n_features from declared columns and n_classes from label_map when unset."""
+        if not isinstance(data, dict):
+            return data
+        filled = dict(data)
+        columns, levels = filled.get("columns"), filled.get("categorical") or {}
+        if filled.get("n_features") is None and columns and isinstance(levels, dict):
+            widths = [len(levels[c]) if c in levels else 1 for c in columns]
+            filled["n_features"] = sum(widths)
+        label_map = filled.get("label_map")
+        if filled.get("n_classes") is None and isinstance(label_map, dict) and label_map:
+            indices = [v for v in label_map.values() if isinstance(v, int)]
+            if indices:
+                filled["n_classes"] = max(indices) + 1
+        return filled
+
+    @model_validator(mode="after")
+    def _contract_consistent(self) -> DataConfig:
+        set_fields = self.model_fields_set & {
+            "columns",
+            "drop",
+            "label_map",
+            "categorical",
+            "delimiter",
+            "decimal",
+        }
+        if self.source == "bundled" and set_fields:
+            first = sorted(set_fields)[0]
+            raise ValueError(
+                f"data.{first} is set but data.source is 'bundled' (the bundled sets have no "
+                f"files to read by name); remove data.{first} or set data.source: site_files"
+            )
+        if self.delimiter == self.decimal:
+            raise ValueError(
+                f"data.delimiter and data.decimal are both {self.delimiter!r}; a CSV with a "
+                "decimal comma separates fields with ';' (set data.delimiter: ';')"
+            )
+        named = {"label_column": (self.label_column,), "drop": self.drop}
+        if self.columns is not None:
+            repeated = sorted({c for c in self.columns if self.columns.count(c) > 1})
+            if repeated:
+                raise ValueError(f"data.columns names {repeated} more than once; list each once")
+            for field, names in named.items():
+                both = sorted(set(names) & set(self.columns))
+                if both:
+                    raise ValueError(
+                        f"data.columns and data.{field} both name {both}; a column is a "
+                        f"feature or the {field.replace('_', ' ')}, not both"
+                    )
+            unknown = sorted(set(self.categorical) - set(self.columns))
+            if unknown:
+                raise ValueError(
+                    f"data.categorical names {unknown}, which are not in data.columns; add "
+                    "them to data.columns or remove them from data.categorical"
+                )
+            width = sum(len(self.categorical.get(c, (0,))) for c in self.columns)
+            if self.n_features is not None and self.n_features != width:
+                raise ValueError(
+                    f"data.n_features is {self.n_features} but data.columns gives {width} "
+                    "model inputs (categorical columns count one per level); remove "
+                    "data.n_features or make it match"
+                )
+        if self.categorical and self.columns is None:
+            raise ValueError(
+                f"data.categorical ({', '.join(self.categorical)}) needs data.columns: list the "
+                "feature columns, so every site one-hot encodes the same inputs in one order"
+            )
+        if self.label_column in self.drop:
+            raise ValueError(
+                f"data.drop names the label column {self.label_column!r}; remove it from drop"
+            )
+        for column, levels in self.categorical.items():
+            if len(levels) < 2 or len(set(levels)) != len(levels):
+                raise ValueError(
+                    f"data.categorical.{column} needs two or more distinct levels "
+                    f"(got {list(levels)})"
+                )
+        if self.label_map is not None:
+            if not self.label_map:
+                raise ValueError("data.label_map is empty; map each label value to a class index")
+            n = self.n_classes
+            bad = {k: v for k, v in self.label_map.items() if v < 0 or (n is not None and v >= n)}
+            if bad:
+                raise ValueError(
+                    f"data.label_map maps {bad} outside 0..{(n or 1) - 1}; class indices run "
+                    "0..n_classes-1 (raise data.n_classes or fix the map)"
+                )
+            unused = sorted(set(range(n or 0)) - set(self.label_map.values()))
+            if unused:
+                raise ValueError(
+                    f"data.label_map gives no label value for class(es) {unused} of "
+                    f"data.n_classes ({n}); map a value to each class or lower data.n_classes"
+                )
+        return self
 
 
 class SiteConfig(_Section):

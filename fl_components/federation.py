@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 
 from fl_components.config import FederationConfig
+from fl_components.data.check import dataset_info as dataset_info  # re-exported
+from fl_components.data.check import federation_dir, load_configured_site
+from fl_components.data.check import site_folder as site_folder  # re-exported
 from fl_components.data.site_files import (
     SCALE_MAX_ABS_MEAN,
     SCALE_MAX_STD,
     SCALE_MIN_STD,
     find_split_file,
-    load_bundled,
-    load_site,
     partition_bundled,
     read_split,
     standardize_site,
@@ -28,7 +29,7 @@ from fl_components.data.site_files import (
     write_split,
 )
 from fl_components.data.types import DatasetInfo, SiteData, Split
-from fl_components.errors import ConfigError, DataError, RoundError
+from fl_components.errors import ConfigError, RoundError
 from fl_components.parameters import NDArrays
 from fl_components.privacy.dp_fedavg import SecureRandom
 from fl_components.round.types import LocalUpdate, Metrics, SiteInstructions
@@ -41,33 +42,6 @@ log = logging.getLogger(__name__)
 # (site, train file, mtime, size) already warned about in this process: a site loads its
 # files for every job, the warning is said once per file version
 _WARNED_UNSCALED: set[tuple[str, str, int, int]] = set()
-
-
-def federation_dir(config: FederationConfig) -> Path:
-    """Folder under which generated sites of this federation live."""
-    return Path(config.data.sites_dir) / config.name
-
-
-def site_folder(config: FederationConfig, name: str) -> Path:
-    """The data folder of site ``name``."""
-    for site in config.sites:
-        if site.name == name:
-            if site.data_path is not None:
-                return Path(site.data_path)
-            return federation_dir(config) / name
-    raise ConfigError(f"no site named {name!r} in the federation (sites: {config.site_names})")
-
-
-def dataset_info(config: FederationConfig) -> DatasetInfo:
-    """Input width and class count, from the bundled set or from the config."""
-    if config.data.source == "bundled" and config.data.dataset == "synthetic":
-        return DatasetInfo(60, 10)  # Synthetic(alpha, beta): 60 features, 10 classes
-    if config.data.source == "bundled":
-        split = load_bundled(config.data.dataset)
-        return DatasetInfo(int(split.features.shape[1]), int(split.labels.max()) + 1)
-    if config.data.n_features is None or config.data.n_classes is None:
-        raise ConfigError("data.n_features and data.n_classes must be set for site_files")
-    return DatasetInfo(config.data.n_features, config.data.n_classes)
 
 
 def materialize_sites(config: FederationConfig, *, overwrite: bool = False) -> list[Path]:
@@ -163,37 +137,36 @@ class Site:
     info: DatasetInfo
 
     def load(self) -> SiteData:
-        """The site's own train and held-out splits."""
-        try:
-            data = load_site(
-                self.folder,
-                label_column=self.config.data.label_column,
-                n_classes=self.info.n_classes,
-            )
-        except DataError as error:
-            raise DataError(f"site {self.name!r}: {error}") from None
-        if data.train.features.shape[1] != self.info.n_features:
-            raise DataError(
-                f"site {self.name!r}: data has {data.train.features.shape[1]} features, the model "
-                f"expects {self.info.n_features}; fix the site's files or data.n_features"
-            )
-        if self.config.data.scale == "site":
-            return standardize_site(data)
+        """The site's own train and held-out splits, read by name against the contract."""
+        data = load_configured_site(self.config, self.name, self.folder, info=self.info)
         if self.config.data.source == "site_files":
             self._warn_if_unscaled(data)
+        if self.config.data.scale == "site":
+            return standardize_site(data)
         return data
 
     def _warn_if_unscaled(self, data: SiteData) -> None:
-        """Log once per file version when the site's training features look unscaled."""
-        far = unscaled_columns(data.train)
-        if not far:
+        """Log once per file version when training features look unscaled or like an ID."""
+        far = unscaled_columns(data.train) if self.config.data.scale == "none" else []
+        if not far and not data.train.id_like:
             return
-        train_file = find_split_file(self.folder, "train")
+        train_file = find_split_file(self.folder, "train", source=self.config.data.source)
         stat = train_file.stat()
         key = (self.name, str(train_file.resolve()), stat.st_mtime_ns, stat.st_size)
         if key in _WARNED_UNSCALED:
             return
         _WARNED_UNSCALED.add(key)
+        if data.train.id_like:
+            log.warning(
+                "site %s: %s has column(s) %s that differ on every row (an ID?): a model can "
+                "only memorize them; move them from data.columns to data.drop unless they "
+                "are real features",
+                self.name,
+                train_file,
+                list(data.train.id_like),
+            )
+        if not far:
+            return
         shown = ", ".join(f"{c.name} (mean {c.mean:.4g}, std {c.std:.4g})" for c in far[:5])
         more = f" and {len(far) - 5} more" if len(far) > 5 else ""
         log.warning(

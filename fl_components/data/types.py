@@ -13,11 +13,12 @@ LabelArray = npt.NDArray[np.int64]
 
 @dataclass(frozen=True)
 class Split:
-    """Features (n, d) float32 and integer labels (n,); ``columns``: feature names, if any."""
+    """Features (n, d) float32 and integer labels (n,); ``columns``: model input names, if any."""
 
     features: FloatArray
     labels: LabelArray
     columns: tuple[str, ...] = ()
+    id_like: tuple[str, ...] = ()  # declared columns that differ on every row (an ID?)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])

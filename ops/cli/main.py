@@ -2,20 +2,22 @@
 
 ``fedpipe demo`` trains the embedded default federation; ``fedpipe run FILE.yaml`` trains
 any federation; ``fedpipe partition`` writes site folders; ``fedpipe validate`` checks a
-config; ``fedpipe up`` / ``down`` / ``status`` / ``doctor`` / ``site ...`` start, stop and
-check the local stack and its sites; ``fedpipe schedule on|off|show`` switches
-recurring retraining; ``fedpipe budget`` / ``privacy-report`` report. The
-commands live by concern in :mod:`ops.cli.run`, :mod:`ops.cli.stack` and
+config (with ``--data`` also the sites' files, as ``fedpipe data check`` does);
+``fedpipe up`` / ``down`` / ``status`` / ``doctor`` / ``site ...`` start, stop and check the
+local stack and its sites; ``fedpipe schedule on|off|show`` switches recurring retraining;
+``fedpipe budget`` / ``privacy-report`` report. The commands live by concern in
+:mod:`ops.cli.run`, :mod:`ops.cli.data`, :mod:`ops.cli.stack`, :mod:`ops.cli.schedule` and
 :mod:`ops.cli.report`; they are registered here, in the order ``--help`` lists them.
 """
 
 from __future__ import annotations
 
+from ops.cli import data as cli_data
 from ops.cli import report as cli_report
 from ops.cli import run as cli_run
 from ops.cli import schedule as cli_schedule
 from ops.cli import stack as cli_stack
-from ops.cli.app import app, site_app
+from ops.cli.app import app, data_app, site_app
 from ops.cli.server import server_app
 
 __all__ = ["app", "main"]
@@ -32,6 +34,7 @@ app.command()(cli_schedule.schedule)
 app.command()(cli_report.budget)
 app.command("privacy-report")(cli_report.privacy_report)
 app.add_typer(server_app, name="server")
+data_app.command("check")(cli_data.data_check)
 site_app.command("init")(cli_stack.site_init)
 site_app.command("restart")(cli_stack.site_restart)
 site_app.command(

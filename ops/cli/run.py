@@ -18,9 +18,9 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fl_components.config import FederationConfig, config_from_dict, load_config, parse_yaml
+from fl_components.config import FederationConfig, config_from_dict, load_config
 from fl_components.errors import ConfigError, FedpipeError
-from ops.cli.app import STATE_DIR, console, fail
+from ops.cli.app import STATE_DIR, console, fail, read_config_file
 from ops.cli.report import print_dropouts, print_where_to_look, round_header, round_row
 from ops.run_report import QuietRun, quiet_console
 
@@ -221,56 +221,90 @@ def run(
             config = config_from_dict(raw, source=f"{config_path} with --rounds {rounds}")
     except FedpipeError as error:
         fail(error)
-    train_and_report(config, resume=resume)
+    from ops.cli.data import checked_before_run
 
-
-def read_config_file(path: Path) -> FederationConfig:
-    """:func:`load_config`, refusing a folder or an empty file with what to give instead.
-
-    Raises
-    ------
-    ConfigError
-        If ``path`` is a folder, empty (or only comments), or not a valid config.
-    """
-    if path.is_dir():
-        yamls = sorted(p.name for p in path.glob("*.y*ml"))[:3]
-        hint = f" (it holds {', '.join(yamls)})" if yamls else ""
-        raise ConfigError(
-            f"{path} is a directory{hint}; give a federation config file, e.g. "
-            "`fedpipe run examples/digits-10-sites.yaml`"
-        )
-    if path.is_file() and not parse_yaml(path.read_text(errors="replace"), source=str(path)):
-        raise ConfigError(
-            f"{path} is empty (no settings); a run needs at least a federation name and its "
-            "sites: copy one of examples/*.yaml, or run the built-in demo with `fedpipe demo`"
-        )
-    return load_config(path)
+    train_and_report(checked_before_run(config), resume=resume)
 
 
 def validate(
     config_path: Annotated[Path, typer.Argument(help="Federation config (YAML).")],
+    data: Annotated[
+        bool,
+        typer.Option(
+            "--data", help="Also load every site folder on this host against the data contract."
+        ),
+    ] = False,
 ) -> None:
-    """Check a config and print it with every default filled in."""
+    """Check a config and print it with every default filled in (and, with --data, the sites)."""
     try:
         config = read_config_file(config_path)
     except FedpipeError as error:
         fail(error)
     console.print_json(config.model_dump_json())
     console.print(f"[green]{config_path} is valid[/]")
+    if data:
+        from ops.cli.data import check_and_exit
+
+        check_and_exit(config)
 
 
 def partition(
     config_path: Annotated[Path, typer.Argument(help="Federation config (YAML).")],
     overwrite: Annotated[bool, typer.Option(help="Rebuild existing site folders.")] = False,
+    pooled: Annotated[
+        Path | None,
+        typer.Option(
+            "--from",
+            help="Split this pooled CSV/Parquet file into the config's sites (site_files): "
+            "by data.partitioner (iid, dirichlet on the label, ...) or --by.",
+        ),
+    ] = None,
+    by: Annotated[
+        str | None, typer.Option(help="With --from: one site per value of this column.")
+    ] = None,
 ) -> None:
-    """Materialize site folders (sites/<federation>/<site>/train.npz, test.npz)."""
+    """Materialize site folders: a bundled set's split (npz), or one pooled file's (--from)."""
     from fl_components.federation import materialize_sites
 
     try:
         config = load_config(config_path)
-        folders = materialize_sites(config, overwrite=overwrite)
+        if pooled is None and by is not None:
+            raise ConfigError("--by splits a pooled file: give it with --from FILE")
+        if pooled is None and config.data.source == "site_files":
+            raise ConfigError(
+                f"{config_path}: data.source is 'site_files': sites bring their own files "
+                "(check them with `fedpipe data check`); to simulate the sites from one pooled "
+                "file, give it with --from FILE"
+            )
+        if pooled is not None:
+            folders = _partition_pooled(config, pooled, by=by, overwrite=overwrite)
+        else:
+            folders = materialize_sites(config, overwrite=overwrite)
     except FedpipeError as error:
         fail(error)
     for folder in folders:
         console.print(f"{folder}")
     console.print(f"[green]{len(folders)} site folders ready[/]")
+
+
+def _partition_pooled(
+    config: FederationConfig, pooled: Path, *, by: str | None, overwrite: bool
+) -> list[Path]:
+    from fl_components.data.pooled import split_pooled_file, write_simulated_sites
+
+    if config.data.source != "site_files":
+        raise ConfigError(
+            "--from writes site files: set data.source: site_files and each site's "
+            "data_path (the folder its train.csv and test.csv go to)"
+        )
+    sites = split_pooled_file(pooled, config, by=by)
+    folders = write_simulated_sites(sites, config, overwrite=overwrite)
+    for site in sites:
+        held = f" ({by} = {site.value})" if site.value is not None else ""
+        console.print(f"site {site.name}{held}: {len(site.train)} train / {len(site.test)} test")
+    if by is not None and by not in config.data.drop:
+        console.print(
+            f"[yellow]note:[/] column {by!r} names the site in every row; add it to "
+            "data.drop so the model does not learn it"
+        )
+    return folders

@@ -1,0 +1,118 @@
+"""``fedpipe data check`` and ``fedpipe validate --data``: site files against the contract.
+
+Every site folder on this machine is loaded as its site loads it (by name, against the
+config's ``data`` section) before any server starts, and summarized in one table: rows,
+label balance, unscaled and ID-like columns, and the error that stops a site, if any.
+``fedpipe run`` does the same before round 1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from fl_components.config import FederationConfig
+from fl_components.data.check import DataCheck, check_sites, pin_columns
+from fl_components.errors import FedpipeError
+from ops.cli.app import console, fail, read_config_file
+
+
+def data_table(check: DataCheck) -> Table:
+    """One row per site: folder, rows, label balance, columns to look at, status."""
+    table = Table(title=f"site data ({check.seconds:.2f}s)", title_justify="left")
+    for header in ("site", "train / test rows", "label balance (train)", "look at", "status"):
+        table.add_column(header)
+    for row in check.sites:
+        if row.skipped is not None:
+            table.add_row(row.site, "", "", "", f"[dim]{row.skipped}[/]")
+            continue
+        if row.error is not None:
+            table.add_row(row.site, "", "", "", "[red]cannot load[/]")
+            continue
+        total = max(1, sum(row.label_counts))
+        balance = " ".join(f"{i}:{100 * c / total:.0f}%" for i, c in enumerate(row.label_counts))
+        notes = [f"ID-like: {', '.join(row.id_like)}"] if row.id_like else []
+        if row.unscaled:
+            notes.append(f"unscaled: {', '.join(row.unscaled[:4])}")
+        table.add_row(
+            row.site,
+            f"{row.train_rows} / {row.test_rows}",
+            balance,
+            "; ".join(notes),
+            "[green]ok[/]",
+        )
+    return table
+
+
+def report(check: DataCheck) -> None:
+    """Print the table, then each problem and warning on its own line."""
+    console.print(data_table(check))
+    for line in check.problems:
+        console.print(f"[bold red]error:[/] {line}", soft_wrap=True)
+    for line in check.warnings:
+        console.print(f"[bold yellow]warning:[/] {line}", soft_wrap=True)
+
+
+def checked_before_run(config: FederationConfig) -> FederationConfig:
+    """Check a local federation's site files before any server starts; exit 2 if one fails.
+
+    With ``data.allow_unloadable_sites`` the problems are printed as warnings and the run
+    starts (those sites drop out of every round).
+    Returns the config with ``data.columns`` pinned to what every site holds (when unset),
+    so each site refuses, at every job, files whose columns differ.
+    """
+    if config.data.source != "site_files" or config.backend != "local":
+        return config
+    check = check_sites(config)
+    if not check.ok and config.data.allow_unloadable_sites:
+        for line in check.problems:
+            console.print(f"[bold yellow]warning:[/] {line}", soft_wrap=True)
+        console.print(
+            "[yellow]data.allow_unloadable_sites is true: the run starts without the sites above[/]"
+        )
+    elif not check.ok:
+        report(check)
+        console.print(
+            "[bold red]run not started:[/] fix the site files named above "
+            "(`fedpipe data check CONFIG` checks them again in seconds)"
+        )
+        raise typer.Exit(code=2)
+    for line in check.warnings:
+        console.print(f"[bold yellow]warning:[/] {line}", soft_wrap=True)
+    return pin_columns(config, check)
+
+
+def data_check(
+    config_path: Annotated[Path, typer.Argument(help="Federation config (YAML).")],
+    site: Annotated[
+        list[str] | None, typer.Option(help="Check only this site (repeatable).")
+    ] = None,
+) -> None:
+    """Load each site's files against the config's data contract, without Prefect."""
+    try:
+        config = read_config_file(config_path)
+        unknown = sorted(set(site or ()) - set(config.site_names))
+        if unknown:
+            raise FedpipeError(
+                f"--site {', '.join(unknown)}: no such site in {config_path} "
+                f"(sites: {', '.join(config.site_names)})"
+            )
+    except FedpipeError as error:
+        fail(error)
+    check_and_exit(config, names=tuple(site) if site else None)
+
+
+def check_and_exit(config: FederationConfig, *, names: tuple[str, ...] | None = None) -> None:
+    """Check the sites, print the table; exit 2 when any site cannot load or they disagree."""
+    check = check_sites(config, names)
+    report(check)
+    if not check.ok:
+        console.print(
+            f"[bold red]{len(check.problems)} problem(s)[/]: no run would get past round 1 "
+            "with these files; fix what each line names"
+        )
+        raise typer.Exit(code=2)
+    console.print("[green]site data matches the contract[/]")
