@@ -148,13 +148,13 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _contract_consistent(self) -> DataConfig:
-        set_fields = self.model_fields_set & {
-            "columns",
-            "drop",
-            "label_map",
-            "categorical",
-            "delimiter",
-            "decimal",
+        # set and moved off its default: a full dump (the UI form posts every field) passes
+        fields = type(self).model_fields
+        set_fields = {
+            name
+            for name in self.model_fields_set
+            & {"columns", "drop", "label_map", "categorical", "delimiter", "decimal"}
+            if getattr(self, name) != fields[name].get_default(call_default_factory=True)
         }
         if self.source == "bundled" and set_fields:
             first = sorted(set_fields)[0]
