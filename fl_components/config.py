@@ -301,6 +301,11 @@ class TrainingConfig(_Section):
     )
 
 
+def default_server_lr(rule: str) -> float:
+    """The server step η a rule takes when ``strategy.server_lr`` is unset."""
+    return 0.1 if rule in ADAPTIVE_RULES else 1.0
+
+
 class StrategyConfig(_Section):
     """How the coordinator combines updates and moves the global model.
 
@@ -324,8 +329,9 @@ class StrategyConfig(_Section):
         default=None,
         gt=0,
         le=10,
-        description="Server step η on the combined update; unset = 1.0, or 0.1 for "
-        "fedadagrad / fedadam / fedyogi (filled in, so runs log the η used). Not used by qfedavg.",
+        description="Server step η on the combined update; unset = the rule's own: 1.0, or 0.1 "
+        "for fedadagrad / fedadam / fedyogi (resolved when the run starts, logged as "
+        "strategy.effective.server_lr). Not used by qfedavg.",
     )
     server_momentum: float = Field(
         default=0.9, ge=0, lt=1, description="fedavgm: momentum β of the server step."
@@ -359,20 +365,14 @@ class StrategyConfig(_Section):
 
     @property
     def effective_server_lr(self) -> float:
-        """``server_lr``, or the rule's default when it is null."""
+        """``server_lr``, or the rule's default when it is null (resolved here, at run time).
+
+        Never filled into the config: a deployment stores the config as set, and a default
+        frozen for one rule would be carried into another by a form that posts every field.
+        """
         if self.server_lr is not None:
             return self.server_lr
-        return 0.1 if self.name in ADAPTIVE_RULES else 1.0
-
-    @model_validator(mode="before")
-    @classmethod
-    def _default_server_lr(cls, data: Any) -> Any:
-        """Fill ``server_lr`` with the rule's default, so the config holds the η in use."""
-        if isinstance(data, dict) and data.get("server_lr") is None:
-            name = data.get("name", "fedavg")
-            if name != "qfedavg":
-                data = {**data, "server_lr": 0.1 if name in ADAPTIVE_RULES else 1.0}
-        return data
+        return default_server_lr(self.name)
 
     def _moved(self, knob: str) -> bool:
         """True when ``knob`` differs from its default (a dumped and reloaded config passes)."""

@@ -4,8 +4,9 @@
 any federation; ``fedpipe partition`` writes site folders; ``fedpipe validate`` checks a
 config (with ``--data`` also the sites' files, as ``fedpipe data check`` does);
 ``fedpipe up`` / ``down`` / ``status`` / ``doctor`` / ``site ...`` start, stop and check the
-local stack and its sites; ``fedpipe budget`` / ``privacy-report`` report. The commands live
-by concern in :mod:`ops.cli.run`, :mod:`ops.cli.data`, :mod:`ops.cli.stack` and
+local stack and its sites; ``fedpipe schedule on|off|show`` switches recurring retraining;
+``fedpipe budget`` / ``privacy-report`` report. The commands live by concern in
+:mod:`ops.cli.run`, :mod:`ops.cli.data`, :mod:`ops.cli.stack`, :mod:`ops.cli.schedule` and
 :mod:`ops.cli.report`; they are registered here, in the order ``--help`` lists them.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 from ops.cli import data as cli_data
 from ops.cli import report as cli_report
 from ops.cli import run as cli_run
+from ops.cli import schedule as cli_schedule
 from ops.cli import stack as cli_stack
 from ops.cli.app import app, data_app, site_app
 from ops.cli.server import server_app
@@ -28,6 +30,7 @@ app.command()(cli_stack.up)
 app.command()(cli_stack.down)
 app.command()(cli_stack.status)
 app.command()(cli_stack.doctor)
+app.command()(cli_schedule.schedule)
 app.command()(cli_report.budget)
 app.command("privacy-report")(cli_report.privacy_report)
 app.add_typer(server_app, name="server")

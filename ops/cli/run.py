@@ -104,7 +104,7 @@ def run_with_progress(config: FederationConfig, *, quiet: QuietRun, resume: str 
             elif event == "end":  # (resumed after its last round: no round row comes)
                 progress.update(bar, completed=config.rounds)
 
-        named = run_name(config.name, started=datetime.now(UTC))
+        named = run_name(config.name, strategy=config.strategy.name, started=datetime.now(UTC))
         flow = federated_training.with_options(
             flow_run_name=named, task_runner=task_runner_for(config)
         )

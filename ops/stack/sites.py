@@ -28,6 +28,7 @@ from ops.stack.processes import (
     _worker_env,
     remove_stale_sockets,
 )
+from ops.stack.schedules import kept_states, read_schedules
 from ops.stack.state import (
     COORDINATOR_POOL,
     PREFECT_FILE,
@@ -103,16 +104,25 @@ def deploy_coordinator(config: FederationConfig) -> None:
     from prefect.schedules import Cron
 
     spec = _deployment_settings()["coordinator"]
+    declared = spec.get("schedules", [])
+    # a schedule the server already holds keeps its on/off state (switched in the UI or
+    # with `fedpipe schedule`); infra/prefect.yaml's `active:` only starts a new one
+    states = kept_states(declared, read_schedules(f"federated-training/{spec['name']}"))
     schedules = [
-        Cron(s["cron"], timezone=s.get("timezone"), active=bool(s.get("active", False)))
-        for s in spec.get("schedules", [])
+        Cron(s["cron"], timezone=s.get("timezone"), active=active)
+        for s, active in zip(declared, states, strict=True)
     ]
+    parameters = config.model_dump(mode="json", exclude_unset=True)
+    # η depends on the rule: stored unset (null), resolved when the run starts, so the form,
+    # which posts every field back, cannot carry one rule's default into another
+    strategy = parameters.setdefault("strategy", {})
+    strategy.setdefault("server_lr", None)
     source = prefect_flow.from_source(source=str(REPO), entrypoint=spec["entrypoint"])
     # prefect's async_dispatch types from_source as Flow | Coroutine; sync callers get the Flow
     source.deploy(  # type: ignore[union-attr]
         name=spec["name"],
         work_pool_name=COORDINATOR_POOL,
-        parameters={"config": config.model_dump(mode="json", exclude_unset=True)},
+        parameters={"config": parameters},
         schedules=schedules,
         description=spec.get("description"),
         tags=spec.get("tags"),

@@ -146,7 +146,7 @@ def test_a_scripted_run_with_some_fields_keeps_the_deployment(stack: dict[str, A
     run = _wait_flow_run(api, created.json()["id"], timeout=900)
 
     assert run["state"]["type"] == "COMPLETED", run["state"]
-    assert re.fullmatch(r"e2e-fed-\d{8}-\d{6}", run["name"]), run["name"]
+    assert re.fullmatch(r"e2e-fed-fedavg-\d{8}-\d{6}", run["name"]), run["name"]
     client = MlflowClient(stack["mlflow_url"])  # the stack's server, not a hidden file
     mlrun = _mlflow_run_for(client, "e2e-fed", run["id"])
     assert mlrun.data.tags["fedpipe.backend"] == "work-pool"

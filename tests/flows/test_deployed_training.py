@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fl_components.config import FederationConfig
+from fl_components.config import FederationConfig, config_from_dict
 from fl_components.errors import ConfigError
 from flows.deployed_training import deployed_training, merge_fields, run_config
 
@@ -30,7 +30,9 @@ def test_sections_merge_and_values_replace() -> None:
 
 
 def test_a_partial_config_keeps_the_deployment_backend_and_tracking() -> None:
-    config, how = run_config(_given({"rounds": 7, "tracking": {"register_model": False}}), DEPLOYED)
+    config, how, _ = run_config(
+        _given({"rounds": 7, "tracking": {"register_model": False}}), DEPLOYED
+    )
 
     assert config.rounds == 7 and config.backend == "work-pool"
     assert config.tracking.tracking_uri == "http://127.0.0.1:5000"
@@ -46,7 +48,7 @@ def test_another_backend_is_refused() -> None:
 
 
 def test_the_whole_deployment_config_is_taken_as_is() -> None:
-    config, how = run_config(_given(DEPLOYED), DEPLOYED)
+    config, how, _ = run_config(_given(DEPLOYED), DEPLOYED)
 
     assert config.name == "stack-demo" and how == "the run gave every field of the config"
 
@@ -54,6 +56,51 @@ def test_the_whole_deployment_config_is_taken_as_is() -> None:
 def test_outside_a_deployment_the_config_is_used_as_given() -> None:
     given = _given({"rounds": 3})
 
-    config, how = run_config(given, None)
+    config, how, _ = run_config(given, None)
 
     assert config is given and config.backend == "local" and "not a deployment run" in how
+
+
+def _form_payload(deployed: dict, **strategy: object) -> dict:
+    """What the UI's form posts: every field, pre-filled from the deployment, some changed."""
+    every_field = config_from_dict(deployed).model_dump(mode="json")
+    every_field["strategy"] = {**every_field["strategy"], **strategy}
+    return every_field
+
+
+def test_the_form_switching_strategy_trains_the_new_rules_server_step() -> None:
+    deployed = {**DEPLOYED, "strategy": {"name": "fedavg", "server_lr": None}}  # as deployed
+
+    config, _, warnings = run_config(_given(_form_payload(deployed, name="fedadam")), deployed)
+
+    assert config.strategy.name == "fedadam" and config.strategy.effective_server_lr == 0.1
+    assert warnings == []
+
+
+def test_a_default_frozen_into_an_older_deployment_is_re_resolved_with_a_warning() -> None:
+    deployed = {**DEPLOYED, "strategy": {"name": "fedavg", "server_lr": 1.0}}
+
+    config, _, warnings = run_config(_given(_form_payload(deployed, name="fedadam")), deployed)
+
+    assert config.strategy.effective_server_lr == 0.1
+    assert len(warnings) == 1 and "'fedavg''s default" in warnings[0]
+    assert "re-resolved" in warnings[0] and "0.1" in warnings[0]
+
+
+def test_an_operator_set_server_lr_carried_into_another_rule_is_named() -> None:
+    deployed = {**DEPLOYED, "strategy": {"name": "fedavg", "server_lr": 0.5}}
+
+    config, _, warnings = run_config(_given(_form_payload(deployed, name="fedyogi")), deployed)
+
+    assert config.strategy.effective_server_lr == 0.5  # kept: it may have been chosen
+    assert len(warnings) == 1 and "0.5" in warnings[0] and "'fedyogi'" in warnings[0]
+    assert "clear the field" in warnings[0]
+
+
+def test_a_server_lr_the_run_changes_is_its_own() -> None:
+    deployed = {**DEPLOYED, "strategy": {"name": "fedavg", "server_lr": 1.0}}
+    payload = _form_payload(deployed, name="fedadam", server_lr=0.05)
+
+    config, _, warnings = run_config(_given(payload), deployed)
+
+    assert config.strategy.effective_server_lr == 0.05 and warnings == []

@@ -30,8 +30,8 @@ def test_builder_passes_the_federation_facts() -> None:
 
 
 def test_server_lr_default_depends_on_the_rule() -> None:
-    assert StrategyConfig(name="fedavg").server_lr == 1.0
-    assert StrategyConfig(name="fedadam").server_lr == 0.1  # filled in: the run logs it
+    assert StrategyConfig(name="fedavg").effective_server_lr == 1.0
+    assert StrategyConfig(name="fedadam").effective_server_lr == 0.1
     assert StrategyConfig(name="fedadam", server_lr=0.3).effective_server_lr == 0.3
     assert StrategyConfig(name="qfedavg").server_lr is None
     with pytest.raises(ValueError, match="qfedavg' steps by its own rule"):
@@ -64,13 +64,28 @@ def test_a_dumped_config_loads_again(section: dict[str, str]) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_strategy_params_agree_with_the_logged_config(name: str) -> None:
-    # MLflow refuses a param logged twice with two values: the run logs both dicts
+    # the run logs the config as set and the rule's params (as strategy.effective.*): the
+    # knobs agree; server_lr, unset in the config, is the rule's resolved η
     config = config_from_dict({"strategy": {"name": name}})
     flat = flatten_config(config)
     rule = build_strategy(config.strategy, num_sites=10, local_lr=config.training.lr)
-    shared = {k: v for k, v in rule.params().items() if k in flat}
+    shared = {k: v for k, v in rule.params().items() if k in flat and k != "strategy.server_lr"}
     assert shared == {k: flat[k] for k in shared}
-    assert "strategy.server_lr" in shared or name == "qfedavg"
+    assert flat["strategy.server_lr"] == "None"
+    if name != "qfedavg":
+        assert rule.params()["strategy.server_lr"] == repr(config.strategy.effective_server_lr)
+
+
+def test_the_default_server_lr_is_not_frozen_into_the_config() -> None:
+    """A form fills every field from the stored config: fedavg's η must not travel along."""
+    stored = config_from_dict({"strategy": {"name": "fedavg"}})
+    assert stored.strategy.server_lr is None
+    every_field = stored.model_dump(mode="json")  # what the form posts back
+    every_field["strategy"]["name"] = "fedadam"
+    switched = config_from_dict(every_field)
+    assert switched.strategy.effective_server_lr == 0.1
+    rule = build_strategy(switched.strategy, num_sites=3, local_lr=0.05)
+    assert rule.params()["strategy.server_lr"] == "0.1"
 
 
 def test_bounds_name_the_field_and_value() -> None:
