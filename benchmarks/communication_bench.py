@@ -46,17 +46,18 @@ from fl_components.compression.download import (
 )
 from fl_components.compression.secure import scatter_secure_sum, secure_shape, select_for_secure
 from fl_components.config import CompressionConfig, ModelConfig, TrainingConfig
-from fl_components.data import DatasetInfo, SiteData, Split, partition_bundled
-from fl_components.models import build_model
+from fl_components.data.site_files import partition_bundled
+from fl_components.data.types import DatasetInfo, SiteData, Split
 from fl_components.parameters import NDArrays, flatten, unflatten
-from fl_components.secagg import (
+from fl_components.secure_aggregation.protocol import (
     Registry,
     RoundContext,
     SecAggCoordinator,
     SecAggParticipant,
     SiteKeys,
 )
-from fl_components.training import evaluate, local_train, seed_for
+from fl_components.site.models import build_model
+from fl_components.site.training import evaluate, local_train, seed_for
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RUN_ID = "communication-bench"

@@ -1,6 +1,6 @@
 """Dispatch overhead per round: work-pool backend against local backend, same federation.
 
-Starts a private stack (`flows.stack.up`, free ports, temp folder) with N sites, runs the
+Starts a private stack (`ops.stack.lifecycle.up`, free ports, temp folder) with N sites, runs the
 same federation with both backends (the coordinator in this process, against the stack's
 Prefect server), and reports per-round seconds; the difference is what dispatching to the
 sites' work pools costs (worker polling, a flow-run subprocess per site and stage, result
@@ -57,8 +57,9 @@ def _single_dispatch_seconds(config: Any, *, repeats: int) -> list[float]:
     """
     from fl_components.exchange import write_global_model
     from fl_components.federation import dataset_info
-    from fl_components.models import build_model
     from fl_components.parameters import get_parameters
+    from fl_components.site.models import build_model
+    from fl_components.wire.site_job import ModelRef, SiteJobMessage
     from tasks.work_pool import run_participant
 
     model = build_model(config.model, dataset_info(config), seed=0)
@@ -68,13 +69,14 @@ def _single_dispatch_seconds(config: Any, *, repeats: int) -> list[float]:
     for attempt in range(repeats):
         t0 = time.perf_counter()
         run_participant.fn(
-            config,
-            site=config.site_names[0],
-            round_num=1000 + attempt,
-            stage="evaluate",
-            model_uri=uri,
-            model_sha256=sha,
-            run_id="single-dispatch",
+            SiteJobMessage(
+                federation=config,
+                site=config.site_names[0],
+                round=1000 + attempt,
+                stage="evaluate",
+                model=ModelRef(uri=uri, sha256=sha),
+                run_id="single-dispatch",
+            )
         )
         seconds.append(time.perf_counter() - t0)
     return seconds
@@ -85,7 +87,7 @@ def _cpu_seconds(root: Path) -> float:
 
     Includes reaped children (cutime/cstime): the flow runs forked by the warm executors.
     """
-    from flows.stack import tagged_processes
+    from ops.stack.lifecycle import tagged_processes
 
     tick = os.sysconf("SC_CLK_TCK")
     total = sum(os.times()[:4])
@@ -153,8 +155,8 @@ def _measure(args: argparse.Namespace, *, database_url: str | None) -> dict[str,
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from fl_components.config import FederationConfig
-    from flows import stack
     from flows.federated_training import federated_training
+    from ops.stack import lifecycle as stack
 
     timings = _DispatchTimings()
     logging.getLogger("prefect.task_runs").addHandler(timings)

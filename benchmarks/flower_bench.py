@@ -29,7 +29,7 @@ from typing import Any
 
 from benchmarks.flower.measure import measure
 from benchmarks.flower.workloads import WORKLOADS, Workload, prepare
-from flows.stack_processes import free_port
+from ops.stack.processes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -41,7 +41,7 @@ BASELINE = ROOT / "build" / "baseline"
 ROW = re.compile(r"^\s*(\d+)\s+(\d+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)")
 FINAL = re.compile(r"final global accuracy\s+([0-9.]+)")
 RAY_START_TIMEOUT = "The current node timed out during startup"
-FEDPIPE_MAIN = "from flows.cli import main; main()"  # what the `fedpipe` script runs
+FEDPIPE_MAIN = "from ops.cli.main import main; main()"  # what the `fedpipe` script runs
 DEFAULT_WORKLOADS = "digits-10,digits-100,breast_cancer-8,digits-10-dp,breast_cancer-8-dp"
 
 

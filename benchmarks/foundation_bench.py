@@ -49,15 +49,15 @@ def _config(workdir: Path, rounds: int) -> Any:
 def bare_loop(config: Any) -> dict[str, Any]:
     """The federation as a plain loop over the very round engine the flow runs.
 
-    ``fl_components.simulation.simulate``: the same ``run_round``, strategy, selection, seeds
+    ``fl_components.round.planning.simulate``: the same ``run_round``, strategy, selection, seeds
     and folded evaluation as the flow; each site's job runs in-process, one after another,
     instead of as a Prefect task.
     """
-    from fl_components.data import DatasetInfo
+    from fl_components.data.types import DatasetInfo
     from fl_components.federation import central_test_split, dataset_info, materialize_sites
-    from fl_components.models import build_model
-    from fl_components.simulation import simulate
-    from fl_components.training import evaluate
+    from fl_components.round.planning import simulate
+    from fl_components.site.models import build_model
+    from fl_components.site.training import evaluate
 
     started = time.perf_counter()
     materialize_sites(config)
@@ -105,11 +105,12 @@ def centralized(config: Any) -> dict[str, Any]:
     """Same model, pooled training data of all sites, rounds x epochs passes."""
     import numpy as np
 
-    from fl_components.data import Split, load_site
+    from fl_components.data.site_files import load_site
+    from fl_components.data.types import Split
     from fl_components.federation import central_test_split, dataset_info, site_folder
-    from fl_components.models import build_model
     from fl_components.parameters import get_parameters
-    from fl_components.training import evaluate, local_train
+    from fl_components.site.models import build_model
+    from fl_components.site.training import evaluate, local_train
 
     info = dataset_info(config)
     parts = [load_site(site_folder(config, n)).train for n in config.site_names]

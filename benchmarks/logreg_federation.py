@@ -17,13 +17,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from fl_components.data import SiteData, Split, partition_bundled
-from fl_components.engine import Dropout, RoundPlan, SiteJob, SiteResult, run_round
+from fl_components.data.site_files import partition_bundled
+from fl_components.data.types import SiteData, Split
 from fl_components.errors import RoundError
 from fl_components.parameters import NDArrays, get_parameters, subtract
+from fl_components.round.engine import RoundPlan, run_round
+from fl_components.round.types import Dropout, LocalUpdate, SiteJob, SiteResult
+from fl_components.site.objective import scaffold_client_control
+from fl_components.site.training import seed_for
 from fl_components.strategies import SiteInstructions, Strategy
-from fl_components.strategies.scaffold import scaffold_client_control
-from fl_components.training import LocalUpdate, seed_for
 
 Attack = Callable[[list[LocalUpdate], np.random.Generator], list[LocalUpdate]]
 

@@ -80,7 +80,7 @@ def throwaway_postgres() -> Iterator[str]:
     PostgresUnavailable
         If PostgreSQL is not installed and cannot be installed here.
     """
-    from flows.stack_processes import free_port
+    from ops.stack.processes import free_port
 
     bindir = _ensure_postgresql()
     base = Path(tempfile.mkdtemp(prefix="fedpipe-pg-"))  # not under pytest's 0700 root tmp

@@ -23,7 +23,7 @@ import opacus
 import torch
 
 from fl_components.config import FederationConfig
-from fl_components.data import load_site
+from fl_components.data.site_files import load_site
 from fl_components.federation import (
     Site,
     central_test_split,
@@ -31,11 +31,11 @@ from fl_components.federation import (
     materialize_sites,
     site_folder,
 )
-from fl_components.models import build_model
 from fl_components.parameters import get_parameters
-from fl_components.privacy.dpsgd import dp_train, plan_round
+from fl_components.site.dpsgd import dp_train, plan_round
+from fl_components.site.models import build_model
+from fl_components.site.training import evaluate, make_loader, make_optimizer, train_epochs
 from fl_components.strategies import ServerState, build_strategy
-from fl_components.training import evaluate, make_loader, make_optimizer, train_epochs
 
 ROUNDS, SITES, EPOCHS = 5, 5, 2
 RESULTS = Path(__file__).parent / "results" / "privacy.json"

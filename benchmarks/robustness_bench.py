@@ -40,8 +40,8 @@ from benchmarks.logreg_federation import (
 from benchmarks.strategies_bench import RESULTS, machine, versions
 from fl_components.config import StrategyConfig
 from fl_components.parameters import flatten
+from fl_components.round.types import LocalUpdate
 from fl_components.strategies import SiteInstructions, build_strategy
-from fl_components.training import LocalUpdate
 
 SITES, ATTACKERS, F = 15, 3, 3
 SETUP = LocalSetup(lr=0.05, batch_size=10, epochs=2)

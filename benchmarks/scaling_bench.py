@@ -4,7 +4,7 @@
     .venv/bin/python -m benchmarks.scaling_bench --quick    # sites 10/100, params 10k..1M
 
 Each point is one subprocess (so its peak memory is its own) running fedpipe's round engine
-(:func:`fl_components.engine.run_round`, the one the flow runs) over sites in that process,
+(:func:`fl_components.round.engine.run_round`, the one the flow runs) over sites in that process,
 one after another: in the clear, and under secure aggregation (every site really masks; the
 coordinator unmasks the sum). One warm-up round, then the median of ``--rounds`` rounds.
 
@@ -69,16 +69,16 @@ def config_for(kind: str, x: str, secure: bool, workdir: Path) -> dict[str, Any]
 
 def measure_point(kind: str, x: str, secure: bool, rounds: int) -> dict[str, Any]:
     """Run one point in this process (called in a subprocess by :func:`main`)."""
-    from fl_components import secure_round
     from fl_components.config import config_from_dict
-    from fl_components.engine import EvaluationRequest, run_round
     from fl_components.federation import materialize_sites, site_folder
-    from fl_components.models import build_model
     from fl_components.parameters import get_parameters
-    from fl_components.participant import InProcessSites
-    from fl_components.secure_aggregation import SecureSum
-    from fl_components.simulation import draw_selection, plain_plan, strategy_for
-    from fl_components.training import share_cores
+    from fl_components.round.engine import EvaluationRequest, run_round
+    from fl_components.round.planning import draw_selection, plain_plan, strategy_for
+    from fl_components.secure_aggregation import site_stages as secure_round
+    from fl_components.secure_aggregation.coordinator import SecureSum
+    from fl_components.site.jobs import InProcessSites
+    from fl_components.site.models import build_model
+    from fl_components.site.training import share_cores
 
     with tempfile.TemporaryDirectory(prefix="fedpipe-scaling-") as tmp:
         config = config_from_dict(config_for(kind, x, secure, Path(tmp)))

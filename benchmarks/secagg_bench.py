@@ -32,7 +32,7 @@ import cryptography
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from fl_components.secagg import (
+from fl_components.secure_aggregation.protocol import (
     Registry,
     RoundContext,
     SecAggCoordinator,
@@ -40,7 +40,7 @@ from fl_components.secagg import (
     SiteKeys,
     shamir,
 )
-from fl_components.secagg.prg import MaskExpander
+from fl_components.secure_aggregation.protocol.prg import MaskExpander
 
 RESULTS = Path(__file__).resolve().parent / "results" / "secagg.json"
 

@@ -11,7 +11,7 @@ split:
 
 Final accuracy (mean of the last 3 rounds) and rounds to a target accuracy, over seeds.
 The federation is :mod:`benchmarks.logreg_federation`: each round one
-``fl_components.engine.run_round`` call (configure, dispatch, validate, aggregate, apply)
+``fl_components.round.engine.run_round`` call (configure, dispatch, validate, aggregate, apply)
 whose dispatch runs the sites' numpy logistic regression here.
 
     .venv/bin/python -m benchmarks.strategies_bench [--rounds 40 --seeds 3 --epochs 20]
@@ -37,7 +37,7 @@ import torch
 
 from benchmarks.logreg_federation import LocalSetup, bench_sites, run_federation
 from fl_components.config import StrategyConfig
-from fl_components.data import SiteData, Split
+from fl_components.data.types import SiteData, Split
 from fl_components.strategies import build_strategy
 
 RESULTS = Path(__file__).resolve().parent / "results"

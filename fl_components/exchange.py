@@ -24,7 +24,7 @@ from fl_components.compression.encoded import CompressionError
 from fl_components.config import FederationConfig
 from fl_components.errors import FedpipeError
 from fl_components.parameters import NDArrays, digest, flatten, unflatten
-from fl_components.training import LocalUpdate, Metrics
+from fl_components.round.types import LocalUpdate, Metrics
 
 SITE_DIR_ENV = "FEDPIPE_SITE_DIR"
 SITE_NAME_ENV = "FEDPIPE_SITE_NAME"

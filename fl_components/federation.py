@@ -13,13 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from fl_components.config import FederationConfig
-from fl_components.data import (
+from fl_components.data.site_files import (
     SCALE_MAX_ABS_MEAN,
     SCALE_MAX_STD,
     SCALE_MIN_STD,
-    DatasetInfo,
-    SiteData,
-    Split,
     find_split_file,
     load_bundled,
     load_site,
@@ -30,11 +27,14 @@ from fl_components.data import (
     write_site,
     write_split,
 )
+from fl_components.data.types import DatasetInfo, SiteData, Split
 from fl_components.errors import ConfigError, DataError, RoundError
-from fl_components.models import build_model
 from fl_components.parameters import NDArrays
-from fl_components.strategies.base import SiteInstructions
-from fl_components.training import LocalUpdate, Metrics, evaluate, local_train
+from fl_components.privacy.dp_fedavg import SecureRandom
+from fl_components.round.types import LocalUpdate, Metrics, SiteInstructions
+from fl_components.site.dpsgd import private_local_train
+from fl_components.site.models import build_model
+from fl_components.site.training import evaluate, local_train
 
 CENTRAL_DIR = "_central"
 log = logging.getLogger(__name__)
@@ -143,8 +143,6 @@ def select_participants(
     """
     n = len(site_names)
     if secret:
-        from fl_components.privacy.dp_fedavg import SecureRandom
-
         included = SecureRandom().uniform(n) < fraction
         return tuple(name for name, keep in zip(site_names, included, strict=True) if keep)
     count = min(n, max(minimum, int(np.ceil(fraction * n))) + extra)
@@ -229,8 +227,6 @@ class Site:
         data = self.load()
         model = build_model(self.config.model, self.info, seed=self.config.seed)
         if self.config.privacy.record_level:
-            from fl_components.privacy.dpsgd import private_local_train
-
             return private_local_train(
                 model,
                 global_parameters,

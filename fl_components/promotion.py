@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from fl_components.training import Metrics
+from fl_components.round.types import Metrics
 
 
 @dataclass(frozen=True)

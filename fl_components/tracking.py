@@ -19,6 +19,8 @@ import numpy as np
 import numpy.typing as npt
 
 from fl_components.config import FederationConfig, TrackingConfig, flatten_config
+from fl_components.errors import ConfigError
+from fl_components.exchange import ExchangeError, check_payload_size
 
 if TYPE_CHECKING:
     from torch import nn
@@ -116,8 +118,6 @@ class RunTracker:
             If there is no such run in this federation's experiment.
         """
         from mlflow.exceptions import MlflowException
-
-        from fl_components.errors import ConfigError
 
         try:
             run = self.client.get_run(run_id)
@@ -300,8 +300,6 @@ def read_run_artifact(tracking_uri: str, *, run_id: str, path: str) -> str:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from fl_components.errors import ConfigError
-
     client = MlflowClient(tracking_uri=tracking_uri)
     try:
         with tempfile.TemporaryDirectory() as folder:
@@ -424,8 +422,6 @@ def _load_weights(
     from mlflow.exceptions import MlflowException
 
     import mlflow
-    from fl_components.errors import ConfigError
-    from fl_components.exchange import ExchangeError, check_payload_size
 
     uri = resolve_tracking_uri(tracking)
     mlflow.set_tracking_uri(uri)

@@ -3,7 +3,7 @@
 Orchestration helpers for :func:`flows.federated_training.federated_training` that are not
 Prefect tasks: the run's fixed parts (:class:`Run`), the plan of a round (selection, seeds,
 the folded evaluation, secure aggregation), and what is logged once a round's evaluation is
-in. The round itself is :func:`fl_components.engine.run_round`.
+in. The round itself is :func:`fl_components.round.engine.run_round`.
 """
 
 from __future__ import annotations
@@ -16,22 +16,23 @@ import numpy as np
 from prefect.runtime import flow_run
 
 from fl_components.checkpoint import mark_round_started
-from fl_components.compression.site import CompressionInstruction
+from fl_components.compression.instruction import CompressionInstruction
 from fl_components.config import FederationConfig
-from fl_components.data import DatasetInfo, Split
-from fl_components.engine import Dropout, DropoutKind, EvaluationRequest, RoundPlan, RoundReport
+from fl_components.data.types import DatasetInfo, Split
 from fl_components.federation import (
     central_test_split,
     dataset_info,
     materialize_sites,
 )
-from fl_components.models import build_model
 from fl_components.parameters import NDArrays, get_parameters
 from fl_components.privacy.federation_ledger import FederationLedger, federation_ledger_path
 from fl_components.privacy.report import PRIVACY_REPORT_JSON, PRIVACY_REPORT_MD, report_markdown
 from fl_components.privacy.rounds import PrivacyRounds, declined_record
-from fl_components.secure_aggregation import SecureSum
-from fl_components.simulation import draw_selection, plain_plan, strategy_for
+from fl_components.round.engine import EvaluationRequest, RoundPlan, RoundReport
+from fl_components.round.planning import draw_selection, plain_plan, strategy_for
+from fl_components.round.types import Dropout, DropoutKind, Metrics
+from fl_components.secure_aggregation.coordinator import SecureSum
+from fl_components.site.models import build_model
 from fl_components.strategies import AccountantStep, ServerState, Strategy
 from fl_components.strategies.private import DPFedAvg
 from fl_components.tracking import (
@@ -41,12 +42,11 @@ from fl_components.tracking import (
     load_run_model,
     registered_run_id,
 )
-from fl_components.training import Metrics
 from flows.resume import ResumePoint, close_crashed_attempt, find_resume_point, run_folder
+from tasks.evaluation import evaluate_global
 from tasks.privacy import log_privacy
 from tasks.sites import LocalBackend, SiteBackend
 from tasks.tracking import log_round, round_markdown
-from tasks.training import evaluate_global
 
 log = logging.getLogger(__name__)
 

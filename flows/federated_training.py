@@ -16,9 +16,9 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from fl_components.config import FederationConfig
-from fl_components.data import DatasetInfo, Split
-from fl_components.engine import (
-    DropoutKind,
+from fl_components.data.types import DatasetInfo, Split
+from fl_components.parameters import set_parameters
+from fl_components.round.engine import (
     EvaluationRequest,
     RoundAbortedError,
     RoundPlan,
@@ -26,11 +26,10 @@ from fl_components.engine import (
     evaluate_sites,
     run_round,
 )
-from fl_components.models import build_model
-from fl_components.parameters import set_parameters
+from fl_components.round.types import DropoutKind, Metrics
+from fl_components.site.models import build_model
 from fl_components.strategies import ServerState
 from fl_components.tracking import RunTracker, accuracy_plot, epsilon_plots
-from fl_components.training import Metrics
 from flows.coordinator import (
     Run,
     TrainedRound,

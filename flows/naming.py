@@ -31,6 +31,7 @@ def participant_run_name() -> str:
     For the participant flow's ``flow_run_name`` (Prefect renames a run by it when it
     starts, so the name ``run_deployment`` gave is not enough).
     """
-    params = flow_run.parameters
+    job = flow_run.parameters.get("job")
+    params = job.model_dump() if hasattr(job, "model_dump") else dict(job or {})
     short = str(params.get("run_id") or "")[:8]
-    return f"{params.get('site')}-r{params.get('round_num')}-{params.get('stage')}-{short}"
+    return f"{params.get('site')}-r{params.get('round')}-{params.get('stage')}-{short}"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 
 from fl_components.config import FederationConfig
-from fl_components.engine import Dispatch, EvaluationRequest, evaluate_sites
 from fl_components.errors import ConfigError
 from fl_components.parameters import get_parameters
 from fl_components.promotion import (
@@ -19,8 +18,9 @@ from fl_components.promotion import (
     evaluation_coverage,
     federated_accuracy,
 )
+from fl_components.round.engine import Dispatch, EvaluationRequest, evaluate_sites
+from fl_components.round.types import Metrics
 from fl_components.tracking import RunTracker, load_registered_parameters, registered_version
-from fl_components.training import Metrics
 
 log = logging.getLogger(__name__)
 

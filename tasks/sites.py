@@ -4,7 +4,7 @@ A backend is a dispatch, ``backend(jobs) -> {site: SiteResult | Dropout}``, plus
 federation's public-key registry for secure aggregation. ``local`` (the embedded default)
 runs each job as a Prefect task on the flow's task runner, sites being folders on this
 machine; the ``work-pool`` backend (:mod:`tasks.work_pool`) sends each job to the site's
-own work pool. Both run the same site-side code, :func:`fl_components.participant.run_job`.
+own work pool. Both run the same site-side code, :func:`fl_components.site.jobs.run_job`.
 """
 
 from __future__ import annotations
@@ -18,15 +18,15 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from fl_components import secure_round
 from fl_components.compression.download import ModelDownloads
 from fl_components.config import FederationConfig
-from fl_components.data import DatasetInfo
-from fl_components.engine import Dropout, DropoutKind, SiteJob, SiteResult
+from fl_components.data.types import DatasetInfo
 from fl_components.federation import Site, site_folder
-from fl_components.participant import InProcessSites, run_job
-from fl_components.secagg import PublicKeys, Registry
-from fl_components.training import share_cores
+from fl_components.round.types import Dropout, DropoutKind, SiteJob, SiteResult
+from fl_components.secure_aggregation import site_stages as secure_round
+from fl_components.secure_aggregation.protocol import PublicKeys, Registry
+from fl_components.site.jobs import InProcessSites, run_job
+from fl_components.site.training import share_cores
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from fl_components.round.types import Metrics
 from fl_components.tracking import RunTracker
-from fl_components.training import Metrics
 
 
 def artifact_key(federation: str, suffix: str) -> str:

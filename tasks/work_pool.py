@@ -45,8 +45,7 @@ from fl_components.compression.download import (
     full_download,
 )
 from fl_components.config import FederationConfig
-from fl_components.data import DatasetInfo
-from fl_components.engine import Dropout, DropoutKind, JobKind, SiteJob, SiteResult
+from fl_components.data.types import DatasetInfo
 from fl_components.errors import FedpipeError, RoundError
 from fl_components.exchange import (
     ExchangeError,
@@ -56,9 +55,21 @@ from fl_components.exchange import (
     write_model_download,
 )
 from fl_components.federation import round_target
-from fl_components.secagg import Registry, RoundContext
-from fl_components.secure_round import context_to_json, load_registry, registry_path
-from fl_components.site_messages import answer_from_payload, instructions_payload
+from fl_components.round.types import Dropout, DropoutKind, JobKind, SiteJob, SiteResult
+from fl_components.secure_aggregation.protocol import Registry
+from fl_components.secure_aggregation.site_stages import (
+    context_to_json,
+    load_registry,
+    registry_path,
+)
+from fl_components.wire.site_answer import answer_from_payload, instructions_payload
+from fl_components.wire.site_job import (
+    InstructionsRef,
+    ModelDownloadRef,
+    ModelRef,
+    SecureStageRef,
+    SiteJobMessage,
+)
 from tasks.sites import SiteBackend, collect_answers
 
 log = logging.getLogger(__name__)
@@ -262,50 +273,16 @@ def _wait(
 
 @task(
     name="participant",
-    task_run_name="participant-{site}-r{round_num}-{stage}",
+    task_run_name="participant-{message.site}-r{message.round}-{message.stage}",
     cache_policy=NO_CACHE,
 )
-def run_participant(
-    config: FederationConfig,
-    *,
-    site: str,
-    round_num: int,
-    stage: str,
-    model_uri: str,
-    model_sha256: str,
-    run_id: str,
-    secagg: dict[str, str] | None = None,
-    evaluate_round: int | None = None,
-    instructions: dict[str, Any] | None = None,
-    mlflow_run_id: str = "",
-    compression: dict[str, Any] | None = None,
-    download: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Dispatch one site's stage to its work pool and return its JSON payload.
-
-    ``secagg`` (secure aggregation's ``mask``/``unmask`` stages) carries the round context
-    and, for ``unmask``, the site's unmask request: small, and never an update.
-    ``compression``: the training job's :class:`CompressionInstruction` (``to_dict``).
-    ``download``: the model as delta/full downloads (``model_uri`` is then empty).
-    """
+def run_participant(message: SiteJobMessage) -> dict[str, Any]:
+    """Dispatch one site's stage (the typed site job) to its work pool; its JSON payload."""
+    config, site, round_num, stage = message.federation, message.site, message.round, message.stage
+    run_id = message.run_id
     pool = site_pool_name(config, site)
     name = f"{config.deployment.participant_deployment}/{site}"
-    parameters = {
-        # the fields set: a dump of every field would not validate again (strategy knobs)
-        "federation": config.model_dump(mode="json", exclude_unset=True),
-        "site": site,
-        "round_num": round_num,
-        "stage": stage,
-        "model_uri": model_uri,
-        "model_sha256": model_sha256,
-        "run_id": run_id,
-        **({"secagg": secagg} if secagg is not None else {}),
-        **({"evaluate_round": evaluate_round} if evaluate_round is not None else {}),
-        **({"instructions": instructions} if instructions else {}),
-        **({"mlflow_run_id": mlflow_run_id} if mlflow_run_id else {}),
-        **({"compression": compression} if compression is not None else {}),
-        **({"download": download} if download is not None else {}),
-    }
+    parameters = message.to_parameters()
     started = time.perf_counter()
     with get_client(sync_client=True) as client:
         why = pool_not_serving(client, pool)
@@ -381,17 +358,18 @@ class WorkPoolBackend(SiteBackend):
         self.exchange = Path(config.deployment.exchange_dir).resolve() / run_id
         self.downloads = ModelDownloads.from_config(config)  # the run's model-delta memory
 
-    def _model_ref(self, job: SiteJob, written: dict[int, tuple[str, str]]) -> tuple[str, str]:
+    def _model_ref(self, job: SiteJob, written: dict[int, tuple[str, str]]) -> ModelRef | None:
         if job.parameters is None or job.download is not None:
-            return "", ""
+            return None
         key = id(job.parameters)
         if key not in written:  # one file per distinct model in the wave
             written[key] = write_global_model(job.parameters, self.exchange)
-        return written[key]
+        uri, sha = written[key]
+        return ModelRef(uri=uri, sha256=sha)
 
     def _download_ref(
         self, job: SiteJob, written: dict[tuple[str, str], tuple[str, int]]
-    ) -> tuple[dict[str, Any] | None, dict[DownloadKind, int]]:
+    ) -> tuple[ModelDownloadRef | None, dict[DownloadKind, int]]:
         """The job's download files (each written once per wave) and their sizes by kind."""
         download = job.download
         if download is None or job.parameters is None:
@@ -405,22 +383,48 @@ class WorkPoolBackend(SiteBackend):
             if delta_key not in written:
                 written[delta_key] = write_model_download(download, self.exchange)
             refs[DownloadKind.DELTA] = written[delta_key]
-        reference = {
-            "sha256": download.target_sha,
-            "base_sha256": download.base_sha,
-            "full_uri": refs[DownloadKind.FULL][0],
-            "delta_uri": refs[DownloadKind.DELTA][0] if DownloadKind.DELTA in refs else "",
-            "shapes": [list(p.shape) for p in job.parameters],
-        }
+        reference = ModelDownloadRef(
+            sha256=download.target_sha,
+            base_sha256=download.base_sha,
+            full_uri=refs[DownloadKind.FULL][0],
+            delta_uri=refs[DownloadKind.DELTA][0] if DownloadKind.DELTA in refs else "",
+            shapes=[list(p.shape) for p in job.parameters],
+        )
         return reference, {kind: size for kind, (_, size) in refs.items()}
 
-    def _secagg(self, job: SiteJob) -> dict[str, str] | None:
-        if not isinstance(job.secagg, RoundContext):
+    def _secagg(self, job: SiteJob) -> SecureStageRef | None:
+        if job.secagg is None:
             return None
-        secagg = {"context": context_to_json(job.secagg)}
-        if job.unmask_request is not None:
-            secagg["request"] = base64.b64encode(job.unmask_request).decode("ascii")
-        return secagg
+        request = job.unmask_request
+        return SecureStageRef(
+            context=context_to_json(job.secagg),
+            request=base64.b64encode(request).decode("ascii") if request is not None else None,
+        )
+
+    def message(
+        self,
+        job: SiteJob,
+        *,
+        model: ModelRef | None,
+        download: ModelDownloadRef | None,
+    ) -> SiteJobMessage:
+        """The typed site job for ``job`` (its model already written to the exchange)."""
+        return SiteJobMessage(
+            federation=self.config,
+            site=job.site,
+            run_id=self.run_id,
+            mlflow_run_id=job.mlflow_run_id,
+            round=job.round,
+            stage=str(job.kind),  # type: ignore[arg-type]
+            model=model,
+            download=download,
+            secagg=self._secagg(job),
+            evaluate_round=job.evaluate_round,
+            instructions=InstructionsRef.model_validate(
+                instructions_payload(job.instructions, exchange=self.exchange)
+            ),
+            compression=job.compression.to_dict() if job.compression is not None else None,
+        )
 
     def __call__(self, jobs: Sequence[SiteJob]) -> dict[str, SiteResult | Dropout]:
         """Create every site's flow run, then await them together; failures are dropouts."""
@@ -430,24 +434,12 @@ class WorkPoolBackend(SiteBackend):
         sizes: dict[str, dict[DownloadKind | None, int]] = {}
         futures = {}
         for job in jobs:
-            uri, sha = self._model_ref(job, written)
+            model = self._model_ref(job, written)
             download, download_sizes = self._download_ref(job, files)
-            sizes[job.site] = {None: os.path.getsize(uri) if uri else 0, **download_sizes}
-            futures[job.site] = run_participant.submit(
-                self.config,
-                site=job.site,
-                round_num=job.round,
-                stage=str(job.kind),
-                model_uri=uri,
-                model_sha256=sha,
-                run_id=self.run_id,
-                secagg=self._secagg(job),
-                evaluate_round=job.evaluate_round,
-                instructions=instructions_payload(job.instructions, exchange=self.exchange),
-                mlflow_run_id=job.mlflow_run_id,
-                compression=job.compression.to_dict() if job.compression is not None else None,
-                download=download,
-            )
+            model_size = os.path.getsize(model.uri) if model is not None else 0
+            sizes[job.site] = {None: model_size, **download_sizes}
+            message = self.message(job, model=model, download=download)
+            futures[job.site] = run_participant.submit(message)
 
         self._close_when_enough(jobs, futures)
 

@@ -35,9 +35,9 @@ def dispatch_in_process(
     monkeypatch: pytest.MonkeyPatch, *, keys: Mapping[str, Path] | None = None
 ) -> list[dict[str, Any]]:
     """Patch the backend's dispatch; return the list each call's parameters go to."""
-    from fl_components.config import FederationConfig
     from fl_components.exchange import SITE_DIR_ENV, SITE_KEYS_ENV, SITE_NAME_ENV
     from fl_components.federation import federation_dir
+    from fl_components.wire.site_job import SiteJobMessage
     from flows.participant import federated_participant
     from tasks import work_pool
 
@@ -45,19 +45,18 @@ def dispatch_in_process(
 
     class _Deployment:  # what a site's worker would run, here in this process
         @staticmethod
-        def submit(cfg: FederationConfig, *, site: str, **parameters: Any) -> Done:
-            calls.append({"site": site, **parameters})
+        def submit(message: SiteJobMessage) -> Done:
+            cfg, site = message.federation, message.site
+            # the message as the flow run's parameters carry it (JSON), and back
+            job = SiteJobMessage.model_validate(message.to_parameters()["job"])
+            calls.append(job.model_dump())
             env = {SITE_DIR_ENV: str(federation_dir(cfg) / site), SITE_NAME_ENV: site}
             if keys is not None:
                 env[SITE_KEYS_ENV] = str(keys[site])
             with monkeypatch.context() as scoped:
                 for name, value in env.items():
                     scoped.setenv(name, value)
-                return Done(
-                    lambda: asyncio.run(
-                        federated_participant(federation=cfg, site=site, **parameters)
-                    )
-                )
+                return Done(lambda: asyncio.run(federated_participant(job=job)))
 
     monkeypatch.setattr(work_pool, "run_participant", _Deployment)
     return calls

@@ -16,15 +16,15 @@ from pathlib import Path
 def run(config_path: Path) -> dict[str, object]:
     """Train the federation in config_path; round times and the final central accuracy.
 
-    The very round engine the flow runs (``fl_components.engine.run_round``: same strategy,
+    The very round engine the flow runs (``fl_components.round.engine.run_round``: same strategy,
     selection, seeds and folded evaluation); its dispatch runs each site's job in-process,
     one after another, instead of as Prefect tasks.
     """
     from fl_components.config import load_config
     from fl_components.federation import central_test_split, dataset_info, materialize_sites
-    from fl_components.models import build_model
-    from fl_components.simulation import simulate
-    from fl_components.training import evaluate
+    from fl_components.round.planning import simulate
+    from fl_components.site.models import build_model
+    from fl_components.site.training import evaluate
 
     config = load_config(config_path)
     materialize_sites(config)

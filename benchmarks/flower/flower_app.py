@@ -61,7 +61,7 @@ def score(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, fl
 
 
 def site_seed(*, round_num: int, site_index: int, base: int = 0) -> int:
-    """The seed fedpipe gives a site's round (fl_components.training.seed_for's formula)."""
+    """The seed fedpipe gives a site's round (fl_components.site.training.seed_for's formula)."""
     return int(np.random.SeedSequence([base, round_num, site_index]).generate_state(1)[0])
 
 

@@ -79,15 +79,15 @@ WORKLOADS = {
 def prepare(workload: Workload, workdir: Path) -> tuple[Path, Path]:
     """Write the fedpipe YAML and the packed partition; return (config.yaml, partition.npz)."""
     from fl_components.config import config_from_dict
-    from fl_components.data import load_site
+    from fl_components.data.site_files import load_site
     from fl_components.federation import (
         central_test_split,
         dataset_info,
         materialize_sites,
         site_folder,
     )
-    from fl_components.models import build_model
     from fl_components.parameters import get_parameters
+    from fl_components.site.models import build_model
 
     workdir.mkdir(parents=True, exist_ok=True)
     raw = workload.config(workdir)

@@ -11,7 +11,7 @@ the max-norm gives finer levels). With b bits, s = 2^(b-1) - 1 levels a side, an
 level l in [-s, s] travels as l + s in b bits.
 
 Payload: per bucket one float32 scale (little-endian), then the d levels packed b bits each
-(:mod:`fl_components.secagg.packing`).
+(:mod:`fl_components.secure_aggregation.protocol.packing`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fl_components.compression.encoded import CompressionError, EncodedUpdate, Method
-from fl_components.secagg.packing import pack, packed_size, unpack
+from fl_components.secure_aggregation.protocol.packing import pack, packed_size, unpack
 
 MIN_BITS, MAX_BITS = 2, 16
 DEFAULT_BUCKET = 512

@@ -11,7 +11,8 @@ a k/d-contraction) the coordinates not sent are carried to later rounds.
 
 seed = HKDF-SHA256(ikm = run_id, salt = "fedpipe/random-k/v1", info = round as u64 BE)
 (RFC 5869). The k indices are those with the smallest words of the AES-256-CTR keystream
-PRG(seed) (:mod:`fl_components.secagg.prg`), ties broken by index: a fixed function of the
+PRG(seed) (:mod:`fl_components.secure_aggregation.protocol.prg`), ties broken by index: a fixed
+function of the
 seed on every platform, independent of numpy's sampling algorithms.
 
 Payload: the 32-byte seed, then the k values at the sorted indices as float32 little-endian.
@@ -26,7 +27,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fl_components.compression.encoded import CompressionError, EncodedUpdate, Method
 from fl_components.compression.top_k import kept_count
-from fl_components.secagg.prg import SEED_BYTES, expand
+from fl_components.secure_aggregation.protocol.prg import SEED_BYTES, expand
 
 _SALT = b"fedpipe/random-k/v1"
 

@@ -3,7 +3,8 @@
 Bonawitz et al. 2017 (CCS, arXiv:1611.04482) mask vectors in Z_R^d for any R. Each value is
 quantized to b bits (``compression.bits``) and the sum of n of them needs ceil(log2 n) more,
 so we mask in Z_2^m with m = b + ceil(log2 n) and send m bits per value
-(:mod:`fl_components.secagg.packing`): about (b + log2 n) / 8 bytes per parameter instead of
+(:mod:`fl_components.secure_aggregation.protocol.packing`): about (b + log2 n) / 8 bytes per
+parameter instead of
 4. With shared random-k (Konecny et al. 2016, arXiv:1610.05492;
 :mod:`fl_components.compression.random_k`) every site of the round picks the same k
 coordinates, so the round's vectors have length k: only those are quantized, masked and
@@ -21,12 +22,14 @@ import numpy.typing as npt
 from fl_components.compression.random_k import round_seed, shared_indices
 from fl_components.compression.top_k import kept_count
 from fl_components.config import CompressionConfig
-from fl_components.secagg.quantize import FIELD_BITS, headroom_bits
+from fl_components.secure_aggregation.protocol.quantize import FIELD_BITS, headroom_bits
 
 
 @dataclass(frozen=True)
 class SecureShape:
-    """What a round's :class:`~fl_components.secagg.RoundContext` is built with.
+    """What a round's protocol context is built with.
+
+    (:class:`~fl_components.secure_aggregation.protocol.RoundContext`)
 
     Attributes
     ----------

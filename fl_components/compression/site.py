@@ -11,8 +11,7 @@ site's folder and save the new one (:mod:`fl_components.compression.error_feedba
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import replace
 
 import numpy as np
 import numpy.typing as npt
@@ -20,43 +19,10 @@ import numpy.typing as npt
 from fl_components.compression.codec import decode_update, encode_update
 from fl_components.compression.encoded import CompressionError, EncodedUpdate
 from fl_components.compression.error_feedback import load_residual, save_residual
+from fl_components.compression.instruction import CompressionInstruction
 from fl_components.compression.secure import select_for_secure
-from fl_components.config import CompressionConfig
 from fl_components.parameters import NDArrays, flatten, unflatten
-from fl_components.training import LocalUpdate
-
-
-@dataclass(frozen=True)
-class CompressionInstruction:
-    """How one site compresses its update in one round.
-
-    Attributes
-    ----------
-    config : CompressionConfig
-        The federation's ``compression`` section.
-    run_id, round : str, int
-        Bind shared random-k coordinates and the residual to the round.
-    """
-
-    config: CompressionConfig
-    run_id: str
-    round: int
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe form (for a flow parameter or a site job)."""
-        return {"config": self.config.model_dump(), "run_id": self.run_id, "round": self.round}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CompressionInstruction:
-        """Inverse of :meth:`to_dict`."""
-        try:
-            return cls(
-                config=CompressionConfig.model_validate(data["config"]),
-                run_id=str(data["run_id"]),
-                round=int(data["round"]),
-            )
-        except (KeyError, TypeError, ValueError) as error:
-            raise CompressionError(f"malformed compression instruction: {error}") from None
+from fl_components.round.types import LocalUpdate
 
 
 def compress_for_upload(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fl_components.data import SUPPORTED_SUFFIXES
+from fl_components.data.site_files import SUPPORTED_SUFFIXES
 from fl_components.errors import ConfigError
 from fl_components.privacy.ledger import LEDGER_FILE
 

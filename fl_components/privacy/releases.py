@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from fl_components.parameters import NDArrays
-from fl_components.training import LocalUpdate
+from fl_components.round.types import LocalUpdate
 
 RELEASES_DIR = "privacy_releases"
 KEPT_PER_RUN = 2

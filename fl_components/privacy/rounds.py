@@ -26,7 +26,7 @@ from fl_components.privacy.dp_fedavg import (
 from fl_components.privacy.federation_ledger import FederationLedger
 from fl_components.privacy.ledger import default_delta
 from fl_components.privacy.run_record import RunPrivacyRecord, round_columns, site_params
-from fl_components.training import LocalUpdate
+from fl_components.round.types import LocalUpdate
 
 DECLINED = "declined"
 

@@ -15,10 +15,10 @@ from typing import Any
 
 from fl_components.config import PrivacyConfig
 from fl_components.privacy.accounting import ParticipantAccountant
-from fl_components.privacy.dpsgd import GRAD_SAMPLE_MODES
 from fl_components.privacy.federation_ledger import FederationLedger
 from fl_components.privacy.report import SiteBudget, SiteRound, build_privacy_report
-from fl_components.training import LocalUpdate
+from fl_components.round.types import LocalUpdate
+from fl_components.site.dpsgd import GRAD_SAMPLE_MODES
 
 
 @dataclass

@@ -2,15 +2,15 @@
 
 from fl_components.config import StrategyConfig
 from fl_components.errors import ConfigError
-from fl_components.strategies.aggregation import AGGREGATORS, UpdateAggregation, bound_norm
-from fl_components.strategies.base import (
+from fl_components.round.types import (
     AccountantStep,
     AggregatedUpdate,
     ServerState,
     SiteInstructions,
-    Strategy,
 )
-from fl_components.strategies.fedavg import FedAvg, weighted_average
+from fl_components.strategies.aggregation import AGGREGATORS, UpdateAggregation, bound_norm
+from fl_components.strategies.base import Strategy
+from fl_components.strategies.fedavg import FedAvg
 from fl_components.strategies.fedavgm import FedAvgM
 from fl_components.strategies.fedopt import FedAdagrad, FedAdam, FedYogi
 from fl_components.strategies.fedprox import FedProx
@@ -35,7 +35,6 @@ __all__ = [
     "UpdateAggregation",
     "bound_norm",
     "build_strategy",
-    "weighted_average",
 ]
 
 _ADAPTIVE = {"fedadagrad": FedAdagrad, "fedadam": FedAdam, "fedyogi": FedYogi}

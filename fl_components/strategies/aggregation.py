@@ -18,6 +18,7 @@ import numpy as np
 
 from fl_components.errors import RoundError
 from fl_components.parameters import NDArrays, flatten, unflatten
+from fl_components.round.types import LocalUpdate
 from fl_components.strategies.krum import bulyan, krum, multi_krum
 from fl_components.strategies.robust import (
     FloatVector,
@@ -25,7 +26,6 @@ from fl_components.strategies.robust import (
     trimmed_mean,
     weighted_mean,
 )
-from fl_components.training import LocalUpdate
 
 AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan")
 

@@ -17,28 +17,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fl_components.errors import RoundError
 from fl_components.parameters import NDArrays, add
+from fl_components.round.types import AggregatedUpdate, LocalUpdate, ServerState
 from fl_components.strategies.aggregation import UpdateAggregation
-from fl_components.strategies.base import AggregatedUpdate, ServerState, Strategy
-from fl_components.training import LocalUpdate
-
-
-def weighted_average(updates: Sequence[tuple[NDArrays, int]]) -> NDArrays:
-    """Average arrays weighted by example counts: Σ_k n_k Δ_k / Σ_k n_k."""
-    if not updates:
-        raise RoundError("cannot average zero updates: no participant returned one")
-    total = sum(n for _, n in updates)
-    if total <= 0:
-        raise RoundError(f"example counts must sum to > 0 (got {total})")
-    # float64 accumulation, so that many small updates do not lose precision
-    summed = [np.zeros(a.shape, dtype=np.float64) for a in updates[0][0]]
-    for arrays, n in updates:
-        if len(arrays) != len(summed):
-            raise RoundError(f"update has {len(arrays)} arrays, expected {len(summed)}")
-        for acc, a in zip(summed, arrays, strict=True):
-            acc += np.asarray(a, dtype=np.float64) * n
-    return [(acc / total).astype(np.float32) for acc in summed]
+from fl_components.strategies.base import Strategy
 
 
 def zeros_like(parameters: NDArrays) -> NDArrays:

@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 
 from fl_components.parameters import NDArrays, add
+from fl_components.round.types import AggregatedUpdate, ServerState
 from fl_components.strategies.aggregation import UpdateAggregation
-from fl_components.strategies.base import AggregatedUpdate, ServerState
 from fl_components.strategies.fedavg import FedAvg, next_state, state_arrays
 
 

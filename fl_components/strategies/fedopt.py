@@ -24,8 +24,8 @@ import numpy as np
 import numpy.typing as npt
 
 from fl_components.parameters import NDArrays
+from fl_components.round.types import AggregatedUpdate, ServerState
 from fl_components.strategies.aggregation import UpdateAggregation
-from fl_components.strategies.base import AggregatedUpdate, ServerState
 from fl_components.strategies.fedavg import FedAvg, next_state, state_arrays
 
 Float64 = npt.NDArray[np.float64]

@@ -13,39 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-from torch import nn
-
 from fl_components.errors import RoundError
+from fl_components.round.types import ServerState, SiteInstructions
 from fl_components.strategies.aggregation import UpdateAggregation
-from fl_components.strategies.base import ServerState, SiteInstructions
 from fl_components.strategies.fedavg import FedAvg
-
-
-def proximal_penalty(
-    model: nn.Module, global_tensors: Sequence[torch.Tensor], mu: float
-) -> torch.Tensor:
-    """(μ/2) Σ ‖θ − θ_t‖² over the model's parameters (Li et al. 2020, Eq. 2).
-
-    Parameters
-    ----------
-    model : nn.Module
-        The model being trained at the site.
-    global_tensors : sequence of Tensor
-        θ_t, one detached tensor per ``model.parameters()`` entry, on the model's device.
-    mu : float
-        μ ≥ 0.
-    """
-    params = list(model.parameters())
-    if len(params) != len(global_tensors):
-        raise RoundError(
-            f"proximal term: {len(global_tensors)} global tensors for a model with "
-            f"{len(params)} parameters; pass θ_t in model.parameters() order"
-        )
-    total = params[0].new_zeros(())
-    for theta, anchor in zip(params, global_tensors, strict=True):
-        total = total + torch.sum((theta - anchor.detach()) ** 2)
-    return 0.5 * mu * total
 
 
 class FedProx(FedAvg):

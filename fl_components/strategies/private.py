@@ -8,7 +8,8 @@ the aggregation; the inner strategy still says what sites are sent and how the s
 (so DP-FedAvg composes with FedAvgM or FedAdam: the server optimizer is post-processing).
 
 Under secure aggregation each site clips and adds its share of the noise before masking
-(:func:`fl_components.secure_round.prepare_update`); the wrapper then only records the round.
+(:func:`fl_components.secure_aggregation.site_stages.prepare_update`); the wrapper then only
+records the round.
 The participant-level accountant is stepped by the coordinator when the round begins,
 before any site is sent anything (:meth:`fl_components.privacy.rounds.PrivacyRounds.charge`),
 so a round cut short by a crash is spent all the same; its history is checkpointed and a
@@ -23,13 +24,8 @@ from fl_components.errors import ConfigError
 from fl_components.parameters import NDArrays
 from fl_components.privacy.dp_fedavg import DPAggregate
 from fl_components.privacy.rounds import PrivacyRounds
-from fl_components.strategies.base import (
-    AggregatedUpdate,
-    ServerState,
-    SiteInstructions,
-    Strategy,
-)
-from fl_components.training import LocalUpdate
+from fl_components.round.types import AggregatedUpdate, LocalUpdate, ServerState, SiteInstructions
+from fl_components.strategies.base import Strategy
 
 
 class DPFedAvg(Strategy):

@@ -23,9 +23,9 @@ import numpy as np
 
 from fl_components.errors import RoundError
 from fl_components.parameters import NDArrays, add, flatten, unflatten
-from fl_components.strategies.base import AggregatedUpdate, ServerState, SiteInstructions, Strategy
+from fl_components.round.types import AggregatedUpdate, LocalUpdate, ServerState, SiteInstructions
+from fl_components.strategies.base import Strategy
 from fl_components.strategies.fedavg import next_state
-from fl_components.training import LocalUpdate
 
 LOSS_FLOOR = 1e-10
 

@@ -18,100 +18,14 @@ with momentum, (x − y_i)/(K η_l) is only an estimate of the mean corrected gr
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from pathlib import Path
 
-import numpy as np
-import torch
-from torch import nn
-
-from fl_components.errors import DataError, RoundError
+from fl_components.errors import RoundError
 from fl_components.parameters import NDArrays, add, flatten, unflatten
+from fl_components.round.types import AggregatedUpdate, LocalUpdate, ServerState, SiteInstructions
 from fl_components.strategies.aggregation import UpdateAggregation
-from fl_components.strategies.base import AggregatedUpdate, ServerState, SiteInstructions
 from fl_components.strategies.fedavg import FedAvg, next_state, state_arrays
 from fl_components.strategies.robust import weighted_mean
-from fl_components.training import LocalUpdate
-
-CONTROL_FILE = "scaffold_control.npz"
-
-
-def scaffold_correct_gradients(
-    model: nn.Module,
-    server_control: Sequence[torch.Tensor | np.ndarray],
-    client_control: Sequence[torch.Tensor | np.ndarray],
-) -> None:
-    """G ← g − c_i + c for every parameter, in place (Algorithm 1, line 10).
-
-    Call after ``loss.backward()`` and before ``optimizer.step()``. Pass tensors already on
-    the model's device to avoid a copy per step.
-    """
-    params = list(model.parameters())
-    if not len(params) == len(server_control) == len(client_control):
-        raise RoundError(
-            f"SCAFFOLD: {len(server_control)} server and {len(client_control)} site control "
-            f"arrays for a model with {len(params)} parameters (the model has buffers, or the "
-            "controls belong to another model)"
-        )
-    with torch.no_grad():
-        for p, c, c_i in zip(params, server_control, client_control, strict=True):
-            if p.grad is None:
-                continue
-            c_t = torch.as_tensor(c, dtype=p.grad.dtype, device=p.grad.device)
-            c_i_t = torch.as_tensor(c_i, dtype=p.grad.dtype, device=p.grad.device)
-            p.grad.add_(c_t - c_i_t)
-
-
-def scaffold_client_control(
-    client_control: NDArrays,
-    server_control: NDArrays,
-    global_params: NDArrays,
-    local_params: NDArrays,
-    *,
-    steps: int,
-    lr: float,
-) -> NDArrays:
-    """c_i⁺ = c_i − c + (x − y_i) / (K η_l) (Algorithm 1, line 12, option II)."""
-    if steps < 1 or lr <= 0:
-        raise RoundError(f"SCAFFOLD: needs steps >= 1 and lr > 0 (got steps={steps}, lr={lr})")
-    scale = 1.0 / (steps * lr)
-    return [
-        (
-            np.asarray(ci, np.float64)
-            - np.asarray(c, np.float64)
-            + (np.asarray(x, np.float64) - np.asarray(y, np.float64)) * scale
-        ).astype(np.float32)
-        for ci, c, x, y in zip(
-            client_control, server_control, global_params, local_params, strict=True
-        )
-    ]
-
-
-def load_client_control(folder: Path, like: NDArrays) -> NDArrays:
-    """The site's c_i from ``folder/scaffold_control.npz``, or zeros before its first round."""
-    path = Path(folder) / CONTROL_FILE
-    if not path.is_file():
-        return [np.zeros(a.shape, dtype=np.float32) for a in like]
-    with np.load(path, allow_pickle=False) as archive:
-        arrays = [archive[f"c{i}"] for i in range(len(archive.files))]
-    shapes = [a.shape for a in arrays]
-    if shapes != [a.shape for a in like]:
-        raise DataError(
-            f"{path}: control variate shapes {shapes} do not match the model's "
-            f"{[a.shape for a in like]}; the model changed: delete {path} to start c_i at 0"
-        )
-    return [a.astype(np.float32) for a in arrays]
-
-
-def save_client_control(folder: Path, control: NDArrays) -> Path:
-    """Write c_i to ``folder/scaffold_control.npz`` atomically (``.npz``, no pickle)."""
-    path = Path(folder) / CONTROL_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{CONTROL_FILE}.partial.npz")
-    np.savez(partial, **{f"c{i}": np.asarray(a, dtype=np.float32) for i, a in enumerate(control)})
-    os.replace(partial, path)
-    return path
 
 
 class Scaffold(FedAvg):

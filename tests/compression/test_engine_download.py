@@ -14,11 +14,12 @@ from fl_components.compression.download import (
     save_held,
 )
 from fl_components.config import FederationConfig
-from fl_components.engine import RoundPlan, SiteJob, run_round
 from fl_components.federation import materialize_sites, site_folder
-from fl_components.models import build_model
 from fl_components.parameters import digest, flatten, get_parameters
-from fl_components.participant import InProcessSites
+from fl_components.round.engine import RoundPlan, run_round
+from fl_components.round.types import SiteJob
+from fl_components.site.jobs import InProcessSites
+from fl_components.site.models import build_model
 from fl_components.strategies import FedAvg, ServerState
 
 
@@ -179,8 +180,8 @@ def test_the_coordinator_keeps_one_broadcast_whatever_the_rounds() -> None:
 
 
 def test_model_deltas_under_secure_aggregation(small_config: FederationConfig) -> None:
-    from fl_components import secure_round
-    from fl_components.secure_aggregation import SecureSum
+    from fl_components.secure_aggregation import site_stages as secure_round
+    from fl_components.secure_aggregation.coordinator import SecureSum
 
     config = _with(
         small_config,

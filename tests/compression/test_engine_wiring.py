@@ -6,16 +6,16 @@ from pathlib import Path
 
 import numpy as np
 
-from fl_components import secure_round
 from fl_components.compression.error_feedback import RESIDUAL_FILE
-from fl_components.compression.site import CompressionInstruction
+from fl_components.compression.instruction import CompressionInstruction
 from fl_components.config import FederationConfig
-from fl_components.engine import RoundPlan, run_round
 from fl_components.federation import materialize_sites, site_folder
-from fl_components.models import build_model
 from fl_components.parameters import get_parameters
-from fl_components.participant import InProcessSites
-from fl_components.secure_aggregation import SecureSum
+from fl_components.round.engine import RoundPlan, run_round
+from fl_components.secure_aggregation import site_stages as secure_round
+from fl_components.secure_aggregation.coordinator import SecureSum
+from fl_components.site.jobs import InProcessSites
+from fl_components.site.models import build_model
 from fl_components.strategies import FedAvg
 
 

@@ -10,12 +10,12 @@ import pytest
 
 from fl_components.compression.download import DownloadKind, full_download
 from fl_components.compression.encoded import CompressionError
-from fl_components.compression.site import CompressionInstruction, compress_local_update
+from fl_components.compression.instruction import CompressionInstruction
+from fl_components.compression.site import compress_local_update
 from fl_components.config import CompressionConfig
-from fl_components.engine import JobKind, SiteJob, SiteResult
 from fl_components.exchange import ExchangeError
-from fl_components.site_messages import answer_from_payload, answer_payload
-from fl_components.training import LocalUpdate, Metrics
+from fl_components.round.types import JobKind, LocalUpdate, Metrics, SiteJob, SiteResult
+from fl_components.wire.site_answer import answer_from_payload, answer_payload
 
 LIKE = [np.zeros((40, 8), dtype=np.float32), np.zeros(8, dtype=np.float32)]
 

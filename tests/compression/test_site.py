@@ -8,8 +8,8 @@ import numpy as np
 
 from fl_components.compression import decode_update
 from fl_components.compression.error_feedback import RESIDUAL_FILE
+from fl_components.compression.instruction import CompressionInstruction
 from fl_components.compression.site import (
-    CompressionInstruction,
     compress_for_upload,
     select_for_masking,
 )

@@ -21,7 +21,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 # this checkout's CLI, run from it (an installed `fedpipe` script may be another checkout's)
-FEDPIPE = [sys.executable, "-m", "flows.cli"]
+FEDPIPE = [sys.executable, "-m", "ops.cli.main"]
 SITES = ("north", "south", "east")
 FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 SHARED: dict[str, Any] = {}
@@ -63,7 +63,7 @@ def running_stack(
     """`fedpipe up` a 3-site stack under ``root`` and yield its record; on exit `fedpipe
     down` and check that nothing it started is left (a worker a test killed, named in
     ``shared["killed_worker"]``, must be reported as already stopped)."""
-    from flows.stack import tagged_processes
+    from ops.stack.lifecycle import tagged_processes
 
     federation = {
         "name": name,
@@ -124,17 +124,15 @@ def _assert_one_participant_run_per_site_and_round(api: str, run_id: str, *, rou
     ).json()
     seen: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
     for child in children:
-        params = child["parameters"]
+        params = child["parameters"].get("job", {})
         if params.get("run_id") == run_id:
-            seen.setdefault((params["site"], params["round_num"], params["stage"]), []).append(
-                child
-            )
+            seen.setdefault((params["site"], params["round"], params["stage"]), []).append(child)
     stages = [(r, "train", r - 1) for r in range(1, rounds + 1)] + [(rounds, "evaluate", None)]
     assert set(seen) == {(site, r, stage) for site in SITES for r, stage, _ in stages}
     for site in SITES:
         for r, stage, evaluates in stages:
             (match,) = seen[(site, r, stage)]
-            assert match["parameters"].get("evaluate_round") == evaluates
+            assert match["parameters"]["job"].get("evaluate_round") == evaluates
             assert match["work_pool_name"] == f"fedpipe-{site}"
             assert match["state_type"] == "COMPLETED"
 
@@ -196,4 +194,4 @@ def participant_runs(api: str, flow_run_id: str) -> list[dict[str, Any]]:
         f"{api}/flow_runs/filter",
         json={"flows": {"name": {"any_": ["federated-participant"]}}, "limit": 200},
     ).json()
-    return [c for c in children if c["parameters"].get("run_id") == flow_run_id]
+    return [c for c in children if c["parameters"].get("job", {}).get("run_id") == flow_run_id]

@@ -20,7 +20,7 @@ from fl_components.exchange import (
     write_global_model,
 )
 from fl_components.promotion import decide_promotion, federated_accuracy
-from fl_components.training import LocalUpdate, Metrics
+from fl_components.round.types import LocalUpdate, Metrics
 
 
 def _arrays() -> list[np.ndarray]:
@@ -89,7 +89,7 @@ def test_promotion_rule() -> None:
 
 
 def test_stack_state_never_records_the_database_password() -> None:
-    from flows.stack_state import _redacted
+    from ops.stack.state import _redacted
 
     assert _redacted("postgresql+asyncpg://fed:s3cret@127.0.0.1:5432/prefect") == (
         "postgresql+asyncpg://fed:***@127.0.0.1:5432/prefect"

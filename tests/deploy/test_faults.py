@@ -5,7 +5,7 @@ mid-run. Each leaves the stack as it found it (the tests in test_stack.py follow
 What protects a round, in tasks/work_pool.py: the coordinator creates one flow run per site
 and stage and awaits *that* flow run by its id, with a deadline; at the deadline it cancels the
 run and the site is a ``timeout`` dropout. A result is read only from the awaited run, and its
-payload must name the job's site, stage and round (fl_components/site_messages.py); the
+payload must name the job's site, stage and round (fl_components/wire/site_answer.py); the
 payload does not carry the coordinator's run id, so it is the flow run id that keeps another
 run's answer for the same site and round out.
 """
@@ -65,9 +65,9 @@ def _runs_of(api: str, federation: str, site: str, round_num: int, stage: str) -
     return [
         r
         for r in runs
-        if r["parameters"].get("federation", {}).get("name") == federation
-        and r["parameters"].get("site") == site
-        and r["parameters"].get("round_num") == round_num
+        if r["parameters"].get("job", {}).get("federation", {}).get("name") == federation
+        and r["parameters"].get("job", {}).get("site") == site
+        and r["parameters"].get("job", {}).get("round") == round_num
     ]
 
 
@@ -95,7 +95,7 @@ def _in_background(action: Callable[[threading.Event], None]) -> Iterator[dict[s
 
 
 def _executor_pid(stack: dict[str, Any], site: str) -> int:
-    """The pid of the site's warm executor (`flows.site_executor serve`, in its worker's group)."""
+    """The pid of the site's warm executor (`ops.site_executor serve`, in its worker's group)."""
     record = json.loads((Path(stack["root"]) / "stack.json").read_text())
     worker = next(p for p in record["processes"] if p["name"] == f"worker-{site}")
     for entry in Path("/proc").iterdir():
@@ -107,7 +107,7 @@ def _executor_pid(stack: dict[str, Any], site: str) -> int:
         except OSError:
             continue
         pgid = int(stat[stat.rindex(")") + 2 :].split()[2])
-        if pgid == worker["pgid"] and b"flows.site_executor" in cmdline and b"serve" in cmdline:
+        if pgid == worker["pgid"] and b"ops.site_executor" in cmdline and b"serve" in cmdline:
             return int(entry.name)
     raise AssertionError(f"no warm executor found for site {site}")
 
@@ -228,9 +228,9 @@ def test_a_stage_delivered_twice_counts_once(stack: dict[str, Any]) -> None:
     answer from another round is refused by its round id."""
     from mlflow.tracking import MlflowClient
 
-    from fl_components.engine import JobKind, SiteJob
     from fl_components.exchange import ExchangeError
-    from fl_components.site_messages import answer_from_payload
+    from fl_components.round.types import JobKind, SiteJob
+    from fl_components.wire.site_answer import answer_from_payload
     from tasks.work_pool import read_json_result
 
     api = stack["prefect_api_url"]
@@ -265,7 +265,7 @@ def test_a_stage_delivered_twice_counts_once(stack: dict[str, Any]) -> None:
         mine = [
             c
             for c in participant_runs(api, flow_run_id)
-            if (c["parameters"]["site"], c["parameters"]["stage"]) == (twice, "train")
+            if (c["parameters"]["job"]["site"], c["parameters"]["job"]["stage"]) == (twice, "train")
         ]
         own = [c for c in mine if c["id"] != duplicate.get("id")]
         if duplicate and own and own[0]["state_type"] == "COMPLETED":
@@ -302,7 +302,7 @@ def test_a_stage_delivered_twice_counts_once(stack: dict[str, Any]) -> None:
 def _restart_prefect_server(stack: dict[str, Any]) -> float:
     """Stop the stack's Prefect server (SIGTERM, SIGKILL after 10 s) and start it again on the
     same port and database, as `fedpipe up` started it; the seconds its API was away."""
-    from flows.stack_processes import (
+    from ops.stack.processes import (
         _bin,
         _clean_env,
         _group_members,
@@ -310,7 +310,7 @@ def _restart_prefect_server(stack: dict[str, Any]) -> float:
         _wait_http,
         server_environment,
     )
-    from flows.stack_state import StackPaths
+    from ops.stack.state import StackPaths
 
     root = Path(stack["root"])
     record = json.loads((root / "stack.json").read_text())
@@ -366,7 +366,7 @@ def test_the_prefect_server_restarted_mid_run(stack: dict[str, Any]) -> None:
 
     run = _wait_flow_run(api, run_id, timeout=900)
     seen = sorted(
-        (c["parameters"]["site"], c["parameters"]["round_num"], c["parameters"]["stage"],
+        (c["parameters"]["job"]["site"], c["parameters"]["job"]["round"], c["parameters"]["job"]["stage"],
          c["state_type"], c["created"], (c["state"] or {}).get("message"))
         for c in participant_runs(api, run_id)
     )  # fmt: skip

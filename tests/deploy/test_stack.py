@@ -50,7 +50,7 @@ def test_ui_settings_point_at_the_started_server(stack: dict[str, Any]) -> None:
 
 
 def test_status_shows_every_process_and_pool(stack: dict[str, Any]) -> None:
-    from flows.stack import status
+    from ops.stack.lifecycle import status
 
     report = status(root=Path(stack["root"]))
     assert report["prefect_healthy"] and report["mlflow_healthy"]
@@ -62,7 +62,7 @@ def test_status_shows_every_process_and_pool(stack: dict[str, Any]) -> None:
 
 def test_doctor_finds_a_healthy_stack(stack: dict[str, Any]) -> None:
     """`fedpipe doctor` on the stack just started: every check passes, exit 0."""
-    from flows.doctor import diagnose
+    from ops.doctor import diagnose
 
     state = Path(stack["root"])
     checks = diagnose(state_dir=state)
@@ -156,7 +156,9 @@ def test_a_scripted_run_with_some_fields_keeps_the_deployment(stack: dict[str, A
         f"{api}/flow_runs/filter",
         json={"flows": {"name": {"any_": ["federated-participant"]}}, "limit": 200},
     ).json()
-    names = [c["name"] for c in children if c["parameters"].get("run_id") == run["id"]]
+    names = [
+        c["name"] for c in children if c["parameters"].get("job", {}).get("run_id") == run["id"]
+    ]
     assert names and all(n.endswith(f"-{run['id'][:8]}") for n in names), names
     assert f"north-r1-train-{run['id'][:8]}" in names
 
@@ -245,7 +247,7 @@ def test_champion_run_never_opens_site_data(stack: dict[str, Any]) -> None:
 def test_site_init_enrolls_a_site(stack: dict[str, Any], tmp_path: Path) -> None:
     """`fedpipe site init` on the running stack: keys (0600), public registry entry, work
     pool, participant deployment, the worker's command; a second run changes nothing."""
-    from flows.stack import StackError, site_init
+    from ops.stack.lifecycle import StackError, site_init
 
     state = Path(stack["root"])
     api = stack["prefect_api_url"]
@@ -318,8 +320,8 @@ def test_dead_worker_is_skipped_fast_and_restarted(stack: dict[str, Any]) -> Non
 
     from fl_components.config import FederationConfig
     from flows.federated_training import federated_training
-    from flows.stack import status
-    from flows.stack_processes import _group_members
+    from ops.stack.lifecycle import status
+    from ops.stack.processes import _group_members
 
     state = Path(stack["root"])
     api = stack["prefect_api_url"]
@@ -376,9 +378,10 @@ def test_dead_worker_is_skipped_fast_and_restarted(stack: dict[str, Any]) -> Non
         json={"flows": {"name": {"any_": ["federated-participant"]}}, "limit": 200},
     ).json()
     train = [
-        (c["parameters"]["site"], c["parameters"]["round_num"], c["state_type"])
+        (c["parameters"]["job"]["site"], c["parameters"]["job"]["round"], c["state_type"])
         for c in children
-        if c["parameters"].get("run_id") == flow_run_id and c["parameters"]["stage"] == "train"
+        if c["parameters"].get("job", {}).get("run_id") == flow_run_id
+        and c["parameters"]["job"]["stage"] == "train"
     ]
     assert [(r, state) for site, r, state in train if site == dead] in ([], [(1, "CANCELLED")])
     assert sorted((site, r) for site, r, _ in train if site != dead) == [
@@ -417,7 +420,7 @@ def test_dead_worker_is_skipped_fast_and_restarted(stack: dict[str, Any]) -> Non
 
     # doctor: east is well again; what is left is west (enrolled by `site init` above, with
     # an empty data folder and no worker), whose worker runs on its own host
-    from flows.doctor import diagnose
+    from ops.doctor import diagnose
 
     failed = {c.name: c for c in diagnose(state_dir=state) if not c.ok}
     assert set(failed) == {"site west: worker", "site west: data"}, failed

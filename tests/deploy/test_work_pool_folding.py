@@ -13,19 +13,14 @@ from typing import Any
 import pytest
 
 from fl_components.compression.download import full_download_nbytes
-from fl_components.compression.site import CompressionInstruction
+from fl_components.compression.instruction import CompressionInstruction
 from fl_components.config import CompressionConfig, FederationConfig
-from fl_components.engine import (
-    DropoutKind,
-    EvaluationRequest,
-    RoundPlan,
-    evaluate_sites,
-    run_round,
-)
 from fl_components.errors import BudgetExhaustedError
 from fl_components.federation import Site, dataset_info, materialize_sites
-from fl_components.models import build_model
 from fl_components.parameters import NDArrays, get_parameters
+from fl_components.round.engine import EvaluationRequest, RoundPlan, evaluate_sites, run_round
+from fl_components.round.types import DropoutKind
+from fl_components.site.models import build_model
 from fl_components.strategies import FedAvg
 from tasks import work_pool
 from tests.in_process_sites import dispatch_in_process
@@ -70,7 +65,7 @@ def test_evaluation_rides_with_training_and_covers_the_sites_not_training(
 
     state, report = run_round(strategy.initial_state(parameters), _plan(sites), backend, strategy)
 
-    assert [(c["site"], c["stage"], c["round_num"], c["evaluate_round"]) for c in calls] == [
+    assert [(c["site"], c["stage"], c["round"], c["evaluate_round"]) for c in calls] == [
         ("site-0", "train", 1, 0),
         ("site-1", "train", 1, 0),
         ("site-2", "evaluate", 0, None),  # not training this round: evaluated in the same wave
@@ -137,7 +132,7 @@ def test_compressed_updates_and_model_deltas_cross_the_work_pool_boundary(
         state, report = run_round(state, plan, backend, strategy)
         reports.append(report)
         assert [c["compression"]["round"] for c in calls] == [round_num] * 2
-        assert all(c["model_uri"] == "" for c in calls)  # the model travels as a download
+        assert all(c["model"] is None for c in calls)  # the model travels as a download
     first, second = reports
 
     # round 1: the full model; round 2: the 8-bit delta, read from the exchange folder

@@ -40,7 +40,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
 def _kill_after_round(tmp_path: Path, round_num: int) -> tuple[str, str]:
     """Start `fedpipe run`, SIGKILL its group once round ``round_num``'s row is out."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", "fed.yaml"],
+        [sys.executable, "-m", "ops.cli.main", "run", "fed.yaml"],
         cwd=tmp_path,
         env=_env(tmp_path),
         stdout=subprocess.PIPE,
@@ -82,7 +82,7 @@ def test_a_killed_run_resumes_into_the_same_mlflow_run(tmp_path: Path) -> None:
     folder = tmp_path / "state" / "checkpoints" / "resume-fed" / run_id
     assert (folder / "latest.json").is_file(), before
     resumed = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", "fed.yaml", "--resume", run_id],
+        [sys.executable, "-m", "ops.cli.main", "run", "fed.yaml", "--resume", run_id],
         cwd=tmp_path,
         env=_env(tmp_path),
         capture_output=True,

@@ -13,7 +13,7 @@ from fl_components.config import TrackingConfig
 from fl_components.privacy.accounting import ClientRound
 from fl_components.privacy.federation_ledger import FederationLedger, federation_ledger_path
 from fl_components.privacy.ledger import PrivacyLedger
-from flows.cli import app
+from ops.cli.main import app
 
 runner = CliRunner()
 

@@ -11,7 +11,7 @@ from fl_components.config import FederationConfig
 from fl_components.errors import BudgetExhaustedError
 from fl_components.privacy.ledger import PrivacyLedger, SiteBudgetExhausted
 from fl_components.privacy.rounds import PrivacyRounds, declined_record
-from fl_components.training import LocalUpdate
+from fl_components.round.types import LocalUpdate
 
 
 def _rounds() -> PrivacyRounds:
@@ -79,8 +79,8 @@ def test_a_decline_carries_the_spent_epsilon_through_pickle(tmp_path) -> None:
 
 
 def test_a_decline_keeps_its_kind_and_epsilon_across_the_work_pool_payload() -> None:
-    from fl_components.engine import Dropout, DropoutKind, JobKind, SiteJob, SiteResult
-    from fl_components.site_messages import answer_from_payload, answer_payload
+    from fl_components.round.types import Dropout, DropoutKind, JobKind, SiteJob, SiteResult
+    from fl_components.wire.site_answer import answer_from_payload, answer_payload
 
     job = SiteJob(site="h2", kind=JobKind.TRAIN, round=3)
     refusal = Dropout("h2", DropoutKind.DECLINED, "site 'h2' declines", epsilon_spent=2.99)

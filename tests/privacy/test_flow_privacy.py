@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 from opacus.accountants import RDPAccountant
 
-from fl_components.engine import Dropout, DropoutKind
 from fl_components.privacy.ledger import RDP_ORDERS
+from fl_components.round.types import Dropout, DropoutKind
 from tasks.tracking import round_markdown
 
 
@@ -59,7 +59,7 @@ def test_logged_epsilon_is_recomputed_from_logged_params(prefect_harness, small_
 
 
 def test_a_budget_refusal_shows_as_declined_in_the_round_table() -> None:
-    from fl_components.training import Metrics
+    from fl_components.round.types import Metrics
 
     reason = str(Dropout("h2", DropoutKind.DECLINED, "site 'h2' declines: epsilon spent 2.9"))
     markdown = round_markdown(

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 
 from fl_components.config import FederationConfig
-from fl_components.engine import DropoutKind, JobKind, SiteJob
 from fl_components.federation import Site, dataset_info, materialize_sites, site_folder
-from fl_components.models import build_model
 from fl_components.parameters import get_parameters
-from fl_components.participant import run_job
 from fl_components.privacy.ledger import PrivacyLedger, RoundAlreadyCharged
 from fl_components.privacy.releases import KEPT_PER_RUN, RELEASES_DIR
+from fl_components.round.types import DropoutKind, JobKind, SiteJob
+from fl_components.site.jobs import run_job
+from fl_components.site.models import build_model
 
 PLAN = {"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 5, "delta": 1e-5}
 

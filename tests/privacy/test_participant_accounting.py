@@ -14,7 +14,7 @@ from fl_components.privacy.accounting import ClientRound, participant_epsilon
 from fl_components.privacy.dp_fedavg import SecureRandom, dp_fedavg_aggregate
 from fl_components.privacy.ledger import RDP_ORDERS
 from fl_components.privacy.rounds import PrivacyRounds
-from fl_components.training import LocalUpdate
+from fl_components.round.types import LocalUpdate
 
 
 def _config(*, sites: int, fraction: float, sampling: str = "random") -> FederationConfig:

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from fl_components.config import load_config
-from fl_components.data import load_site
+from fl_components.data.site_files import load_site
 from fl_components.federation import materialize_sites, site_folder
-from fl_components.privacy.dpsgd import plan_round
 from fl_components.privacy.ledger import RDP_ORDERS, epsilon_of
+from fl_components.site.dpsgd import plan_round
 
 
 def test_hospitals_dp_settings_account_without_the_end_of_range_warning(tmp_path: Path) -> None:

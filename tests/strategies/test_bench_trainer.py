@@ -5,10 +5,9 @@ import torch
 from torch import nn
 
 from benchmarks.logreg_federation import LocalSetup, logreg_sgd
-from fl_components.data import Split
+from fl_components.data.types import Split
 from fl_components.parameters import get_parameters
-from fl_components.strategies.fedprox import proximal_penalty
-from fl_components.strategies.scaffold import scaffold_correct_gradients
+from fl_components.site.objective import proximal_penalty, scaffold_correct_gradients
 
 
 def test_numpy_sgd_matches_torch_with_proximal_term_and_scaffold_correction() -> None:

@@ -5,14 +5,14 @@ import numpy as np
 from benchmarks.logreg_federation import BenchSites, LocalSetup, accuracy
 from benchmarks.robustness_bench import attack
 from fl_components.config import StrategyConfig
-from fl_components.data import partition_bundled
-from fl_components.engine import RoundPlan, run_round
+from fl_components.data.site_files import partition_bundled
 from fl_components.federation import central_test_split, materialize_sites
-from fl_components.models import build_model
 from fl_components.parameters import get_parameters
-from fl_components.participant import InProcessSites
+from fl_components.round.engine import RoundPlan, run_round
+from fl_components.site.jobs import InProcessSites
+from fl_components.site.models import build_model
+from fl_components.site.training import evaluate
 from fl_components.strategies import build_strategy
-from fl_components.training import evaluate
 
 
 def test_fedadam_and_median_learn_through_the_engine_on_real_sites(small_config) -> None:

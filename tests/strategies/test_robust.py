@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from fl_components.errors import RoundError
+from fl_components.round.types import LocalUpdate
 from fl_components.strategies.aggregation import UpdateAggregation, bound_norm
 from fl_components.strategies.krum import bulyan, krum, krum_scores, multi_krum
 from fl_components.strategies.robust import coordinate_median, trimmed_mean, weighted_mean
-from fl_components.training import LocalUpdate
 
 
 def vec(*values: float) -> np.ndarray:

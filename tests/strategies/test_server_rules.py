@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from fl_components.errors import RoundError
+from fl_components.round.types import LocalUpdate
 from fl_components.strategies import (
     AggregatedUpdate,
     FedAdagrad,
@@ -20,7 +21,6 @@ from fl_components.strategies import (
     UpdateAggregation,
 )
 from fl_components.strategies.qfedavg import qfedavg_step
-from fl_components.training import LocalUpdate
 
 
 def arr(*values: float) -> np.ndarray:

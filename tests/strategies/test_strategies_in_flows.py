@@ -16,10 +16,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from fl_components.config import FederationConfig
-from fl_components.engine import RoundPlan, run_round
 from fl_components.federation import dataset_info, materialize_sites
-from fl_components.models import build_model
 from fl_components.parameters import get_parameters
+from fl_components.round.engine import RoundPlan, run_round
+from fl_components.site.models import build_model
 from fl_components.strategies import build_strategy
 from flows.federated_training import federated_training
 from tests.in_process_sites import dispatch_in_process

@@ -20,8 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fl_components.config import FederationConfig, config_from_dict, load_config
-from fl_components.data import read_split
-from fl_components.engine import JobKind, SiteJob
+from fl_components.data.site_files import read_split
 from fl_components.errors import ConfigError, DataError, FedpipeError
 from fl_components.exchange import (
     ExchangeError,
@@ -30,9 +29,9 @@ from fl_components.exchange import (
     read_global_model,
     update_payload,
 )
-from fl_components.secure_round import context_from_json
-from fl_components.site_messages import answer_from_payload, instructions_from_payload
-from fl_components.training import LocalUpdate
+from fl_components.round.types import JobKind, LocalUpdate, SiteJob
+from fl_components.secure_aggregation.site_stages import context_from_json
+from fl_components.wire.site_answer import answer_from_payload, instructions_from_payload
 
 FUZZ = settings(
     max_examples=120,

@@ -10,7 +10,7 @@ from fl_components.promotion import (
     evaluation_coverage,
     federated_accuracy,
 )
-from fl_components.training import Metrics
+from fl_components.round.types import Metrics
 
 SITES = ("site-a", "site-b", "site-c")
 

@@ -2,7 +2,9 @@ import numpy as np
 import pytest
 
 from fl_components.errors import RoundError
-from fl_components.strategies import AggregatedUpdate, FedAvg, ServerState, weighted_average
+from fl_components.parameters import flatten, unflatten
+from fl_components.strategies import AggregatedUpdate, FedAvg, ServerState
+from fl_components.strategies.robust import weighted_mean
 
 
 def test_weighted_average_hand_worked() -> None:
@@ -11,7 +13,7 @@ def test_weighted_average_hand_worked() -> None:
     a = [np.array([1.0, 2.0], dtype=np.float32), np.array([[0.0]], dtype=np.float32)]
     b = [np.array([5.0, -2.0], dtype=np.float32), np.array([[4.0]], dtype=np.float32)]
 
-    mean = weighted_average([(a, 1), (b, 3)])
+    mean = unflatten(weighted_mean([flatten(a), flatten(b)], [1, 3]), like=a)
 
     np.testing.assert_allclose(mean[0], [4.0, -1.0])
     np.testing.assert_allclose(mean[1], [[3.0]])
@@ -20,12 +22,12 @@ def test_weighted_average_hand_worked() -> None:
 
 def test_weighted_average_of_nothing_is_an_error() -> None:
     with pytest.raises(RoundError, match="zero updates"):
-        weighted_average([])
+        weighted_mean([], [])
 
 
 def test_weighted_average_rejects_zero_weight() -> None:
     with pytest.raises(RoundError, match="sum to > 0"):
-        weighted_average([([np.zeros(2, dtype=np.float32)], 0)])
+        weighted_mean([np.zeros(2, dtype=np.float32)], [0])
 
 
 def test_fedavg_steps_by_server_lr() -> None:

@@ -105,8 +105,8 @@ def test_an_older_champion_without_safetensors_is_not_compared_and_the_run_goes_
 ) -> None:
     """Upgrading fedpipe must not fail a recurring run at its end on the old champion."""
     from fl_components.federation import materialize_sites
-    from fl_components.participant import InProcessSites
-    from fl_components.training import Metrics
+    from fl_components.round.types import Metrics
+    from fl_components.site.jobs import InProcessSites
     from tasks.promotion import promote_if_better
 
     materialize_sites(small_config)

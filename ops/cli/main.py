@@ -1,0 +1,45 @@
+"""``fedpipe``: the command line (Typer + Rich).
+
+``fedpipe demo`` trains the embedded default federation; ``fedpipe run FILE.yaml`` trains
+any federation; ``fedpipe partition`` writes site folders; ``fedpipe validate`` checks a
+config; ``fedpipe up`` / ``down`` / ``status`` / ``doctor`` / ``site ...`` start, stop and
+check the local stack and its sites; ``fedpipe budget`` / ``privacy-report`` report. The
+commands live by concern in :mod:`ops.cli.run`, :mod:`ops.cli.stack` and
+:mod:`ops.cli.report`; they are registered here, in the order ``--help`` lists them.
+"""
+
+from __future__ import annotations
+
+from ops.cli import report as cli_report
+from ops.cli import run as cli_run
+from ops.cli import stack as cli_stack
+from ops.cli.app import app, site_app
+from ops.cli.server import server_app
+
+__all__ = ["app", "main"]
+
+app.command()(cli_run.demo)
+app.command()(cli_run.run)
+app.command()(cli_run.validate)
+app.command()(cli_run.partition)
+app.command()(cli_stack.up)
+app.command()(cli_stack.down)
+app.command()(cli_stack.status)
+app.command()(cli_stack.doctor)
+app.command()(cli_report.budget)
+app.command("privacy-report")(cli_report.privacy_report)
+app.add_typer(server_app, name="server")
+site_app.command("init")(cli_stack.site_init)
+site_app.command("restart")(cli_stack.site_restart)
+site_app.command(
+    "worker", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)(cli_stack.site_worker)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,276 @@
+"""``fedpipe demo`` / ``run`` / ``validate`` / ``partition``: training runs from the CLI.
+
+``fedpipe demo`` trains the embedded default federation; ``fedpipe run FILE.yaml`` trains
+any federation; ``fedpipe partition`` writes site folders; ``fedpipe validate`` checks a
+config. Prefect runs ephemerally (no server to start) with its state under ``state/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fl_components.config import FederationConfig, config_from_dict, load_config, parse_yaml
+from fl_components.errors import ConfigError, FedpipeError
+from ops.cli.app import STATE_DIR, console, fail
+from ops.cli.report import print_dropouts, print_where_to_look, round_header, round_row
+from ops.run_report import QuietRun, quiet_console
+
+
+def prepare_environment() -> None:
+    """Quiet, isolated defaults for an in-process (ephemeral) Prefect, unless set already."""
+    os.environ.setdefault("PREFECT_HOME", str((STATE_DIR / "prefect").resolve()))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    # Prefect's console handler at WARNING; the API handler still ships INFO logs to the UI
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_FLOW_RUNS_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_TASK_RUNS_LEVEL", "WARNING")
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+
+
+def quiet_console_logs() -> None:
+    """Keep library loggers at WARNING on the console."""
+    for name in ("mlflow", "alembic", "httpx", "opacus"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def run_with_progress(config: FederationConfig, *, quiet: QuietRun, resume: str | None) -> Any:
+    """Run the training flow in-process, showing a live progress bar and a row per round.
+
+    The temporary Prefect server boots while the heavy imports run (or a running one named by
+    PREFECT_API_URL is reused). Whether the run succeeds or fails, the server is given this
+    process's last events and logs, and a bounded time to record them, before it stops.
+    """
+    server = start_temporary_server()  # boots while the imports below run
+    from flows.federated_training import federated_training
+    from flows.naming import run_name
+    from flows.progress import listening
+    from flows.runners import task_runner_for
+    from ops.servers.temporary import TemporaryServer, flush_and_wait
+    from ops.startup import warm_in_background
+
+    console.print(
+        f"[bold]fedpipe[/] federation [cyan]{config.name}[/]: {len(config.sites)} sites, "
+        f"{config.rounds} rounds, {config.strategy.name}, {config.model.kind}, "
+        f"backend {config.backend}"
+    )
+    if isinstance(server, TemporaryServer):
+        console.print(
+            "[dim]starting Prefect (a temporary server; `fedpipe server start` keeps one)...[/]"
+        )
+    columns = (
+        TextColumn("[bold blue]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"),
+    )
+    flow_run_ids: list[str] = []
+    with Progress(*columns, console=console, transient=False) as progress:
+        bar = progress.add_task("rounds", total=config.rounds, status="starting")
+        started = time.perf_counter()
+
+        def on_event(event: str, payload: dict[str, Any]) -> None:
+            if event == "start":
+                from prefect.runtime import flow_run
+
+                flow_run_ids.append(str(flow_run.get_id() or ""))
+                progress.console.print(
+                    f"[dim]Prefect up after {time.perf_counter() - started:.1f}s; "
+                    f"MLflow run {payload['run_id']}[/]"
+                )
+                progress.console.print(round_header(config))
+            elif event == "round":
+                m = payload["metrics"]
+                progress.console.print(round_row(config, payload["round"], m))
+                progress.update(
+                    bar,
+                    advance=1,
+                    status=f"acc {m['global/accuracy']:.3f}  loss {m['global/loss']:.3f}",
+                )
+                for site, reason in payload.get("dropouts", {}).items():
+                    quiet.dropouts.add(site, f"round {payload['round']}: {reason}")
+
+        named = run_name(config.name, started=datetime.now(UTC))
+        flow = federated_training.with_options(
+            flow_run_name=named, task_runner=task_runner_for(config)
+        )
+        try:
+            if server is not None:
+                warm_in_background()
+                server.wait_ready(timeout=_startup_timeout())
+            with server.serving() if server else contextlib.nullcontext(), listening(on_event):
+                try:
+                    return flow(config, resume=resume)
+                finally:
+                    # send this process's last events and logs, wait (bounded) for the server
+                    # to record every task run, so that the Prefect UI shows them all final
+                    progress.update(bar, status="flushing Prefect events")
+                    flush_and_wait(flow_run_ids[0] if flow_run_ids else "", timeout=30)
+        finally:
+            if server is not None:
+                server.stop()
+
+
+def train_and_report(config: FederationConfig, *, resume: str | None = None) -> None:
+    """Run ``config`` in-process and tell the user how it went, in one paragraph.
+
+    Exits 1 when the run failed (the reason, one line per site that dropped out, and the
+    log file with the full trace), 3 when it finished but some site gave nothing in every
+    round, 0 otherwise.
+    """
+    prepare_environment()
+    quiet_console_logs()
+    log_file = (STATE_DIR / "logs" / f"{config.name}.log").resolve()
+    quiet = quiet_console(log_file, sites=config.site_names)
+    try:
+        summary = run_with_progress(config, quiet=quiet, resume=resume)
+    except FedpipeError as error:
+        console.print(f"[bold red]run failed:[/] {error}")
+        print_dropouts(quiet, unless_named_in=str(error))
+        console.print(f"full log: {log_file}", soft_wrap=True)
+        raise typer.Exit(code=1) from None
+    except RuntimeError as error:
+        # Prefect says so only in this message; anything else is a bug, shown as such
+        if "ephemeral Prefect API server" not in str(error):
+            raise
+        wait = os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]
+        console.print(
+            f"[bold red]run failed:[/] Prefect's temporary server did not answer within {wait}s "
+            "(a busy machine starts it slowly); set "
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS higher, or start a server once "
+            "with `fedpipe up` and set PREFECT_API_URL",
+            soft_wrap=True,
+        )
+        console.print(f"full log: {log_file}", soft_wrap=True)
+        raise typer.Exit(code=1) from None
+    finally:
+        quiet.close()
+    print_where_to_look(summary)
+    print_dropouts(quiet)
+    silent = sorted(
+        site for site, lines in quiet.dropouts.messages.items() if len(lines) >= config.rounds
+    )
+    if silent:
+        console.print(
+            f"[bold yellow]warning:[/] {', '.join(silent)} gave nothing in any round: the model "
+            f"was trained without them; fix what the lines above name (full log: {log_file})",
+            soft_wrap=True,
+        )
+        raise typer.Exit(code=3)
+
+
+def start_temporary_server() -> Any:
+    """Start this run's temporary Prefect server, unless there is one to reuse.
+
+    Reused: the server ``PREFECT_API_URL`` names (a stack's), else the local one that
+    ``fedpipe server start`` left running under ``PREFECT_HOME``.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+    from ops.servers.local import running_api_url
+    from ops.servers.temporary import ReusedServer, TemporaryServer
+
+    api_url = running_api_url()
+    if api_url is not None:
+        console.print(f"[dim]Prefect: the local server at {api_url} (`fedpipe server stop`)[/]")
+        os.environ["PREFECT_API_URL"] = api_url  # for the run, and to point at its UI after
+        return ReusedServer(api_url)
+    return TemporaryServer.start(Path(os.environ["PREFECT_HOME"]) / "server.log")
+
+
+def _startup_timeout() -> float:
+    return float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90"))
+
+
+def demo(
+    rounds: Annotated[int, typer.Option(help="Rounds to train.")] = 20,
+) -> None:
+    """Train the embedded default: 10 sites on scikit-learn's digits, Dirichlet(0.5), FedAvg."""
+    try:
+        config = config_from_dict({"rounds": rounds}, source="--rounds")
+    except FedpipeError as error:
+        fail(error)
+    train_and_report(config)
+
+
+def run(
+    config_path: Annotated[Path, typer.Argument(help="Federation config (YAML).")],
+    rounds: Annotated[int | None, typer.Option(help="Override the config's rounds.")] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(help="Go on with this crashed run (its MLflow run id) from its last round."),
+    ] = None,
+) -> None:
+    """Train the federation described in CONFIG_PATH."""
+    try:
+        config = read_config_file(config_path)
+        if rounds is not None:
+            raw = {**config.model_dump(mode="json", exclude_unset=True), "rounds": rounds}
+            config = config_from_dict(raw, source=f"{config_path} with --rounds {rounds}")
+    except FedpipeError as error:
+        fail(error)
+    train_and_report(config, resume=resume)
+
+
+def read_config_file(path: Path) -> FederationConfig:
+    """:func:`load_config`, refusing a folder or an empty file with what to give instead.
+
+    Raises
+    ------
+    ConfigError
+        If ``path`` is a folder, empty (or only comments), or not a valid config.
+    """
+    if path.is_dir():
+        yamls = sorted(p.name for p in path.glob("*.y*ml"))[:3]
+        hint = f" (it holds {', '.join(yamls)})" if yamls else ""
+        raise ConfigError(
+            f"{path} is a directory{hint}; give a federation config file, e.g. "
+            "`fedpipe run examples/digits-10-sites.yaml`"
+        )
+    if path.is_file() and not parse_yaml(path.read_text(errors="replace"), source=str(path)):
+        raise ConfigError(
+            f"{path} is empty (no settings); a run needs at least a federation name and its "
+            "sites: copy one of examples/*.yaml, or run the built-in demo with `fedpipe demo`"
+        )
+    return load_config(path)
+
+
+def validate(
+    config_path: Annotated[Path, typer.Argument(help="Federation config (YAML).")],
+) -> None:
+    """Check a config and print it with every default filled in."""
+    try:
+        config = read_config_file(config_path)
+    except FedpipeError as error:
+        fail(error)
+    console.print_json(config.model_dump_json())
+    console.print(f"[green]{config_path} is valid[/]")
+
+
+def partition(
+    config_path: Annotated[Path, typer.Argument(help="Federation config (YAML).")],
+    overwrite: Annotated[bool, typer.Option(help="Rebuild existing site folders.")] = False,
+) -> None:
+    """Materialize site folders (sites/<federation>/<site>/train.npz, test.npz)."""
+    from fl_components.federation import materialize_sites
+
+    try:
+        config = load_config(config_path)
+        folders = materialize_sites(config, overwrite=overwrite)
+    except FedpipeError as error:
+        fail(error)
+    for folder in folders:
+        console.print(f"{folder}")
+    console.print(f"[green]{len(folders)} site folders ready[/]")

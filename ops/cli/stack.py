@@ -1,0 +1,187 @@
+"""``fedpipe up`` / ``down`` / ``status`` / ``site ...``: the stack and its sites."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fl_components.errors import FedpipeError
+from ops.cli.app import STACK_DIR, console, fail
+
+
+def up(
+    config_path: Annotated[
+        Path, typer.Option("--config", help="Federation to deploy (YAML).")
+    ] = Path("infra/federation.yaml"),
+    state_dir: Annotated[Path, typer.Option(help="Stack state (SQLite, logs, PIDs).")] = STACK_DIR,
+    mlflow_dir: Annotated[Path, typer.Option(help="MLflow store.")] = Path("mlflow/server"),
+    prefect_port: Annotated[int, typer.Option(help="Prefect server port (0: any free).")] = 4200,
+    mlflow_port: Annotated[int, typer.Option(help="MLflow server port (0: any free).")] = 5000,
+    database_url: Annotated[
+        str | None,
+        typer.Option(help="Prefect database (postgresql+asyncpg://...); SQLite if unset."),
+    ] = None,
+) -> None:
+    """Start Prefect + MLflow servers, a work pool and worker per site, and the deployments."""
+    from ops.stack import lifecycle as stack
+
+    started = time.perf_counter()
+    try:
+        record = stack.up(
+            config_path=config_path,
+            root=state_dir,
+            mlflow_dir=mlflow_dir,
+            prefect_port=prefect_port,
+            mlflow_port=mlflow_port,
+            database_url=database_url,
+        )
+    except FedpipeError as error:
+        fail(error)
+    console.print(f"[bold green]stack up[/] in {time.perf_counter() - started:.1f}s")
+    console.print(f"Prefect UI: {record['prefect_ui_url']}  (API {record['prefect_api_url']})")
+    console.print(f"MLflow UI:  {record['mlflow_url']}")
+    for site, entry in record["sites"].items():
+        console.print(f"  site {site}: pool {entry['pool']}, data {entry['data']}")
+    console.print(
+        "Run it: Prefect UI > Deployments > federated-training > Run (or "
+        f"`PREFECT_API_URL={record['prefect_api_url']} prefect deployment run "
+        "federated-training/federated-training`); stop it: `fedpipe down`",
+        soft_wrap=True,
+    )
+
+
+def down(
+    state_dir: Annotated[Path, typer.Option(help="Stack state folder.")] = STACK_DIR,
+) -> None:
+    """Stop exactly what `fedpipe up` started and check that nothing is left."""
+    from ops.stack import lifecycle as stack
+
+    try:
+        lines = stack.down(root=state_dir)
+    except FedpipeError as error:
+        fail(error)
+    for line in lines:
+        console.print(line)
+    console.print("[green]stack down: no process left[/]")
+
+
+def status(
+    state_dir: Annotated[Path, typer.Option(help="Stack state folder.")] = STACK_DIR,
+) -> None:
+    """Show the stack's processes, servers and work pools."""
+    from ops.stack import lifecycle as stack
+
+    try:
+        report = stack.status(root=state_dir)
+    except FedpipeError as error:
+        fail(error)
+    console.print(f"Prefect {report['prefect_ui_url']}: healthy={report['prefect_healthy']}")
+    console.print(f"MLflow  {report['mlflow_url']}: healthy={report['mlflow_healthy']}")
+    for process in report["processes"]:
+        state = "[green]running[/]" if process["running"] else "[red]stopped[/]"
+        console.print(f"  {process['name']:<24} pid {process['pid']:<8} {state}")
+    for pool, pool_status in report["pools"].items():
+        console.print(f"  pool {pool:<28} {pool_status}")
+    for site, executor in report.get("executors", {}).items():
+        colour = "green" if executor == "warm" else "red" if "down" in executor else "yellow"
+        console.print(f"  site {site:<28} [{colour}]{executor}[/]", soft_wrap=True)
+
+
+def site_init(
+    name: Annotated[str, typer.Argument(help="Site name (lowercase, digits, - and _).")],
+    data: Annotated[Path, typer.Option(help="The site's data folder (train/test files).")],
+    state_dir: Annotated[Path, typer.Option(help="Stack state folder.")] = STACK_DIR,
+) -> None:
+    """Onboard a site: keys, registry entry, work pool and participant deployment."""
+    from ops.stack import lifecycle as stack
+
+    try:
+        entry = stack.site_init(name=name, data=data, root=state_dir)
+    except FedpipeError as error:
+        fail(error)
+    console.print(f"[green]site {name} enrolled[/]: pool {entry['pool']}, keys {entry['keys']}")
+    console.print("On the site's host, start its worker:")
+    console.print(f"  {entry['worker_command']}", soft_wrap=True)
+
+
+def site_restart(
+    name: Annotated[str, typer.Argument(help="The site whose worker to restart.")],
+    state_dir: Annotated[Path, typer.Option(help="Stack state folder.")] = STACK_DIR,
+) -> None:
+    """Restart one site's worker on the local stack, with its data, keys and warm executor."""
+    from ops.stack import lifecycle as stack
+
+    started = time.perf_counter()
+    try:
+        process = stack.restart_site(name=name, root=state_dir)
+    except FedpipeError as error:
+        fail(error)
+    console.print(
+        f"[green]site {name}: worker restarted[/] (pid {process['pid']}, log {process['log']}) "
+        f"and its pool is ready, in {time.perf_counter() - started:.1f}s",
+        soft_wrap=True,
+    )
+
+
+def site_worker(
+    ctx: typer.Context,
+    pool: Annotated[str, typer.Option(help="The site's work pool (fedpipe-<site>).")],
+    socket_path: Annotated[
+        Path | None,
+        typer.Option("--socket", help="Warm executor socket [default: under PREFECT_HOME]."),
+    ] = None,
+) -> None:
+    """Run a site's worker: a warm executor plus `prefect worker start --type process`.
+
+    Flow runs of the participant deployment are forked from the executor, with Prefect,
+    torch and fedpipe already imported (~2 s per dispatch instead of ~6 s); extra options
+    are passed to `prefect worker start`. Stop it with Ctrl-C or SIGTERM.
+    """
+    from ops.site_executor import default_socket, run_worker
+
+    path = socket_path or default_socket()
+    console.print(f"site worker for pool {pool}: warm executor on {path}")
+    raise typer.Exit(run_worker(pool, path, worker_args=list(ctx.args)))
+
+
+def doctor(
+    state_dir: Annotated[Path, typer.Option(help="Stack state folder.")] = STACK_DIR,
+) -> None:
+    """Check the deployment: what is wrong, and the exact command that fixes it.
+
+    The Prefect API and its UI's API address, every site's worker and warm executor, MLflow,
+    the sites' keys against the registry, their data and their privacy budget left. Checks
+    the stack recorded under --state-dir, or the Prefect API named by PREFECT_API_URL.
+    Exit 0 when all is well, 1 otherwise.
+    """
+    import os
+
+    from rich.table import Table
+
+    from ops.doctor import diagnose
+
+    api_url = os.environ.get("PREFECT_API_URL") or None
+    try:
+        checks = diagnose(state_dir=state_dir, api_url=api_url)
+    except FedpipeError as error:
+        console.print(f"[bold red]doctor failed:[/] {error}", soft_wrap=True)
+        raise typer.Exit(code=1) from None
+    table = Table(title=f"fedpipe doctor ({api_url or state_dir})")
+    for column in ("check", "", "found", "fix"):
+        table.add_column(column, overflow="fold")
+    for check in checks:
+        mark = "[green]ok[/]" if check.ok else "[bold red]FAIL[/]"
+        table.add_row(check.name, mark, check.detail, check.fix)
+    console.print(table)
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        console.print(
+            f"[bold red]{len(failed)} problem(s):[/] "
+            + "; ".join(f"{c.name}: {c.fix or c.detail}" for c in failed),
+            soft_wrap=True,
+        )
+        raise typer.Exit(code=1)
+    console.print(f"[bold green]all {len(checks)} checks passed[/]")

@@ -1,0 +1,217 @@
+"""The local stack: ``fedpipe up`` / ``down`` / ``status`` / ``site init``.
+
+``up`` starts, on 127.0.0.1, a Prefect server (SQLite under the state folder, or the
+PostgreSQL URL given), an MLflow tracking server (store under ``mlflow/``, artifacts proxied
+over HTTP), one process work pool and worker per site (each worker started with that site's
+own data folder and keys, and nothing else), a coordinator pool and worker, and the
+deployments of ``infra/prefect.yaml``. Every process is started in its own process group and
+tagged in its environment; ``down`` stops exactly those groups and checks none is left.
+This is the single-host stand-in for the multi-host deployment ``infra/README.md`` describes.
+"""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from fl_components.config import load_config
+from fl_components.exchange import site_pool_name
+from flows.resume import CHECKPOINT_DIR_ENV
+from ops.stack.processes import (
+    _bin,
+    _clean_env,
+    _group_members,
+    _spawn,
+    _wait_http,
+    _wait_pools_ready,
+    _worker_env,
+    down,
+    free_port,
+    remove_stale_sockets,
+    server_environment,
+    tagged_processes,
+)
+from ops.stack.sites import (
+    _register,
+    deploy_coordinator,
+    deploy_participant,
+    enrol_keys,
+    ensure_pool,
+    restart_site,
+    site_init,
+    site_state,
+    start_site_worker,
+)
+from ops.stack.state import (
+    COORDINATOR_POOL,
+    DEFAULT_FEDERATION,
+    StackError,
+    StackPaths,
+    _redacted,
+    load_record,
+    stack_config,
+)
+
+__all__ = [
+    "StackError",
+    "StackPaths",
+    "deploy_coordinator",
+    "deploy_participant",
+    "down",
+    "enrol_keys",
+    "ensure_pool",
+    "free_port",
+    "load_record",
+    "remove_stale_sockets",
+    "restart_site",
+    "server_environment",
+    "site_init",
+    "site_state",
+    "stack_config",
+    "start_site_worker",
+    "status",
+    "tagged_processes",
+    "up",
+]
+
+
+def up(
+    *,
+    config_path: Path = DEFAULT_FEDERATION,
+    root: Path,
+    mlflow_dir: Path,
+    prefect_port: int = 4200,
+    mlflow_port: int = 5000,
+    database_url: str | None = None,
+) -> dict[str, Any]:
+    """Start the stack and return its record (also written to ``<root>/stack.json``).
+
+    Raises
+    ------
+    StackError
+        If a stack is already running from ``root``, or a server or worker fails to start.
+    """
+    paths = StackPaths(root.resolve(), mlflow_dir.resolve())
+    if paths.state_file.is_file() and tagged_processes(paths.root):
+        raise StackError(f"a stack is already running from {paths.root}; `fedpipe down` first")
+    for folder in (paths.root, paths.results, paths.exchange, paths.mlflow_dir / "artifacts"):
+        folder.mkdir(parents=True, exist_ok=True)
+    prefect_port = prefect_port or free_port()
+    mlflow_port = mlflow_port or free_port()
+    api_url = f"http://127.0.0.1:{prefect_port}/api"
+    mlflow_url = f"http://127.0.0.1:{mlflow_port}"
+    config = stack_config(load_config(config_path), paths, mlflow_url)
+    record: dict[str, Any] = {
+        "root": str(paths.root),
+        "prefect_api_url": api_url,
+        "prefect_ui_url": f"http://127.0.0.1:{prefect_port}",
+        "mlflow_url": mlflow_url,
+        "database": _redacted(database_url) if database_url else "sqlite",
+        "federation": config.name,
+        "processes": [],
+        "sites": {},
+    }
+    base = _clean_env(paths.root)
+    processes: list[dict[str, Any]] = record["processes"]
+
+    def save() -> None:
+        paths.state_file.write_text(json.dumps(record, indent=2) + "\n")
+
+    try:
+        server_env = server_environment(base, paths, api_url=api_url, database_url=database_url)
+        (paths.root / "prefect").mkdir(exist_ok=True)
+        server_cmd = [_bin("prefect"), "server", "start", "--host", "127.0.0.1"]
+        processes.append(
+            _spawn(
+                "prefect-server", [*server_cmd, "--port", str(prefect_port)], server_env, paths.logs
+            )
+        )
+        mlflow_env = {**base, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        mlflow_cmd = [
+            _bin("mlflow"), "server", "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{paths.mlflow_dir / 'mlflow.db'}",
+            "--artifacts-destination", str(paths.mlflow_dir / "artifacts"),
+            "--host", "127.0.0.1", "--port", str(mlflow_port),
+        ]  # fmt: skip
+        processes.append(_spawn("mlflow-server", mlflow_cmd, mlflow_env, paths.logs))
+        save()
+        _wait_http(f"{api_url}/health", process=processes[0], timeout=300, what="Prefect server")
+        _wait_http(f"{mlflow_url}/health", process=processes[1], timeout=300, what="MLflow server")
+
+        if config.data.source == "bundled":  # stand-in for data the sites already hold
+            from fl_components.federation import materialize_sites
+
+            materialize_sites(config)
+        _register(config, paths, api_url)
+        (paths.root / "federation.json").write_text(
+            config.model_dump_json(indent=2, exclude_unset=True) + "\n"
+        )
+
+        from fl_components.federation import site_folder
+
+        coordinator_env = _worker_env(base, api_url, paths.root / "workers" / "coordinator")
+        coordinator_env["MLFLOW_TRACKING_URI"] = mlflow_url
+        coordinator_env[CHECKPOINT_DIR_ENV] = str(paths.root / "checkpoints")  # flows.resume
+        worker_cmd = [_bin("prefect"), "worker", "start", "--type", "process", "--pool"]
+        processes.append(
+            _spawn(
+                "worker-coordinator", [*worker_cmd, COORDINATOR_POOL], coordinator_env, paths.logs
+            )
+        )
+        pools = [COORDINATOR_POOL]
+        for site in config.site_names:
+            keys = enrol_keys(paths, site)
+            process, entry = start_site_worker(
+                paths,
+                base,
+                api_url=api_url,
+                site=site,
+                pool=site_pool_name(config, site),
+                data=site_folder(config, site).resolve(),
+                keys=keys,
+            )
+            processes.append(process)
+            record["sites"][site] = entry
+            pools.append(entry["pool"])
+        save()
+        _wait_pools_ready(api_url, pools, timeout=180)
+    except BaseException:
+        save()
+        down(root=paths.root)
+        raise
+    save()
+    return record
+
+
+def status(*, root: Path) -> dict[str, Any]:
+    """What runs: each recorded process, the servers' health and each pool's status."""
+    record = load_record(root)
+    report: dict[str, Any] = {
+        "prefect_ui_url": record["prefect_ui_url"],
+        "mlflow_url": record["mlflow_url"],
+        "processes": [
+            {**p, "running": bool(_group_members(p["pgid"]))} for p in record["processes"]
+        ],
+        "pools": {},
+    }
+    for name, url in (
+        ("prefect", f"{record['prefect_api_url']}/health"),
+        ("mlflow", f"{record['mlflow_url']}/health"),
+    ):
+        try:
+            report[f"{name}_healthy"] = httpx.get(url, timeout=2).status_code == 200
+        except httpx.HTTPError:
+            report[f"{name}_healthy"] = False
+    report["executors"] = {
+        site: site_state(record, site)
+        for site, entry in record["sites"].items()
+        if entry.get("executor")
+    }
+    if report["prefect_healthy"]:
+        pools = [COORDINATOR_POOL, *(s["pool"] for s in record["sites"].values())]
+        for pool in pools:
+            response = httpx.get(f"{record['prefect_api_url']}/work_pools/{pool}", timeout=5)
+            ok = response.status_code == 200
+            report["pools"][pool] = response.json().get("status") if ok else "MISSING"
+    return report
