@@ -33,7 +33,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from fl_components.config import FederationConfig
-from fl_components.secagg.keys import Registry, SiteKeys
+from fl_components.secure_aggregation.protocol.keys import Registry, SiteKeys
 from fl_components.site.nonces import NonceStore
 from fl_components.wire.sealed import AnswerContext, SealedAnswer, open_answer, seal
 from fl_components.wire.signing import CoordinatorIdentity, Signed, sign, verify

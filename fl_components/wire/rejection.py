@@ -26,6 +26,7 @@ class RejectReason(enum.StrEnum):
     REPLAYED = "replayed"  # a nonce the site has already seen
     MODEL_HASH = "model_hash"  # the model does not hash to what was signed
     CONFIG_HASH = "config_hash"  # the config does not hash to what was signed
+    MODEL_LOCATION = "model_location"  # a model path outside the enrolled exchange folder
     POLICY = "policy"  # asks for less than the site's policy allows
 
 

@@ -9,8 +9,9 @@ site) and both public keys, so a sealed answer opens only for that coordinator k
 that context: moved to another run, round, stage or site, it fails authentication.
 
 The site then signs the sealed bytes with its long-term Ed25519 key (the one enrolled in
-the federation's registry, :mod:`fl_components.secagg.keys`); the coordinator verifies that
-signature against the registry before it decrypts anything (:func:`open_answer`).
+the federation's registry, :mod:`fl_components.secure_aggregation.protocol.keys`); the
+coordinator verifies that signature against the registry before it decrypts anything
+(:func:`open_answer`).
 Result storage, and every other site reading it, sees only ciphertext.
 """
 
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import base64
 import os
+from collections.abc import Mapping
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -26,10 +29,11 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fl_components.secagg.agreement import encode_fields
-from fl_components.secagg.keys import PublicKeys, Registry, SiteKeys
+from fl_components.exchange import parse_json_payload
+from fl_components.secure_aggregation.protocol.agreement import encode_fields
+from fl_components.secure_aggregation.protocol.keys import PublicKeys, Registry, SiteKeys
 from fl_components.wire.rejection import AnswerReason, RejectedAnswer
 from fl_components.wire.signing import CoordinatorIdentity, CoordinatorPublicKey
 
@@ -268,3 +272,49 @@ def open_answer(
             f"the answer of site {expected.site!r} failed AES-GCM authentication: altered, "
             "or sealed for another context or key",
         ) from None
+
+
+SEALED_KEY = "sealed"
+
+
+def sealed_payload(sealed: SealedAnswer) -> dict[str, Any]:
+    """What a site returns to result storage: ``{"sealed": <SealedAnswer>}``."""
+    return {SEALED_KEY: sealed.model_dump(mode="json")}
+
+
+def open_payload(
+    payload: Mapping[str, Any],
+    *,
+    expected: AnswerContext,
+    identity: CoordinatorIdentity,
+    registry: Registry,
+) -> dict[str, Any]:
+    """The JSON answer inside a site's stored payload, once verified and decrypted.
+
+    An answer that is not sealed is refused, except a ``rejected`` refusal from a site that
+    has no pinned coordinator key to seal to (it says only that the site refused).
+
+    Raises
+    ------
+    RejectedAnswer
+        If the payload is neither, or fails :func:`open_answer`.
+    """
+    if SEALED_KEY not in payload:
+        if payload.get("stage") == "refusal" and payload.get("kind") == "rejected":
+            return dict(payload)
+        raise RejectedAnswer(
+            AnswerReason.MALFORMED,
+            f"site {expected.site!r} answered in the clear; only answers sealed to the "
+            "coordinator and signed by the site are read",
+        )
+    try:
+        sealed = SealedAnswer.model_validate(payload[SEALED_KEY])
+    except ValidationError as error:
+        raise RejectedAnswer(
+            AnswerReason.MALFORMED, f"site {expected.site!r}: not a sealed answer ({error})"
+        ) from None
+    plaintext = open_answer(sealed, expected=expected, identity=identity, registry=registry)
+    document = parse_json_payload(plaintext, what=f"site {expected.site!r} answer")
+    if not isinstance(document, dict):
+        raise RejectedAnswer(AnswerReason.MALFORMED, f"site {expected.site!r}: not a JSON object")
+    return document

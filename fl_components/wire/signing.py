@@ -2,10 +2,10 @@
 
 The coordinator holds an Ed25519 key (RFC 8032) for signing jobs and an X25519 key for
 receiving sealed answers, stored in the same format as a site's long-term keys
-(:class:`~fl_components.secagg.keys.SiteKeys`: raw 32-byte files, 0600, never overwritten)
-in a key folder of its own, never in a config. Its *key id* is the SHA-256 of the raw
-Ed25519 public key; a site pins the public half (:class:`CoordinatorPublicKey`) when it is
-enrolled and trusts no other key.
+(:class:`~fl_components.secure_aggregation.protocol.keys.SiteKeys`: raw 32-byte files,
+0600, never overwritten) in a key folder of its own, never in a config. Its *key id* is
+the SHA-256 of the raw Ed25519 public key; a site pins the public half
+(:class:`CoordinatorPublicKey`) when it is enrolled and trusts no other key.
 
 Every message the coordinator sends a site is a pydantic model, signed inside a
 :class:`Signed` envelope that adds the site it is for (``audience``), an expiry, a random
@@ -44,9 +44,9 @@ from pydantic import (
 )
 
 from fl_components.errors import ConfigError
-from fl_components.secagg.agreement import encode_fields
-from fl_components.secagg.errors import KeyFileError
-from fl_components.secagg.keys import ED25519_FILE, PublicKeys, SiteKeys
+from fl_components.secure_aggregation.protocol.agreement import encode_fields
+from fl_components.secure_aggregation.protocol.errors import KeyFileError
+from fl_components.secure_aggregation.protocol.keys import ED25519_FILE, PublicKeys, SiteKeys
 from fl_components.wire.rejection import RejectedJob, RejectReason
 
 SIGNED_DOMAIN = b"fedpipe/signed-message/v1"

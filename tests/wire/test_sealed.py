@@ -10,7 +10,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from fl_components.secagg.keys import Registry, SiteKeys
+from fl_components.secure_aggregation.protocol.keys import Registry, SiteKeys
 from fl_components.wire import sealed as sealing
 from fl_components.wire.rejection import AnswerReason, RejectedAnswer
 from fl_components.wire.sealed import AnswerContext, SealedAnswer, open_answer, seal
