@@ -15,7 +15,6 @@ signed by the site (:mod:`fl_components.wire.sealed`), its size and hash logged 
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -24,7 +23,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import fl_components
 from fl_components.errors import ConfigError
 from fl_components.secure_aggregation.protocol.keys import SiteKeys
 from fl_components.secure_aggregation.site_stages import context_from_json
@@ -35,9 +33,9 @@ from fl_components.site.policy import (
     SitePolicy,
     check_job,
     enforce,
+    installed_task_code,
     load_policy,
     policy_path,
-    task_code_digest,
 )
 from fl_components.wire.rejection import RejectedJob, RejectReason
 from fl_components.wire.sealed import AnswerContext, seal
@@ -46,12 +44,6 @@ from fl_components.wire.site_job import SiteJobMessage
 
 SignedSiteJob = Signed[SiteJobMessage]
 SEALED_KEY = "sealed"
-
-
-@functools.cache
-def installed_task_code() -> str:
-    """The SHA-256 of the ``fl_components`` sources installed here (what every job runs)."""
-    return task_code_digest(Path(fl_components.__file__).parent)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ What each line guards
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Sequence
@@ -231,6 +232,16 @@ def task_code_digest(root: str | os.PathLike[str]) -> str:
         digest.update(len(relative).to_bytes(4, "big") + relative)
         digest.update(len(content).to_bytes(8, "big") + content)
     return digest.hexdigest()
+
+
+@functools.cache
+def installed_task_code() -> str:
+    """The SHA-256 of the ``fl_components`` sources installed here (what every job runs).
+
+    The coordinator names it in each job; a site whose policy accepts no other hash runs
+    jobs only from a coordinator with the same code.
+    """
+    return task_code_digest(Path(__file__).resolve().parents[1])
 
 
 def _breach(line: str, message: str) -> PolicyBreach:

@@ -162,7 +162,7 @@ def seal(
     """
     ephemeral = X25519PrivateKey.generate()
     ephemeral_public = ephemeral.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-    recipient_raw = recipient.keys.x25519
+    recipient_raw = recipient.raw_keys.x25519
     shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(recipient_raw))
     key = _key(shared, context=context, ephemeral=ephemeral_public, recipient=recipient_raw)
     nonce = os.urandom(NONCE_BYTES)

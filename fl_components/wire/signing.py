@@ -59,6 +59,8 @@ MAX_LIFETIME = timedelta(hours=24)
 CLOCK_SKEW = timedelta(minutes=5)
 
 MessageT = TypeVar("MessageT", bound=BaseModel)
+COORDINATOR_KEYS_ENV = "FEDPIPE_COORDINATOR_KEYS"
+COORDINATOR_KEYS_DIR = "coordinator-keys"
 
 
 def key_id_of(ed25519_public: bytes) -> str:
@@ -148,7 +150,7 @@ class CoordinatorPublicKey(BaseModel):
         return self
 
     @property
-    def keys(self) -> PublicKeys:
+    def raw_keys(self) -> PublicKeys:
         """The raw public keys, in the registry's type."""
         return PublicKeys(
             x25519=base64.b64decode(self.x25519), ed25519=base64.b64decode(self.ed25519)
@@ -250,6 +252,19 @@ class CoordinatorIdentity:
     def key_id(self) -> str:
         """SHA-256 (hex) of the raw Ed25519 public key."""
         return key_id_of(self.keys.public().ed25519)
+
+
+def coordinator_keys_dir(exchange_dir: str | os.PathLike[str]) -> Path:
+    """Where the coordinator's private keys live (``FEDPIPE_COORDINATOR_KEYS``, or a default).
+
+    The default is ``coordinator-keys`` beside the exchange folder (``state/coordinator-keys``
+    on the stack). Never inside a config: the config names the exchange folder, the keys
+    sit beside it on the coordinator's host only.
+    """
+    configured = os.environ.get(COORDINATOR_KEYS_ENV)
+    if configured:
+        return Path(configured)
+    return Path(exchange_dir).resolve().parent / COORDINATOR_KEYS_DIR
 
 
 class Signed(BaseModel, Generic[MessageT]):
@@ -378,7 +393,7 @@ def verify(
         key_id=envelope.key_id,
     )
     try:
-        Ed25519PublicKey.from_public_bytes(pinned.keys.ed25519).verify(signature, payload)
+        Ed25519PublicKey.from_public_bytes(pinned.raw_keys.ed25519).verify(signature, payload)
     except InvalidSignature:
         raise RejectedJob(
             RejectReason.BAD_SIGNATURE,

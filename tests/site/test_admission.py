@@ -21,10 +21,15 @@ from fl_components.exchange import write_global_model
 from fl_components.secure_aggregation.protocol import RoundContext
 from fl_components.secure_aggregation.protocol.keys import Registry, SiteKeys
 from fl_components.secure_aggregation.site_stages import context_to_json
-from fl_components.site.admission import SignedSiteJob, admit, installed_task_code, seal_answer
+from fl_components.site.admission import SignedSiteJob, admit, seal_answer
 from fl_components.site.audit import AuditKind, AuditLog
 from fl_components.site.enrolment import apply_rotation, enrol, load_enrolment
-from fl_components.site.policy import load_policy, policy_from_federation, policy_path
+from fl_components.site.policy import (
+    installed_task_code,
+    load_policy,
+    policy_from_federation,
+    policy_path,
+)
 from fl_components.wire.rejection import PolicyBreach, RejectedAnswer, RejectedJob, RejectReason
 from fl_components.wire.sealed import AnswerContext, SealedAnswer, open_answer
 from fl_components.wire.signing import CoordinatorIdentity, KeyRotation, Signed, sign
