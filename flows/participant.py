@@ -61,8 +61,8 @@ def _charged(answer: SiteResult) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
-@task(name="site_job", task_run_name="{job.kind}-{job.site}-r{job.round}", cache_policy=NO_CACHE)
-def site_job(
+@task(name="site_stage", task_run_name="{job.kind}-{job.site}-r{job.round}", cache_policy=NO_CACHE)
+def site_stage(
     site: Site, job: SiteJob, admitted: Admitted, received: DownloadKind | None = None
 ) -> dict[str, Any]:
     """The admitted job, run on this site's own folder; the answer sealed to the coordinator.
@@ -139,7 +139,7 @@ async def federated_participant(job: SignedSiteJob) -> dict[str, Any]:
         return rejected_answer(error, folder=folder, job=job)
     message = admitted.message
     participant = site_from_environment(message.federation, message.site)
-    site_job_, received = site_job_from_message(message, folder=participant.folder)
+    engine_job, received = site_job_from_message(message, folder=participant.folder)
     logger.info(
         "site %s run %s round %d: %s, global model %s verified%s",
         message.site,
@@ -149,4 +149,4 @@ async def federated_participant(job: SignedSiteJob) -> dict[str, Any]:
         message.model_sha256[:12] or "-",
         f" ({received.name.lower()} download)" if received is not None else "",
     )
-    return site_job(participant, site_job_, admitted, received)
+    return site_stage(participant, engine_job, admitted, received)

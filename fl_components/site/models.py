@@ -7,6 +7,7 @@ apply unchanged when record-level DP is on.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 from torch import nn
@@ -43,8 +44,21 @@ class SmallCNN(nn.Module):
         return self.head(self.features(images).flatten(1))
 
 
+_INIT_LOCK = threading.Lock()  # torch's global generator, while a model is built
+
+
 def build_model(config: ModelConfig, info: DatasetInfo, *, seed: int) -> nn.Module:
-    """Build the configured model with weights initialised from ``seed``."""
+    """Build the configured model with weights initialised from ``seed``.
+
+    torch's layers draw their initial weights from the process-wide generator, so the seed
+    is set and the generator's state restored under one lock: sites training on threads
+    never see (or move) each other's draws.
+    """
+    with _INIT_LOCK:
+        return _build_seeded(config, info, seed=seed)
+
+
+def _build_seeded(config: ModelConfig, info: DatasetInfo, *, seed: int) -> nn.Module:
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:

@@ -121,7 +121,8 @@ def local_train(
     """
     started = time.perf_counter()
     device = pick_device(config.device)
-    torch.manual_seed(seed)
+    # the seed reaches the data order through the loader's own generator, never torch's
+    # process-wide one (sites train side by side on threads)
     set_parameters(model, global_parameters)
     model.to(device)
     loader = make_loader(train, batch_size=config.batch_size, seed=seed)
