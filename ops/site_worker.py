@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import os
 import sys
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,11 @@ async def participant_flow_only(flow_run: Any) -> Any:
     from flows.participant import federated_participant
 
     return federated_participant
+
+
+# it serves the site's process pool, so it keeps the type "process"; Prefect warns that the
+# type is registered twice (here, the subclass is the one this process means)
+warnings.filterwarnings("ignore", message="Type 'SiteWorker'.*", category=UserWarning)
 
 
 class SiteWorker(ProcessWorker):
