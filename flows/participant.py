@@ -35,7 +35,13 @@ from fl_components.exchange import PAYLOAD_VERSION, SITE_DIR_ENV, SITE_KEYS_ENV
 from fl_components.federation import Site
 from fl_components.round.types import SiteJob, SiteResult
 from fl_components.secure_aggregation import site_stages as secure_round
-from fl_components.site.admission import Admitted, SignedSiteJob, admit, seal_answer
+from fl_components.site.admission import (
+    Admitted,
+    SignedSiteJob,
+    admit,
+    check_spend,
+    seal_answer,
+)
 from fl_components.site.audit import AuditKind, AuditLog
 from fl_components.site.enrolment import load_enrolment
 from fl_components.site.jobs import run_job, site_from_environment
@@ -139,6 +145,11 @@ async def federated_participant(job: SignedSiteJob) -> dict[str, Any]:
         return rejected_answer(error, folder=folder, job=job)
     message = admitted.message
     participant = site_from_environment(message.federation, message.site)
+    try:  # the sigma and the run's epsilon, as this site derives them from its own data
+        check_spend(admitted, site=participant)
+    except RejectedJob as error:
+        logger.warning("site refused the job: %s", error)
+        return rejected_answer(error, folder=folder, job=job)
     engine_job, received = site_job_from_message(message, folder=participant.folder)
     logger.info(
         "site %s run %s round %d: %s, global model %s verified%s",

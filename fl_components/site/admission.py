@@ -24,14 +24,20 @@ from pathlib import Path
 from typing import Any
 
 from fl_components.errors import ConfigError
+from fl_components.federation import Site
+from fl_components.privacy.epsilon import epsilon_of
+from fl_components.privacy.ledger import PrivacyLedger
 from fl_components.secure_aggregation.protocol.keys import SiteKeys
 from fl_components.secure_aggregation.site_stages import context_from_json
 from fl_components.site.audit import AuditKind, AuditLog
+from fl_components.site.dpsgd import plan_round
 from fl_components.site.enrolment import SiteEnrolment, confine, load_enrolment
 from fl_components.site.nonces import NonceStore
 from fl_components.site.policy import (
+    TRAINING_STAGES,
     SitePolicy,
     check_job,
+    check_round_spend,
     enforce,
     installed_task_code,
     load_policy,
@@ -209,3 +215,55 @@ def seal_answer(
         },
     )
     return {SEALED_KEY: sealed.model_dump(mode="json")}
+
+
+def check_spend(admitted: Admitted, *, site: Site) -> None:
+    """Refuse a DP-SGD round whose sigma or whose run's epsilon would break the policy.
+
+    The sigma is the one the site itself derives (a ``target_epsilon`` job's too), and the
+    run's epsilon is this coordinator run's entries in the site's ledger plus this round, at
+    the enforced delta (:func:`fl_components.site.policy.check_round_spend`). Logged as a
+    refusal like any other check.
+
+    Raises
+    ------
+    PolicyBreach
+        Naming ``privacy.min_noise_multiplier`` or ``privacy.max_epsilon_per_run``.
+    """
+    message = admitted.message
+    config = message.federation
+    floor = admitted.policy.privacy
+    needed = floor.min_noise_multiplier is not None or floor.max_epsilon_per_run is not None
+    if message.stage not in TRAINING_STAGES or not config.privacy.record_level or not needed:
+        return
+    examples = len(site.load().train)
+    plan = plan_round(
+        examples=examples, privacy=config.privacy, training=config.training, rounds=config.rounds
+    )
+    ledger = PrivacyLedger.open(site.folder, site=site.name, accountant=config.privacy.accountant)
+    run = [
+        (e.noise_multiplier, e.sample_rate, e.steps)
+        for e in ledger.entries
+        if e.mlflow_run_id == message.mlflow_run_id and e.federation == config.name
+    ]
+    after = epsilon_of(
+        [*run, (plan.noise_multiplier, plan.sample_rate, plan.steps)],
+        delta=plan.delta,
+        accountant=config.privacy.accountant,
+    )
+    try:
+        check_round_spend(
+            admitted.policy, noise_multiplier=plan.noise_multiplier, epsilon_run_after=after
+        )
+    except RejectedJob as error:
+        AuditLog.in_folder(site.folder).append(
+            AuditKind.REFUSED,
+            {
+                "run_id": message.run_id,
+                "round": message.round,
+                "stage": message.stage,
+                "reason": str(error.reason),
+                "detail": error.detail,
+            },
+        )
+        raise

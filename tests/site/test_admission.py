@@ -326,3 +326,71 @@ def test_a_key_rotation_signed_by_the_pinned_key_repins(fed: Federation, tmp_pat
     with pytest.raises(RejectedJob):
         apply_rotation(fed.folders["south"], rogue)
     assert load_enrolment(fed.folders["south"]).coordinator == fed.coordinator.public
+
+
+@pytest.mark.parametrize(
+    ("privacy", "floor", "line"),
+    [
+        # sigma 1.0 passes the noise floor, but one round spends more than the run may
+        ({"noise_multiplier": 1.0}, {"max_epsilon_per_run": 0.01}, "privacy.max_epsilon_per_run"),
+        # a target epsilon within the run's limit, whose derived sigma is below the floor
+        (
+            {"noise_multiplier": None, "target_epsilon": 40.0},
+            {"max_epsilon_per_run": 50.0, "min_noise_multiplier": 1.0},
+            "privacy.min_noise_multiplier",
+        ),
+    ],
+)
+def test_the_round_spend_is_checked_with_the_sites_own_sigma(
+    tmp_path: Path, privacy: dict[str, Any], floor: dict[str, Any], line: str
+) -> None:
+    from fl_components.federation import Site, dataset_info, materialize_sites
+    from fl_components.site.admission import check_spend
+    from fl_components.site.policy import SitePolicy
+
+    config = FederationConfig.model_validate(
+        {
+            "name": "fed",
+            "rounds": 2,
+            "sites": [{"name": s} for s in SITES],
+            "data": {"dataset": "digits", "sites_dir": str(tmp_path / "sites")},
+            "training": {"epochs": 1, "batch_size": 64},
+            "privacy": {"mode": "record", "max_epsilon": 100.0, **privacy},
+            "deployment": {"exchange_dir": str(tmp_path / "exchange")},
+        }
+    )
+    (folder,) = [p for p in materialize_sites(config) if p.name == "north"]
+    coordinator = CoordinatorIdentity.generate()
+    enrol(
+        folder,
+        federation="fed",
+        site="north",
+        coordinator=coordinator.public,
+        exchange_dir=tmp_path / "exchange",
+        registry=tmp_path / "registry.json",
+    )
+    base = policy_from_federation(config, coordinator_key_id=coordinator.key_id)
+    strict = base.model_copy(update={"privacy": base.privacy.model_copy(update=floor)})
+    strict.save(policy_path(folder))
+    assert isinstance(strict, SitePolicy)
+    uri, sha = write_global_model([np.ones((4, 3), dtype=np.float32)], tmp_path / "exchange")
+    message = SiteJobMessage(
+        federation=config,
+        site="north",
+        run_id="run-1",
+        mlflow_run_id="ml-1",
+        round=1,
+        stage="train",
+        model=ModelRef(uri=uri, sha256=sha),
+        task_code=installed_task_code(),
+    )
+    envelope = sign(message, identity=coordinator, audience="north", lifetime=timedelta(minutes=5))
+    admitted = admit(SignedSiteJob.model_validate_json(envelope.model_dump_json()), folder=folder)
+    site = Site(
+        name="north", folder=folder, config=admitted.message.federation, info=dataset_info(config)
+    )
+    with pytest.raises(PolicyBreach) as caught:
+        check_spend(admitted, site=site)
+    assert caught.value.line.startswith(line)
+    last = list(AuditLog.in_folder(folder).entries())[-1]
+    assert last.kind is AuditKind.REFUSED and last.details["reason"] == "policy"
