@@ -11,13 +11,11 @@ or buggy coordinator would; the site's own policy still refuses what it does not
 
 from __future__ import annotations
 
-import json
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from tests.deploy.stack_harness import (
@@ -51,13 +49,15 @@ def _folder(stack: dict[str, Any], site: str) -> Path:
 def _message(stack: dict[str, Any], site: str, **changes: Any) -> Any:
     """A well-formed train job for ``site`` with a model in the stack's exchange folder."""
     from fl_components.exchange import write_global_model
+    from fl_components.federation import dataset_info
+    from fl_components.parameters import get_parameters
+    from fl_components.site.models import build_model
     from fl_components.site.policy import installed_task_code
     from fl_components.wire.site_job import ModelRef, SiteJobMessage
 
     config = deployed_config(stack)
-    uri, sha = write_global_model(
-        [np.zeros((4, 3), dtype=np.float32)], _state(stack) / "exchange" / "attacker"
-    )
+    model = get_parameters(build_model(config.model, dataset_info(config), seed=0))
+    uri, sha = write_global_model(model, _state(stack) / "exchange" / "attacker")
     values: dict[str, Any] = {
         "federation": config,
         "site": site,
@@ -175,7 +175,10 @@ def test_a_genuine_run_then_its_jobs_replayed_and_sent_to_another_site(
     north = next(r for r in runs if job_message(r)["site"] == "north")
     # result storage holds ciphertext
     stored = _stored_result(stack, north)
-    assert "sealed" in stored and "delta" not in json.dumps(stored)
+    assert set(stored) == {"sealed"}
+    assert set(stored["sealed"]) == {
+        "context", "recipient_key_id", "ephemeral", "nonce", "ciphertext", "signature"
+    }  # fmt: skip
     # replayed at north
     replay = _run_on(stack, "north", north["parameters"])
     _assert_refused(stack, "north", replay, "replayed")
@@ -383,7 +386,8 @@ def test_a_deployment_of_other_code_on_a_sites_pool_runs_nothing(
     assert done["state"]["type"] in ("FAILED", "CRASHED"), done["state"]
     time.sleep(1)
     assert not marker.exists()
-    assert "runs only the 'federated-participant' flow" in (done["state"]["message"] or "")
+    if done["state"]["type"] == "FAILED":
+        assert "runs only the 'federated-participant' flow" in (done["state"]["message"] or "")
 
 
 def test_the_site_audit_command_prints_and_verifies_the_chain(stack: dict[str, Any]) -> None:
