@@ -26,39 +26,21 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import cryptography
 import numpy as np
-from pydantic import BaseModel, ConfigDict
 
 from fl_components.config import FederationConfig
+from fl_components.secure_aggregation.protocol import RoundContext
 from fl_components.secure_aggregation.protocol.keys import Registry, SiteKeys
+from fl_components.secure_aggregation.site_stages import context_to_json
 from fl_components.site.nonces import NonceStore
 from fl_components.wire.sealed import AnswerContext, SealedAnswer, open_answer, seal
 from fl_components.wire.signing import CoordinatorIdentity, Signed, sign, verify
+from fl_components.wire.site_job import ModelRef, SecureStageRef, SiteJobMessage
 
 RESULTS = Path(__file__).resolve().parent / "results" / "trust.json"
-
-
-class BenchJob(BaseModel):
-    """A site job's fields, at their real size (the federation config dominates)."""
-
-    WIRE_TYPE: ClassVar[str] = "bench-site-job/v1"
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    federation: FederationConfig
-    site: str
-    run_id: str
-    mlflow_run_id: str
-    round: int
-    stage: str
-    model_uri: str
-    model_sha256: str
-    config_sha256: str
-    task_code_sha256: str
-    secagg_context: str
-    evaluate_round: int | None
 
 
 class _Forgetful:
@@ -77,28 +59,27 @@ def _median_us(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times) * 1e6
 
 
-def _job(config: FederationConfig) -> BenchJob:
-    context = {
-        "run_id": "f" * 36,
-        "round": 7,
-        "participants": list(config.site_names),
-        "threshold": 2,
-        "dimension": 1_000_000,
-        "clip_range": 1.0,
-    }
-    return BenchJob(
+def _job(config: FederationConfig) -> SiteJobMessage:
+    """A mask job of round 7 with the real round context of 3 sites and d = 1M."""
+    context = RoundContext(
+        run_id="f" * 36,
+        round=7,
+        participants=config.site_names,
+        threshold=2,
+        dimension=1_000_000,
+        clip_range=1.0,
+    )
+    return SiteJobMessage(
         federation=config,
         site="site-a",
         run_id="f" * 36,
         mlflow_run_id="e" * 32,
         round=7,
         stage="mask",
-        model_uri="state/exchange/" + "a" * 64 + ".npz",
-        model_sha256="a" * 64,
-        config_sha256="b" * 64,
-        task_code_sha256="c" * 64,
-        secagg_context=json.dumps(context),
+        model=ModelRef(uri="/state/exchange/run/" + "a" * 64 + ".npz", sha256="a" * 64),
+        secagg=SecureStageRef(context=context_to_json(context)),
         evaluate_round=6,
+        task_code="c" * 64,
     )
 
 
@@ -132,7 +113,7 @@ def main() -> None:
     forgetful = _Forgetful()
 
     def verify_in_memory() -> None:
-        envelope = Signed[BenchJob].model_validate_json(wire)
+        envelope = Signed[SiteJobMessage].model_validate_json(wire)
         verify(envelope, pinned=pinned, site="site-a", nonces=forgetful)
 
     folder = Path(tempfile.mkdtemp(prefix="fedpipe-trust-bench-"))
@@ -141,7 +122,7 @@ def main() -> None:
     pending = iter(fresh)
 
     def verify_at_site() -> None:  # a fresh job each time: the nonce store grows as in a day
-        envelope = Signed[BenchJob].model_validate_json(next(pending))
+        envelope = Signed[SiteJobMessage].model_validate_json(next(pending))
         verify(envelope, pinned=pinned, site="site-a", nonces=store)
 
     site_keys = SiteKeys.generate()
@@ -173,7 +154,7 @@ def main() -> None:
             lambda: verifier.verify(signature, payload_bytes), args.repeats
         ),
         "parse_job_us": _median_us(
-            lambda: Signed[BenchJob].model_validate_json(wire), args.repeats
+            lambda: Signed[SiteJobMessage].model_validate_json(wire), args.repeats
         ),
         "sign_us": _median_us(signed_wire, args.repeats),
         "verify_in_memory_us": _median_us(verify_in_memory, args.repeats),
