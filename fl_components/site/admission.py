@@ -127,11 +127,11 @@ def _check(envelope: SignedSiteJob, folder: Path, audit: AuditLog, now: datetime
     if message.secagg is not None:
         context = context_from_json(message.secagg.context)
         cohort, threshold = len(context.participants), context.threshold
-        if context.run_id != message.run_id or context.round != message.round:
+        if context.round != message.round:  # (its run id is the tracking run's)
             raise RejectedJob(
                 RejectReason.MALFORMED,
-                f"the secure round's context is for run {context.run_id} round "
-                f"{context.round}, the job for run {message.run_id} round {message.round}",
+                f"the secure round's context is for round {context.round}, the job for "
+                f"round {message.round}",
             )
     check_job(
         policy,
