@@ -23,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +60,13 @@ def _single_dispatch_seconds(config: Any, *, repeats: int) -> list[float]:
     from fl_components.federation import dataset_info
     from fl_components.parameters import get_parameters
     from fl_components.site.models import build_model
+    from fl_components.site.policy import installed_task_code
+    from fl_components.wire.signing import CoordinatorIdentity, coordinator_keys_dir, sign
     from fl_components.wire.site_job import ModelRef, SiteJobMessage
     from tasks.work_pool import run_participant
+
+    # the stack's coordinator key (fedpipe up made it): each dispatch is a signed job
+    identity = CoordinatorIdentity.load(coordinator_keys_dir(config.deployment.exchange_dir))
 
     model = build_model(config.model, dataset_info(config), seed=0)
     root = Path(config.deployment.exchange_dir).resolve() / "single-dispatch"
@@ -68,15 +74,17 @@ def _single_dispatch_seconds(config: Any, *, repeats: int) -> list[float]:
     seconds = []
     for attempt in range(repeats):
         t0 = time.perf_counter()
+        message = SiteJobMessage(
+            federation=config,
+            site=config.site_names[0],
+            round=1 + attempt,  # within the site policy's rounds.max_per_run
+            stage="evaluate",
+            model=ModelRef(uri=uri, sha256=sha),
+            run_id="single-dispatch",
+            task_code=installed_task_code(),
+        )
         run_participant.fn(
-            SiteJobMessage(
-                federation=config,
-                site=config.site_names[0],
-                round=1000 + attempt,
-                stage="evaluate",
-                model=ModelRef(uri=uri, sha256=sha),
-                run_id="single-dispatch",
-            )
+            sign(message, identity=identity, audience=message.site, lifetime=timedelta(hours=1))
         )
         seconds.append(time.perf_counter() - t0)
     return seconds

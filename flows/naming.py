@@ -90,5 +90,7 @@ def participant_run_name() -> str:
     """
     job = flow_run.parameters.get("job")
     params = job.model_dump() if hasattr(job, "model_dump") else dict(job or {})
+    params = dict(params.get("message") or params)  # the signed job's message (unverified:
+    # a name only)
     short = str(params.get("run_id") or "")[:8]
     return f"{params.get('site')}-r{params.get('round')}-{params.get('stage')}-{short}"

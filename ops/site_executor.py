@@ -4,28 +4,34 @@ Prefect's process worker starts every flow run as a fresh ``python -m prefect.en
 subprocess, and on a site that is 3-4 s of imports (Prefect, torch, fedpipe) for every stage
 of every round (measured 3.6 s of a 5-6 s dispatch here). The warm executor is a long-lived
 process started beside the site's worker, with the same environment: it imports all of that
-once and, for each flow run, *forks* a child that runs Prefect's own engine entry point
-(``prefect.engine`` as ``__main__``), so the run itself is exactly what Prefect would run.
+once and, for each flow run, *forks* a child that runs the site's engine entry point
+(:mod:`ops.site_engine` as ``__main__``: Prefect's engine, pinned to the installed
+participant flow, never a deployment's code or pull steps).
 
-How a flow run reaches it: the participant deployment's job command is ``fedpipe-site-exec``
-(:func:`client_main`, standard library only, ~50 ms to start). The process worker starts
-that command as it would start the engine; the client hands its argv, environment, working
-directory and standard streams (file descriptors, over ``SCM_RIGHTS``) to the executor over a
-Unix socket, forwards SIGTERM/SIGINT to the child, and exits with the child's status, so
-Prefect's worker sees an ordinary flow-run process. Without an executor (``FEDPIPE_SITE_EXECUTOR``
-unset, or nothing answering there) the client runs ``python -m prefect.engine`` in its place:
-the same run, started cold, with one line on stderr saying why.
+How a flow run reaches it: the site's worker (:mod:`ops.site_worker`) starts every flow run
+as ``python -m ops.site_executor client`` (:func:`client_main`, standard library only,
+~50 ms to start), whatever command the deployment names. The client hands its argv,
+environment, working directory and standard streams (file descriptors, over ``SCM_RIGHTS``)
+to the executor over a Unix socket, forwards SIGTERM/SIGINT to the child, and exits with the
+child's status, so Prefect's worker sees an ordinary flow-run process. The child keeps the
+executor's own environment and folder (the site's, as its worker was started) and takes
+from the request only the run's identity (:data:`RUN_ENV`) and the flow run id. Without an
+executor (``FEDPIPE_SITE_EXECUTOR`` unset, or nothing answering there) the client runs
+``python -m ops.site_engine`` in its place: the same run, started cold, with one line on
+stderr saying why.
 
 CUDA: the executor imports torch but never touches the GPU (it refuses to serve if CUDA was
 initialized before forking); each child initializes CUDA itself, as a fresh process would.
 
 Safety: the socket lives in a 0700 folder and the executor serves only peers with its own
-uid (``SO_PEERCRED``); it runs Prefect's engine and nothing a peer names (the optional
+uid (``SO_PEERCRED``); it runs the site's engine and nothing a peer names (the optional
 ``module`` is fixed when the executor starts). Code is imported once: after upgrading
 fedpipe on a site, restart its worker (``fedpipe down``/``up`` here).
 
     python -m ops.site_executor worker --pool fedpipe-west [--socket PATH]
-        the site's worker: an executor plus ``prefect worker start --type process --pool``
+        the site's worker: an executor plus the site's pinned process worker (ops.site_worker)
+    python -m ops.site_executor client [FLOW_RUN_ID]
+        what the site's worker starts for a flow run: hand it to the executor
     python -m ops.site_executor serve --socket PATH
         the executor alone
 """
@@ -48,7 +54,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 EXECUTOR_ENV = "FEDPIPE_SITE_EXECUTOR"
-ENGINE_MODULE = "prefect.engine"
+# a site runs nothing but the participant entry point (never a deployment's code or pull steps)
+ENGINE_MODULE = "ops.site_engine"
+# what a child takes from the flow-run process that asked for it: the run's identity and
+# Prefect's control channel to it; everything else (the site's folder, keys, API, storage)
+# is the executor's own, as the site's worker was started
+RUN_ENV = (
+    "PREFECT__FLOW_RUN_ID",
+    "PREFECT__CONTROL_PORT",
+    "PREFECT__CONTROL_TOKEN",
+    "PREFECT__DEPLOYMENT_NAME",
+    "PREFECT__ENABLE_CANCELLATION_AND_CRASHED_HOOKS",
+)
 _HEADER = struct.Struct("!Q")  # length of the JSON request that follows the descriptors
 _MAX_REQUEST = 4 * 1024 * 1024
 _SOCKET_NAME = "executor.sock"
@@ -245,10 +262,9 @@ def _run_child(request: _Request, module: str) -> None:
     for target, fd in enumerate(request.fds):
         os.dup2(fd, target)
         os.close(fd)
-    os.environ.clear()
-    os.environ.update(request.env)
-    os.chdir(request.cwd)
-    sys.argv = [module, *request.argv]
+    # the site's own environment and folder; from the request only the run's identity
+    os.environ.update({k: v for k, v in request.env.items() if k in RUN_ENV})
+    sys.argv = [module, *request.argv[:1]]
     code = 0
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
@@ -483,8 +499,8 @@ def run_worker(
     stopping = False
     try:
         _wait_ready(socket_path, executor, timeout=120)
-        prefect = str(Path(sys.executable).parent / "prefect")
-        command = worker_command or [prefect, "worker", "start", "--type", "process"]
+        # the site's worker: Prefect's process worker, pinned to the participant entry point
+        command = worker_command or [sys.executable, "-m", "ops.site_worker"]
         worker = subprocess.Popen([*command, "--pool", pool, *worker_args], env=env)
 
         def forward(signum: int, _frame: object) -> None:
@@ -527,7 +543,12 @@ def main(argv: list[str] | None = None) -> None:
     worker_cmd.add_argument(
         "--socket", type=Path, default=None, help="default: $PREFECT_HOME/executor/executor.sock"
     )
+    commands.add_parser("client", help="hand this flow run to the executor (or run it cold)")
     args, rest = parser.parse_known_args(argv)
+    if args.command == "client":
+        sys.argv = [sys.argv[0], *rest]
+        client_main()
+        return
     if args.command == "serve":
         if rest:
             parser.error(f"unknown arguments: {rest}")

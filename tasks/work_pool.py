@@ -26,6 +26,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,10 @@ from fl_components.secure_aggregation.site_stages import (
     load_registry,
     registry_path,
 )
+from fl_components.site.policy import installed_task_code
+from fl_components.wire.rejection import AnswerReason, RejectedAnswer
+from fl_components.wire.sealed import AnswerContext, open_payload
+from fl_components.wire.signing import CoordinatorIdentity, Signed, coordinator_keys_dir, sign
 from fl_components.wire.site_answer import answer_from_payload, instructions_payload
 from fl_components.wire.site_job import (
     InstructionsRef,
@@ -73,6 +78,9 @@ from fl_components.wire.site_job import (
 from tasks.sites import SiteBackend, collect_answers
 
 log = logging.getLogger(__name__)
+SignedSiteJob = Signed[SiteJobMessage]
+# a signed job stays valid this long past the site's deadline (queueing, clock skew)
+SIGNATURE_MARGIN = timedelta(minutes=5)
 
 # one creation at a time per coordinator process (SQLite serializes writes anyway)
 _CREATE_LOCK = threading.Lock()
@@ -273,18 +281,31 @@ def _wait(
             time.sleep(poll)
 
 
+def signed_parameters(job: SignedSiteJob) -> dict[str, Any]:
+    """The participant flow run's parameters: ``{"job": <the signed job as JSON>}``.
+
+    The federation config inside travels as the fields that were set (see
+    :meth:`SiteJobMessage.to_parameters`); the signature covers the parsed message, so the
+    site verifies exactly what it will act on.
+    """
+    body = job.model_dump(mode="json", exclude={"message"})
+    body["message"] = job.message.to_parameters()["job"]
+    return {"job": body}
+
+
 @task(
     name="participant",
-    task_run_name="participant-{message.site}-r{message.round}-{message.stage}",
+    task_run_name="participant-{job.audience}-r{job.message.round}-{job.message.stage}",
     cache_policy=NO_CACHE,
 )
-def run_participant(message: SiteJobMessage) -> dict[str, Any]:
-    """Dispatch one site's stage (the typed site job) to its work pool; its JSON payload."""
+def run_participant(job: SignedSiteJob) -> dict[str, Any]:
+    """Dispatch one site's signed stage to its work pool; its stored (sealed) JSON payload."""
+    message = job.message
     config, site, round_num, stage = message.federation, message.site, message.round, message.stage
     run_id = message.run_id
     pool = site_pool_name(config, site)
     name = f"{config.deployment.participant_deployment}/{site}"
-    parameters = message.to_parameters()
+    parameters = signed_parameters(job)
     started = time.perf_counter()
     with get_client(sync_client=True) as client:
         why = pool_not_serving(client, pool)
@@ -359,6 +380,11 @@ class WorkPoolBackend(SiteBackend):
         self.info = info
         self.run_id = run_id
         self.exchange = Path(config.deployment.exchange_dir).resolve() / run_id
+        # the coordinator's identity: it signs every job and opens every sealed answer
+        self.identity = CoordinatorIdentity.load(
+            coordinator_keys_dir(config.deployment.exchange_dir)
+        )
+        self._answer_registry: Registry | None = None
         self.downloads = ModelDownloads.from_config(config)  # the run's model-delta memory
 
     def _model_ref(self, job: SiteJob, written: dict[int, tuple[str, str]]) -> ModelRef | None:
@@ -427,6 +453,42 @@ class WorkPoolBackend(SiteBackend):
                 instructions_payload(job.instructions, exchange=self.exchange)
             ),
             compression=job.compression.to_dict() if job.compression is not None else None,
+            task_code=installed_task_code(),
+        )
+
+    def signed(self, message: SiteJobMessage) -> SignedSiteJob:
+        """``message`` signed for its site, valid until its deadline (plus a margin)."""
+        lifetime = timedelta(seconds=self.config.deployment.timeout_seconds) + SIGNATURE_MARGIN
+        return sign(
+            message,
+            identity=self.identity,
+            audience=message.site,
+            lifetime=min(lifetime, timedelta(hours=24)),
+        )
+
+    def open(self, site: str, job: SiteJob, payload: Any) -> dict[str, Any]:
+        """The site's answer inside its stored payload, verified against its enrolled key.
+
+        Raises
+        ------
+        RejectedAnswer
+            If it is not sealed to this coordinator, not signed by the site, or for another
+            run, round or stage.
+        """
+        if not isinstance(payload, dict):
+            raise RejectedAnswer(AnswerReason.MALFORMED, f"site {site!r}: not a JSON object")
+        if self._answer_registry is None or site not in self._answer_registry:
+            # the sites' public keys as enrolled (read again for a site enrolled since)
+            self._answer_registry = load_registry(registry_path(self.config))
+        expected = AnswerContext(
+            federation=self.config.name,
+            run_id=self.run_id,
+            round=job.round,
+            stage=str(job.kind),
+            site=site,
+        )
+        return open_payload(
+            payload, expected=expected, identity=self.identity, registry=self._answer_registry
         )
 
     def __call__(self, jobs: Sequence[SiteJob]) -> dict[str, SiteResult | Dropout]:
@@ -442,12 +504,14 @@ class WorkPoolBackend(SiteBackend):
             model_size = os.path.getsize(model.uri) if model is not None else 0
             sizes[job.site] = {None: model_size} | download_sizes
             message = self.message(job, model=model, download=download)
-            futures[job.site] = run_participant.submit(message)
+            futures[job.site] = run_participant.submit(self.signed(message))
 
         self._close_when_enough(jobs, futures)
 
         def parse(site: str, payload: dict[str, Any]) -> SiteResult:
-            answer = answer_from_payload(payload, job=by_site[site], size=len(json.dumps(payload)))
+            size = len(json.dumps(payload))  # what crossed result storage (sealed)
+            opened = self.open(site, by_site[site], payload)
+            answer = answer_from_payload(opened, job=by_site[site], size=size)
             # what the site read from the exchange: the npz, or the download it used
             read = sizes[site].get(answer.received, sizes[site][None])
             return replace(answer, bytes_down=read)

@@ -51,7 +51,7 @@ from fl_components.round.types import (
 )
 
 # what a site may say of itself; timeouts and failures are the coordinator's to judge
-_SITE_REFUSALS = (DropoutKind.DECLINED, DropoutKind.BAD_DATA)
+_SITE_REFUSALS = (DropoutKind.DECLINED, DropoutKind.BAD_DATA, DropoutKind.REJECTED)
 # what reading a malformed field raises (a missing key, float(None), float("x"), bad base64)
 _MALFORMED = (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError)
 

@@ -15,7 +15,7 @@ This is the message the coordinator signs and the site verifies before it touche
 
 from __future__ import annotations
 
-from typing import Any, Final, Literal, Self
+from typing import Any, ClassVar, Final, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -89,10 +89,15 @@ class SiteJobMessage(_Message):
     evaluate_round :
         ``train``/``mask``: first score the received model as the federated evaluation of
         that round.
+    task_code :
+        The task code's hash (the site refuses one its policy does not accept).
     instructions, compression :
         The strategy's instructions; the compression instruction (``CompressionInstruction``
         as a dict).
     """
+
+    # signed with this type in the signed bytes (fl_components.wire.signing)
+    WIRE_TYPE: ClassVar[str] = f"fedpipe-site-job/v{SITE_JOB_VERSION}"
 
     version: Literal[1] = SITE_JOB_VERSION
     federation: FederationConfig
@@ -107,6 +112,11 @@ class SiteJobMessage(_Message):
     evaluate_round: int | None = Field(default=None, ge=0)
     instructions: InstructionsRef = InstructionsRef()
     compression: dict[str, Any] | None = None
+    task_code: str = Field(
+        default="",
+        description="SHA-256 of the fedpipe task code the coordinator expects the site to run "
+        "(fl_components.site.admission.installed_task_code); the site's policy accepts it or not.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:

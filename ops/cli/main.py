@@ -17,6 +17,7 @@ from ops.cli import report as cli_report
 from ops.cli import run as cli_run
 from ops.cli import schedule as cli_schedule
 from ops.cli import stack as cli_stack
+from ops.cli import trust as cli_trust
 from ops.cli.app import app, data_app, site_app
 from ops.cli.server import server_app
 
@@ -35,6 +36,13 @@ app.command()(cli_report.budget)
 app.command("privacy-report")(cli_report.privacy_report)
 app.add_typer(server_app, name="server")
 data_app.command("check")(cli_data.data_check)
+app.add_typer(cli_trust.coordinator_app, name="coordinator")
+cli_trust.key_app.command("show")(cli_trust.key_show)
+cli_trust.key_app.command("rotate")(cli_trust.key_rotate)
+site_app.add_typer(cli_trust.policy_app, name="policy")
+cli_trust.policy_app.command("show")(cli_trust.policy_show)
+cli_trust.policy_app.command("check")(cli_trust.policy_check)
+site_app.command("audit")(cli_trust.site_audit)
 site_app.command("init")(cli_stack.site_init)
 site_app.command("restart")(cli_stack.site_restart)
 site_app.command(

@@ -151,11 +151,13 @@ def site_worker(
         typer.Option("--socket", help="Warm executor socket [default: under PREFECT_HOME]."),
     ] = None,
 ) -> None:
-    """Run a site's worker: a warm executor plus `prefect worker start --type process`.
+    """Run a site's worker: a warm executor plus the site's pinned process worker.
 
-    Flow runs of the participant deployment are forked from the executor, with Prefect,
-    torch and fedpipe already imported (~2 s per dispatch instead of ~6 s); extra options
-    are passed to `prefect worker start`. Stop it with Ctrl-C or SIGTERM.
+    The worker starts every flow run as the participant entry point installed here, whatever
+    command, environment or folder a deployment names (ops.site_worker); runs are forked
+    from the executor, with Prefect, torch and fedpipe already imported (~2 s per dispatch
+    instead of ~6 s). Extra options (--name, --limit) go to the worker. Stop it with Ctrl-C
+    or SIGTERM.
     """
     from ops.site_executor import default_socket, run_worker
 

@@ -17,6 +17,7 @@ import httpx
 
 from fl_components.config import load_config
 from fl_components.exchange import site_pool_name
+from fl_components.wire.signing import COORDINATOR_KEYS_DIR, COORDINATOR_KEYS_ENV
 from flows.resume import CHECKPOINT_DIR_ENV
 from ops.stack.processes import (
     _bin,
@@ -37,6 +38,7 @@ from ops.stack.sites import (
     deploy_coordinator,
     deploy_participant,
     enrol_keys,
+    enrol_site,
     ensure_pool,
     restart_site,
     site_init,
@@ -142,6 +144,7 @@ def up(
         pools = [COORDINATOR_POOL]
         for site in config.site_names:
             keys = enrol_keys(paths, site)
+            enrol_site(paths, config, site, site_folder(config, site).resolve())
             process, entry = start_site_worker(
                 paths,
                 base,
@@ -196,6 +199,8 @@ def _start_coordinator_worker(
     coordinator_env = _worker_env(base, api_url, paths.root / "workers" / "coordinator")
     coordinator_env["MLFLOW_TRACKING_URI"] = mlflow_url
     coordinator_env[CHECKPOINT_DIR_ENV] = str(paths.root / "checkpoints")  # flows.resume
+    # the coordinator's signing key: its worker alone is told where it is
+    coordinator_env[COORDINATOR_KEYS_ENV] = str(paths.root / COORDINATOR_KEYS_DIR)
     worker_cmd = [_bin("prefect"), "worker", "start", "--type", "process", "--pool"]
     return _spawn(
         "worker-coordinator", [*worker_cmd, COORDINATOR_POOL], coordinator_env, paths.logs

@@ -63,6 +63,40 @@ def enrol_keys(paths: StackPaths, site: str) -> Path | None:
     return folder
 
 
+def coordinator_identity(paths: StackPaths) -> Any:
+    """The federation's coordinator identity under the stack's state (made on first use).
+
+    Its private keys stay in ``<state>/coordinator-keys`` (0600), read only by the
+    coordinator's worker (``FEDPIPE_COORDINATOR_KEYS``); sites pin its public half.
+    """
+    from fl_components.wire.signing import COORDINATOR_KEYS_DIR, CoordinatorIdentity
+
+    return CoordinatorIdentity.load_or_create(paths.root / COORDINATOR_KEYS_DIR)
+
+
+def enrol_site(paths: StackPaths, config: FederationConfig, site: str, folder: Path) -> None:
+    """Enrol ``site`` at ``folder``: the coordinator key pinned, the exchange and registry.
+
+    Also writes the site's policy from the federation's settings if it has none (an
+    existing policy is the site steward's and is never overwritten).
+    """
+    from fl_components.site.enrolment import enrol
+    from fl_components.site.policy import policy_from_federation, policy_path
+
+    identity = coordinator_identity(paths)
+    enrol(
+        folder,
+        federation=config.name,
+        site=site,
+        coordinator=identity.public,
+        exchange_dir=paths.exchange,
+        registry=paths.root / "registry.json",
+    )
+    if not policy_path(folder).is_file():
+        policy = policy_from_federation(config, coordinator_key_id=identity.key_id)
+        policy.save(policy_path(folder))
+
+
 def _register(config: FederationConfig, paths: StackPaths, api_url: str) -> None:
     """Result storage block, work pools and deployments on the running server."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -251,6 +285,7 @@ def site_init(*, name: str, data: Path, root: Path) -> dict[str, Any]:
             ensure_pool(pool)
             deploy_participant(config, name)
         config_file.write_text(config.model_dump_json(indent=2, exclude_unset=True) + "\n")
+        enrol_site(paths, config, name, data.resolve())
         record["sites"][name] = entry
         state_file.write_text(json.dumps(record, indent=2) + "\n")
         api_url = record["prefect_api_url"]

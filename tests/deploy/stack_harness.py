@@ -124,7 +124,7 @@ def _assert_one_participant_run_per_site_and_round(api: str, run_id: str, *, rou
     ).json()
     seen: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
     for child in children:
-        params = child["parameters"].get("job", {})
+        params = job_message(child)
         if params.get("run_id") == run_id:
             seen.setdefault((params["site"], params["round"], params["stage"]), []).append(child)
     stages = [(r, "train", r - 1) for r in range(1, rounds + 1)] + [(rounds, "evaluate", None)]
@@ -132,7 +132,7 @@ def _assert_one_participant_run_per_site_and_round(api: str, run_id: str, *, rou
     for site in SITES:
         for r, stage, evaluates in stages:
             (match,) = seen[(site, r, stage)]
-            assert match["parameters"]["job"].get("evaluate_round") == evaluates
+            assert job_message(match).get("evaluate_round") == evaluates
             assert match["work_pool_name"] == f"fedpipe-{site}"
             assert match["state_type"] == "COMPLETED"
 
@@ -194,4 +194,10 @@ def participant_runs(api: str, flow_run_id: str) -> list[dict[str, Any]]:
         f"{api}/flow_runs/filter",
         json={"flows": {"name": {"any_": ["federated-participant"]}}, "limit": 200},
     ).json()
-    return [c for c in children if c["parameters"].get("job", {}).get("run_id") == flow_run_id]
+    return [c for c in children if job_message(c).get("run_id") == flow_run_id]
+
+
+def job_message(flow_run: dict[str, Any]) -> dict[str, Any]:
+    """The site job a participant flow run was given (the message inside the signed job)."""
+    job = flow_run["parameters"].get("job") or {}
+    return dict(job.get("message") or {})

@@ -34,6 +34,7 @@ from tests.deploy.stack_harness import (
     _mlflow_run_for,
     _wait_flow_run,
     deployed_config,
+    job_message,
     participant_runs,
     run_coordinator,
 )
@@ -66,9 +67,9 @@ def _runs_of(api: str, federation: str, site: str, round_num: int, stage: str) -
     return [
         r
         for r in runs
-        if r["parameters"].get("job", {}).get("federation", {}).get("name") == federation
-        and r["parameters"].get("job", {}).get("site") == site
-        and r["parameters"].get("job", {}).get("round") == round_num
+        if job_message(r).get("federation", {}).get("name") == federation
+        and job_message(r).get("site") == site
+        and job_message(r).get("round") == round_num
     ]
 
 
@@ -266,7 +267,7 @@ def test_a_stage_delivered_twice_counts_once(stack: dict[str, Any]) -> None:
         mine = [
             c
             for c in participant_runs(api, flow_run_id)
-            if (c["parameters"]["job"]["site"], c["parameters"]["job"]["stage"]) == (twice, "train")
+            if (job_message(c)["site"], job_message(c)["stage"]) == (twice, "train")
         ]
         own = [c for c in mine if c["id"] != duplicate.get("id")]
         if duplicate and own and own[0]["state_type"] == "COMPLETED":
@@ -371,7 +372,7 @@ def test_the_prefect_server_restarted_mid_run(stack: dict[str, Any]) -> None:
 
     run = _wait_flow_run(api, run_id, timeout=900)
     seen = sorted(
-        (c["parameters"]["job"]["site"], c["parameters"]["job"]["round"], c["parameters"]["job"]["stage"],
+        (job_message(c)["site"], job_message(c)["round"], job_message(c)["stage"],
          c["state_type"], c["created"], (c["state"] or {}).get("message"))
         for c in participant_runs(api, run_id)
     )  # fmt: skip

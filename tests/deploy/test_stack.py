@@ -31,6 +31,7 @@ from tests.deploy.stack_harness import (
     _fedpipe,
     _mlflow_run_for,
     _wait_flow_run,
+    job_message,
     running_stack,
 )
 
@@ -156,9 +157,7 @@ def test_a_scripted_run_with_some_fields_keeps_the_deployment(stack: dict[str, A
         f"{api}/flow_runs/filter",
         json={"flows": {"name": {"any_": ["federated-participant"]}}, "limit": 200},
     ).json()
-    names = [
-        c["name"] for c in children if c["parameters"].get("job", {}).get("run_id") == run["id"]
-    ]
+    names = [c["name"] for c in children if job_message(c).get("run_id") == run["id"]]
     assert names and all(n.endswith(f"-{run['id'][:8]}") for n in names), names
     assert f"north-r1-train-{run['id'][:8]}" in names
 
@@ -378,10 +377,9 @@ def test_dead_worker_is_skipped_fast_and_restarted(stack: dict[str, Any]) -> Non
         json={"flows": {"name": {"any_": ["federated-participant"]}}, "limit": 200},
     ).json()
     train = [
-        (c["parameters"]["job"]["site"], c["parameters"]["job"]["round"], c["state_type"])
+        (job_message(c)["site"], job_message(c)["round"], c["state_type"])
         for c in children
-        if c["parameters"].get("job", {}).get("run_id") == flow_run_id
-        and c["parameters"]["job"]["stage"] == "train"
+        if job_message(c).get("run_id") == flow_run_id and job_message(c)["stage"] == "train"
     ]
     assert [(r, state) for site, r, state in train if site == dead] in ([], [(1, "CANCELLED")])
     assert sorted((site, r) for site, r, _ in train if site != dead) == [

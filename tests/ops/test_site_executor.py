@@ -2,8 +2,9 @@
 
 The real engine path (a Prefect worker whose flow runs go through ``fedpipe-site-exec``) is
 exercised by the stack end-to-end tests; here the protocol itself: the child gets the
-client's argv, environment, working directory and standard streams; its exit status and
-signals travel back; a vanished client stops its child; no executor means a cold start.
+client's standard streams and flow run id, but the executor's own environment and folder
+(a job cannot redirect the site); its exit status and signals travel back; a vanished
+client stops its child; no executor means a cold start.
 """
 
 from __future__ import annotations
@@ -24,13 +25,17 @@ from ops.site_executor import EXECUTOR_ENV, default_socket, executor_answers
 
 REPO = Path(__file__).resolve().parents[2]
 CLIENT = str(Path(sys.executable).parent / "fedpipe-site-exec")
+# the probe's knobs come in its one argument ("sleep:code"): the client's environment
+# does not reach it
 PROBE = """
 import os, sys, time
 if __name__ == "__main__":
-    print("probe", os.environ.get("PROBE_VALUE"), sys.argv[1:], os.getcwd(), flush=True)
+    print("probe", os.environ.get("PROBE_VALUE"), sys.argv[1:], os.getcwd(),
+          os.environ.get("PREFECT__FLOW_RUN_ID"), os.environ.get("FEDPIPE_SITE_DIR"), flush=True)
     print("probe-stderr", file=sys.stderr, flush=True)
-    time.sleep(float(os.environ.get("PROBE_SLEEP", "0")))
-    sys.exit(int(os.environ.get("PROBE_CODE", "0")))
+    sleep, code = (sys.argv[1] if len(sys.argv) > 1 else "0:0").split(":")
+    time.sleep(float(sleep))
+    sys.exit(int(code))
 """
 
 
@@ -40,7 +45,12 @@ def executor(tmp_path: Path) -> Iterator[tuple[Path, Path, subprocess.Popen[byte
     (tmp_path / "probe.py").write_text(PROBE)
     sock = tmp_path / "run" / "executor.sock"
     log = tmp_path / "executor.log"
-    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}",
+        "PROBE_VALUE": "the-sites-own",
+        "FEDPIPE_SITE_DIR": "/sites/north",
+    }
     command = [sys.executable, "-m", "ops.site_executor", "serve", "--socket", str(sock)]
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -57,9 +67,11 @@ def executor(tmp_path: Path) -> Iterator[tuple[Path, Path, subprocess.Popen[byte
         process.wait(timeout=30)
 
 
-def _client(sock: Path | str, cwd: Path, **env: str) -> subprocess.Popen[str]:
+def _client(
+    sock: Path | str, cwd: Path, *, sleep: float = 0, code: int = 0, **env: str
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [CLIENT, "arg-1"],
+        [CLIENT, f"{sleep:g}:{code}", "ignored"],
         env={**os.environ, EXECUTOR_ENV: str(sock), **env},
         cwd=cwd,
         stdout=subprocess.PIPE,
@@ -86,17 +98,26 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_child_gets_the_clients_argv_env_cwd_and_streams_and_its_exit_code_returns(
+def test_child_keeps_the_sites_env_and_folder_and_gets_only_the_runs_identity(
     executor: tuple[Path, Path, subprocess.Popen[bytes]], tmp_path: Path
 ) -> None:
+    """A deployment's job variables cannot redirect the site: what the flow-run process
+    sends beyond the run's id (its environment, working folder, extra arguments) is dropped."""
     sock, log, _ = executor
     workdir = tmp_path / "work"
     workdir.mkdir()
-    client = _client(sock, workdir, PROBE_VALUE="from-the-worker", PROBE_CODE="3")
+    client = _client(
+        sock,
+        workdir,
+        code=3,
+        PROBE_VALUE="from-the-job",
+        FEDPIPE_SITE_DIR="/sites/south",  # another site's data, asked by a job
+        PREFECT__FLOW_RUN_ID="run-42",
+    )
     out, err = client.communicate(timeout=30)
 
     assert client.returncode == 3
-    assert out.strip() == f"probe from-the-worker ['arg-1'] {workdir}"
+    assert out.strip() == f"probe the-sites-own ['0:3'] {REPO} run-42 /sites/north"
     assert "probe-stderr" in err
     assert "started cold" not in err
     assert re.search(r"child \d+ exited 3", log.read_text())
@@ -108,7 +129,7 @@ def test_a_liveness_probe_is_answered_quietly(
     sock, log, _ = executor
     assert executor_answers(sock)
     assert not executor_answers(tmp_path / "nothing-here.sock")
-    client = _client(sock, tmp_path, PROBE_CODE="0")  # still serving after the probe
+    client = _client(sock, tmp_path)  # still serving after the probe
     client.communicate(timeout=30)
     assert client.returncode == 0
     assert "refused" not in log.read_text()
@@ -131,7 +152,7 @@ def test_sigterm_to_the_client_reaches_the_child(
     executor: tuple[Path, Path, subprocess.Popen[bytes]], tmp_path: Path
 ) -> None:
     sock, log, _ = executor
-    client = _client(sock, tmp_path, PROBE_SLEEP="60")
+    client = _client(sock, tmp_path, sleep=60)
     child = _child_pid(log)
     assert _alive(child)
 
@@ -147,7 +168,7 @@ def test_a_vanished_client_stops_its_child(
     executor: tuple[Path, Path, subprocess.Popen[bytes]], tmp_path: Path
 ) -> None:
     sock, log, _ = executor
-    client = _client(sock, tmp_path, PROBE_SLEEP="60")
+    client = _client(sock, tmp_path, sleep=60)
     child = _child_pid(log)
 
     client.kill()  # SIGKILL: no chance to forward anything
@@ -164,10 +185,10 @@ def test_without_an_executor_the_run_starts_cold_and_says_why(tmp_path: Path) ->
     client = _client(tmp_path / "nothing-here.sock", tmp_path)
     _, err = client.communicate(timeout=120)
 
-    # the cold path is Prefect's own engine: given no flow run id, it refuses with exit 1
+    # the cold path is the site's engine: given no flow run id, it refuses with exit 1
     assert "no warm executor answering" in err
     assert "starting the flow run cold" in err
-    assert "Invalid flow run id" in err
+    assert "no valid flow run id" in err
     assert client.returncode == 1
 
 
@@ -219,7 +240,7 @@ def test_the_site_worker_starts_a_dead_executor_again(tmp_path: Path) -> None:
         while not sock.exists():
             time.sleep(0.1)
 
-        client = _client(sock, tmp_path, PROBE_CODE="5")
+        client = _client(sock, tmp_path, code=5)
         out, err = client.communicate(timeout=30)
         assert client.returncode == 5
         assert "started cold" not in err  # served by the new executor
