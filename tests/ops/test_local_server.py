@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from ops.stack.processes import free_port
-from tests.flows.test_cli import _fedpipe
+from tests.ops.test_cli import _fedpipe
 
 
 @pytest.mark.slow
