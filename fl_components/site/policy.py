@@ -372,33 +372,8 @@ def check_job(
     PolicyBreach
         Naming the policy line broken, the job's value and what would pass.
     """
-    if config.name != policy.federation:
-        raise _breach(
-            f"federation ({policy.federation})",
-            f"the job is for federation {config.name!r}; this site serves only "
-            f"{policy.federation!r}",
-        )
-    if key_id != policy.coordinator_key_id:
-        raise _breach(
-            f"coordinator_key_id ({policy.coordinator_key_id[:16]}...)",
-            f"the job is signed by key {key_id[:16]}...; after a key rotation the steward "
-            "updates coordinator_key_id",
-        )
-    accepted = policy.task_code.accepted or (installed_task_code,)
-    if task_code not in accepted:
-        raise _breach(
-            "task_code.accepted",
-            f"the job's task code {task_code[:16]}... is not one this site runs "
-            f"({', '.join(a[:16] + '...' for a in accepted)}); install the coordinator's "
-            "fedpipe version at the site, or have the steward accept the hash",
-        )
-    limit = policy.rounds.max_per_run
-    if round_num > limit or config.rounds > limit:
-        raise _breach(
-            f"rounds.max_per_run ({limit})",
-            f"the job is round {round_num} of a run of {config.rounds} rounds; lower rounds "
-            f"to at most {limit}",
-        )
+    _check_origin(policy, config, key_id=key_id, task_code=task_code, installed=installed_task_code)
+    _check_rounds_per_run(policy, config, round_num=round_num)
     labels = policy.columns.labels
     if labels is not None and config.data.label_column not in labels:
         raise _breach(
@@ -417,6 +392,43 @@ def check_job(
                 f"rounds.max_per_day ({policy.rounds.max_per_day})",
                 f"this site trained {rounds_today} rounds in the last 24 hours; try tomorrow",
             )
+
+
+def _check_origin(
+    policy: SitePolicy, config: FederationConfig, *, key_id: str, task_code: str, installed: str
+) -> None:
+    """The federation, the coordinator's key and the task code are the ones this site serves."""
+    if config.name != policy.federation:
+        raise _breach(
+            f"federation ({policy.federation})",
+            f"the job is for federation {config.name!r}; this site serves only "
+            f"{policy.federation!r}",
+        )
+    if key_id != policy.coordinator_key_id:
+        raise _breach(
+            f"coordinator_key_id ({policy.coordinator_key_id[:16]}...)",
+            f"the job is signed by key {key_id[:16]}...; after a key rotation the steward "
+            "updates coordinator_key_id",
+        )
+    accepted = policy.task_code.accepted or (installed,)
+    if task_code not in accepted:
+        raise _breach(
+            "task_code.accepted",
+            f"the job's task code {task_code[:16]}... is not one this site runs "
+            f"({', '.join(a[:16] + '...' for a in accepted)}); install the coordinator's "
+            "fedpipe version at the site, or have the steward accept the hash",
+        )
+
+
+def _check_rounds_per_run(policy: SitePolicy, config: FederationConfig, *, round_num: int) -> None:
+    """The run is no longer than ``rounds.max_per_run``."""
+    limit = policy.rounds.max_per_run
+    if round_num > limit or config.rounds > limit:
+        raise _breach(
+            f"rounds.max_per_run ({limit})",
+            f"the job is round {round_num} of a run of {config.rounds} rounds; lower rounds "
+            f"to at most {limit}",
+        )
 
 
 def check_features(policy: SitePolicy, columns: Sequence[str]) -> None:

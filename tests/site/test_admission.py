@@ -48,7 +48,7 @@ def config(tmp_path: Path) -> FederationConfig:
             "participation": {"min_participants": 3},
             "backend": "work-pool",
             "privacy": {"mode": "record", "noise_multiplier": 1.0, "max_epsilon": 5.0},
-            "secure_aggregation": {"enabled": True, "threshold": 2},
+            "secure_aggregation": {"enabled": True, "threshold": 3},
             "deployment": {"exchange_dir": str(tmp_path / "exchange")},
         }
     )
@@ -92,7 +92,7 @@ class Federation:
             run_id="run-1",
             round=1,
             participants=SITES,
-            threshold=2,
+            threshold=3,
             dimension=12,
             clip_range=1.0,
         )

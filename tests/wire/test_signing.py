@@ -359,7 +359,7 @@ def test_a_federation_config_round_trips_through_signing(coordinator, nonces) ->
             "name": "fed",
             "sites": [{"name": "site-a"}, {"name": "site-b"}, {"name": "site-c"}],
             "privacy": {"mode": "record", "noise_multiplier": 1.1, "max_epsilon": 3.0},
-            "secure_aggregation": {"enabled": True, "threshold": 2},
+            "secure_aggregation": {"enabled": True, "threshold": 3},
         }
     )
     envelope = sign(
