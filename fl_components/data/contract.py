@@ -2,7 +2,7 @@
 
 Declared once in the config's ``data`` section (:class:`~fl_components.config.DataConfig`)
 and checked by every site at every job (:mod:`fl_components.data.site_files`); see
-docs/guides/your-data.md.
+docs/how-to/your-data.md.
 """
 
 from __future__ import annotations
