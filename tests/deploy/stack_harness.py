@@ -170,6 +170,34 @@ def deployed_config(stack: dict[str, Any], **changes: Any) -> Any:
     return FederationConfig.model_validate(raw)
 
 
+@contextmanager
+def sites_serving(stack: dict[str, Any], federation: str) -> Iterator[None]:
+    """The stack's sites serve ``federation`` while the block runs; restored afterwards.
+
+    A site serves the one federation its enrolment and policy name (a job for another is
+    refused); a test that runs under a federation name of its own (its own MLflow
+    experiment) has each site's steward enrol the site in it for the test, as `site init`
+    for that federation would.
+    """
+    from fl_components.site.enrolment import enrolment_path
+    from fl_components.site.policy import policy_path
+
+    saved: dict[Path, str] = {}
+    for site in SITES:
+        folder = Path(stack["sites"][site]["data"])
+        enrolment, policy = enrolment_path(folder), policy_path(folder)
+        saved[enrolment], saved[policy] = enrolment.read_text(), policy.read_text()
+        record = json.loads(saved[enrolment])
+        enrolment.write_text(json.dumps({**record, "federation": federation}, indent=2) + "\n")
+        rules = yaml.safe_load(saved[policy])
+        policy.write_text(yaml.safe_dump({**rules, "federation": federation}, sort_keys=False))
+    try:
+        yield
+    finally:
+        for path, text in saved.items():
+            path.write_text(text)
+
+
 def run_coordinator(stack: dict[str, Any], config: Any) -> Any:
     """Run the coordinator flow in this process against the stack's server; its summary."""
     from prefect.events.worker import EventsWorker
@@ -178,7 +206,10 @@ def run_coordinator(stack: dict[str, Any], config: Any) -> Any:
 
     from flows.federated_training import federated_training
 
-    with temporary_settings(updates={PREFECT_API_URL: stack["prefect_api_url"]}):
+    with (
+        temporary_settings(updates={PREFECT_API_URL: stack["prefect_api_url"]}),
+        sites_serving(stack, config.name),
+    ):
         try:
             return federated_training(config)
         finally:

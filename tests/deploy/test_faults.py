@@ -12,6 +12,7 @@ run's answer for the same site and round out.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -37,6 +38,7 @@ from tests.deploy.stack_harness import (
     job_message,
     participant_runs,
     run_coordinator,
+    sites_serving,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -133,6 +135,13 @@ def _thaw_once_final(
             os.kill(executor, signal.SIGCONT)
 
     return thaw
+
+
+@pytest.fixture()
+def serve(stack: dict[str, Any]) -> Iterator[Callable[[str], None]]:
+    """``serve(name)``: the sites serve federation ``name`` until the test ends."""
+    with contextlib.ExitStack() as held:
+        yield lambda name: held.enter_context(sites_serving(stack, name))
 
 
 def test_a_late_answer_is_left_out_and_the_round_completes(stack: dict[str, Any]) -> None:
@@ -341,7 +350,7 @@ def _restart_prefect_server(
     return time.monotonic() - started
 
 
-def test_the_prefect_server_restarted_mid_run(stack: dict[str, Any]) -> None:
+def test_the_prefect_server_restarted_mid_run(stack: dict[str, Any], serve: Any) -> None:
     """A run from the deployment (coordinator on its own worker), the Prefect server stopped
     and started again while round 1's site runs are out: Prefect's clients retry a refused
     connection once they have connected (5 times, backoff 2-32 s), so the coordinator, the
@@ -350,6 +359,7 @@ def test_the_prefect_server_restarted_mid_run(stack: dict[str, Any]) -> None:
     from mlflow.tracking import MlflowClient
 
     api = stack["prefect_api_url"]
+    serve("e2e-restart")
     deployment = _api_get(f"{api}/deployments/name/federated-training/federated-training").json()
     partial = {
         "name": "e2e-restart",
@@ -402,7 +412,7 @@ def test_the_prefect_server_restarted_mid_run(stack: dict[str, Any]) -> None:
 
 
 def test_a_run_cancelled_after_a_server_outage_stops_and_registers_nothing(
-    stack: dict[str, Any],
+    stack: dict[str, Any], serve: Any
 ) -> None:
     """A deployed run, its Prefect server killed (SIGKILL) for 30 s and started again, then
     cancelled as `prefect flow-run cancel` does (state CANCELLING). After the outage its
@@ -412,6 +422,7 @@ def test_a_run_cancelled_after_a_server_outage_stops_and_registers_nothing(
     from mlflow.tracking import MlflowClient
 
     api, name, rounds = stack["prefect_api_url"], "e2e-cancel", 5
+    serve(name)
     deployment = _api_get(f"{api}/deployments/name/federated-training/federated-training").json()
     partial = {
         "name": name,

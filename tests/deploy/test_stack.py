@@ -33,6 +33,7 @@ from tests.deploy.stack_harness import (
     _wait_flow_run,
     job_message,
     running_stack,
+    sites_serving,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -346,7 +347,7 @@ def test_dead_worker_is_skipped_fast_and_restarted(stack: dict[str, Any]) -> Non
         rounds=2,
     )
     config = FederationConfig.model_validate(raw)
-    with temporary_settings(updates={PREFECT_API_URL: api}):
+    with temporary_settings(updates={PREFECT_API_URL: api}), sites_serving(stack, config.name):
         try:
             summary = federated_training(config)
         finally:  # flush events and logs while the server is up (see the champion test)
