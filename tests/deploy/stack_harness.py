@@ -171,13 +171,14 @@ def deployed_config(stack: dict[str, Any], **changes: Any) -> Any:
 
 
 @contextmanager
-def sites_serving(stack: dict[str, Any], federation: str) -> Iterator[None]:
-    """The stack's sites serve ``federation`` while the block runs; restored afterwards.
+def sites_serving(stack: dict[str, Any], federation: str, *, rounds: int = 1) -> Iterator[None]:
+    """The stack's sites serve ``federation`` (runs of up to ``rounds`` rounds) while the
+    block runs; restored afterwards.
 
-    A site serves the one federation its enrolment and policy name (a job for another is
-    refused); a test that runs under a federation name of its own (its own MLflow
-    experiment) has each site's steward enrol the site in it for the test, as `site init`
-    for that federation would.
+    A site serves the one federation its enrolment and policy name, and runs no longer than
+    its policy's rounds.max_per_run (a job asking for more is refused); a test that runs
+    under a federation name of its own (its own MLflow experiment) has each site's steward
+    enrol the site in it for the test, as `site init` for that federation would.
     """
     from fl_components.site.enrolment import enrolment_path
     from fl_components.site.policy import policy_path
@@ -190,7 +191,10 @@ def sites_serving(stack: dict[str, Any], federation: str) -> Iterator[None]:
         record = json.loads(saved[enrolment])
         enrolment.write_text(json.dumps({**record, "federation": federation}, indent=2) + "\n")
         rules = yaml.safe_load(saved[policy])
-        policy.write_text(yaml.safe_dump({**rules, "federation": federation}, sort_keys=False))
+        limits = rules.get("rounds") or {}
+        limits["max_per_run"] = max(int(limits.get("max_per_run", 1)), rounds)
+        rules.update(federation=federation, rounds=limits)
+        policy.write_text(yaml.safe_dump(rules, sort_keys=False))
     try:
         yield
     finally:
@@ -208,7 +212,7 @@ def run_coordinator(stack: dict[str, Any], config: Any) -> Any:
 
     with (
         temporary_settings(updates={PREFECT_API_URL: stack["prefect_api_url"]}),
-        sites_serving(stack, config.name),
+        sites_serving(stack, config.name, rounds=config.rounds),
     ):
         try:
             return federated_training(config)

@@ -138,10 +138,10 @@ def _thaw_once_final(
 
 
 @pytest.fixture()
-def serve(stack: dict[str, Any]) -> Iterator[Callable[[str], None]]:
-    """``serve(name)``: the sites serve federation ``name`` until the test ends."""
+def serve(stack: dict[str, Any]) -> Iterator[Callable[..., None]]:
+    """``serve(name, rounds=R)``: the sites serve federation ``name`` until the test ends."""
     with contextlib.ExitStack() as held:
-        yield lambda name: held.enter_context(sites_serving(stack, name))
+        yield lambda name, rounds=1: held.enter_context(sites_serving(stack, name, rounds=rounds))
 
 
 def test_a_late_answer_is_left_out_and_the_round_completes(stack: dict[str, Any]) -> None:
@@ -234,14 +234,13 @@ def _let_a_thawed_run_finish(api: str, name: str, site: str, *, limit: float = 6
 
 def test_a_stage_delivered_twice_counts_once(stack: dict[str, Any]) -> None:
     """A second flow run of the same site, round and stage (a re-delivery: the participant
-    deployment run again with the same parameters) trains and completes beside the first,
-    but the coordinator reads only the run it created: round 1 counts 3 answers, not 4. An
-    answer from another round is refused by its round id."""
+    deployment run again with the same parameters) is the same signed job again: the site
+    refuses it as a replay before it reads any data (its audit log says so, with the job's
+    nonce), and the coordinator reads only the run it created: round 1 counts 3 answers,
+    not 4. What the re-delivery left in result storage is sealed, like every answer."""
     from mlflow.tracking import MlflowClient
 
-    from fl_components.exchange import ExchangeError
-    from fl_components.round.types import JobKind, SiteJob
-    from fl_components.wire.site_answer import answer_from_payload
+    from fl_components.site.audit import AuditKind, AuditLog
     from tasks.work_pool import read_json_result
 
     api = stack["prefect_api_url"]
@@ -281,7 +280,7 @@ def test_a_stage_delivered_twice_counts_once(stack: dict[str, Any]) -> None:
         own = [c for c in mine if c["id"] != duplicate.get("id")]
         if duplicate and own and own[0]["state_type"] == "COMPLETED":
             break
-    # both deliveries ran to the end and left a result; the coordinator read one
+    # both deliveries ran to the end; the coordinator read one
     assert len(mine) == 2 and len(own) == 1, mine
     assert _wait_flow_run(api, duplicate["id"], timeout=300)["state_type"] == "COMPLETED"
     answered = 3 - summary.history[0]["dropouts"]  # another site may have hit a 503 as well
@@ -300,14 +299,14 @@ def test_a_stage_delivered_twice_counts_once(stack: dict[str, Any]) -> None:
         get_client(sync_client=True) as prefect,
     ):
         payload = read_json_result(prefect.read_flow_run(duplicate["id"]))
-    # a round-1 answer offered for round 2 (a stale result) is refused by its round id
-    stale_for = SiteJob(site=twice, kind=JobKind.TRAIN, round=2, parameters=None, seed=0)
-    with pytest.raises(ExchangeError, match=r"header \{'round': 1\}"):
-        answer_from_payload(payload, job=stale_for, size=len(json.dumps(payload)))
-    # and offered for another site
-    other = SiteJob(site="north", kind=JobKind.TRAIN, round=1, parameters=None, seed=0)
-    with pytest.raises(ExchangeError, match=r"header \{'site': 'east'\}"):
-        answer_from_payload(payload, job=other, size=len(json.dumps(payload)))
+    assert set(payload) == {"sealed"}, sorted(payload)  # ciphertext only
+    nonce = duplicate["parameters"]["job"]["nonce"]
+    refusals = [
+        e.details
+        for e in AuditLog.in_folder(Path(stack["sites"][twice]["data"])).entries()
+        if e.kind is AuditKind.REFUSED and e.details.get("nonce") == nonce
+    ]
+    assert [r["reason"] for r in refusals] == ["replayed"], refusals
 
 
 def _restart_prefect_server(
@@ -359,7 +358,7 @@ def test_the_prefect_server_restarted_mid_run(stack: dict[str, Any], serve: Any)
     from mlflow.tracking import MlflowClient
 
     api = stack["prefect_api_url"]
-    serve("e2e-restart")
+    serve("e2e-restart", rounds=2)
     deployment = _api_get(f"{api}/deployments/name/federated-training/federated-training").json()
     partial = {
         "name": "e2e-restart",
@@ -422,7 +421,7 @@ def test_a_run_cancelled_after_a_server_outage_stops_and_registers_nothing(
     from mlflow.tracking import MlflowClient
 
     api, name, rounds = stack["prefect_api_url"], "e2e-cancel", 5
-    serve(name)
+    serve(name, rounds=rounds)
     deployment = _api_get(f"{api}/deployments/name/federated-training/federated-training").json()
     partial = {
         "name": name,

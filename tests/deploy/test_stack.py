@@ -347,7 +347,10 @@ def test_dead_worker_is_skipped_fast_and_restarted(stack: dict[str, Any]) -> Non
         rounds=2,
     )
     config = FederationConfig.model_validate(raw)
-    with temporary_settings(updates={PREFECT_API_URL: api}), sites_serving(stack, config.name):
+    with (
+        temporary_settings(updates={PREFECT_API_URL: api}),
+        sites_serving(stack, config.name, rounds=config.rounds),
+    ):
         try:
             summary = federated_training(config)
         finally:  # flush events and logs while the server is up (see the champion test)
