@@ -1,5 +1,7 @@
 """The real coordinator flow under a real (temporary) Prefect server, tracked in real MLflow."""
 
+import time
+
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
@@ -133,11 +135,19 @@ def test_many_sites_run_as_cohorts_of_sites_per_task(small_config) -> None:
     client = MlflowClient(tracking_uri=config.tracking.tracking_uri)
     participants = client.get_metric_history(summary.mlflow_run_id, "participants")
     assert [m.value for m in participants] == [2.0, 2.0]  # site-2's bad data: its own dropout
-    with get_client(sync_client=True) as prefect:
-        runs = prefect.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[summary.prefect_flow_run_id]))
-        )
-    names = {run.name for run in runs}
+    # task runs reach the server as events, recorded a moment after the flow returns: wait
+    # for them (up to 60 s on a loaded machine) rather than read a half-written history
+    names: set[str] = set()
+    deadline = time.monotonic() + 60
+    while not {"cohort-0-r1", "cohort-1-r1"} <= names and time.monotonic() < deadline:
+        time.sleep(0.5)
+        with get_client(sync_client=True) as prefect:
+            runs = prefect.read_task_runs(
+                flow_run_filter=FlowRunFilter(
+                    id=FlowRunFilterId(any_=[summary.prefect_flow_run_id])
+                )
+            )
+        names = {run.name for run in runs}
     assert {"cohort-0-r1", "cohort-1-r1"} <= names
     assert not any(name.startswith("train-") for name in names)
 
