@@ -60,3 +60,12 @@ def small_config(tmp_path: Path, mlflow_store: dict[str, str]):  # type: ignore[
             "seed": 1,
         }
     )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under `pytest -n 2 --dist loadgroup` (make test) the deploy tests share one worker: they
+    run in order on the session's one stack (tests/deploy/conftest.py), beside the rest."""
+    deploy = Path(__file__).parent / "deploy"
+    for item in items:
+        if deploy in Path(item.path).parents:
+            item.add_marker(pytest.mark.xdist_group("stack"))

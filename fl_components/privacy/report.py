@@ -115,6 +115,55 @@ def _remaining(budget: float | None, spent: float) -> float | None:
     return None if budget is None else max(0.0, budget - spent)
 
 
+def _site_section(
+    site: str,
+    site_rounds: Mapping[str, Sequence[SiteRound]],
+    site_deltas: Mapping[str, float],
+    site_budgets: Mapping[str, SiteBudget],
+    declines: Mapping[str, Sequence[str]],
+) -> dict[str, Any]:
+    """One site's record-level entry: this run's rounds and epsilon, and its own ledger."""
+    rounds = list(site_rounds.get(site, ()))
+    delta = site_deltas.get(site)
+    budget = site_budgets.get(site)
+    return {
+        "site": site,
+        "mechanism": "DP-SGD (Opacus, Poisson-sampled batches, Gaussian noise)",
+        "delta": delta,
+        "rounds": _rows(rounds),
+        "epsilon_this_run": _epsilons(rounds, delta) if delta is not None else {},
+        "ledger_epsilon": None if budget is None else budget.epsilon,
+        # all the site's runs: only its own ledger holds them
+        "ledger_epsilon_recompute": None
+        if budget is None or delta is None
+        else f"at the site: fedpipe budget <folder of {site}> --delta {delta!r}",
+        "budget": None if budget is None else budget.max_epsilon,
+        "remaining": None if budget is None else _remaining(budget.max_epsilon, budget.epsilon),
+        "declines": list(declines.get(site, ())),
+    }
+
+
+def _client_section(
+    client_rounds: Sequence[SiteRound],
+    client_delta: float,
+    client_sampling: str | None,
+    max_client_epsilon: float | None,
+    accountant: str,
+) -> dict[str, Any]:
+    """The participant-level (DP-FedAvg) entry over the model's whole lineage."""
+    epsilon = _client_epsilons(client_rounds, client_delta)
+    return {
+        "mechanism": "DP-FedAvg (clip to S, Gaussian noise z*S on the sum)",
+        "sampling": client_sampling,
+        "delta": client_delta,
+        "rounds": _rows(client_rounds),
+        "lineage": list(dict.fromkeys(r.run for r in client_rounds)),
+        "epsilon": epsilon,
+        "budget": max_client_epsilon,
+        "remaining": _remaining(max_client_epsilon, epsilon.get(accountant, epsilon["rdp"])),
+    }
+
+
 def build_privacy_report(
     *,
     federation: str,
@@ -149,44 +198,15 @@ def build_privacy_report(
         The round the coordinator refused for ``max_client_epsilon`` (round, reason,
         client epsilon spent), which ended the run; None if none was.
     """
-    sites: list[dict[str, Any]] = []
-    for site in sorted(set(site_rounds) | set(site_budgets)):
-        rounds = list(site_rounds.get(site, ()))
-        delta = site_deltas.get(site)
-        budget = site_budgets.get(site)
-        run_epsilon = _epsilons(rounds, delta) if delta is not None else {}
-        sites.append(
-            {
-                "site": site,
-                "mechanism": "DP-SGD (Opacus, Poisson-sampled batches, Gaussian noise)",
-                "delta": delta,
-                "rounds": _rows(rounds),
-                "epsilon_this_run": run_epsilon,
-                "ledger_epsilon": None if budget is None else budget.epsilon,
-                # all the site's runs: only its own ledger holds them
-                "ledger_epsilon_recompute": None
-                if budget is None or delta is None
-                else f"at the site: fedpipe budget <folder of {site}> --delta {delta!r}",
-                "budget": None if budget is None else budget.max_epsilon,
-                "remaining": None
-                if budget is None
-                else _remaining(budget.max_epsilon, budget.epsilon),
-                "declines": list(declines.get(site, ())),
-            }
-        )
+    sites = [
+        _site_section(site, site_rounds, site_deltas, site_budgets, declines)
+        for site in sorted(set(site_rounds) | set(site_budgets))
+    ]
     client = None
     if client_rounds is not None and client_delta is not None:
-        epsilon = _client_epsilons(client_rounds, client_delta)
-        client = {
-            "mechanism": "DP-FedAvg (clip to S, Gaussian noise z*S on the sum)",
-            "sampling": client_sampling,
-            "delta": client_delta,
-            "rounds": _rows(client_rounds),
-            "lineage": list(dict.fromkeys(r.run for r in client_rounds)),
-            "epsilon": epsilon,
-            "budget": max_client_epsilon,
-            "remaining": _remaining(max_client_epsilon, epsilon.get(accountant, epsilon["rdp"])),
-        }
+        client = _client_section(
+            client_rounds, client_delta, client_sampling, max_client_epsilon, accountant
+        )
     site_max = [s["ledger_epsilon"] for s in sites if s["ledger_epsilon"] is not None]
     return {
         "version": REPORT_VERSION,
@@ -208,6 +228,53 @@ def _figure(value: float | None) -> str:
     return "unlimited" if value is None else f"{value:.4f}"
 
 
+def _site_lines(report: Mapping[str, Any]) -> list[str]:
+    """The record-level table, one row a site, and the federation's maximum."""
+    lines = [
+        "## Record level (DP-SGD at each site)",
+        "",
+        "| site | delta | rounds | eps this run (RDP) | eps this run (PRV) | ledger eps "
+        "| budget | remaining | declines |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in report["sites"]:
+        run = s["epsilon_this_run"]
+        lines.append(
+            f"| {s['site']} | {s['delta']} | {len(s['rounds'])} | "
+            f"{_figure(run.get('rdp'))} | {_figure(run.get('prv'))} | "
+            f"{_figure(s['ledger_epsilon'])} | {_figure(s['budget'])} | "
+            f"{_figure(s['remaining'])} | {len(s['declines'])} |"
+        )
+    return [
+        *lines,
+        "",
+        f"Federation (max over every site's ledger): {_figure(report['federation_site_epsilon'])}",
+        "",
+    ]
+
+
+def _client_lines(client: Mapping[str, Any]) -> list[str]:
+    """The participant-level summary and its rounds' table."""
+    eps = client["epsilon"]
+    return [
+        "## Participant level (DP-FedAvg)",
+        "",
+        f"Sampling `{client['sampling']}`, delta {client['delta']}, "
+        f"{len(client['rounds'])} rounds over runs {', '.join(client['lineage'])}: "
+        f"epsilon {eps['rdp']:.4f} (RDP), {eps['prv']:.4f} (PRV); budget "
+        f"{_figure(client['budget'])}, remaining {_figure(client['remaining'])}.",
+        "",
+        "| run | round | z | q | steps |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {r['run']} | {r['round']} | {r['noise_multiplier']:g} | "
+            f"{r['sample_rate']:g} | {r['steps']} |"
+            for r in client["rounds"]
+        ),
+        "",
+    ]
+
+
 def report_markdown(report: Mapping[str, Any]) -> str:
     """The report as markdown: the tables, then the recompute snippet."""
     lines = [
@@ -218,47 +285,9 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         "",
     ]
     if report["sites"]:
-        lines += [
-            "## Record level (DP-SGD at each site)",
-            "",
-            "| site | delta | rounds | eps this run (RDP) | eps this run (PRV) | ledger eps "
-            "| budget | remaining | declines |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for s in report["sites"]:
-            run = s["epsilon_this_run"]
-            lines.append(
-                f"| {s['site']} | {s['delta']} | {len(s['rounds'])} | "
-                f"{_figure(run.get('rdp'))} | {_figure(run.get('prv'))} | "
-                f"{_figure(s['ledger_epsilon'])} | {_figure(s['budget'])} | "
-                f"{_figure(s['remaining'])} | {len(s['declines'])} |"
-            )
-        lines += [
-            "",
-            f"Federation (max over every site's ledger): "
-            f"{_figure(report['federation_site_epsilon'])}",
-            "",
-        ]
-    client = report["client"]
-    if client:
-        eps = client["epsilon"]
-        lines += [
-            "## Participant level (DP-FedAvg)",
-            "",
-            f"Sampling `{client['sampling']}`, delta {client['delta']}, "
-            f"{len(client['rounds'])} rounds over runs {', '.join(client['lineage'])}: "
-            f"epsilon {eps['rdp']:.4f} (RDP), {eps['prv']:.4f} (PRV); budget "
-            f"{_figure(client['budget'])}, remaining {_figure(client['remaining'])}.",
-            "",
-            "| run | round | z | q | steps |",
-            "|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {r['run']} | {r['round']} | {r['noise_multiplier']:g} | "
-            f"{r['sample_rate']:g} | {r['steps']} |"
-            for r in client["rounds"]
-        ]
-        lines.append("")
+        lines += _site_lines(report)
+    if report["client"]:
+        lines += _client_lines(report["client"])
     refused = report.get("refused")
     if refused:
         lines += [

@@ -284,18 +284,7 @@ class SecAggCoordinator:
         quantizer = self.ctx.quantizer
         result_total = quantizer.dequantize_sum(total, count=len(survivors))
         unmask_seconds = time.perf_counter() - started
-        plaintext_bytes = 4 * self.ctx.dimension * len(survivors)
-        stats = SecAggStats(
-            survivors=len(survivors),
-            dropouts_recovered=len(dropped),
-            responses=len(valid),
-            rejected_messages=self._rejected,
-            mask_seconds_max=max(m.mask_seconds for m in self._received.values()),
-            receive_seconds=self._receive_seconds,
-            unmask_seconds=unmask_seconds,
-            bytes_up=self._bytes_up,
-            expansion_factor=self._bytes_up / plaintext_bytes if self._bytes_up else 0.0,
-        )
+        stats = self._stats(survivors, dropped, responses=len(valid), unmask_seconds=unmask_seconds)
         logger.info(
             "secagg %s: summed %d updates, recovered %d dropouts, unmasked in %.3fs",
             where,
@@ -311,6 +300,28 @@ class SecAggCoordinator:
             dropped=dropped,
             error_bound=quantizer.error_bound(len(survivors)),
             stats=stats,
+        )
+
+    def _stats(
+        self,
+        survivors: tuple[str, ...],
+        dropped: tuple[str, ...],
+        *,
+        responses: int,
+        unmask_seconds: float,
+    ) -> SecAggStats:
+        """The round's costs: timings, bytes received and their expansion over plaintext."""
+        plaintext_bytes = 4 * self.ctx.dimension * len(survivors)
+        return SecAggStats(
+            survivors=len(survivors),
+            dropouts_recovered=len(dropped),
+            responses=responses,
+            rejected_messages=self._rejected,
+            mask_seconds_max=max(m.mask_seconds for m in self._received.values()),
+            receive_seconds=self._receive_seconds,
+            unmask_seconds=unmask_seconds,
+            bytes_up=self._bytes_up,
+            expansion_factor=self._bytes_up / plaintext_bytes if self._bytes_up else 0.0,
         )
 
     def _verified_responses(

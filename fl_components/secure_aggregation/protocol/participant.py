@@ -160,20 +160,7 @@ class SecAggParticipant:
         )
         if ctx.field_bits < 32:  # y mod 2^m: the low m bits of a uniform mask are uniform
             np.bitwise_and(masked, np.uint32(ctx.field_mask), out=masked)
-        holders = ctx.share_holders(self.site)
-        shares = shamir.split(
-            self_seed, threshold=ctx.threshold, xs=[ctx.share_index(h) for h in holders]
-        )
-        encrypted = {
-            holder: agreement.encrypt_share(
-                self._share_key(ctx, holder),
-                share.x.to_bytes(4, "big") + share.y.to_bytes(shamir.SECRET_BYTES, "big"),
-                associated_data=agreement.share_associated_data(
-                    run_id=ctx.run_id, round=ctx.round, sender=self.site, receiver=holder
-                ),
-            )
-            for holder, share in zip(holders, shares, strict=True)
-        }
+        encrypted = self._encrypted_shares(ctx, self_seed)
         message = MaskedUpdate(
             run_id=ctx.run_id,
             round=ctx.round,
@@ -184,20 +171,41 @@ class SecAggParticipant:
             self_mask_commitment=agreement.commitment(
                 self_seed, run_id=ctx.run_id, round=ctx.round, owner=self.site
             ),
-            pairwise_commitments={
-                peer: agreement.commitment(
-                    seeds[peer],
-                    run_id=ctx.run_id,
-                    round=ctx.round,
-                    owner=min(self.site, peer),
-                    peer=max(self.site, peer),
-                )
-                for peer in peers
-            },
+            pairwise_commitments=self._pairwise_commitments(ctx, seeds),
             mask_seconds=time.perf_counter() - started,
             field_bits=ctx.field_bits,
         )
         return message.with_signature(self._keys.sign(message.signed_digest()))
+
+    def _encrypted_shares(self, ctx: RoundContext, self_seed: bytes) -> dict[str, bytes]:
+        """Shamir shares of the self-mask seed, each sealed for its holder."""
+        holders = ctx.share_holders(self.site)
+        shares = shamir.split(
+            self_seed, threshold=ctx.threshold, xs=[ctx.share_index(h) for h in holders]
+        )
+        return {
+            holder: agreement.encrypt_share(
+                self._share_key(ctx, holder),
+                share.x.to_bytes(4, "big") + share.y.to_bytes(shamir.SECRET_BYTES, "big"),
+                associated_data=agreement.share_associated_data(
+                    run_id=ctx.run_id, round=ctx.round, sender=self.site, receiver=holder
+                ),
+            )
+            for holder, share in zip(holders, shares, strict=True)
+        }
+
+    def _pairwise_commitments(self, ctx: RoundContext, seeds: dict[str, bytes]) -> dict[str, bytes]:
+        """A commitment to each pairwise seed, named by the pair in sorted order."""
+        return {
+            peer: agreement.commitment(
+                seed,
+                run_id=ctx.run_id,
+                round=ctx.round,
+                owner=min(self.site, peer),
+                peer=max(self.site, peer),
+            )
+            for peer, seed in seeds.items()
+        }
 
     # -- stage 2 ------------------------------------------------------------------------
     def unmask_response(self, ctx: RoundContext, request: UnmaskRequest) -> UnmaskResponse:
