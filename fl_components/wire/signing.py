@@ -347,6 +347,62 @@ class NonceRegister(Protocol):
         """Record ``nonce`` until ``expires_at``; raise ``RejectedJob(REPLAYED)`` if seen."""
 
 
+def _check_signature(envelope: Signed[MessageT], pinned: CoordinatorPublicKey) -> None:
+    """Refuse an envelope not signed by the pinned coordinator key, over every signed field."""
+    if envelope.key_id != pinned.key_id:
+        raise RejectedJob(
+            RejectReason.UNKNOWN_KEY,
+            f"signed by key {envelope.key_id[:16]}..., but this site pinned the coordinator "
+            f"key {pinned.key_id[:16]}...; if the coordinator rotated its key, apply the "
+            "rotation at the site",
+        )
+    try:
+        signature = base64.b64decode(envelope.signature, validate=True)
+    except ValueError:
+        raise RejectedJob(RejectReason.BAD_SIGNATURE, "the signature is not base64") from None
+    payload = signed_bytes(
+        envelope.message,
+        audience=envelope.audience,
+        expires_at=envelope.expires_at,
+        nonce=envelope.nonce,
+        key_id=envelope.key_id,
+    )
+    try:
+        Ed25519PublicKey.from_public_bytes(pinned.raw_keys.ed25519).verify(signature, payload)
+    except InvalidSignature:
+        raise RejectedJob(
+            RejectReason.BAD_SIGNATURE,
+            f"the {wire_type(type(envelope.message))} message does not verify against the "
+            "pinned coordinator key: it was altered or signed by another key",
+        ) from None
+
+
+def _check_audience_and_time(envelope: Signed[MessageT], site: str, moment: datetime) -> None:
+    """Refuse an envelope meant for another site, expired, or valid for too long."""
+    if envelope.audience != site:
+        raise RejectedJob(
+            RejectReason.WRONG_SITE,
+            f"this is site {site!r}; the message was signed for site {envelope.audience!r}",
+        )
+    named = getattr(envelope.message, "site", site)
+    if named != site:
+        raise RejectedJob(
+            RejectReason.WRONG_SITE, f"this is site {site!r}; the message names site {named!r}"
+        )
+    if envelope.expires_at <= moment - CLOCK_SKEW:
+        raise RejectedJob(
+            RejectReason.EXPIRED,
+            f"expired at {_utc_text(envelope.expires_at)} (now {_utc_text(moment)}); the "
+            "coordinator must send a fresh job",
+        )
+    if envelope.expires_at > moment + MAX_LIFETIME + CLOCK_SKEW:
+        raise RejectedJob(
+            RejectReason.EXPIRED,
+            f"valid until {_utc_text(envelope.expires_at)}, more than {MAX_LIFETIME} from now "
+            f"({_utc_text(moment)}); the site accepts jobs valid for at most that long",
+        )
+
+
 def verify(
     envelope: Signed[MessageT],
     *,
@@ -375,55 +431,9 @@ def verify(
     RejectedJob
         ``unknown_key``, ``bad_signature``, ``wrong_site``, ``expired`` or ``replayed``.
     """
-    if envelope.key_id != pinned.key_id:
-        raise RejectedJob(
-            RejectReason.UNKNOWN_KEY,
-            f"signed by key {envelope.key_id[:16]}..., but this site pinned the coordinator "
-            f"key {pinned.key_id[:16]}...; if the coordinator rotated its key, apply the "
-            "rotation at the site",
-        )
-    try:
-        signature = base64.b64decode(envelope.signature, validate=True)
-    except ValueError:
-        raise RejectedJob(RejectReason.BAD_SIGNATURE, "the signature is not base64") from None
-    payload = signed_bytes(
-        envelope.message,
-        audience=envelope.audience,
-        expires_at=envelope.expires_at,
-        nonce=envelope.nonce,
-        key_id=envelope.key_id,
-    )
-    try:
-        Ed25519PublicKey.from_public_bytes(pinned.raw_keys.ed25519).verify(signature, payload)
-    except InvalidSignature:
-        raise RejectedJob(
-            RejectReason.BAD_SIGNATURE,
-            f"the {wire_type(type(envelope.message))} message does not verify against the "
-            "pinned coordinator key: it was altered or signed by another key",
-        ) from None
-    if envelope.audience != site:
-        raise RejectedJob(
-            RejectReason.WRONG_SITE,
-            f"this is site {site!r}; the message was signed for site {envelope.audience!r}",
-        )
-    named = getattr(envelope.message, "site", site)
-    if named != site:
-        raise RejectedJob(
-            RejectReason.WRONG_SITE, f"this is site {site!r}; the message names site {named!r}"
-        )
+    _check_signature(envelope, pinned)
     moment = (now or datetime.now(UTC)).astimezone(UTC)
-    if envelope.expires_at <= moment - CLOCK_SKEW:
-        raise RejectedJob(
-            RejectReason.EXPIRED,
-            f"expired at {_utc_text(envelope.expires_at)} (now {_utc_text(moment)}); the "
-            "coordinator must send a fresh job",
-        )
-    if envelope.expires_at > moment + MAX_LIFETIME + CLOCK_SKEW:
-        raise RejectedJob(
-            RejectReason.EXPIRED,
-            f"valid until {_utc_text(envelope.expires_at)}, more than {MAX_LIFETIME} from now "
-            f"({_utc_text(moment)}); the site accepts jobs valid for at most that long",
-        )
+    _check_audience_and_time(envelope, site, moment)
     nonces.admit(envelope.nonce, expires_at=envelope.expires_at + CLOCK_SKEW, now=moment)
     return envelope.message
 
