@@ -316,16 +316,7 @@ def serve(path: Path, *, module: str = ENGINE_MODULE) -> _Request | None:
         function's clean-up); in the executor itself, ``None`` once it stops.
     """
     _preload(module)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.parent.chmod(0o700)
-    staging = path.with_name(path.name + ".starting")
-    for stale in (path, staging):
-        stale.unlink(missing_ok=True)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(staging))
-    staging.chmod(0o600)
-    listener.listen(64)
-    staging.rename(path)  # appears only once it accepts: a client never meets a half-open socket
+    listener = _listen(path)
     server_pid = os.getpid()
     stopping = False
 
@@ -361,13 +352,33 @@ def serve(path: Path, *, module: str = ENGINE_MODULE) -> _Request | None:
     finally:
         if os.getpid() == server_pid:
             selector.close()
-            listener.close()
-            path.unlink(missing_ok=True)
-            if path.parent.name.startswith(_TEMP_PREFIX):  # default_socket's fallback folder
-                with contextlib.suppress(OSError):
-                    path.parent.rmdir()
-            _log("stopped")
+            _close(listener, path)
     return None
+
+
+def _listen(path: Path) -> socket.socket:
+    """A listening Unix socket at ``path``, in a private folder, reachable by its owner only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.chmod(0o700)
+    staging = path.with_name(path.name + ".starting")
+    for stale in (path, staging):
+        stale.unlink(missing_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(staging))
+    staging.chmod(0o600)
+    listener.listen(64)
+    staging.rename(path)  # appears only once it accepts: a client never meets a half-open socket
+    return listener
+
+
+def _close(listener: socket.socket, path: Path) -> None:
+    """Close the executor's socket and remove it (and default_socket's fallback folder)."""
+    listener.close()
+    path.unlink(missing_ok=True)
+    if path.parent.name.startswith(_TEMP_PREFIX):
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()
+    _log("stopped")
 
 
 def _signal(pid: int, signum: int) -> None:
