@@ -131,8 +131,25 @@ def _sites(header: Mapping[str, Any], name: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+class _SignedMessage:
+    """What a site signs: its canonical payload and the signature, sealed together."""
+
+    signature: bytes
+
+    def signed_payload(self) -> bytes:
+        raise NotImplementedError
+
+    def with_signature(self, signature: bytes) -> Self:
+        """Return a copy carrying ``signature``."""
+        return replace(self, signature=signature)  # type: ignore[type-var]
+
+    def to_bytes(self) -> bytes:
+        """Serialize (the signed payload, then the signature)."""
+        return _seal(self.signed_payload(), self.signature)
+
+
 @dataclass(frozen=True, eq=False)
-class MaskedUpdate:
+class MaskedUpdate(_SignedMessage):
     """Stage 1, participant -> coordinator: the masked vector and the encrypted shares.
 
     Attributes
@@ -205,14 +222,6 @@ class MaskedUpdate:
         if self._wire_digest is not None:
             return self._wire_digest
         return hashlib.sha256(self.signed_payload()).digest()
-
-    def with_signature(self, signature: bytes) -> Self:
-        """Return a copy carrying ``signature``."""
-        return replace(self, signature=signature)
-
-    def to_bytes(self) -> bytes:
-        """Serialize (header, raw vector, signature)."""
-        return _seal(self.signed_payload(), self.signature)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Self:
@@ -306,7 +315,7 @@ class UnmaskRequest:
 
 
 @dataclass(frozen=True, eq=False)
-class UnmaskResponse:
+class UnmaskResponse(_SignedMessage):
     """Stage 2, survivor -> coordinator: b-shares of survivors, pairwise seeds of dropouts.
 
     Attributes
@@ -341,14 +350,6 @@ class UnmaskResponse:
             "pairwise_seeds": {k: _b64(v) for k, v in self.pairwise_seeds.items()},
         }
         return _frame(header, b"")
-
-    def with_signature(self, signature: bytes) -> Self:
-        """Return a copy carrying ``signature``."""
-        return replace(self, signature=signature)
-
-    def to_bytes(self) -> bytes:
-        """Serialize (header, signature)."""
-        return _seal(self.signed_payload(), self.signature)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Self:
