@@ -236,3 +236,24 @@ def job_message(flow_run: dict[str, Any]) -> dict[str, Any]:
     """The site job a participant flow run was given (the message inside the signed job)."""
     job = flow_run["parameters"].get("job") or {}
     return dict(job.get("message") or {})
+
+
+def create_deployed_run(stack: dict[str, Any], partial: dict[str, Any]) -> str:
+    """Post ``partial`` to the federated-training deployment, as a script or the UI's Run
+    button does; return the new flow run's id."""
+    api = stack["prefect_api_url"]
+    deployment = _api_get(f"{api}/deployments/name/federated-training/federated-training").json()
+    created = _api_post(
+        f"{api}/deployments/{deployment['id']}/create_flow_run",
+        json={"parameters": {"config": partial}},
+    )
+    assert created.status_code == 201, created.text
+    return str(created.json()["id"])
+
+
+def wait_dispatched(api: str, run_id: str, *, timeout: float = 600) -> None:
+    """Wait until the run's first round is out at the sites (a participant run exists)."""
+    deadline = time.monotonic() + timeout
+    while not participant_runs(api, run_id):
+        assert time.monotonic() < deadline, f"the run dispatched nothing in {timeout:.0f} s"
+        time.sleep(0.5)

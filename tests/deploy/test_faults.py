@@ -34,11 +34,13 @@ from tests.deploy.stack_harness import (
     _fedpipe,
     _mlflow_run_for,
     _wait_flow_run,
+    create_deployed_run,
     deployed_config,
     job_message,
     participant_runs,
     run_coordinator,
     sites_serving,
+    wait_dispatched,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -362,7 +364,6 @@ def test_the_prefect_server_restarted_mid_run(stack: dict[str, Any], serve: Any)
 
     api = stack["prefect_api_url"]
     serve("e2e-restart", rounds=2)
-    deployment = _api_get(f"{api}/deployments/name/federated-training/federated-training").json()
     partial = {
         "name": "e2e-restart",
         "rounds": 2,
@@ -370,16 +371,8 @@ def test_the_prefect_server_restarted_mid_run(stack: dict[str, Any], serve: Any)
         "sites": [{"name": s} for s in SITES],
         "tracking": {"register_model": False},
     }
-    created = _api_post(
-        f"{api}/deployments/{deployment['id']}/create_flow_run",
-        json={"parameters": {"config": partial}},
-    )
-    assert created.status_code == 201, created.text
-    run_id = created.json()["id"]
-    deadline = time.monotonic() + 600
-    while not participant_runs(api, run_id):  # round 1 is out at the sites
-        assert time.monotonic() < deadline, "the run dispatched nothing in 600 s"
-        time.sleep(0.5)
+    run_id = create_deployed_run(stack, partial)
+    wait_dispatched(api, run_id)  # round 1 is out at the sites
     away = _restart_prefect_server(stack)
 
     run = _wait_flow_run(api, run_id, timeout=900)
@@ -425,7 +418,6 @@ def test_a_run_cancelled_after_a_server_outage_stops_and_registers_nothing(
 
     api, name, rounds = stack["prefect_api_url"], "e2e-cancel", 5
     serve(name, rounds=rounds)
-    deployment = _api_get(f"{api}/deployments/name/federated-training/federated-training").json()
     partial = {
         "name": name,
         "rounds": rounds,
@@ -434,16 +426,8 @@ def test_a_run_cancelled_after_a_server_outage_stops_and_registers_nothing(
         "secure_aggregation": {"enabled": False},
         "tracking": {"register_model": True},
     }
-    created = _api_post(
-        f"{api}/deployments/{deployment['id']}/create_flow_run",
-        json={"parameters": {"config": partial}},
-    )
-    assert created.status_code == 201, created.text
-    run_id = created.json()["id"]
-    deadline = time.monotonic() + 600
-    while not participant_runs(api, run_id):  # round 1 is out at the sites
-        assert time.monotonic() < deadline, "the run dispatched nothing in 600 s"
-        time.sleep(0.5)
+    run_id = create_deployed_run(stack, partial)
+    wait_dispatched(api, run_id)  # round 1 is out at the sites
     away = _restart_prefect_server(stack, kill=signal.SIGKILL, down_for=30)
     cancelled_at = time.monotonic()
     cancel = _api_post(

@@ -31,6 +31,7 @@ from tests.deploy.stack_harness import (
     _fedpipe,
     _mlflow_run_for,
     _wait_flow_run,
+    create_deployed_run,
     job_message,
     running_stack,
     sites_serving,
@@ -132,7 +133,6 @@ def test_a_scripted_run_with_some_fields_keeps_the_deployment(stack: dict[str, A
     from mlflow.tracking import MlflowClient
 
     api = stack["prefect_api_url"]
-    deployment = _api_get(f"{api}/deployments/name/federated-training/federated-training").json()
     partial = {  # what a script posts from a file like infra/federation.yaml, rounds changed
         "name": "e2e-fed",
         "rounds": 1,
@@ -140,12 +140,7 @@ def test_a_scripted_run_with_some_fields_keeps_the_deployment(stack: dict[str, A
         "sites": [{"name": s} for s in SITES],
         "tracking": {"register_model": False},
     }
-    created = _api_post(
-        f"{api}/deployments/{deployment['id']}/create_flow_run",
-        json={"parameters": {"config": partial}},
-    )
-    assert created.status_code == 201, created.text
-    run = _wait_flow_run(api, created.json()["id"], timeout=900)
+    run = _wait_flow_run(api, create_deployed_run(stack, partial), timeout=900)
 
     assert run["state"]["type"] == "COMPLETED", run["state"]
     assert re.fullmatch(r"e2e-fed-fedavg-\d{8}-\d{6}", run["name"]), run["name"]
@@ -162,11 +157,8 @@ def test_a_scripted_run_with_some_fields_keeps_the_deployment(stack: dict[str, A
     assert names and all(n.endswith(f"-{run['id'][:8]}") for n in names), names
     assert f"north-r1-train-{run['id'][:8]}" in names
 
-    local = _api_post(
-        f"{api}/deployments/{deployment['id']}/create_flow_run",
-        json={"parameters": {"config": {"backend": "local", "rounds": 1}}},
-    )
-    refused = _wait_flow_run(api, local.json()["id"], timeout=600)
+    local = create_deployed_run(stack, {"backend": "local", "rounds": 1})
+    refused = _wait_flow_run(api, local, timeout=600)
     assert refused["state"]["type"] == "FAILED"
     assert "this deployment runs on backend 'work-pool'" in refused["state"]["message"]
 
