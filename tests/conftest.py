@@ -62,6 +62,7 @@ def small_config(tmp_path: Path, mlflow_store: dict[str, str]):  # type: ignore[
     )
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups into the node ids
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under `pytest -n 2 --dist loadgroup` (make test) the deploy tests share one worker: they
     run in order on the session's one stack (tests/deploy/conftest.py), beside the rest."""
