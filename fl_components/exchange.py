@@ -225,6 +225,15 @@ def decode_arrays(encoded: Mapping[str, Any]) -> NDArrays:
             raise ExchangeError(f"payload arrays: shape {shape!r} is not a list of sizes >= 0")
         shapes.append(tuple(shape))
     check_payload_size(len(data), what="payload arrays")
+    # no axis can be longer than the payload could ever hold values (an empty array with a
+    # huge axis would hold none, yet numpy would refuse to shape it)
+    longest = payload_limit() // 4
+    for shape in shapes:
+        if any(d > longest for d in shape):
+            raise ExchangeError(
+                f"payload arrays: shape {list(shape)} has an axis longer than the "
+                f"{longest} float32 values the payload limit allows; refused"
+            )
     values = sum(int(np.prod(shape, dtype=object)) for shape in shapes)
     try:
         raw = base64.b64decode(data, validate=True)

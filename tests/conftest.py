@@ -62,11 +62,15 @@ def small_config(tmp_path: Path, mlflow_store: dict[str, str]):  # type: ignore[
     )
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups into the node ids
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under `pytest -n 2 --dist loadgroup` (make test) the deploy tests share one worker: they
-    run in order on the session's one stack (tests/deploy/conftest.py), beside the rest."""
-    deploy = Path(__file__).parent / "deploy"
-    for item in items:
-        if deploy in Path(item.path).parents:
-            item.add_marker(pytest.mark.xdist_group("stack"))
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """Under `pytest -n 2` (make test) the deploy tests run on one worker, in file order, on
+    the session's one stack (tests/deploy/conftest.py); every other test is balanced beside
+    them. (xdist's own ``xdist_group`` marks do nothing under pytest 9: its hook renames node
+    ids, which pytest 9 no longer lets it do.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class DeployTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "tests/deploy" if nodeid.startswith("tests/deploy/") else nodeid
+
+    return DeployTogether(config, log)

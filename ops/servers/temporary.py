@@ -160,14 +160,31 @@ def serving_at(api_url: str, *, ui_url: str | None = None) -> Iterator[None]:
     updates: dict[Any, str] = {PREFECT_API_URL: api_url}
     if ui_url is not None:
         updates[PREFECT_UI_URL] = ui_url
+    _rebind_event_workers()
     try:
         with temporary_settings(updates=updates):
             yield
     finally:
+        _rebind_event_workers()
         if previous is None:
             os.environ.pop("PREFECT_API_URL", None)
         else:
             os.environ["PREFECT_API_URL"] = previous
+
+
+def _rebind_event_workers() -> None:
+    """Flush Prefect's events and log workers and stop them.
+
+    Prefect keeps one events worker per process, bound to the API URL it first saw: after a
+    switch of server, the task runs of a later flow in this process would go to the old,
+    perhaps stopped, server and never show. Stopped, the next ones start for the server
+    Prefect points at now.
+    """
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    EventsWorker.drain_all(timeout=10)
+    APILogWorker.drain_all(timeout=10)
 
 
 @dataclass
