@@ -1,0 +1,28 @@
+"""The task's check before a run (``fedpipe validate``): importable, builds, trainable.
+
+Everything round 1 would discover about the task's code, found on the operator's machine
+first: the module imports, ``build_model`` returns a module, and, with record-level DP on,
+Opacus can compute its per-sample gradients (its ``ModuleValidator``'s own diagnosis).
+"""
+
+from __future__ import annotations
+
+from fl_components.config import FederationConfig
+from fl_components.site.dpsgd import validate_model
+from fl_components.task.loading import TaskIdentity, resolve_task, task_identity
+
+
+def check_task(config: FederationConfig) -> TaskIdentity:
+    """Import and build the config's task; refuse a model DP-SGD cannot train.
+
+    Raises
+    ------
+    ConfigError
+        Naming the task and the fix (an import that fails, a model Opacus rejects).
+    """
+    task = resolve_task(config)
+    model = task.build_model(config.seed)
+    if config.privacy.record_level:
+        where = "model.kind" if config.task is None else f"task {config.task!r}"
+        validate_model(model, where=where)
+    return task_identity(config)
