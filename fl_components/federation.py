@@ -31,7 +31,7 @@ from fl_components.round.types import LocalUpdate, Metrics, SiteInstructions
 from fl_components.site.dpsgd import private_local_train
 from fl_components.site.training import evaluate, local_train
 from fl_components.task.builtin import load_site_data
-from fl_components.task.loading import resolve_task
+from fl_components.task.loading import resolve_task, task_identity
 from fl_components.task.protocol import BoundTask, SiteContext, TaskData
 
 CENTRAL_DIR = "_central"
@@ -178,6 +178,7 @@ class Site:
                 mlflow_run_id=spent_by[0] or None,
                 flow_run_id=spent_by[1] or None,
                 task=task,
+                task_identity=task_identity(self.config).as_dict(),
             )
         return local_train(
             model,

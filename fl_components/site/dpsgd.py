@@ -338,7 +338,8 @@ def private_local_train(
     q-FedAvg's F_k(θ_t) on the training records would be released without noise: refused.
 
     ``mlflow_run_id`` and ``flow_run_id`` (when the caller knows them) are written into
-    the ledger entry, naming the runs that spent it.
+    the ledger entry, naming the runs that spent it; ``task_identity`` (spec, sha256) names
+    the code that trained on the records.
 
     The ledger in ``folder`` is checked first (a round that would pass
     ``privacy.max_epsilon`` raises :class:`~fl_components.errors.BudgetExhaustedError`
@@ -415,6 +416,8 @@ def private_local_train(
         flow_run_id=flow_run_id,
         release=kept,
         parameters_digest=digest,
+        task=None if task_identity is None else task_identity.get("spec"),
+        task_sha256=None if task_identity is None else task_identity.get("sha256"),
     )
     epsilon = ledger.epsilon(plan.delta)
     remaining = ledger.remaining(plan.delta)

@@ -105,12 +105,24 @@ def resolve_task(config: FederationConfig, info: DatasetInfo | None = None) -> B
 
 def task_identity(config: FederationConfig) -> TaskIdentity:
     """The identity of the config's task code, computed once per process and spec."""
-    spec = task_spec(config)
+    return identity_of(task_spec(config))
+
+
+def identity_of(spec: str) -> TaskIdentity:
+    """The identity of the task ``spec`` names (``module:attribute`` or ``builtin:<kind>``).
+
+    Computed once per process and spec: the hash is of the code this process imported.
+
+    Raises
+    ------
+    ConfigError
+        When the task cannot be imported here (naming the module and the fix).
+    """
     with _LOCK:
         known = _IDENTITIES.get(spec)
     if known is not None:
         return known
-    if config.task is None:
+    if spec.startswith(BUILTIN_PREFIX):
         identity = TaskIdentity(
             spec=spec,
             package="fedpipe",
@@ -118,7 +130,7 @@ def task_identity(config: FederationConfig) -> TaskIdentity:
             sha256=_hash_files(_FIRST_PARTY, [_FIRST_PARTY / p for p in _BUILTIN_SOURCES]),
         )
     else:
-        import_task(config.task)  # a clear error when it cannot be imported
+        import_task(spec)  # a clear error when it cannot be imported
         identity = _identity_of(spec)
     with _LOCK:
         _IDENTITIES[spec] = identity

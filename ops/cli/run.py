@@ -62,7 +62,7 @@ def run_with_progress(config: FederationConfig, *, quiet: QuietRun, resume: str 
 
     console.print(
         f"[bold]fedpipe[/] federation [cyan]{config.name}[/]: {len(config.sites)} sites, "
-        f"{config.rounds} rounds, {config.strategy.name}, {config.model.kind}, "
+        f"{config.rounds} rounds, {config.strategy.name}, {config.task or config.model.kind}, "
         f"backend {config.backend}"
     )
     if isinstance(server, TemporaryServer):
