@@ -70,6 +70,10 @@ CASES: dict[str, tuple[dict[str, Any], SiteInstructions]] = {
     "fedavg": ({}, SiteInstructions()),
     "fedprox": ({"strategy": {"name": "fedprox", "proximal_mu": 0.5}}, SiteInstructions()),
     "scaffold": ({"strategy": {"name": "scaffold"}}, SiteInstructions()),
+    "qfedavg": (
+        {"strategy": {"name": "qfedavg", "q": 1.0}},
+        SiteInstructions(report_initial_loss=True),
+    ),
     "dp-sgd": (
         {"privacy": {"mode": "record", "noise_multiplier": 1.0, "max_grad_norm": 1.0}},
         SiteInstructions(),
@@ -98,6 +102,8 @@ def test_a_users_task_trains_at_a_site_under_every_local_hook(
     assert [d.shape for d in update.delta] == [a.shape for a in start]
     assert any(float(np.abs(d).max()) > 0 for d in update.delta)
     assert np.isfinite(update.train_loss)
+    if case == "qfedavg":  # F_k(θ_t): the task's own loss of the global model
+        assert update.initial_loss is not None and np.isfinite(update.initial_loss)
     if case == "scaffold":
         assert update.control_delta is not None
         assert (site.folder / "scaffold_control.npz").is_file()
