@@ -8,6 +8,7 @@ through the same interface.
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -225,3 +226,49 @@ def test_fedpipe_validate_refuses_a_batchnorm_model_under_dp_in_one_paragraph(
     assert "Traceback" not in output
     flat = " ".join(output.split())
     assert "BatchNorm" in flat and "ModuleValidator.fix" in flat and "GroupNorm" in flat
+
+
+class _CustomSteps:
+    """A task with its own train step (mixup-free, a penalty on the logits) and evaluation."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.steps = 0
+        self.evaluations = 0
+
+    def build_model(self, seed: int) -> torch.nn.Module:
+        return self.inner.build_model(seed)
+
+    def load_data(self, site: Any) -> Any:
+        return self.inner.load_data(site)
+
+    def train_step(self, model: torch.nn.Module, batch: Any, loss_fn: Any) -> torch.Tensor:
+        self.steps += 1
+        inputs, targets = batch
+        outputs = model(inputs)
+        return loss_fn(outputs, targets) + 1e-3 * (outputs**2).mean()
+
+    def evaluate(
+        self, model: torch.nn.Module, dataset: Any, device: torch.device
+    ) -> dict[str, float]:
+        self.evaluations += 1
+        return {"loss": 0.5, "accuracy": 0.25}
+
+
+@pytest.mark.parametrize("private", [False, True], ids=["plain", "dp-sgd"])
+def test_a_custom_train_step_and_evaluation_are_the_ones_run(
+    tmp_path: Path, user_package: Path, monkeypatch: pytest.MonkeyPatch, private: bool
+) -> None:
+    fl = importlib.import_module("clinic_fl.fl")
+    custom = _CustomSteps(fl.task)
+    monkeypatch.setattr(fl, "task", custom)
+    privacy = {"mode": "record", "noise_multiplier": 1.0} if private else {"mode": "off"}
+    config = _config(tmp_path, privacy=privacy, strategy={"name": "fedprox", "proximal_mu": 0.1})
+    site = _site(config)
+    start = get_parameters(site.task.build_model(config.seed))
+
+    update = site.train(start, round_num=1, seed=1, instructions=SiteInstructions(proximal_mu=0.1))
+
+    assert custom.steps > 0 and any(float(np.abs(d).max()) > 0 for d in update.delta)
+    metrics = site.evaluate(start)
+    assert (metrics.loss, metrics.accuracy, custom.evaluations) == (0.5, 0.25, 1)
