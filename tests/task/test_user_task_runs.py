@@ -70,7 +70,11 @@ def _config(tmp_path: Path, case: str) -> dict[str, Any]:
         "sites": sites,
         "task": "clinic_fl.fl:task",
         "training": {"epochs": 1, "batch_size": 16},
-        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        "tracking": {
+            "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            # registered once (fedavg: the logged model's signature from the task's example)
+            "register_model": case == "fedavg",
+        },
     }
     for section, values in CASES[case].items():
         base[section] = {**base.get(section, {}), **values}
