@@ -27,6 +27,14 @@ ADAPTIVE_RULES = ("fedadagrad", "fedadam", "fedyogi")
 BackendKind = Literal["local", "work-pool"]
 RunnerKind = Literal["thread", "ray", "dask"]
 InitFrom = Literal["fresh", "champion", "run"]
+# 'package.module:attribute': a module importable at the site and an object in it
+TaskSpec = Annotated[
+    str,
+    Field(
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$",
+        max_length=200,
+    ),
+]
 
 
 class _Section(BaseModel):
@@ -706,6 +714,13 @@ class FederationConfig(_Section):
     rounds: int = Field(default=20, ge=1, le=10000)
     participation: ParticipationConfig = ParticipationConfig()
     data: DataConfig = DataConfig()
+    task: TaskSpec | None = Field(
+        default=None,
+        description="The user's task, as 'package.module:attribute', importable where each "
+        "site runs (installed there; never a file path). It builds the model, loads the "
+        "site's datasets, and gives the loss and metrics; unset: the built-in task of "
+        "model.kind on the data section's tabular files.",
+    )
     model: ModelConfig = ModelConfig()
     training: TrainingConfig = TrainingConfig()
     strategy: StrategyConfig = StrategyConfig()
@@ -732,6 +747,12 @@ class FederationConfig(_Section):
             raise ValueError(
                 f"participation.min_participants ({self.participation.min_participants}) "
                 f"exceeds the number of sites ({len(self.sites)}); lower it or add sites"
+            )
+        if self.task is not None and self.data.source == "site_files":
+            raise ValueError(
+                f"task is {self.task!r} and data.source is 'site_files': a task loads each "
+                "site's data itself (its load_data); remove data.source, or remove task to "
+                "train the built-in model.kind on the site files"
             )
         if self.data.source == "site_files":
             missing = [s.name for s in self.sites if s.data_path is None]

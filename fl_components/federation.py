@@ -8,23 +8,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
 from fl_components.config import FederationConfig
 from fl_components.data.check import dataset_info as dataset_info  # re-exported
-from fl_components.data.check import federation_dir, load_configured_site
+from fl_components.data.check import federation_dir
 from fl_components.data.check import site_folder as site_folder  # re-exported
 from fl_components.data.site_files import (
-    SCALE_MAX_ABS_MEAN,
-    SCALE_MAX_STD,
-    SCALE_MIN_STD,
-    find_split_file,
     partition_bundled,
     read_split,
-    standardize_site,
-    unscaled_columns,
     write_site,
     write_split,
 )
@@ -34,22 +29,24 @@ from fl_components.parameters import NDArrays
 from fl_components.privacy.dp_fedavg import SecureRandom
 from fl_components.round.types import LocalUpdate, Metrics, SiteInstructions
 from fl_components.site.dpsgd import private_local_train
-from fl_components.site.models import build_model
 from fl_components.site.training import evaluate, local_train
+from fl_components.task.builtin import load_site_data
+from fl_components.task.loading import resolve_task, task_identity
+from fl_components.task.protocol import BoundTask, SiteContext, TaskData
 
 CENTRAL_DIR = "_central"
 log = logging.getLogger(__name__)
-# (site, train file, mtime, size) already warned about in this process: a site loads its
-# files for every job, the warning is said once per file version
-_WARNED_UNSCALED: set[tuple[str, str, int, int]] = set()
 
 
 def materialize_sites(config: FederationConfig, *, overwrite: bool = False) -> list[Path]:
     """Partition a bundled set into ``sites/<federation>/<site>/`` (train.npz, test.npz).
 
     Also writes the central test split to ``sites/<federation>/_central/test.npz``. Existing
-    folders are kept unless ``overwrite`` (the same seed rebuilds the same split).
+    folders are kept unless ``overwrite`` (the same seed rebuilds the same split). With a
+    user's ``task``, the sites hold the task's own files: nothing is written.
     """
+    if config.task is not None:
+        return [site_folder(config, name) for name in config.site_names]
     if config.data.source != "bundled":
         raise ConfigError(
             "data.source is 'site_files': sites bring their own data; nothing to partition"
@@ -81,7 +78,7 @@ def materialize_sites(config: FederationConfig, *, overwrite: bool = False) -> l
 
 def central_test_split(config: FederationConfig) -> Split | None:
     """The coordinator's central test split (bundled sets only; None for real sites)."""
-    if config.data.source != "bundled":
+    if config.data.source != "bundled" or config.task is not None:
         return None
     return read_split(federation_dir(config) / CENTRAL_DIR / "test.npz")
 
@@ -137,50 +134,17 @@ class Site:
     info: DatasetInfo
 
     def load(self) -> SiteData:
-        """The site's own train and held-out splits, read by name against the contract."""
-        data = load_configured_site(self.config, self.name, self.folder, info=self.info)
-        if self.config.data.source == "site_files":
-            self._warn_if_unscaled(data)
-        if self.config.data.scale == "site":
-            return standardize_site(data)
-        return data
+        """The built-in task's train and held-out splits, read by name against the contract."""
+        return load_site_data(self.config, self.name, self.folder, self.info)
 
-    def _warn_if_unscaled(self, data: SiteData) -> None:
-        """Log once per file version when training features look unscaled or like an ID."""
-        far = unscaled_columns(data.train) if self.config.data.scale == "none" else []
-        if not far and not data.train.id_like:
-            return
-        train_file = find_split_file(self.folder, "train", source=self.config.data.source)
-        stat = train_file.stat()
-        key = (self.name, str(train_file.resolve()), stat.st_mtime_ns, stat.st_size)
-        if key in _WARNED_UNSCALED:
-            return
-        _WARNED_UNSCALED.add(key)
-        if data.train.id_like:
-            log.warning(
-                "site %s: %s has column(s) %s that differ on every row (an ID?): a model can "
-                "only memorize them; move them from data.columns to data.drop unless they "
-                "are real features",
-                self.name,
-                train_file,
-                list(data.train.id_like),
-            )
-        if not far:
-            return
-        shown = ", ".join(f"{c.name} (mean {c.mean:.4g}, std {c.std:.4g})" for c in far[:5])
-        more = f" and {len(far) - 5} more" if len(far) > 5 else ""
-        log.warning(
-            "site %s: %s has feature column(s) far from scaled: %s%s (limits: |mean| <= %g, "
-            "%g <= std <= %g); the model may learn little from them: standardize the files "
-            "or set data.scale: site",
-            self.name,
-            train_file,
-            shown,
-            more,
-            SCALE_MAX_ABS_MEAN,
-            SCALE_MIN_STD,
-            SCALE_MAX_STD,
-        )
+    @cached_property
+    def task(self) -> BoundTask:
+        """The config's task (the built-in one of ``model.kind`` without ``task``)."""
+        return resolve_task(self.config, self.info)
+
+    def load_task_data(self) -> TaskData:
+        """The task's datasets from this site's own folder."""
+        return self.task.load_data(SiteContext(name=self.name, folder=self.folder))
 
     def train(
         self,
@@ -197,8 +161,9 @@ class Site:
         site's privacy ledger with what a DP-SGD round spends.
         """
         instructions = instructions if instructions is not None else SiteInstructions()
-        data = self.load()
-        model = build_model(self.config.model, self.info, seed=self.config.seed)
+        task = self.task
+        data = self.load_task_data()
+        model = task.build_model(self.config.seed)
         if self.config.privacy.record_level:
             return private_local_train(
                 model,
@@ -212,6 +177,8 @@ class Site:
                 instructions=instructions,
                 mlflow_run_id=spent_by[0] or None,
                 flow_run_id=spent_by[1] or None,
+                task=task,
+                task_identity=task_identity(self.config).as_dict(),
             )
         return local_train(
             model,
@@ -223,10 +190,12 @@ class Site:
             seed=seed,
             instructions=instructions,
             folder=self.folder,
+            task=task,
         )
 
     def evaluate(self, parameters: NDArrays) -> Metrics:
         """Score the given global parameters on the site's held-out split."""
-        data = self.load()
-        model = build_model(self.config.model, self.info, seed=self.config.seed)
-        return evaluate(model, parameters, data.test, device=self.config.training.device)
+        task = self.task
+        data = self.load_task_data()
+        model = task.build_model(self.config.seed)
+        return evaluate(model, parameters, data.test, device=self.config.training.device, task=task)

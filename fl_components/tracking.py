@@ -184,8 +184,17 @@ class RunTracker:
         """Store a text document (markdown) as a run artifact."""
         self.client.log_text(self._run(), text, artifact_file)
 
+    def log_task(self, identity: Mapping[str, str]) -> None:
+        """The identity of the task's code (spec, package, version, source SHA-256).
+
+        Params ``task.identity.<field>`` and the tag ``fedpipe.task_sha256``: which code
+        touched the sites' data in this run.
+        """
+        self.log_params({f"task.identity.{key}": value for key, value in identity.items()})
+        self.set_tags({"fedpipe.task_sha256": identity.get("sha256", "")})
+
     def log_model(
-        self, model: Any, *, input_example: npt.NDArray[np.float32], register: bool
+        self, model: Any, *, input_example: npt.NDArray[np.float32] | None, register: bool
     ) -> str | None:
         """Log the final torch model with a signature; register it; return its version.
 
@@ -219,7 +228,11 @@ class RunTracker:
         return str(versions[0]) if versions else None
 
     def _log_and_register(
-        self, model: Any, input_example: npt.NDArray[np.float32], staging: Path, register: bool
+        self,
+        model: Any,
+        input_example: npt.NDArray[np.float32] | None,
+        staging: Path,
+        register: bool,
     ) -> str | None:
         """Log the model (or take the one a crash left logged, unregistered); register it."""
         import tempfile
@@ -240,10 +253,12 @@ class RunTracker:
                 f"models:/{ready[0].model_id}", self.config.name, await_registration_for=60
             )
             return str(version.version)
-        model.eval()
-        with torch.no_grad():
-            output = model(torch.from_numpy(input_example)).numpy()
-        signature = infer_signature(input_example, output)
+        signature = None  # a task without an input example: the model logged unsigned
+        if input_example is not None:
+            model.eval()
+            with torch.no_grad():
+                output = model(torch.from_numpy(input_example)).numpy()
+            signature = infer_signature(input_example, output)
         staging.mkdir(parents=True, exist_ok=True)
         # MLflow stages in tempfile's folder, with no way to name it: point that here while
         # it logs (the process's other threads are idle at the end of a run)

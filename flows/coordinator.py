@@ -34,9 +34,9 @@ from fl_components.round.engine import EvaluationRequest, RoundPlan, RoundReport
 from fl_components.round.planning import draw_selection, plain_plan, strategy_for
 from fl_components.round.types import Dropout, DropoutKind, Metrics
 from fl_components.secure_aggregation.coordinator import SecureSum
-from fl_components.site.models import build_model
 from fl_components.strategies import AccountantStep, ServerState, Strategy
 from fl_components.strategies.private import DPFedAvg
+from fl_components.task.loading import resolve_task, task_identity
 from fl_components.tracking import (
     RunLink,
     RunTracker,
@@ -144,6 +144,7 @@ def _open_tracking(
             for k, v in strategy.params().items()
         }
     )
+    tracker.log_task(task_identity(config).as_dict())
     return link
 
 
@@ -156,7 +157,7 @@ def start_run(config: FederationConfig, *, resume: str | None = None) -> Run:
     if config.data.source == "bundled" and config.backend == "local":
         materialize_sites(config)  # work-pool: sites hold their own data; never touch it here
     info = dataset_info(config)
-    model = build_model(config.model, info, seed=config.seed)
+    model = resolve_task(config, info).build_model(config.seed)
     parameters, origin = initial_parameters(config, model)
     privacy = PrivacyRounds(config)
     strategy = strategy_for(config)

@@ -30,8 +30,8 @@ from fl_components.round.engine import (
     run_round,
 )
 from fl_components.round.types import DropoutKind, Metrics
-from fl_components.site.models import build_model
 from fl_components.strategies import ServerState
+from fl_components.task.loading import resolve_task
 from fl_components.tracking import RunTracker, accuracy_plot, epsilon_plots
 from flows.coordinator import (
     Run,
@@ -81,16 +81,12 @@ def _log_final_model(
     central_test: Split | None,
 ) -> str | None:
     """Log (and register) the final global model with a signature."""
-    import numpy as np
-
-    final_model = build_model(config.model, info, seed=config.seed)
+    task = resolve_task(config, info)
+    final_model = task.build_model(config.seed)
     set_parameters(final_model, state.parameters)
-    # an input example from the public central split; for real sites, zeros (no site data)
-    example = (
-        central_test.features[:4]
-        if central_test is not None
-        else np.zeros((2, info.n_features), dtype=np.float32)
-    )
+    # an input example from the public central split; otherwise the task's own (the
+    # built-in tasks: zeros; the coordinator holds no site's data)
+    example = central_test.features[:4] if central_test is not None else task.input_example()
     return tracker.log_model(
         final_model, input_example=example, register=config.tracking.register_model
     )

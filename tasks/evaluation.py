@@ -13,8 +13,8 @@ from fl_components.config import FederationConfig
 from fl_components.data.types import DatasetInfo, Split
 from fl_components.parameters import NDArrays
 from fl_components.round.types import Metrics
-from fl_components.site.models import build_model
 from fl_components.site.training import evaluate
+from fl_components.task.loading import resolve_task
 
 
 @task(name="evaluate_global", task_run_name="evaluate_global-r{round_num}", cache_policy=NO_CACHE)
@@ -27,5 +27,6 @@ def evaluate_global(
     round_num: int,
 ) -> Metrics:
     """Score the global model on the central test split."""
-    model = build_model(config.model, info, seed=config.seed)
-    return evaluate(model, parameters, test, device=config.training.device)
+    task = resolve_task(config, info)
+    model = task.build_model(config.seed)
+    return evaluate(model, parameters, test, device=config.training.device, task=task)

@@ -64,6 +64,7 @@ from fl_components.secure_aggregation.site_stages import (
     registry_path,
 )
 from fl_components.site.policy import installed_task_code
+from fl_components.task.loading import task_identity
 from fl_components.wire.rejection import AnswerReason, RejectedAnswer
 from fl_components.wire.sealed import AnswerContext, open_payload
 from fl_components.wire.signing import CoordinatorIdentity, Signed, coordinator_keys_dir, sign
@@ -74,6 +75,7 @@ from fl_components.wire.site_job import (
     ModelRef,
     SecureStageRef,
     SiteJobMessage,
+    TaskRef,
 )
 from tasks.sites import SiteBackend, collect_answers
 
@@ -454,6 +456,7 @@ class WorkPoolBackend(SiteBackend):
             ),
             compression=job.compression.to_dict() if job.compression is not None else None,
             task_code=installed_task_code(),
+            task=TaskRef.model_validate(task_identity(self.config).as_dict()),
         )
 
     def signed(self, message: SiteJobMessage) -> SignedSiteJob:

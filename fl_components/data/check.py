@@ -44,7 +44,12 @@ def site_folder(config: FederationConfig, name: str) -> Path:
 
 
 def dataset_info(config: FederationConfig) -> DatasetInfo:
-    """Input width and class count, from the bundled set or from the config."""
+    """Input width and class count, from the bundled set or from the config.
+
+    With a user's ``task`` the task names its own shapes: (0, 0), never read.
+    """
+    if config.task is not None:
+        return DatasetInfo(0, 0)
     if config.data.source == "bundled" and config.data.dataset == "synthetic":
         return DatasetInfo(60, 10)  # Synthetic(alpha, beta): 60 features, 10 classes
     if config.data.source == "bundled":

@@ -54,6 +54,10 @@ class LedgerEntry:
     # a digest of the global model it was trained from: a repeat request gets it back
     release: str | None = None
     parameters_digest: str | None = None
+    # the code that touched the records: the task's spec and the SHA-256 of its source
+    # (fl_components.task.loading); None in entries written before it was recorded
+    task: str | None = None
+    task_sha256: str | None = None
 
     @property
     def key(self) -> tuple[str, str, int, str] | None:
@@ -278,13 +282,16 @@ class PrivacyLedger:
         flow_run_id: str | None = None,
         release: str | None = None,
         parameters_digest: str | None = None,
+        task: str | None = None,
+        task_sha256: str | None = None,
     ) -> None:
         """Append one trained round and save the ledger (re-read under a lock first).
 
         ``mlflow_run_id`` and ``flow_run_id`` name the MLflow run and the Prefect flow run
         that spent it, when the caller knows them (an auditor can then follow each entry).
         ``release`` and ``parameters_digest``: where the released update is kept and what
-        it was trained from (:mod:`fl_components.privacy.releases`).
+        it was trained from (:mod:`fl_components.privacy.releases`). ``task`` and
+        ``task_sha256``: the task that trained on the records, and its source hash.
 
         Raises
         ------
@@ -304,6 +311,8 @@ class PrivacyLedger:
             flow_run_id=flow_run_id,
             release=release,
             parameters_digest=parameters_digest,
+            task=task,
+            task_sha256=task_sha256,
         )
         with self._locked():  # another delivery of the same job may be recording right now
             if self.path.is_file():

@@ -16,9 +16,9 @@ from fl_components.federation import materialize_sites, round_target, select_par
 from fl_components.parameters import get_parameters
 from fl_components.round.engine import EvaluationRequest, RoundPlan, evaluate_sites, run_round
 from fl_components.site.jobs import InProcessSites
-from fl_components.site.models import build_model
 from fl_components.site.training import seed_for, share_cores
 from fl_components.strategies import ServerState, Strategy, build_strategy
+from fl_components.task.loading import resolve_task
 
 
 def draw_selection(config: FederationConfig, *, round_num: int) -> tuple[str, ...]:
@@ -89,7 +89,7 @@ def simulate(
     share_cores(config.training, sites=len(config.sites))  # as the flow's simulated sites
     sites = InProcessSites(config)
     strategy = strategy_for(config)
-    model = build_model(config.model, sites.info, seed=config.seed)
+    model = resolve_task(config, sites.info).build_model(config.seed)
     state = strategy.initial_state(get_parameters(model))
     evaluation = EvaluationRequest(round=0, sites=config.site_names)
     seconds: list[float] = []

@@ -38,12 +38,14 @@ from fl_components.site.policy import (
     SitePolicy,
     check_job,
     check_round_spend,
+    check_task,
     enforce,
     installed_task_code,
     load_policy,
     policy_path,
 )
-from fl_components.wire.rejection import RejectedJob, RejectReason
+from fl_components.task.loading import task_identity
+from fl_components.wire.rejection import PolicyBreach, RejectedJob, RejectReason
 from fl_components.wire.sealed import AnswerContext, seal
 from fl_components.wire.signing import Signed, digest_of, verify
 from fl_components.wire.site_job import SiteJobMessage
@@ -84,6 +86,7 @@ def _received(envelope: SignedSiteJob) -> dict[str, Any]:
         "stage": message.stage,
         "model_sha256": message.model_sha256,
         "config_sha256": digest_of(message.federation),
+        "task": None if message.task is None else message.task.model_dump(),
     }
 
 
@@ -145,11 +148,28 @@ def _check(envelope: SignedSiteJob, folder: Path, audit: AuditLog, now: datetime
         threshold=threshold,
         rounds_today=audit.rounds_today(now=now),
     )
+    _check_task(policy, message)
     enforced = enforce(policy, message.federation)
     secagg = enforced.secure_aggregation.model_copy(update={"registry": enrolment.registry})
     enforced = enforced.model_copy(update={"secure_aggregation": secagg})
     message = _confined(message, enrolment.exchange_dir).model_copy(update={"federation": enforced})
     return Admitted(message=message, enrolment=enrolment, policy=policy)
+
+
+def _check_task(policy: SitePolicy, message: SiteJobMessage) -> None:
+    """The job's task is importable here, hashes as the coordinator's did, and is pinned."""
+    if message.stage == "unmask":  # no model runs in stage 2
+        return
+    try:
+        installed = task_identity(message.federation)
+    except ConfigError as error:
+        raise PolicyBreach("task", str(error)) from None
+    check_task(
+        policy,
+        spec=installed.spec,
+        job_sha256=None if message.task is None else message.task.sha256,
+        installed_sha256=installed.sha256,
+    )
 
 
 def admit(

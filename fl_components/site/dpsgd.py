@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from fl_components.config import FederationConfig, PrivacyConfig, TrainingConfig
 from fl_components.data.types import Split
@@ -47,11 +47,13 @@ from fl_components.privacy.releases import (
 from fl_components.round.types import LocalUpdate, SiteInstructions
 from fl_components.site.training import (
     TrainingRun,
+    as_dataset,
     local_train,
     make_loader,
     make_optimizer,
     train_epochs,
 )
+from fl_components.task.protocol import CLASSIFICATION, BoundTask
 
 # Installed once for the process: Opacus's hooks make torch warn at every step, and
 # warnings.catch_warnings is not thread-safe (sites train on concurrent threads).
@@ -100,8 +102,10 @@ class RecordPlan:
     max_grad_norm: float
 
 
-def validate_model(model: nn.Module) -> None:
+def validate_model(model: nn.Module, *, where: str = "model.kind") -> None:
     """Reject a model Opacus cannot train privately, with Opacus's own reasons.
+
+    ``where`` names what built the model (``model.kind``, or ``task 'pkg.mod:attr'``).
 
     Raises
     ------
@@ -114,9 +118,11 @@ def validate_model(model: nn.Module) -> None:
     if errors:
         reasons = "; ".join(str(error) for error in errors)
         raise ConfigError(
-            f"model.kind: Opacus cannot train this model with DP-SGD: {reasons}. "
-            "Pick a model without these layers (opacus.validators.ModuleValidator.fix "
-            "replaces BatchNorm with GroupNorm) or set privacy.mode to 'participant'"
+            f"{where}: Opacus cannot train this model with DP-SGD (privacy.mode record or "
+            f"both): {reasons}. Fix the model: build it with GroupNorm (or LayerNorm) in "
+            "place of BatchNorm, or return opacus.validators.ModuleValidator.fix(model) from "
+            "build_model, which replaces BatchNorm with GroupNorm; or set privacy.mode to "
+            "'participant'"
         )
 
 
@@ -204,14 +210,23 @@ class DPSGD:
         """The private run: Poisson batches from a secret generator, per-sample clipping."""
         from opacus import PrivacyEngine
 
-        validate_model(run.model)
+        validate_model(run.model, where=_where(run))
         batch_size = run.loader.batch_size or 1
         # the plain loader's order comes from the public seed; Poisson sampling must not
         loader = DataLoader(
             run.loader.dataset, batch_size=batch_size, shuffle=True, generator=_secret_generator()
         )
         engine = PrivacyEngine(accountant="rdp")
-        criterion: nn.Module = nn.CrossEntropyLoss() if run.loss_fn is None else run.loss_fn
+        criterion: Any = run.loss_fn if run.loss_fn is not None else nn.CrossEntropyLoss()
+        if self.grad_sample_mode == "ghost":  # Opacus sets the criterion's reduction
+            criterion = (run.task if run.task is not None else CLASSIFICATION).loss_module()
+            if criterion is None:
+                raise ConfigError(
+                    f"{_where(run)}: privacy.grad_sample_mode 'ghost' needs the task's loss "
+                    "as a torch.nn.Module with a 'reduction' attribute (such as "
+                    "nn.CrossEntropyLoss()); make the task's loss one, or set "
+                    "privacy.grad_sample_mode: auto"
+                )
         wrapped = engine.make_private(
             module=run.model,
             optimizer=run.optimizer,
@@ -241,7 +256,14 @@ class DPSGD:
             loss_fn=criterion,
             adjust_gradients=None,  # runs inside the private step, after the noise
             close=close,
+            task=run.task,
         )
+
+
+def _where(run: TrainingRun) -> str:
+    if run.task is None or run.task.spec.startswith("builtin:"):
+        return "model.kind"
+    return f"task {run.task.spec!r}"
 
 
 def _after_noise(optimizer: Any, adjust: Callable[[], None]) -> None:
@@ -295,7 +317,7 @@ def dp_train(
 def private_local_train(
     model: nn.Module,
     global_parameters: NDArrays,
-    train: Split,
+    train: Split | Dataset[Any],
     config: FederationConfig,
     *,
     site: str,
@@ -305,6 +327,8 @@ def private_local_train(
     instructions: SiteInstructions | None = None,
     mlflow_run_id: str | None = None,
     flow_run_id: str | None = None,
+    task: BoundTask | None = None,
+    task_identity: dict[str, str] | None = None,
 ) -> LocalUpdate:
     """The site's local training (the strategy's objective) under DP-SGD, once the ledger agrees.
 
@@ -314,7 +338,8 @@ def private_local_train(
     q-FedAvg's F_k(θ_t) on the training records would be released without noise: refused.
 
     ``mlflow_run_id`` and ``flow_run_id`` (when the caller knows them) are written into
-    the ledger entry, naming the runs that spent it.
+    the ledger entry, naming the runs that spent it; ``task_identity`` (spec, sha256) names
+    the code that trained on the records.
 
     The ledger in ``folder`` is checked first (a round that would pass
     ``privacy.max_epsilon`` raises :class:`~fl_components.errors.BudgetExhaustedError`
@@ -335,8 +360,12 @@ def private_local_train(
             "global model on its training records, which DP-SGD does not privatize "
             "(privacy.mode record/both); use another strategy or privacy.mode participant"
         )
+    train = as_dataset(train)
     plan = plan_round(
-        examples=len(train), privacy=privacy, training=config.training, rounds=config.rounds
+        examples=len(train),  # type: ignore[arg-type]
+        privacy=privacy,
+        training=config.training,
+        rounds=config.rounds,
     )
     ledger = PrivacyLedger.open(folder, site=site, accountant=privacy.accountant)
     digest = parameters_digest(global_parameters)
@@ -368,6 +397,7 @@ def private_local_train(
         instructions=instructions,
         folder=folder,
         wrapper=DPSGD(plan, mode),
+        task=task,
     )
     kept = None
     if mlflow_run_id:
@@ -386,6 +416,8 @@ def private_local_train(
         flow_run_id=flow_run_id,
         release=kept,
         parameters_digest=digest,
+        task=None if task_identity is None else task_identity.get("spec"),
+        task_sha256=None if task_identity is None else task_identity.get("sha256"),
     )
     epsilon = ledger.epsilon(plan.delta)
     remaining = ledger.remaining(plan.delta)

@@ -1,4 +1,6 @@
-"""Models built from config: logistic regression, an MLP, a small CNN for 8x8 digits.
+"""The built-in models: logistic regression, an MLP, a small CNN for 8x8 digits.
+
+They are the models of the built-in tasks (:mod:`fl_components.task.builtin`).
 
 Every model has GroupNorm-free, BatchNorm-free layers, so Opacus's per-sample gradients
 apply unchanged when record-level DP is on.
@@ -7,7 +9,6 @@ apply unchanged when record-level DP is on.
 from __future__ import annotations
 
 import math
-import threading
 
 import torch
 from torch import nn
@@ -15,6 +16,7 @@ from torch import nn
 from fl_components.config import ModelConfig
 from fl_components.data.types import DatasetInfo
 from fl_components.errors import ConfigError
+from fl_components.task.protocol import seeded
 
 
 class SmallCNN(nn.Module):
@@ -45,38 +47,27 @@ class SmallCNN(nn.Module):
         return logits
 
 
-_INIT_LOCK = threading.Lock()  # torch's global generator, while a model is built
-
-
 def build_model(config: ModelConfig, info: DatasetInfo, *, seed: int) -> nn.Module:
     """Build the configured model with weights initialised from ``seed``.
 
-    torch's layers draw their initial weights from the process-wide generator, so the seed
-    is set and the generator's state restored under one lock: sites training on threads
-    never see (or move) each other's draws.
+    Seeded as every task's model is (:func:`fl_components.task.protocol.seeded`).
     """
-    with _INIT_LOCK:
-        return _build_seeded(config, info, seed=seed)
-
-
-def _build_seeded(config: ModelConfig, info: DatasetInfo, *, seed: int) -> nn.Module:
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        if config.kind == "logreg":
-            model: nn.Module = nn.Linear(info.n_features, info.n_classes)
-        elif config.kind == "mlp":
-            layers: list[nn.Module] = []
-            width = info.n_features
-            for hidden in config.hidden:
-                layers += [nn.Linear(width, hidden), nn.ReLU()]
-                width = hidden
-            layers.append(nn.Linear(width, info.n_classes))
-            model = nn.Sequential(*layers)
-        elif config.kind == "cnn":
-            model = SmallCNN(n_features=info.n_features, n_classes=info.n_classes)
-        else:
-            raise ConfigError(f"model.kind must be logreg, mlp or cnn (got {config.kind!r})")
-    finally:
-        torch.random.set_rng_state(generator_state)
+    model: nn.Module = seeded(lambda: make_model(config, info), seed)
     return model
+
+
+def make_model(config: ModelConfig, info: DatasetInfo) -> nn.Module:
+    """The configured built-in model, its weights drawn from torch's generator as it stands."""
+    if config.kind == "logreg":
+        return nn.Linear(info.n_features, info.n_classes)
+    if config.kind == "mlp":
+        layers: list[nn.Module] = []
+        width = info.n_features
+        for hidden in config.hidden:
+            layers += [nn.Linear(width, hidden), nn.ReLU()]
+            width = hidden
+        layers.append(nn.Linear(width, info.n_classes))
+        return nn.Sequential(*layers)
+    if config.kind == "cnn":
+        return SmallCNN(n_features=info.n_features, n_classes=info.n_classes)
+    raise ConfigError(f"model.kind must be logreg, mlp or cnn (got {config.kind!r})")

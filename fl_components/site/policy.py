@@ -22,6 +22,9 @@ What each line guards
   coordinator learns the sum of at least ``threshold`` updates; a threshold of 1 lets it
   unmask one site's update alone).
 - ``task_code``: the task-code hashes the site runs (empty: the code installed here).
+- ``task``: the user's task (``module:attribute``) the site runs, and the SHA-256 of its
+  source it accepts (:mod:`fl_components.task.loading`); empty: whatever task the job
+  names, as installed here. In every case the job's task hash must be the installed one.
 - ``rounds``: how many rounds one run may ask, and how many the site trains per day.
 - ``columns``: the label and feature columns a job may use (null: any).
 """
@@ -112,6 +115,19 @@ class TaskCode(_Section):
     )
 
 
+class TaskPin(_Section):
+    """The user's task this site runs, pinned by spec and source hash (empty: not pinned)."""
+
+    spec: str | None = Field(
+        default=None, description="The only task (module:attribute) a job may name."
+    )
+    sha256: tuple[str, ...] = Field(
+        default=(),
+        description="Accepted SHA-256 of the task's source (`fedpipe site check` prints it); "
+        "empty = the task as installed here.",
+    )
+
+
 class RoundLimits(_Section):
     """How much work the site takes on."""
 
@@ -137,6 +153,7 @@ class SitePolicy(_Section):
     privacy: PrivacyFloor = PrivacyFloor()
     secure_aggregation: SecureAggregationFloor = SecureAggregationFloor()
     task_code: TaskCode = TaskCode()
+    task: TaskPin = TaskPin()
     rounds: RoundLimits = RoundLimits()
     columns: ColumnRules = ColumnRules()
 
@@ -417,6 +434,48 @@ def _check_origin(
             f"the job's task code {task_code[:16]}... is not one this site runs "
             f"({', '.join(a[:16] + '...' for a in accepted)}); install the coordinator's "
             "fedpipe version at the site, or have the steward accept the hash",
+        )
+
+
+def check_task(
+    policy: SitePolicy, *, spec: str, job_sha256: str | None, installed_sha256: str
+) -> None:
+    """The task the job names is the one installed here, and one the policy pins (if any).
+
+    Parameters
+    ----------
+    spec : str
+        The task the job's config names (``builtin:<kind>`` without ``task``).
+    job_sha256 : str or None
+        The task source hash the coordinator ran (None: an older coordinator's job).
+    installed_sha256 : str
+        The hash of that task's source as installed at this site.
+
+    Raises
+    ------
+    PolicyBreach
+        Naming the line broken (``task.spec``, ``task.sha256``, or ``task`` for code that
+        differs from the coordinator's).
+    """
+    pin = policy.task
+    if pin.spec is not None and spec != pin.spec:
+        raise _breach(
+            f"task.spec ({pin.spec})",
+            f"the job names task {spec!r}; this site runs only {pin.spec!r}",
+        )
+    if job_sha256 is not None and job_sha256 != installed_sha256:
+        raise _breach(
+            "task",
+            f"the job expects task {spec!r} with source sha256 {job_sha256[:16]}..., the code "
+            f"installed here hashes to {installed_sha256[:16]}...; install the same version "
+            "of the task's package at the coordinator and the site (`fedpipe site check` "
+            "prints the hash)",
+        )
+    if pin.sha256 and installed_sha256 not in pin.sha256:
+        raise _breach(
+            f"task.sha256 ({', '.join(h[:16] + '...' for h in pin.sha256)})",
+            f"task {spec!r} installed here hashes to {installed_sha256[:16]}..., which the "
+            "steward has not accepted; reinstall the agreed version, or add the hash",
         )
 
 

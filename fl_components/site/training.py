@@ -12,18 +12,26 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from fl_components.config import TrainingConfig
 from fl_components.data.types import Split
 from fl_components.parameters import NDArrays, get_parameters, set_parameters, subtract
 from fl_components.round.types import LocalUpdate, Metrics, SiteInstructions
 from fl_components.site.objective import LocalObjective
+from fl_components.task.protocol import (
+    CLASSIFICATION,
+    BoundTask,
+    LossFn,
+    batch_size_of,
+    metric_or_nan,
+    to_device,
+)
 
 
 def share_cores(config: TrainingConfig, *, sites: int) -> int:
@@ -54,14 +62,20 @@ def make_optimizer(model: nn.Module, config: TrainingConfig) -> torch.optim.Opti
     return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
 
 
-def make_loader(
-    split: Split, *, batch_size: int, seed: int
-) -> DataLoader[tuple[torch.Tensor, ...]]:
-    """A shuffling loader over a split, its order fixed by ``seed``."""
-    dataset = TensorDataset(torch.from_numpy(split.features), torch.from_numpy(split.labels))
+def as_dataset(data: Split | Dataset[Any]) -> Dataset[Any]:
+    """A task's dataset as it is; a tabular split as (features, label) tensor pairs."""
+    if isinstance(data, Split):
+        return TensorDataset(torch.from_numpy(data.features), torch.from_numpy(data.labels))
+    return data
+
+
+def make_loader(data: Split | Dataset[Any], *, batch_size: int, seed: int) -> DataLoader[Any]:
+    """A shuffling loader over a split or dataset, its order fixed by ``seed``."""
+    dataset = as_dataset(data)
     generator = torch.Generator().manual_seed(seed)
+    size = len(dataset)  # type: ignore[arg-type]
     return DataLoader(
-        dataset, batch_size=min(batch_size, len(split)), shuffle=True, generator=generator
+        dataset, batch_size=max(1, min(batch_size, size)), shuffle=True, generator=generator
     )
 
 
@@ -72,15 +86,17 @@ class TrainingRun:
     ``adjust_gradients`` adds the strategy's data-independent terms (FedProx's proximal
     gradient, SCAFFOLD's correction) to the gradient before each step; ``close`` undoes
     what a wrapper installed. A :class:`TrainingWrapper` (DP-SGD) returns another run
-    around the same model and the same objective.
+    around the same model and the same objective. ``loss_fn`` is the task's loss (None:
+    cross-entropy); ``task`` gives the step (None: one forward pass and ``loss_fn``).
     """
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    loader: DataLoader[tuple[torch.Tensor, ...]]
-    loss_fn: nn.Module | None = None
+    loader: DataLoader[Any]
+    loss_fn: LossFn | None = None
     adjust_gradients: Callable[[], None] | None = None
     close: Callable[[], None] | None = None
+    task: BoundTask | None = None
 
 
 class TrainingWrapper(Protocol):
@@ -97,38 +113,43 @@ class TrainingWrapper(Protocol):
 
 def train_epochs(
     model: nn.Module,
-    loader: DataLoader[tuple[torch.Tensor, ...]],
+    loader: DataLoader[Any],
     optimizer: torch.optim.Optimizer,
     *,
     epochs: int,
     device: torch.device,
-    loss_fn: nn.Module | None = None,
+    loss_fn: LossFn | None = None,
     adjust_gradients: Callable[[], None] | None = None,
+    task: BoundTask | None = None,
 ) -> float:
     """Run ``epochs`` passes; return the mean training loss of the last epoch.
 
-    ``loss_fn`` defaults to cross-entropy; DP-SGD passes the criterion Opacus wrapped
-    (ghost clipping needs its own). ``adjust_gradients()`` runs between ``backward`` and
-    the optimizer step (the strategy's objective terms: FedProx's proximal gradient,
-    SCAFFOLD's correction). The reported loss is the data loss alone.
+    Each step is the task's (:meth:`BoundTask.train_step`: the loss of one batch), around
+    which this loop owns the rest: zero the gradients, back-propagate, ``adjust_gradients()``
+    (the strategy's objective terms: FedProx's proximal gradient, SCAFFOLD's correction),
+    step. ``loss_fn`` defaults to the task's loss (cross-entropy without a task); DP-SGD
+    passes the criterion Opacus wrapped (ghost clipping needs its own). The reported loss
+    is the data loss alone.
     """
-    loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
+    steps = task if task is not None else CLASSIFICATION
+    loss_fn = loss_fn if loss_fn is not None else steps.loss
     model.train()
     last_loss = float("nan")
     for _ in range(epochs):
         total, count = 0.0, 0
-        for features, labels in loader:
-            if len(labels) == 0:  # Poisson sampling (DP) can draw an empty batch
+        for batch in loader:
+            size = batch_size_of(batch)
+            if size == 0:  # Poisson sampling (DP) can draw an empty batch
                 continue
-            features, labels = features.to(device), labels.to(device)
+            batch = to_device(batch, device)
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(features), labels)
+            loss: Any = steps.train_step(model, batch, loss_fn)  # Tensor.backward: untyped
             loss.backward()
             if adjust_gradients is not None:
                 adjust_gradients()
             optimizer.step()
-            total += float(loss.detach()) * len(labels)
-            count += len(labels)
+            total += float(loss.detach()) * size
+            count += size
         last_loss = total / max(count, 1)
     return last_loss
 
@@ -136,7 +157,7 @@ def train_epochs(
 def local_train(
     model: nn.Module,
     global_parameters: NDArrays,
-    train: Split,
+    train: Split | Dataset[Any],
     config: TrainingConfig,
     *,
     site: str,
@@ -145,13 +166,15 @@ def local_train(
     instructions: SiteInstructions | None = None,
     folder: Path | None = None,
     wrapper: TrainingWrapper | None = None,
+    task: BoundTask | None = None,
 ) -> LocalUpdate:
     """Train ``model`` from θ_t on ``train`` and return Δ = θ_k − θ_t.
 
     ``instructions`` come from the strategy (FedProx's μ, SCAFFOLD's c, q-FedAvg's request
     for F_k(θ_t)); ``folder`` is the site's own folder, where SCAFFOLD keeps the site's
     control variate c_i across rounds. ``wrapper`` (DP-SGD) wraps the run: the same
-    objective, with its per-sample clipping and noise around the data gradient.
+    objective, with its per-sample clipping and noise around the data gradient. ``task``
+    gives the loss and the step (None: cross-entropy on (features, label) batches).
     """
     started = time.perf_counter()
     device = pick_device(config.device)
@@ -159,10 +182,11 @@ def local_train(
     # process-wide one (sites train side by side on threads)
     set_parameters(model, global_parameters)
     model.to(device)
+    train = as_dataset(train)
     loader = make_loader(train, batch_size=config.batch_size, seed=seed)
     objective = LocalObjective.build(model, global_parameters, instructions, folder=folder)
     initial_loss = (
-        evaluate(model, global_parameters, train, device=config.device).loss
+        evaluate(model, global_parameters, train, device=config.device, task=task).loss
         if instructions is not None and instructions.report_initial_loss
         else None
     )
@@ -171,7 +195,9 @@ def local_train(
         model=model,
         optimizer=make_optimizer(model, config),
         loader=loader,
+        loss_fn=None if task is None else task.loss,
         adjust_gradients=objective.adjust_gradients,
+        task=task,
     )
     if wrapper is not None:
         run = wrapper.wrap(run)
@@ -184,6 +210,7 @@ def local_train(
             device=device,
             loss_fn=run.loss_fn,
             adjust_gradients=run.adjust_gradients,
+            task=task,
         )
     finally:
         if run.close is not None:
@@ -195,7 +222,7 @@ def local_train(
         site=site,
         round=round_num,
         delta=subtract(local, global_parameters),
-        num_examples=len(train),
+        num_examples=len(train),  # type: ignore[arg-type]
         train_loss=loss,
         seconds=time.perf_counter() - started,
         control_delta=control_delta,
@@ -205,21 +232,28 @@ def local_train(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, parameters: NDArrays, split: Split, *, device: str = "auto"
+    model: nn.Module,
+    parameters: NDArrays,
+    split: Split | Dataset[Any],
+    *,
+    device: str = "auto",
+    task: BoundTask | None = None,
 ) -> Metrics:
-    """Cross-entropy loss and accuracy of ``parameters`` on ``split``."""
-    if len(split) == 0:
+    """The task's loss and accuracy of ``parameters`` on ``split`` (cross-entropy by default)."""
+    dataset = as_dataset(split)
+    size = len(dataset)  # type: ignore[arg-type]
+    if size == 0:
         return Metrics(loss=float("nan"), accuracy=float("nan"), examples=0)
     set_parameters(model, parameters)
     target = pick_device(device)
-    model.to(target).eval()
-    features = torch.from_numpy(split.features).to(target)
-    labels = torch.from_numpy(split.labels).to(target)
-    logits = model(features)
-    loss = float(nn.functional.cross_entropy(logits, labels))
-    accuracy = float((logits.argmax(dim=1) == labels).float().mean())
+    model.to(target)
+    values = (task if task is not None else CLASSIFICATION).evaluate(model, dataset, target)
     model.to("cpu")
-    return Metrics(loss=loss, accuracy=accuracy, examples=len(split))
+    return Metrics(
+        loss=metric_or_nan(values, "loss"),
+        accuracy=metric_or_nan(values, "accuracy"),
+        examples=size,
+    )
 
 
 def seed_for(*, base: int, round_num: int, site_index: int) -> int:

@@ -69,6 +69,19 @@ class SecureStageRef(_Message):
     request: str | None = None
 
 
+class TaskRef(_Message):
+    """The identity of the task code the coordinator ran and expects the site to run.
+
+    See :class:`fl_components.task.loading.TaskIdentity`: the config's task spec, its
+    package, installed version and SHA-256 over its source files.
+    """
+
+    spec: str = Field(min_length=1, max_length=200)
+    package: str = Field(min_length=1, max_length=200)
+    version: str = Field(max_length=100)
+    sha256: str = Field(pattern=_SHA256)
+
+
 class SiteJobMessage(_Message):
     """One stage of one round for one site, as the participant flow's only parameter.
 
@@ -91,6 +104,10 @@ class SiteJobMessage(_Message):
         that round.
     task_code :
         The task code's hash (the site refuses one its policy does not accept).
+    task :
+        The identity of the user's task code (or the built-in task's), as the coordinator
+        has it installed: the site refuses to train with code that hashes otherwise and
+        writes it into its audit log.
     instructions, compression :
         The strategy's instructions; the compression instruction (``CompressionInstruction``
         as a dict).
@@ -117,6 +134,8 @@ class SiteJobMessage(_Message):
         description="SHA-256 of the fedpipe task code the coordinator expects the site to run "
         "(fl_components.site.admission.installed_task_code); the site's policy accepts it or not.",
     )
+
+    task: TaskRef | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:

@@ -62,7 +62,7 @@ def run_with_progress(config: FederationConfig, *, quiet: QuietRun, resume: str 
 
     console.print(
         f"[bold]fedpipe[/] federation [cyan]{config.name}[/]: {len(config.sites)} sites, "
-        f"{config.rounds} rounds, {config.strategy.name}, {config.model.kind}, "
+        f"{config.rounds} rounds, {config.strategy.name}, {config.task or config.model.kind}, "
         f"backend {config.backend}"
     )
     if isinstance(server, TemporaryServer):
@@ -253,14 +253,34 @@ def validate(
     """Check a config and print it with every default filled in (and, with --data, the sites)."""
     try:
         config = read_config_file(config_path)
+        identity = _checked_task(config)
     except FedpipeError as error:
         fail(error)
     console.print_json(config.model_dump_json())
+    if identity is not None:
+        console.print(
+            f"task {identity.spec}: {identity.package} {identity.version}, "
+            f"source sha256 {identity.sha256}",
+            soft_wrap=True,
+        )
     console.print(f"[green]{config_path} is valid[/]")
     if data:
         from ops.cli.data import check_and_exit
 
         check_and_exit(config)
+
+
+def _checked_task(config: FederationConfig) -> Any:
+    """A user's task imported and built, and checked for DP-SGD when record-level DP is on.
+
+    The built-in task is built only under record-level DP (its models always pass): the
+    plain check needs no torch.
+    """
+    if config.task is None and not config.privacy.record_level:
+        return None
+    from fl_components.task.check import check_task
+
+    return check_task(config)
 
 
 def partition(

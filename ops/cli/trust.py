@@ -68,6 +68,67 @@ def policy_show(folder: FolderOption = None) -> None:
     )
 
 
+def site_check(
+    folder: FolderOption = None,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            "--task", help="The task (module:attribute) [default: the policy's task.spec]."
+        ),
+    ] = None,
+    sha256: Annotated[
+        str | None,
+        typer.Option(
+            "--sha256", help="The expected source hash [default: the policy's task.sha256]."
+        ),
+    ] = None,
+) -> None:
+    """Check that the task is importable here and that its source hashes as expected."""
+    from fl_components.site.policy import load_policy, policy_path
+    from fl_components.task.loading import identity_of
+
+    site = folder or (
+        Path(os.environ["FEDPIPE_SITE_DIR"]) if "FEDPIPE_SITE_DIR" in os.environ else None
+    )
+    pinned_spec: str | None = None
+    pinned: tuple[str, ...] = ()
+    if site is not None and policy_path(site).is_file():
+        try:
+            policy = load_policy(policy_path(site))
+        except FedpipeError as error:
+            fail(error)
+        pinned_spec, pinned = policy.task.spec, policy.task.sha256
+    spec = task or pinned_spec
+    if spec is None:
+        fail(
+            FedpipeError(
+                "site check: no task to check; pass --task module:attribute, or pin task.spec "
+                "in the site's policy.yaml (--folder PATH)"
+            )
+        )
+    expected = (sha256,) if sha256 else pinned
+    try:
+        identity = identity_of(spec)
+    except FedpipeError as error:
+        fail(error)
+    console.print(
+        f"task {identity.spec}: importable; package {identity.package} {identity.version}; "
+        f"source sha256 {identity.sha256}",
+        soft_wrap=True,
+    )
+    if expected and identity.sha256 not in expected:
+        console.print(
+            f"[bold red]task {spec}: its source hashes to {identity.sha256}, not the expected "
+            f"{', '.join(expected)}[/]: install the agreed version of {identity.package} in "
+            "this site's environment (or, if this version was agreed, add its hash to the "
+            "policy's task.sha256)",
+            soft_wrap=True,
+        )
+        raise typer.Exit(code=1)
+    verdict = "the expected hash" if expected else "no hash pinned (policy task.sha256)"
+    console.print(f"[green]site check passed: {verdict}[/]")
+
+
 def policy_check(
     folder: FolderOption = None,
     config: Annotated[

@@ -257,7 +257,7 @@ def test_unscaled_site_files_log_one_warning_naming_columns(
     _site_files(tmp_path / "clinic", scale=40.0, offset=120.0)
     site = _site(tmp_path / "clinic")
 
-    with caplog.at_level(logging.WARNING, logger="fl_components.federation"):
+    with caplog.at_level(logging.WARNING, logger="fl_components.task.builtin"):
         site.load()
         site.load()  # every job loads the files again: said once per file version
 
@@ -275,7 +275,7 @@ def test_scale_site_standardizes_with_the_training_rows_only(
     _site_files(tmp_path / "clinic", scale=40.0, offset=120.0)
     raw = load_site(tmp_path / "clinic", n_classes=2)
 
-    with caplog.at_level(logging.WARNING, logger="fl_components.federation"):
+    with caplog.at_level(logging.WARNING, logger="fl_components.task.builtin"):
         data = _site(tmp_path / "clinic", scale="site").load()
 
     np.testing.assert_allclose(data.train.features.mean(axis=0), 0.0, atol=1e-5)

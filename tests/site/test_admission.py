@@ -25,15 +25,17 @@ from fl_components.site.admission import SignedSiteJob, admit, seal_answer
 from fl_components.site.audit import AuditKind, AuditLog
 from fl_components.site.enrolment import apply_rotation, enrol, load_enrolment
 from fl_components.site.policy import (
+    TaskPin,
     installed_task_code,
     load_policy,
     policy_from_federation,
     policy_path,
 )
+from fl_components.task.loading import task_identity
 from fl_components.wire.rejection import PolicyBreach, RejectedAnswer, RejectedJob, RejectReason
 from fl_components.wire.sealed import AnswerContext, SealedAnswer, open_answer
 from fl_components.wire.signing import CoordinatorIdentity, KeyRotation, Signed, sign
-from fl_components.wire.site_job import ModelRef, SecureStageRef, SiteJobMessage
+from fl_components.wire.site_job import ModelRef, SecureStageRef, SiteJobMessage, TaskRef
 
 SITES = ("north", "south", "east")
 
@@ -394,3 +396,44 @@ def test_the_round_spend_is_checked_with_the_sites_own_sigma(
     assert caught.value.line.startswith(line)
     last = list(AuditLog.in_folder(folder).entries())[-1]
     assert last.kind is AuditKind.REFUSED and last.details["reason"] == "policy"
+
+
+def _builtin_task_ref(fed: Federation, **changes: Any) -> TaskRef:
+    identity = task_identity(fed.config).as_dict()
+    return TaskRef.model_validate({**identity, **changes})
+
+
+def test_a_job_expecting_other_task_code_than_installed_is_refused(fed: Federation) -> None:
+    forged = _builtin_task_ref(fed, sha256="0" * 64)  # the coordinator ran other code
+    refusal = _refused(fed, fed.signed(fed.message(task=forged)))
+    assert isinstance(refusal, PolicyBreach) and refusal.line == "task"
+    assert "fedpipe site check" in str(refusal)
+
+
+def test_a_task_the_policy_does_not_pin_is_refused(fed: Federation) -> None:
+    folder = fed.folders["north"]
+    policy = load_policy(policy_path(folder))
+    pinned = policy.model_copy(update={"task": TaskPin(sha256=("1" * 64,))})
+    pinned.save(policy_path(folder))
+    refusal = _refused(fed, fed.signed(fed.message(task=_builtin_task_ref(fed))))
+    assert isinstance(refusal, PolicyBreach) and refusal.line.startswith("task.sha256")
+
+
+def test_a_task_spec_other_than_the_pinned_one_is_refused(fed: Federation) -> None:
+    folder = fed.folders["north"]
+    policy = load_policy(policy_path(folder))
+    policy.model_copy(update={"task": TaskPin(spec="my_clinic.fl:task")}).save(policy_path(folder))
+    refusal = _refused(fed, fed.signed(fed.message(task=_builtin_task_ref(fed))))
+    assert isinstance(refusal, PolicyBreach) and refusal.line.startswith("task.spec")
+
+
+def test_the_admitted_job_names_its_task_code_in_the_audit_log(fed: Federation) -> None:
+    ref = _builtin_task_ref(fed)
+    folder = fed.folders["north"]
+    policy = load_policy(policy_path(folder))
+    policy.model_copy(update={"task": TaskPin(sha256=(ref.sha256,))}).save(policy_path(folder))
+    admit(fed.signed(fed.message(task=ref)), folder=folder)
+    last = list(AuditLog.in_folder(folder).entries())[-1]
+    assert last.kind is AuditKind.ACCEPTED
+    assert last.details["task"]["sha256"] == ref.sha256
+    assert last.details["task"]["spec"] == "builtin:mlp"
