@@ -28,6 +28,7 @@ from fl_components.data.site_files import (
     write_site,
     write_split,
 )
+from fl_components.data.statistics import federation_standardized
 from fl_components.data.types import DatasetInfo, SiteData, Split
 from fl_components.errors import ConfigError, RoundError
 from fl_components.parameters import NDArrays
@@ -143,6 +144,8 @@ class Site:
             self._warn_if_unscaled(data)
         if self.config.data.scale == "site":
             return standardize_site(data)
+        if self.config.data.scale == "federation":
+            return federation_standardized(data, self.config.data.scaling, site=self.name)
         return data
 
     def _warn_if_unscaled(self, data: SiteData) -> None:

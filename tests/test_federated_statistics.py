@@ -1,0 +1,162 @@
+"""The statistics stage: sites share sums only; every site standardizes with the pooled scale.
+
+The federation's mean and std must equal pooled numpy statistics over every site's training
+rows (exactly, up to the fixed point's 2^-24, under secure aggregation too), and a site must
+refuse to train federation-scaled without them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fl_components.config import FederationConfig
+from fl_components.data.statistics import (
+    SiteSums,
+    add_sums,
+    from_limb_sums,
+    to_limbs,
+)
+from fl_components.errors import ConfigError, DataError
+from fl_components.federated_statistics import (
+    federation_statistics,
+    statistics_context,
+    with_federation_scaling,
+)
+from fl_components.federation import Site, dataset_info
+
+COLUMNS = ["income", "age", "debt"]
+SIZES = {"north": 150, "south": 450, "east": 60, "west": 900}
+
+
+def _write_sites(root: Path) -> dict[str, pd.DataFrame]:
+    """Unscaled bank-branch files, each branch centred elsewhere, columns in varied order."""
+    rng = np.random.default_rng(7)
+    frames = {}
+    for i, (site, rows) in enumerate(SIZES.items()):
+        x = rng.normal([40_000 + 9_000 * i, 45, 0.02], [12_000, 11, 0.004], size=(rows, 3))
+        frame = pd.DataFrame(x, columns=COLUMNS)
+        frame["label"] = (x[:, 0] > 50_000).astype(int)
+        (root / site).mkdir(parents=True)
+        order = COLUMNS[::-1] if i % 2 else COLUMNS
+        frame[[*order, "label"]].to_csv(root / site / "train.csv", index=False)
+        frame[[*order, "label"]].iloc[:20].to_csv(root / site / "test.csv", index=False)
+        frames[site] = frame
+    return frames
+
+
+def _config(
+    root: Path, *, secure: bool, sites: tuple[str, ...] = tuple(SIZES), **data: Any
+) -> FederationConfig:
+    return FederationConfig.model_validate(
+        {
+            "name": "branches",
+            "sites": [{"name": s, "data_path": str(root / s)} for s in sites],
+            "participation": {"min_participants": 1},
+            "data": {
+                "source": "site_files",
+                "columns": COLUMNS,
+                "n_classes": 2,
+                "sites_dir": str(root / "federation"),
+                "scale": "federation",
+                **data,
+            },
+            "secure_aggregation": {"enabled": secure, "threshold": 3 if secure else None},
+        }
+    )
+
+
+def _pooled(frames: dict[str, pd.DataFrame]) -> tuple[np.ndarray, np.ndarray]:
+    # the sites read float32 features: pool the same values
+    x = np.concatenate([f[COLUMNS].to_numpy(np.float32) for f in frames.values()])
+    return x.astype(np.float64).mean(axis=0), x.astype(np.float64).std(axis=0)
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["clear", "secure-aggregation"])
+def test_the_federation_statistics_are_the_pooled_ones(tmp_path: Path, secure: bool) -> None:
+    frames = _write_sites(tmp_path)
+    config = _config(tmp_path, secure=secure)
+
+    result = federation_statistics(config)
+
+    mean, std = _pooled(frames)
+    np.testing.assert_allclose(result.stats.mean, mean, rtol=1e-9)
+    np.testing.assert_allclose(result.stats.std, std, rtol=1e-6)
+    assert result.stats.count == sum(SIZES.values()) and result.inputs == tuple(COLUMNS)
+    labels = np.concatenate([f["label"].to_numpy() for f in frames.values()])
+    assert result.stats.label_counts.tolist() == np.bincount(labels).tolist()
+    assert result.secure is secure
+    # under secure aggregation the coordinator holds no site's own statistics
+    assert (result.per_site == {}) is secure
+
+
+def test_every_site_standardizes_with_the_same_federation_scale(tmp_path: Path) -> None:
+    frames = _write_sites(tmp_path)
+    config = with_federation_scaling(_config(tmp_path, secure=True))
+
+    assert config.data.scaling is not None and config.data.scaling.secure
+    info = dataset_info(config)
+    loaded = [Site(s, tmp_path / s, config, info).load() for s in SIZES]
+
+    pooled = np.concatenate([d.train.features for d in loaded]).astype(np.float64)
+    np.testing.assert_allclose(pooled.mean(axis=0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(pooled.std(axis=0), 1.0, atol=1e-5)
+    # one scale for all: a site's own mean is not 0 (each branch is centred elsewhere)
+    north = loaded[0].train.features[:, 0].mean()
+    mean, std = _pooled(frames)
+    expected = (frames["north"]["income"].mean() - mean[0]) / std[0]
+    assert abs(north - expected) < 1e-4 and abs(north) > 0.3
+
+
+def test_a_site_refuses_federation_scaling_without_the_statistics(tmp_path: Path) -> None:
+    _write_sites(tmp_path)
+    config = _config(tmp_path, secure=False)
+
+    with pytest.raises(DataError) as error:
+        Site("north", tmp_path / "north", config, dataset_info(config)).load()
+
+    assert "site 'north': data.scale is 'federation'" in str(error.value)
+    assert "fedpipe stats" in str(error.value)
+
+
+def test_secure_statistics_of_two_sites_are_refused(tmp_path: Path) -> None:
+    _write_sites(tmp_path)
+    config = _config(tmp_path, secure=False, sites=("north", "south"))
+
+    with pytest.raises(ConfigError, match="at least 3 sites"):
+        statistics_context(config, sites=("north", "south"))
+
+
+def test_a_given_scaling_is_used_and_checked(tmp_path: Path) -> None:
+    _write_sites(tmp_path)
+    scaling = {"mean": [1.0, 2.0, 3.0], "std": [1.0, 1.0, 1.0], "rows": 10}
+    config = _config(tmp_path, secure=False, scaling=scaling)
+
+    assert with_federation_scaling(config) is config  # given: used as is
+    with pytest.raises(ValueError, match=r"data\.scaling has 2 means but the model has 3"):
+        _config(tmp_path, secure=False, scaling={**scaling, "mean": [1.0, 2.0], "std": [1, 1]})
+    with pytest.raises(ValueError, match=r"data\.scaling is set but data\.scale is 'site'"):
+        _config(tmp_path, secure=False, scaling=scaling, scale="site")
+
+
+def test_fixed_point_digits_sum_exactly_with_negative_and_huge_statistics() -> None:
+    a = SiteSums(3.0, np.array([-2.5e9, 1.25]), np.array([7.3e21, 0.5]), np.array([1.0, 2.0]))
+    b = SiteSums(5.0, np.array([1.0e9, -4.0]), np.array([2.1e21, 9.0]), np.array([4.0, 1.0]))
+
+    total = from_limb_sums(to_limbs(a) + to_limbs(b), n_features=2, n_classes=2)
+
+    np.testing.assert_allclose(total.vector(), add_sums([a, b]).vector(), rtol=1e-15, atol=2**-23)
+
+
+def test_a_statistic_too_large_for_the_fixed_point_is_refused_without_its_value() -> None:
+    sums = SiteSums(3.0, np.array([1.0]), np.array([3.3e30]), np.array([1.0, 2.0]))
+
+    with pytest.raises(DataError) as error:
+        to_limbs(sums, site="east")
+
+    assert "site 'east'" in str(error.value) and "sum of squares of input 0" in str(error.value)
+    assert "3.3e+30" not in str(error.value)
