@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
 from fl_components.config import FederationConfig
 from fl_components.data.statistics import (
@@ -28,6 +29,10 @@ from fl_components.federated_statistics import (
     with_federation_scaling,
 )
 from fl_components.federation import Site, dataset_info
+from ops.cli.data import checked_before_run
+from ops.cli.main import app
+
+runner = CliRunner()
 
 COLUMNS = ["income", "age", "debt"]
 SIZES = {"north": 150, "south": 450, "east": 60, "west": 900}
@@ -160,3 +165,47 @@ def test_a_statistic_too_large_for_the_fixed_point_is_refused_without_its_value(
 
     assert "site 'east'" in str(error.value) and "sum of squares of input 0" in str(error.value)
     assert "3.3e+30" not in str(error.value)
+
+
+def _yaml(tmp_path: Path, config: FederationConfig) -> Path:
+    path = tmp_path / "federation.yaml"
+    path.write_text(config.model_dump_json(exclude_unset=True))  # JSON is YAML
+    return path
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["clear", "secure-aggregation"])
+def test_fedpipe_stats_prints_the_federation_and_per_site_figures_only_in_the_clear(
+    tmp_path: Path, secure: bool
+) -> None:
+    frames = _write_sites(tmp_path)
+    path = _yaml(tmp_path, _config(tmp_path, secure=secure))
+
+    result = runner.invoke(app, ["stats", str(path)], terminal_width=200)
+
+    assert result.exit_code == 0, result.output
+    mean, _ = _pooled(frames)
+    assert "1560 training rows of 4 sites" in result.output
+    assert f"{mean[0]:.6g}" in result.output  # income's federation mean
+    assert ("north" in result.output) is not secure
+    assert ("per-site figures are not shown" in result.output) is secure
+
+
+def test_fedpipe_stats_refuses_two_sites_under_secure_aggregation(tmp_path: Path) -> None:
+    _write_sites(tmp_path)
+    path = _yaml(tmp_path, _config(tmp_path, secure=True))
+
+    result = runner.invoke(
+        app, ["stats", str(path), "--site", "north", "--site", "south"], terminal_width=200
+    )
+
+    assert result.exit_code == 2 and "at least 3 sites" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_run_forms_the_federation_scaling_before_round_1(tmp_path: Path) -> None:
+    frames = _write_sites(tmp_path)
+
+    config = checked_before_run(_config(tmp_path, secure=True))
+
+    assert config.data.scaling is not None and config.data.scaling.rows == 1560
+    np.testing.assert_allclose(config.data.scaling.mean, _pooled(frames)[0], rtol=1e-9)
