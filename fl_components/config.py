@@ -319,7 +319,17 @@ class ModelConfig(_Section):
 class TrainingConfig(_Section):
     """Local training at each site."""
 
-    epochs: int = Field(default=5, ge=1, le=1000)
+    epochs: int = Field(
+        default=5, ge=1, le=1000, description="Local passes over the site's training rows."
+    )
+    local_steps: int | None = Field(
+        default=None,
+        ge=1,
+        le=1_000_000,
+        description="Instead of epochs: this many local optimizer steps (batches) per round at "
+        "every site, whatever its size (FLamby's and SCAFFOLD's protocol); a site cycles "
+        "through its rows as often as needed. Unset: epochs x the site's batches.",
+    )
     batch_size: int = Field(default=32, ge=1, le=65536)
     lr: float = Field(default=0.05, gt=0, le=10)
     momentum: float = Field(default=0.9, ge=0, lt=1)
@@ -335,6 +345,18 @@ class TrainingConfig(_Section):
         "in one process: the embedded run and the bare loop). Unset: the cores shared out "
         "among the sites, at least 1. A deployed site's own process keeps torch's default.",
     )
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> TrainingConfig:
+        # compared with the default, not "was it given": a dumped config must load again
+        default = type(self).model_fields["epochs"].default
+        if self.local_steps is not None and self.epochs != default:
+            raise ValueError(
+                f"training.epochs ({self.epochs}) and training.local_steps ({self.local_steps}) "
+                "are both set; a round runs one or the other: remove training.epochs (or "
+                "training.local_steps)"
+            )
+        return self
 
 
 def default_server_lr(rule: str) -> float:

@@ -95,6 +95,15 @@ class TrainingWrapper(Protocol):
         ...
 
 
+def local_step_count(config: TrainingConfig, batches: int) -> int:
+    """Optimizer steps of one round: ``training.local_steps``, else epochs x batches.
+
+    Every batch drawn counts, an empty one (DP-SGD's Poisson sampling) included: it is a
+    step of the accountant's.
+    """
+    return config.local_steps if config.local_steps is not None else config.epochs * batches
+
+
 def train_epochs(
     model: nn.Module,
     loader: DataLoader[tuple[torch.Tensor, ...]],
@@ -104,20 +113,30 @@ def train_epochs(
     device: torch.device,
     loss_fn: nn.Module | None = None,
     adjust_gradients: Callable[[], None] | None = None,
+    steps: int | None = None,
 ) -> float:
-    """Run ``epochs`` passes; return the mean training loss of the last epoch.
+    """Run ``epochs`` passes (or exactly ``steps`` batches); return the last pass's mean loss.
 
-    ``loss_fn`` defaults to cross-entropy; DP-SGD passes the criterion Opacus wrapped
-    (ghost clipping needs its own). ``adjust_gradients()`` runs between ``backward`` and
-    the optimizer step (the strategy's objective terms: FedProx's proximal gradient,
-    SCAFFOLD's correction). The reported loss is the data loss alone.
+    ``steps`` (``training.local_steps``) replaces ``epochs``: passes over the loader are
+    repeated until that many batches were drawn, the last pass cut short. ``loss_fn``
+    defaults to cross-entropy; DP-SGD passes the criterion Opacus wrapped (ghost clipping
+    needs its own). ``adjust_gradients()`` runs between ``backward`` and the optimizer step
+    (the strategy's objective terms: FedProx's proximal gradient, SCAFFOLD's correction).
+    The reported loss is the data loss alone.
     """
     loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
     model.train()
     last_loss = float("nan")
-    for _ in range(epochs):
+    remaining = steps if steps is not None else -1
+    passes = epochs if steps is None else steps  # a pass draws at least one batch
+    for _ in range(passes):
+        if remaining == 0:
+            break
         total, count = 0.0, 0
         for features, labels in loader:
+            if remaining == 0:
+                break
+            remaining -= 1
             if len(labels) == 0:  # Poisson sampling (DP) can draw an empty batch
                 continue
             features, labels = features.to(device), labels.to(device)
@@ -184,13 +203,15 @@ def local_train(
             device=device,
             loss_fn=run.loss_fn,
             adjust_gradients=run.adjust_gradients,
+            steps=config.local_steps,
         )
     finally:
         if run.close is not None:
             run.close()
     model.to("cpu")
     local = get_parameters(model)
-    control_delta = objective.finish(local, steps=config.epochs * len(run.loader), lr=config.lr)
+    steps = local_step_count(config, len(run.loader))
+    control_delta = objective.finish(local, steps=steps, lr=config.lr)
     return LocalUpdate(
         site=site,
         round=round_num,
