@@ -185,9 +185,18 @@ class RunTracker:
         self.client.log_text(self._run(), text, artifact_file)
 
     def log_model(
-        self, model: Any, *, input_example: npt.NDArray[np.float32], register: bool
+        self,
+        model: Any,
+        *,
+        input_example: npt.NDArray[np.float32],
+        register: bool,
+        input_names: tuple[str, ...] | None = None,
     ) -> str | None:
         """Log the final torch model with a signature; register it; return its version.
+
+        ``input_names`` (the data contract's model inputs, in order) make the signature one
+        of named float32 columns: the model can then be called with a DataFrame, whose
+        columns MLflow matches by name, in any order.
 
         Called again for a run that got this far before (resumed after a crash at the end),
         it never makes a second version: the run's registered version is reused, a logged
@@ -202,7 +211,9 @@ class RunTracker:
         try:
             version = self._registered_version() if register else None
             if version is None:
-                version = self._log_and_register(model, input_example, staging, register)
+                version = self._log_and_register(
+                    model, input_example, staging, register, input_names=input_names
+                )
             self._log_weights(model, staging)  # (again: the same file, overwritten)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -219,7 +230,13 @@ class RunTracker:
         return str(versions[0]) if versions else None
 
     def _log_and_register(
-        self, model: Any, input_example: npt.NDArray[np.float32], staging: Path, register: bool
+        self,
+        model: Any,
+        input_example: npt.NDArray[np.float32],
+        staging: Path,
+        register: bool,
+        *,
+        input_names: tuple[str, ...] | None = None,
     ) -> str | None:
         """Log the model (or take the one a crash left logged, unregistered); register it."""
         import tempfile
@@ -243,7 +260,16 @@ class RunTracker:
         model.eval()
         with torch.no_grad():
             output = model(torch.from_numpy(input_example)).numpy()
-        signature = infer_signature(input_example, output)
+        example: Any = input_example
+        if input_names is not None:
+            import pandas as pd
+
+            if len(input_names) != input_example.shape[1]:
+                raise ValueError(
+                    f"{len(input_names)} input names for a model of {input_example.shape[1]} inputs"
+                )
+            example = pd.DataFrame(input_example, columns=list(input_names))
+        signature = infer_signature(example, output)
         staging.mkdir(parents=True, exist_ok=True)
         # MLflow stages in tempfile's folder, with no way to name it: point that here while
         # it logs (the process's other threads are idle at the end of a run)
@@ -254,7 +280,11 @@ class RunTracker:
                     model,
                     name="model",
                     signature=signature,
-                    input_example=input_example,
+                    input_example=example,
+                    # MLflow's traced format (pt2) takes a tensor signature only; named
+                    # columns need its pickle format. fedpipe itself reads the safetensors
+                    # weights either way, never this file.
+                    serialization_format="pickle" if input_names is not None else None,
                     pip_requirements=_PIP_REQUIREMENTS,
                     registered_model_name=self.config.name if register else None,
                     await_registration_for=60,

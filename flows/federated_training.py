@@ -18,6 +18,7 @@ from prefect.runtime import flow_run
 from prefect.states import Cancelled, State
 
 from fl_components.config import FederationConfig
+from fl_components.data.check import model_input_names
 from fl_components.data.types import DatasetInfo, Split
 from fl_components.errors import BudgetExhaustedError
 from fl_components.parameters import set_parameters
@@ -92,7 +93,10 @@ def _log_final_model(
         else np.zeros((2, info.n_features), dtype=np.float32)
     )
     return tracker.log_model(
-        final_model, input_example=example, register=config.tracking.register_model
+        final_model,
+        input_example=example,
+        register=config.tracking.register_model,
+        input_names=model_input_names(config),
     )
 
 
