@@ -175,7 +175,7 @@ class Site:
         log.warning(
             "site %s: %s has feature column(s) far from scaled: %s%s (limits: |mean| <= %g, "
             "%g <= std <= %g); the model may learn little from them: standardize the files "
-            "or set data.scale: site",
+            "or set data.scale: site (each site its own scale) or federation (one for all)",
             self.name,
             train_file,
             shown,
