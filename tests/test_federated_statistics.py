@@ -209,3 +209,44 @@ def test_a_run_forms_the_federation_scaling_before_round_1(tmp_path: Path) -> No
 
     assert config.data.scaling is not None and config.data.scaling.rows == 1560
     np.testing.assert_allclose(config.data.scaling.mean, _pooled(frames)[0], rtol=1e-9)
+
+
+def test_a_curious_coordinator_reads_no_site_statistics_from_what_the_sites_send(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The attacker: a coordinator keeping every message of the statistics stage."""
+    from fl_components.data.check import load_configured_site
+    from fl_components.data.statistics import site_sums
+    from fl_components.secure_aggregation.protocol import MaskedUpdate, SecAggCoordinator
+
+    _write_sites(tmp_path)
+    config = _config(tmp_path, secure=True)
+    kept: list[bytes] = []
+    receive = SecAggCoordinator.receive
+
+    def keep(self: SecAggCoordinator, message: bytes) -> None:
+        kept.append(message)
+        receive(self, message)
+
+    monkeypatch.setattr(SecAggCoordinator, "receive", keep)
+
+    federation_statistics(config)
+
+    info = dataset_info(config)
+    assert len(kept) == len(SIZES)
+    for payload in kept:
+        message = MaskedUpdate.from_bytes(payload)
+        data = load_configured_site(config, message.sender, tmp_path / message.sender, info=info)
+        own = to_limbs(site_sums(data.train, n_classes=2))
+        # what travels is masked: it matches the site's digits no better than chance
+        assert np.mean(message.masked.astype(np.int64) % (1 << 16) == own) < 0.05
+        assert np.abs(message.masked.astype(np.float64)).max() > 2**20  # not 16-bit digits
+
+
+def test_federation_scaling_on_work_pools_needs_a_given_scale(tmp_path: Path) -> None:
+    raw = _config(tmp_path, secure=False).model_dump(mode="json", exclude_unset=True)
+    raw["backend"] = "work-pool"
+    raw["sites"] = [{**s, "work_pool": f"{s['name']}-pool"} for s in raw["sites"]]
+
+    with pytest.raises(ValueError, match=r"give data\.scaling"):
+        FederationConfig.model_validate(raw)

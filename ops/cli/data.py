@@ -14,8 +14,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from fl_components.config import FederationConfig
-from fl_components.data.check import DataCheck, check_sites, pin_columns
+from fl_components.config import FederationConfig, config_from_dict
+from fl_components.data.check import DataCheck, check_sites, pin_columns, site_folder
 from fl_components.errors import ConfigError, FedpipeError
 from fl_components.federated_statistics import (
     StatisticsResult,
@@ -203,3 +203,41 @@ def stats(
         "missing: 0 for every input (a site refuses files with missing values: "
         "`fedpipe data check`)"
     )
+
+
+def site_check(
+    config_path: Annotated[Path, typer.Argument(help="Federation config (YAML).")],
+    site: Annotated[str, typer.Option(help="This site's name in the federation.")],
+    data: Annotated[
+        Path | None,
+        typer.Option(help="This site's data folder (default: its sites[].data_path)."),
+    ] = None,
+) -> None:
+    """At a site: load its own folder against the federation's data contract, in seconds.
+
+    What the site's worker will read at every job, checked before any job comes: the same
+    table as ``fedpipe data check``, for this one site. Exits 2 when the files cannot load.
+    """
+    try:
+        config = read_config_file(config_path)
+        if site not in config.site_names:
+            raise ConfigError(
+                f"--site {site}: no such site in {config_path} "
+                f"(sites: {', '.join(config.site_names)})"
+            )
+        if data is not None:
+            raw = config.model_dump(mode="json", exclude_unset=True)
+            raw["sites"] = [
+                {**entry, "data_path": str(data)} if entry["name"] == site else entry
+                for entry in raw["sites"]
+            ]
+            config = config_from_dict(raw, source=f"{config_path} with --data {data}")
+        folder = site_folder(config, site)
+        if not folder.is_dir():
+            raise ConfigError(
+                f"site {site!r}: data folder {folder} does not exist on this host; give the "
+                "site's folder with --data PATH (or fix sites[].data_path)"
+            )
+    except FedpipeError as error:
+        fail(error)
+    check_and_exit(config, names=(site,))

@@ -45,6 +45,7 @@ site_app.add_typer(cli_trust.policy_app, name="policy")
 cli_trust.policy_app.command("show")(cli_trust.policy_show)
 cli_trust.policy_app.command("check")(cli_trust.policy_check)
 site_app.command("audit")(cli_trust.site_audit)
+site_app.command("check")(cli_data.site_check)
 site_app.command("init")(cli_stack.site_init)
 site_app.command("restart")(cli_stack.site_restart)
 site_app.command(
