@@ -250,3 +250,22 @@ def test_federation_scaling_on_work_pools_needs_a_given_scale(tmp_path: Path) ->
 
     with pytest.raises(ValueError, match=r"give data\.scaling"):
         FederationConfig.model_validate(raw)
+
+
+def test_the_pinned_scaling_travels_in_a_site_job_and_loads_again(tmp_path: Path) -> None:
+    from fl_components.wire.site_job import ModelRef, SiteJobMessage
+
+    _write_sites(tmp_path)
+    config = with_federation_scaling(_config(tmp_path, secure=False))
+    job = SiteJobMessage(
+        federation=config,
+        site="north",
+        run_id="run-1",
+        round=1,
+        stage="train",
+        model=ModelRef(uri="file:///m", sha256="0" * 64),
+    )
+
+    again = SiteJobMessage.model_validate(job.to_parameters()["job"])
+
+    assert again.federation.data.scaling == config.data.scaling
