@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from fl_components.config import FederationConfig, FederationScaling, config_from_dict
-from fl_components.data.check import dataset_info, load_configured_site, site_folder
+from fl_components.data.check import check_sites, dataset_info, load_configured_site, site_folder
 from fl_components.data.contract import DataContract
 from fl_components.data.statistics import (
     LIMBS,
@@ -35,7 +35,7 @@ from fl_components.data.statistics import (
     site_sums,
     to_limbs,
 )
-from fl_components.errors import ConfigError
+from fl_components.errors import ConfigError, DataError
 from fl_components.secure_aggregation import site_stages
 from fl_components.secure_aggregation.protocol import (
     RoundContext,
@@ -192,11 +192,19 @@ def with_federation_scaling(config: FederationConfig) -> FederationConfig:
     """``config`` with ``data.scaling`` formed by the statistics stage, when it needs one.
 
     Only for ``data.scale: federation`` without ``data.scaling``; any other config comes
-    back unchanged.
+    back unchanged. With ``data.allow_unloadable_sites``, the sites that load form it.
     """
     if config.data.scale != "federation" or config.data.scaling is not None:
         return config
-    scaling = federation_statistics(config).scaling()
+    sites = None
+    if config.data.allow_unloadable_sites:  # those sites drop out: the rest form the scale
+        sites = tuple(row.site for row in check_sites(config).sites if row.loaded)
+        if not sites:
+            raise DataError(
+                "data.scale is 'federation' but no site could load its files; fix them "
+                "(`fedpipe data check CONFIG` names what stops each site)"
+            )
+    scaling = federation_statistics(config, sites=sites).scaling()
     raw = config.model_dump(mode="json", exclude_unset=True)
     raw["data"] = {**raw.get("data", {}), "scaling": scaling.model_dump(mode="json")}
     return config_from_dict(raw, source="the config with data.scaling from the statistics stage")

@@ -89,7 +89,7 @@ def test_the_federation_statistics_are_the_pooled_ones(tmp_path: Path, secure: b
     result = federation_statistics(config)
 
     mean, std = _pooled(frames)
-    np.testing.assert_allclose(result.stats.mean, mean, rtol=1e-9)
+    np.testing.assert_allclose(result.stats.mean, mean, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(result.stats.std, std, rtol=1e-6)
     assert result.stats.count == sum(SIZES.values()) and result.inputs == tuple(COLUMNS)
     labels = np.concatenate([f["label"].to_numpy() for f in frames.values()])
@@ -208,7 +208,7 @@ def test_a_run_forms_the_federation_scaling_before_round_1(tmp_path: Path) -> No
     config = checked_before_run(_config(tmp_path, secure=True))
 
     assert config.data.scaling is not None and config.data.scaling.rows == 1560
-    np.testing.assert_allclose(config.data.scaling.mean, _pooled(frames)[0], rtol=1e-9)
+    np.testing.assert_allclose(config.data.scaling.mean, _pooled(frames)[0], rtol=1e-9, atol=1e-9)
 
 
 def test_a_curious_coordinator_reads_no_site_statistics_from_what_the_sites_send(
@@ -269,3 +269,51 @@ def test_the_pinned_scaling_travels_in_a_site_job_and_loads_again(tmp_path: Path
     again = SiteJobMessage.model_validate(job.to_parameters()["job"])
 
     assert again.federation.data.scaling == config.data.scaling
+
+
+def test_with_unloadable_sites_allowed_the_sites_that_load_form_the_scale(tmp_path: Path) -> None:
+    frames = _write_sites(tmp_path)
+    (tmp_path / "east" / "train.csv").write_text("income;age;debt;label\n1;2;3;0\n")
+    config = _config(tmp_path, secure=True, allow_unloadable_sites=True)
+
+    scaled = with_federation_scaling(config)
+
+    del frames["east"]
+    assert scaled.data.scaling is not None
+    assert scaled.data.scaling.rows == sum(len(f) for f in frames.values())
+    np.testing.assert_allclose(scaled.data.scaling.mean, _pooled(frames)[0], rtol=1e-9, atol=1e-9)
+
+
+def test_a_categorical_input_is_summarized_as_its_levels_share(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    for site in ("a", "b", "c"):
+        frame = pd.DataFrame(
+            {"income": rng.normal(size=50), "region": rng.choice(["north", "south"], 50)}
+        )
+        frame["label"] = (frame["income"] > 0).astype(int)
+        (tmp_path / site).mkdir()
+        frame.to_csv(tmp_path / site / "train.csv", index=False)
+        frame.to_csv(tmp_path / site / "test.csv", index=False)
+    config = FederationConfig.model_validate(
+        {
+            "name": "regions",
+            "sites": [{"name": s, "data_path": str(tmp_path / s)} for s in "abc"],
+            "data": {
+                "source": "site_files",
+                "columns": ["income", "region"],
+                "categorical": {"region": ["north", "south"]},
+                "n_classes": 2,
+                "scale": "federation",
+                "sites_dir": str(tmp_path / "federation"),
+            },
+            "secure_aggregation": {"enabled": True, "threshold": 3},
+        }
+    )
+
+    result = federation_statistics(config)
+
+    assert result.inputs == ("income", "region=north", "region=south")
+    pooled = pd.concat([pd.read_csv(tmp_path / s / "train.csv") for s in "abc"])
+    north = float((pooled["region"] == "north").mean())  # the level's count / rows
+    assert result.stats.mean[1] == pytest.approx(north, abs=1e-7)
+    assert result.stats.mean[1] + result.stats.mean[2] == pytest.approx(1.0, abs=1e-7)
