@@ -274,6 +274,12 @@ class RunTracker:
         # MLflow stages in tempfile's folder, with no way to name it: point that here while
         # it logs (the process's other threads are idle at the end of a run)
         previous, tempfile.tempdir = tempfile.tempdir, str(staging)
+        # the pickle format is chosen on purpose (named inputs): MLflow's caution about it
+        # would only alarm the operator; fedpipe loads the safetensors weights, not this file
+        mlflow_torch_log = logging.getLogger("mlflow.pytorch")
+        level = mlflow_torch_log.level
+        if input_names is not None:
+            mlflow_torch_log.setLevel(logging.ERROR)
         try:
             with self._mlflow.start_run(run_id=self._run()):
                 info = self._mlflow.pytorch.log_model(
@@ -291,6 +297,7 @@ class RunTracker:
                 )
         finally:
             tempfile.tempdir = previous
+            mlflow_torch_log.setLevel(level)
         registered = getattr(info, "registered_model_version", None)
         return None if registered is None else str(registered)
 
