@@ -41,6 +41,34 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class FederationScaling(_Section):
+    """The federation's per-input mean and std, from the run's statistics stage.
+
+    Formed from the sites' summed statistics (count, sum, sum of squares per input), under
+    secure aggregation when it is on; every site standardizes with these same values.
+    """
+
+    mean: tuple[float, ...] = Field(min_length=1, description="Per model input: the mean.")
+    std: tuple[float, ...] = Field(
+        min_length=1, description="Per model input: the (population) std; 0 for a constant one."
+    )
+    rows: int = Field(ge=1, description="Training rows the statistics were formed from.")
+    secure: bool = Field(
+        default=False, description="Whether the sites' sums were combined by secure aggregation."
+    )
+
+    @model_validator(mode="after")
+    def _same_width(self) -> FederationScaling:
+        if len(self.mean) != len(self.std):
+            raise ValueError(
+                f"data.scaling has {len(self.mean)} means but {len(self.std)} stds; give one "
+                "of each per model input (or remove data.scaling: the run computes it)"
+            )
+        if any(s < 0 or s != s for s in self.std) or any(m != m for m in self.mean):
+            raise ValueError("data.scaling.std must be >= 0 and no value NaN")
+        return self
+
+
 class DataConfig(_Section):
     """Where the sites' data comes from and how a bundled set is split among them."""
 
@@ -82,11 +110,19 @@ class DataConfig(_Section):
     n_classes: int | None = Field(
         default=None, ge=2, description="Number of classes; required for site_files."
     )
-    scale: Literal["none", "site"] = Field(
+    scale: Literal["none", "site", "federation"] = Field(
         default="none",
         description="site_files: 'site' standardizes each site's features with the mean and "
-        "std of its own training rows (applied to its test rows too); 'none' uses them as "
-        "they are (a site whose columns look unscaled logs a warning).",
+        "std of its own training rows (applied to its test rows too); 'federation' with the "
+        "federation's mean and std, formed before round 1 from the sites' summed statistics "
+        "(under secure aggregation when it is on), the same at every site; 'none' uses them "
+        "as they are (a site whose columns look unscaled logs a warning).",
+    )
+    scaling: FederationScaling | None = Field(
+        default=None,
+        description="data.scale 'federation': the federation's mean and std per model input. "
+        "Unset: `fedpipe run` forms them before round 1 (see `fedpipe stats`); set, they are "
+        "used as given (e.g. to reuse a champion's scaling).",
     )
     # The data contract (site_files): every site reads its files by name against it.
     columns: tuple[str, ...] | None = Field(
@@ -291,7 +327,17 @@ class ModelConfig(_Section):
 class TrainingConfig(_Section):
     """Local training at each site."""
 
-    epochs: int = Field(default=5, ge=1, le=1000)
+    epochs: int = Field(
+        default=5, ge=1, le=1000, description="Local passes over the site's training rows."
+    )
+    local_steps: int | None = Field(
+        default=None,
+        ge=1,
+        le=1_000_000,
+        description="Instead of epochs: this many local optimizer steps (batches) per round at "
+        "every site, whatever its size (FLamby's and SCAFFOLD's protocol); a site cycles "
+        "through its rows as often as needed. Unset: epochs x the site's batches.",
+    )
     batch_size: int = Field(default=32, ge=1, le=65536)
     lr: float = Field(default=0.05, gt=0, le=10)
     momentum: float = Field(default=0.9, ge=0, lt=1)
@@ -307,6 +353,18 @@ class TrainingConfig(_Section):
         "in one process: the embedded run and the bare loop). Unset: the cores shared out "
         "among the sites, at least 1. A deployed site's own process keeps torch's default.",
     )
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> TrainingConfig:
+        # compared with the default, not "was it given": a dumped config must load again
+        default = type(self).model_fields["epochs"].default
+        if self.local_steps is not None and self.epochs != default:
+            raise ValueError(
+                f"training.epochs ({self.epochs}) and training.local_steps ({self.local_steps}) "
+                "are both set; a round runs one or the other: remove training.epochs (or "
+                "training.local_steps)"
+            )
+        return self
 
 
 def default_server_lr(rule: str) -> float:
@@ -809,11 +867,29 @@ class FederationConfig(_Section):
                 f"runner.kind is {self.runner.kind!r} but backend is 'work-pool': sites run "
                 "on their own work pools; set runner.kind: thread or backend: local"
             )
-        if self.data.scale == "site" and self.data.source != "site_files":
+        if self.data.scale != "none" and self.data.source != "site_files":
             raise ValueError(
-                "data.scale is 'site' but data.source is 'bundled': the bundled sets are "
-                "already scaled to [0, 1] (and the central test split would not be "
+                f"data.scale is {self.data.scale!r} but data.source is 'bundled': the bundled "
+                "sets are already scaled to [0, 1] (and the central test split would not be "
                 "standardized); set data.scale: none or data.source: site_files"
+            )
+        scaling = self.data.scaling
+        if scaling is not None and self.data.scale != "federation":
+            raise ValueError(
+                f"data.scaling is set but data.scale is {self.data.scale!r}; set data.scale: "
+                "federation, or remove data.scaling"
+            )
+        width = self.data.n_features
+        if scaling is not None and width is not None and len(scaling.mean) != width:
+            raise ValueError(
+                f"data.scaling has {len(scaling.mean)} means but the model has {width} inputs "
+                "(data.n_features); remove data.scaling so the run forms it again"
+            )
+        if self.data.scale == "federation" and scaling is None and self.backend != "local":
+            raise ValueError(
+                "data.scale is 'federation' with backend 'work-pool': the statistics stage "
+                "runs only over local site folders so far; give data.scaling (the mean and "
+                "std `fedpipe stats` prints), or set data.scale: site"
             )
         if self.data.source == "site_files" and "dataset" in self.data.model_fields_set:
             raise ValueError(

@@ -194,9 +194,18 @@ class RunTracker:
         self.set_tags({"fedpipe.task_sha256": identity.get("sha256", "")})
 
     def log_model(
-        self, model: Any, *, input_example: npt.NDArray[np.float32] | None, register: bool
+        self,
+        model: Any,
+        *,
+        input_example: npt.NDArray[np.float32] | None,
+        register: bool,
+        input_names: tuple[str, ...] | None = None,
     ) -> str | None:
         """Log the final torch model with a signature; register it; return its version.
+
+        ``input_names`` (the data contract's model inputs, in order) make the signature one
+        of named float32 columns: the model can then be called with a DataFrame, whose
+        columns MLflow matches by name, in any order.
 
         Called again for a run that got this far before (resumed after a crash at the end),
         it never makes a second version: the run's registered version is reused, a logged
@@ -211,7 +220,9 @@ class RunTracker:
         try:
             version = self._registered_version() if register else None
             if version is None:
-                version = self._log_and_register(model, input_example, staging, register)
+                version = self._log_and_register(
+                    model, input_example, staging, register, input_names=input_names
+                )
             self._log_weights(model, staging)  # (again: the same file, overwritten)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -233,6 +244,8 @@ class RunTracker:
         input_example: npt.NDArray[np.float32] | None,
         staging: Path,
         register: bool,
+        *,
+        input_names: tuple[str, ...] | None = None,
     ) -> str | None:
         """Log the model (or take the one a crash left logged, unregistered); register it."""
         import tempfile
@@ -254,28 +267,49 @@ class RunTracker:
             )
             return str(version.version)
         signature = None  # a task without an input example: the model logged unsigned
+        example: Any = input_example
         if input_example is not None:
             model.eval()
             with torch.no_grad():
                 output = model(torch.from_numpy(input_example)).numpy()
-            signature = infer_signature(input_example, output)
+            if input_names is not None:
+                import pandas as pd
+
+                if len(input_names) != input_example.shape[1]:
+                    raise ValueError(
+                        f"{len(input_names)} input names for a model of "
+                        f"{input_example.shape[1]} inputs"
+                    )
+                example = pd.DataFrame(input_example, columns=list(input_names))
+            signature = infer_signature(example, output)
         staging.mkdir(parents=True, exist_ok=True)
         # MLflow stages in tempfile's folder, with no way to name it: point that here while
         # it logs (the process's other threads are idle at the end of a run)
         previous, tempfile.tempdir = tempfile.tempdir, str(staging)
+        # the pickle format is chosen on purpose (named inputs): MLflow's caution about it
+        # would only alarm the operator; fedpipe loads the safetensors weights, not this file
+        mlflow_torch_log = logging.getLogger("mlflow.pytorch")
+        level = mlflow_torch_log.level
+        if input_names is not None:
+            mlflow_torch_log.setLevel(logging.ERROR)
         try:
             with self._mlflow.start_run(run_id=self._run()):
                 info = self._mlflow.pytorch.log_model(
                     model,
                     name="model",
                     signature=signature,
-                    input_example=input_example,
+                    input_example=example,
+                    # MLflow's traced format (pt2) takes a tensor signature only; named
+                    # columns need its pickle format. fedpipe itself reads the safetensors
+                    # weights either way, never this file.
+                    serialization_format="pickle" if input_names is not None else None,
                     pip_requirements=_PIP_REQUIREMENTS,
                     registered_model_name=self.config.name if register else None,
                     await_registration_for=60,
                 )
         finally:
             tempfile.tempdir = previous
+            mlflow_torch_log.setLevel(level)
         registered = getattr(info, "registered_model_version", None)
         return None if registered is None else str(registered)
 

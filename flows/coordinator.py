@@ -21,6 +21,7 @@ from fl_components.compression.instruction import CompressionInstruction
 from fl_components.config import FederationConfig
 from fl_components.data.types import DatasetInfo, Split
 from fl_components.errors import BudgetExhaustedError, FedpipeError
+from fl_components.federated_statistics import with_federation_scaling
 from fl_components.federation import (
     central_test_split,
     dataset_info,
@@ -156,6 +157,8 @@ def start_run(config: FederationConfig, *, resume: str | None = None) -> Run:
     """
     if config.data.source == "bundled" and config.backend == "local":
         materialize_sites(config)  # work-pool: sites hold their own data; never touch it here
+    if config.backend == "local":  # data.scale federation: the statistics stage, once
+        config = with_federation_scaling(config)
     info = dataset_info(config)
     model = resolve_task(config, info).build_model(config.seed)
     parameters, origin = initial_parameters(config, model)

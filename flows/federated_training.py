@@ -18,6 +18,7 @@ from prefect.runtime import flow_run
 from prefect.states import Cancelled, State
 
 from fl_components.config import FederationConfig
+from fl_components.data.check import model_input_names
 from fl_components.data.types import DatasetInfo, Split
 from fl_components.errors import BudgetExhaustedError
 from fl_components.parameters import set_parameters
@@ -88,7 +89,10 @@ def _log_final_model(
     # built-in tasks: zeros; the coordinator holds no site's data)
     example = central_test.features[:4] if central_test is not None else task.input_example()
     return tracker.log_model(
-        final_model, input_example=example, register=config.tracking.register_model
+        final_model,
+        input_example=example,
+        register=config.tracking.register_model,
+        input_names=model_input_names(config),
     )
 
 

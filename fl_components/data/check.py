@@ -67,6 +67,17 @@ def data_contract(config: FederationConfig) -> DataContract:
     return DataContract(label_column=config.data.label_column)
 
 
+def model_input_names(config: FederationConfig) -> tuple[str, ...] | None:
+    """The model's input names (the contract's columns, one per categorical level), or None.
+
+    Known for site files whose ``data.columns`` is declared or pinned by the run's check;
+    bundled sets have no column names.
+    """
+    if config.data.source != "site_files" or config.data.columns is None:
+        return None
+    return DataContract.of(config.data).model_inputs(config.data.columns)
+
+
 def load_configured_site(
     config: FederationConfig, name: str, folder: Path, *, info: DatasetInfo
 ) -> SiteData:

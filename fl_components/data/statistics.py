@@ -8,21 +8,23 @@ variance", The American Statistician 37(3), eq. 1.5: var = S2/n - (S1/n)^2), so 
 all the coordinator has to learn: by secure aggregation when it is on (Bonawitz et al.
 2017, CCS, arXiv:1611.04482), never one site's statistics in the clear.
 
-Secure aggregation sums vectors clipped to [-c, c] in fixed point; the sums are brought into
-that range by a public ``bound`` (the largest absolute statistic any site may send) and
-scaled back after the sum (:func:`encode_for_secure_sum`, :func:`decode_secure_sum`). A site
-whose statistic exceeds the bound refuses to send it rather than have it clipped.
+Secure aggregation sums vectors of bounded values; statistics have no public bound (a sum of
+squares of incomes runs to 1e14). Each statistic is written in fixed point as eight 16-bit
+digits (:func:`to_limbs`): the secure sum adds the digits exactly, and the carries are
+resolved after it (:func:`from_limb_sums`), so the summed statistics are exact up to the
+fixed point's 2^-24, whatever their size, with nothing clipped.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from fl_components.data.types import Split
+from fl_components.data.types import SiteData, Split
 from fl_components.errors import DataError
 
 FloatArray = npt.NDArray[np.float64]
@@ -115,45 +117,98 @@ class FederationStats:
         return Split(features, split.labels, split.columns, split.id_like)
 
 
-def encode_for_secure_sum(sums: SiteSums, *, bound: float, site: str = "") -> FloatArray:
-    """A site's statistics scaled into [-1, 1] by the public ``bound``, for a secure sum.
+def federation_standardized(data: SiteData, scaling: Any, *, site: str) -> SiteData:
+    """A site's splits standardized with the federation's ``data.scaling`` (mean, std).
 
     Raises
     ------
     DataError
-        If a statistic exceeds ``bound`` (it would be clipped, and the result wrong): the
-        message names the statistic, never its value, and the fix.
+        If the job carries no scaling, or one of another width than the site's inputs.
+    """
+    if scaling is None:
+        raise DataError(
+            f"site {site!r}: data.scale is 'federation' but the job carries no federation "
+            "statistics (data.scaling); start the run with `fedpipe run`, which forms them "
+            "before round 1, or give data.scaling (`fedpipe stats CONFIG` prints it)"
+        )
+    width = data.train.features.shape[1]
+    if len(scaling.mean) != width:
+        raise DataError(
+            f"site {site!r}: data.scaling has {len(scaling.mean)} means but the site's files "
+            f"give {width} model inputs; remove data.scaling so the run forms it again"
+        )
+    stats = FederationStats(
+        count=int(scaling.rows),
+        mean=np.asarray(scaling.mean, np.float64),
+        std=np.asarray(scaling.std, np.float64),
+        label_counts=np.zeros(0, np.int64),
+    )
+    return SiteData(data.name, stats.standardize(data.train), stats.standardize(data.test))
+
+
+# Fixed point for an exact secure sum: each statistic x becomes the integer round(x * 2^F),
+# held modulo 2^(LIMB_BITS * LIMBS) as LIMBS digits of LIMB_BITS bits. The secure sum adds
+# each digit over the sites exactly (n digits of 16 bits fit in Z_2^32 for n < 2^16); the
+# carries are resolved after the sum, so the total is exact whatever the statistics' size.
+FRACTION_BITS = 24
+LIMB_BITS = 16
+LIMBS = 8
+_MODULUS = 1 << (LIMB_BITS * LIMBS)
+_LARGEST = 1 << (LIMB_BITS * LIMBS - 18)  # |round(x * 2^F)| below this: room for 2^16 sites
+
+
+def _statistic_names(n_features: int, n_classes: int) -> list[str]:
+    names = ["row count"] + [f"sum of input {i}" for i in range(n_features)]
+    names += [f"sum of squares of input {i}" for i in range(n_features)]
+    return names + [f"count of class {i}" for i in range(n_classes)]
+
+
+def to_limbs(sums: SiteSums, *, site: str = "") -> npt.NDArray[np.int64]:
+    """A site's statistics as fixed-point digits, shape (len(vector) * LIMBS,), each < 2^16.
+
+    Raises
+    ------
+    DataError
+        If a statistic is too large for the fixed point (|x| >= 2^86, about 8e25) or not
+        finite: the message names the statistic, never its value.
     """
     vector = sums.vector()
-    over = np.flatnonzero(np.abs(vector) > bound)
-    if over.size:
-        d = len(sums.sums)
-        kinds = ["row count"] + [f"sum of column {i}" for i in range(d)]
-        kinds += [f"sum of squares of column {i}" for i in range(d)]
-        kinds += [f"count of class {i}" for i in range(len(sums.label_counts))]
-        named = ", ".join(kinds[i] for i in over[:3])
+    too_large = np.flatnonzero(~(np.abs(vector) * 2.0**FRACTION_BITS < _LARGEST))
+    if too_large.size:
+        names = _statistic_names(len(sums.sums), len(sums.label_counts))
         who = f"site {site!r}: " if site else ""
         raise DataError(
-            f"{who}{len(over)} statistic(s) exceed the public bound {bound:g} of the secure "
-            f"sum ({named}); raise the bound (it costs precision: the error of each sum is "
-            "at most n * bound / 2^(bits-1)), or scale the site's files"
+            f"{who}{len(too_large)} statistic(s) are too large or not finite for the secure "
+            f"sum ({', '.join(names[i] for i in too_large[:3])}); scale the site's files "
+            "(values near 1e12 and above) before federated statistics"
         )
-    return vector / bound
+    digits = np.empty((vector.size, LIMBS), np.int64)
+    mask = (1 << LIMB_BITS) - 1
+    for i, value in enumerate(vector.tolist()):
+        fixed = round(value * 2**FRACTION_BITS) % _MODULUS  # two's complement
+        for limb in range(LIMBS):
+            digits[i, limb] = (fixed >> (LIMB_BITS * limb)) & mask
+    return digits.reshape(-1)
 
 
-def decode_secure_sum(
-    total: FloatArray, *, bound: float, n_features: int, n_classes: int
-) -> SiteSums:
-    """The summed statistics from a secure sum of :func:`encode_for_secure_sum` vectors.
-
-    Counts come back as whole numbers: a quantization error below one half is rounded away.
-    """
-    sums = SiteSums.from_vector(
-        np.asarray(total, np.float64) * bound, n_features=n_features, n_classes=n_classes
+def from_limb_sums(digit_sums: npt.ArrayLike, *, n_features: int, n_classes: int) -> SiteSums:
+    """The summed statistics from the (exact) sum of several sites' :func:`to_limbs`."""
+    sums = np.rint(np.asarray(digit_sums, np.float64)).astype(np.int64)
+    expected = (1 + 2 * n_features + n_classes) * LIMBS
+    if sums.shape != (expected,):
+        raise ValueError(f"digit sums of shape {sums.shape}, expected ({expected},)")
+    values = []
+    for row in sums.reshape(-1, LIMBS).tolist():
+        fixed = sum(int(d) << (LIMB_BITS * limb) for limb, d in enumerate(row)) % _MODULUS
+        if fixed >= _MODULUS // 2:
+            fixed -= _MODULUS
+        values.append(fixed / 2**FRACTION_BITS)
+    total = SiteSums.from_vector(
+        np.array(values, np.float64), n_features=n_features, n_classes=n_classes
     )
     return SiteSums(
-        count=float(np.rint(sums.count)),
-        sums=sums.sums,
-        squares=sums.squares,
-        label_counts=np.rint(sums.label_counts),
+        count=float(np.rint(total.count)),
+        sums=total.sums,
+        squares=total.squares,
+        label_counts=np.rint(total.label_counts),
     )

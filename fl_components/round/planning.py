@@ -85,7 +85,8 @@ def simulate(
     ``on_round(round, state)`` is called after each round (outside the timed part is the
     caller's business: its time counts in that round's seconds).
     """
-    materialize_sites(config)
+    if config.data.source == "bundled":  # site files: the sites' own folders, as they are
+        materialize_sites(config)
     share_cores(config.training, sites=len(config.sites))  # as the flow's simulated sites
     sites = InProcessSites(config)
     strategy = strategy_for(config)

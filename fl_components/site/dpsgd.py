@@ -48,6 +48,7 @@ from fl_components.round.types import LocalUpdate, SiteInstructions
 from fl_components.site.training import (
     TrainingRun,
     as_dataset,
+    local_step_count,
     local_train,
     make_loader,
     make_optimizer,
@@ -88,7 +89,7 @@ class RecordPlan:
     sample_rate : float
         q = 1 / batches per epoch (Poisson sampling).
     steps : int
-        Optimizer steps this round (epochs x batches per epoch).
+        Optimizer steps this round (``training.local_steps``, else epochs x batches).
     delta : float
         Delta the site's epsilon is reported at.
     max_grad_norm : float
@@ -155,7 +156,7 @@ def plan_round(
     batch_size = min(training.batch_size, examples)
     batches = math.ceil(examples / batch_size)
     sample_rate = 1.0 / batches  # what Opacus's make_private uses: 1 / len(data_loader)
-    steps = training.epochs * batches
+    steps = local_step_count(training, batches)
     delta = privacy.delta if privacy.delta is not None else default_delta(examples)
     if privacy.noise_multiplier is not None:
         sigma = privacy.noise_multiplier
@@ -308,6 +309,7 @@ def dp_train(
             epochs=training.epochs,
             device=device,
             loss_fn=run.loss_fn,
+            steps=training.local_steps,
         )
     finally:
         if run.close is not None:

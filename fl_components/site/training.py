@@ -111,6 +111,15 @@ class TrainingWrapper(Protocol):
         ...
 
 
+def local_step_count(config: TrainingConfig, batches: int) -> int:
+    """Optimizer steps of one round: ``training.local_steps``, else epochs x batches.
+
+    Every batch drawn counts, an empty one (DP-SGD's Poisson sampling) included: it is a
+    step of the accountant's.
+    """
+    return config.local_steps if config.local_steps is not None else config.epochs * batches
+
+
 def train_epochs(
     model: nn.Module,
     loader: DataLoader[Any],
@@ -121,29 +130,38 @@ def train_epochs(
     loss_fn: LossFn | None = None,
     adjust_gradients: Callable[[], None] | None = None,
     task: BoundTask | None = None,
+    steps: int | None = None,
 ) -> float:
-    """Run ``epochs`` passes; return the mean training loss of the last epoch.
+    """Run ``epochs`` passes (or exactly ``steps`` batches); return the last pass's mean loss.
 
     Each step is the task's (:meth:`BoundTask.train_step`: the loss of one batch), around
     which this loop owns the rest: zero the gradients, back-propagate, ``adjust_gradients()``
     (the strategy's objective terms: FedProx's proximal gradient, SCAFFOLD's correction),
-    step. ``loss_fn`` defaults to the task's loss (cross-entropy without a task); DP-SGD
-    passes the criterion Opacus wrapped (ghost clipping needs its own). The reported loss
-    is the data loss alone.
+    step. ``steps`` (``training.local_steps``) replaces ``epochs``: passes over the loader
+    are repeated until that many batches were drawn, the last pass cut short. ``loss_fn``
+    defaults to the task's loss (cross-entropy without a task); DP-SGD passes the criterion
+    Opacus wrapped (ghost clipping needs its own). The reported loss is the data loss alone.
     """
-    steps = task if task is not None else CLASSIFICATION
-    loss_fn = loss_fn if loss_fn is not None else steps.loss
+    stepper = task if task is not None else CLASSIFICATION
+    loss_fn = loss_fn if loss_fn is not None else stepper.loss
     model.train()
     last_loss = float("nan")
-    for _ in range(epochs):
+    remaining = steps if steps is not None else -1
+    passes = epochs if steps is None else steps  # a pass draws at least one batch
+    for _ in range(passes):
+        if remaining == 0:
+            break
         total, count = 0.0, 0
         for batch in loader:
+            if remaining == 0:
+                break
+            remaining -= 1
             size = batch_size_of(batch)
             if size == 0:  # Poisson sampling (DP) can draw an empty batch
                 continue
             batch = to_device(batch, device)
             optimizer.zero_grad(set_to_none=True)
-            loss: Any = steps.train_step(model, batch, loss_fn)  # Tensor.backward: untyped
+            loss: Any = stepper.train_step(model, batch, loss_fn)  # Tensor.backward: untyped
             loss.backward()
             if adjust_gradients is not None:
                 adjust_gradients()
@@ -211,13 +229,15 @@ def local_train(
             loss_fn=run.loss_fn,
             adjust_gradients=run.adjust_gradients,
             task=task,
+            steps=config.local_steps,
         )
     finally:
         if run.close is not None:
             run.close()
     model.to("cpu")
     local = get_parameters(model)
-    control_delta = objective.finish(local, steps=config.epochs * len(run.loader), lr=config.lr)
+    steps = local_step_count(config, len(run.loader))
+    control_delta = objective.finish(local, steps=steps, lr=config.lr)
     return LocalUpdate(
         site=site,
         round=round_num,

@@ -26,6 +26,7 @@ from fl_components.data.site_files import (
     standardize_site,
     unscaled_columns,
 )
+from fl_components.data.statistics import federation_standardized
 from fl_components.data.types import DatasetInfo, SiteData, Split
 from fl_components.site.models import make_model
 from fl_components.task.protocol import SiteContext, TaskData
@@ -71,6 +72,8 @@ def load_site_data(
         _warn_if_unscaled(config, name, folder, data)
     if config.data.scale == "site":
         return standardize_site(data)
+    if config.data.scale == "federation":
+        return federation_standardized(data, config.data.scaling, site=name)
     return data
 
 
@@ -101,7 +104,7 @@ def _warn_if_unscaled(config: FederationConfig, name: str, folder: Path, data: S
     log.warning(
         "site %s: %s has feature column(s) far from scaled: %s%s (limits: |mean| <= %g, "
         "%g <= std <= %g); the model may learn little from them: standardize the files "
-        "or set data.scale: site",
+        "or set data.scale: site (each site its own scale) or federation (one for all)",
         name,
         train_file,
         shown,

@@ -14,9 +14,14 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from fl_components.config import FederationConfig
-from fl_components.data.check import DataCheck, check_sites, pin_columns
-from fl_components.errors import FedpipeError
+from fl_components.config import FederationConfig, config_from_dict
+from fl_components.data.check import DataCheck, check_sites, pin_columns, site_folder
+from fl_components.errors import ConfigError, FedpipeError
+from fl_components.federated_statistics import (
+    StatisticsResult,
+    federation_statistics,
+    with_federation_scaling,
+)
 from ops.cli.app import console, fail, read_config_file
 
 
@@ -82,7 +87,20 @@ def checked_before_run(config: FederationConfig) -> FederationConfig:
         raise typer.Exit(code=2)
     for line in check.warnings:
         console.print(f"[bold yellow]warning:[/] {line}", soft_wrap=True)
-    return pin_columns(config, check)
+    pinned = pin_columns(config, check)
+    if pinned.data.scale != "federation" or pinned.data.scaling is not None:
+        return pinned
+    try:
+        scaled = with_federation_scaling(pinned)
+    except FedpipeError as error:
+        fail(error)
+    if scaled.data.scaling is not None:
+        how = "secure aggregation" if scaled.data.scaling.secure else "sums in the clear"
+        console.print(
+            f"data.scale federation: mean and std of {scaled.data.scaling.rows} training rows "
+            f"from the sites' summed statistics ({how}); `fedpipe stats` shows them"
+        )
+    return scaled
 
 
 def data_check(
@@ -116,3 +134,104 @@ def check_and_exit(config: FederationConfig, *, names: tuple[str, ...] | None = 
         )
         raise typer.Exit(code=2)
     console.print("[green]site data matches the contract[/]")
+
+
+def _balance(counts: list[int]) -> str:
+    total = max(1, sum(counts))
+    return " ".join(f"{i}:{100 * c / total:.0f}%" for i, c in enumerate(counts))
+
+
+def statistics_tables(result: StatisticsResult) -> list[Table]:
+    """Per input: count, mean, std, missing; label balance (per site only in the clear)."""
+    stats = result.stats
+    how = "secure aggregation" if result.secure else "sums in the clear"
+    columns = Table(
+        title=f"federation: {stats.count} training rows of {len(result.sites)} sites ({how})",
+        title_justify="left",
+    )
+    for header in ("input", "count", "mean", "std", "missing"):
+        columns.add_column(header, justify="left" if header == "input" else "right")
+    for name, mean, std in zip(result.inputs, stats.mean, stats.std, strict=True):
+        columns.add_row(name, str(stats.count), f"{mean:.6g}", f"{std:.6g}", "0")
+    labels = Table(title="label balance (training rows)", title_justify="left")
+    for header in ("site", "rows", "balance"):
+        labels.add_column(header)
+    for site, sums in result.per_site.items():
+        counts = [int(c) for c in sums.label_counts]
+        labels.add_row(site, str(int(sums.count)), _balance(counts))
+    labels.add_row("federation", str(stats.count), _balance(stats.label_counts.tolist()))
+    return [columns, labels]
+
+
+def stats(
+    config_path: Annotated[Path, typer.Argument(help="Federation config (YAML).")],
+    site: Annotated[
+        list[str] | None,
+        typer.Option(help="Only these sites (repeatable; at least 3 under secure aggregation)."),
+    ] = None,
+) -> None:
+    """The federation's data statistics, formed from the sites' summed statistics.
+
+    Each site sums its own training rows (count, sum and sum of squares per input, rows per
+    class); only the sum over the sites is learnt, by secure aggregation when it is on (then
+    no site's own figures are shown). No row leaves a site; no Prefect server is needed.
+    """
+    try:
+        config = read_config_file(config_path)
+        if config.data.source != "site_files":
+            raise ConfigError(
+                f"{config_path}: data.source is 'bundled'; `fedpipe stats` summarizes the "
+                "sites' own files: set data.source: site_files"
+            )
+        unknown = sorted(set(site or ()) - set(config.site_names))
+        if unknown:
+            raise ConfigError(
+                f"--site {', '.join(unknown)}: no such site in {config_path} "
+                f"(sites: {', '.join(config.site_names)})"
+            )
+        result = federation_statistics(config, sites=tuple(site) if site else None)
+    except FedpipeError as error:
+        fail(error)
+    for table in statistics_tables(result):
+        console.print(table)
+    if result.secure:
+        console.print(
+            "[dim]per-site figures are not shown: under secure aggregation the coordinator "
+            "learns only the federation's sum[/]"
+        )
+    console.print(
+        "missing: 0 for every input (a site refuses files with missing values: "
+        "`fedpipe data check`)"
+    )
+
+
+def check_site_data(config_path: Path, site: str, data: Path | None) -> None:
+    """At a site: load its own folder against the federation's data contract, in seconds.
+
+    What the site's worker will read at every job, checked before any job comes: the same
+    table as ``fedpipe data check``, for this one site (``fedpipe site check CONFIG --site``).
+    Exits 2 when the files cannot load.
+    """
+    try:
+        config = read_config_file(config_path)
+        if site not in config.site_names:
+            raise ConfigError(
+                f"--site {site}: no such site in {config_path} "
+                f"(sites: {', '.join(config.site_names)})"
+            )
+        if data is not None:
+            raw = config.model_dump(mode="json", exclude_unset=True)
+            raw["sites"] = [
+                {**entry, "data_path": str(data)} if entry["name"] == site else entry
+                for entry in raw["sites"]
+            ]
+            config = config_from_dict(raw, source=f"{config_path} with --data {data}")
+        folder = site_folder(config, site)
+        if not folder.is_dir():
+            raise ConfigError(
+                f"site {site!r}: data folder {folder} does not exist on this host; give the "
+                "site's folder with --data PATH (or fix sites[].data_path)"
+            )
+    except FedpipeError as error:
+        fail(error)
+    check_and_exit(config, names=(site,))

@@ -5,6 +5,7 @@ any federation; ``fedpipe partition`` writes site folders; ``fedpipe validate`` 
 config (with ``--data`` also the sites' files, as ``fedpipe data check`` does);
 ``fedpipe up`` / ``down`` / ``status`` / ``doctor`` / ``site ...`` start, stop and check the
 local stack and its sites; ``fedpipe schedule on|off|show`` switches recurring retraining;
+``fedpipe stats`` summarizes the sites' data from their summed statistics;
 ``fedpipe budget`` / ``privacy-report`` report. The commands live by concern in
 :mod:`ops.cli.run`, :mod:`ops.cli.data`, :mod:`ops.cli.stack`, :mod:`ops.cli.schedule` and
 :mod:`ops.cli.report`; they are registered here, in the order ``--help`` lists them.
@@ -36,6 +37,7 @@ app.command()(cli_report.budget)
 app.command("privacy-report")(cli_report.privacy_report)
 app.add_typer(server_app, name="server")
 data_app.command("check")(cli_data.data_check)
+app.command()(cli_data.stats)
 app.add_typer(cli_trust.coordinator_app, name="coordinator")
 cli_trust.key_app.command("show")(cli_trust.key_show)
 cli_trust.key_app.command("rotate")(cli_trust.key_rotate)

@@ -69,6 +69,17 @@ def policy_show(folder: FolderOption = None) -> None:
 
 
 def site_check(
+    config_path: Annotated[
+        Path | None,
+        typer.Argument(help="Federation config (YAML): check this site's data against it."),
+    ] = None,
+    site: Annotated[
+        str | None, typer.Option("--site", help="This site's name in the federation.")
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="This site's data folder (default: its sites[].data_path)."),
+    ] = None,
     folder: FolderOption = None,
     task: Annotated[
         str | None,
@@ -83,7 +94,44 @@ def site_check(
         ),
     ] = None,
 ) -> None:
-    """Check that the task is importable here and that its source hashes as expected."""
+    """At a site, before any job comes: check the task's code is here and the files load.
+
+    The task (``--task``, or the one the site's policy pins, or the config's ``task``) must be
+    importable with the expected source hash; with a federation config and ``--site``, the
+    site's own folder is loaded against the federation's data contract (the table of
+    ``fedpipe data check``, for this one site). Exits 1 on a hash mismatch, 2 when the
+    files cannot load or nothing was named to check.
+    """
+    config_task: str | None = None
+    if config_path is not None:
+        if site is None:
+            fail(FedpipeError("site check CONFIG: name this site with --site NAME"))
+        from ops.cli.app import read_config_file
+
+        try:
+            config_task = read_config_file(config_path).task
+        except FedpipeError as error:
+            fail(error)
+    checked = _check_task(folder, task, sha256, config_task=config_task)
+    if config_path is not None and site is not None:
+        from ops.cli.data import check_site_data
+
+        check_site_data(config_path, site, data)  # exits 2 if the files cannot load
+        checked = True
+    if not checked:
+        fail(
+            FedpipeError(
+                "site check: nothing to check; give a federation config and --site NAME (the "
+                "site's data), --task module:attribute, or pin task.spec in the site's "
+                "policy.yaml (--folder PATH)"
+            )
+        )
+
+
+def _check_task(
+    folder: Path | None, task: str | None, sha256: str | None, *, config_task: str | None
+) -> bool:
+    """Check the task named here, by the policy, or by the config; False if none is named."""
     from fl_components.site.policy import load_policy, policy_path
     from fl_components.task.loading import identity_of
 
@@ -98,14 +146,9 @@ def site_check(
         except FedpipeError as error:
             fail(error)
         pinned_spec, pinned = policy.task.spec, policy.task.sha256
-    spec = task or pinned_spec
+    spec = task or pinned_spec or config_task
     if spec is None:
-        fail(
-            FedpipeError(
-                "site check: no task to check; pass --task module:attribute, or pin task.spec "
-                "in the site's policy.yaml (--folder PATH)"
-            )
-        )
+        return False
     expected = (sha256,) if sha256 else pinned
     try:
         identity = identity_of(spec)
@@ -127,6 +170,7 @@ def site_check(
         raise typer.Exit(code=1)
     verdict = "the expected hash" if expected else "no hash pinned (policy task.sha256)"
     console.print(f"[green]site check passed: {verdict}[/]")
+    return True
 
 
 def policy_check(

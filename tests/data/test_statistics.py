@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from fl_components.data.statistics import (
+    LIMBS,
     FederationStats,
     SiteSums,
     add_sums,
-    decode_secure_sum,
-    encode_for_secure_sum,
+    from_limb_sums,
     site_sums,
+    to_limbs,
 )
 from fl_components.data.types import Split
-from fl_components.errors import DataError
 from tests.secure_aggregation.federation import Federation
 
 
@@ -47,39 +46,23 @@ def test_summed_site_statistics_give_the_pooled_mean_and_std() -> None:
 def test_under_secure_aggregation_only_the_sum_is_learnt_and_it_is_the_pooled_one() -> None:
     splits = _sites(seed=1)
     federation = Federation.make(len(splits))
-    bound = 2e7  # above every site's largest statistic (a sum of squares, ~1.3e7)
     encoded = {
-        site: encode_for_secure_sum(site_sums(split, n_classes=3), bound=bound, site=site)
+        site: to_limbs(site_sums(split, n_classes=3))
         for site, split in zip(federation.sites, splits, strict=True)
     }
-    ctx = federation.context(dimension=len(next(iter(encoded.values()))), clip_range=1.0)
+    # quantizer scale 1: each 16-bit digit d travels as d - c and comes back exactly
+    ctx = federation.context(dimension=(1 + 2 * 3 + 3) * LIMBS, clip_range=(2**30 - 1) / 2, bits=30)
 
-    result = federation.run_round(ctx, encoded)
-    total = decode_secure_sum(result.total, bound=bound, n_features=3, n_classes=3)
+    result = federation.run_round(ctx, {s: d - ctx.clip_range for s, d in encoded.items()})
+    total = from_limb_sums(result.total + result.count * ctx.clip_range, n_features=3, n_classes=3)
     stats = FederationStats.from_sums(total)
 
     mean, std, counts = _pooled(splits)
     assert stats.count == 3320 and stats.label_counts.tolist() == counts.tolist()
-    # error of each summed statistic <= error_bound * bound (secure aggregation's quantization)
-    slack = result.error_bound * bound
-    assert slack < 0.5  # so counts round back exactly
-    n = 3320
-    np.testing.assert_allclose(stats.mean, mean, atol=slack / n + 1e-9)
-    # var = S2/n - mean^2: each of S1, S2 off by <= slack, float32 inputs add ~1e-6 relative
-    var_error = slack / n + 2 * np.abs(mean) * slack / n + (slack / n) ** 2
-    np.testing.assert_array_less(np.abs(stats.std**2 - std**2), var_error + 1e-6 * std**2)
-
-
-def test_a_statistic_over_the_bound_is_refused_not_clipped() -> None:
-    sums = site_sums(_sites()[0], n_classes=3)
-
-    with pytest.raises(DataError) as error:
-        encode_for_secure_sum(sums, bound=1e4, site="east")
-
-    message = str(error.value)
-    assert message.startswith("site 'east': ") and "exceed the public bound 10000" in message
-    assert "sum of column 0" in message and "raise the bound" in message
-    assert f"{sums.sums[0]:g}" not in message  # the value itself stays at the site
+    # each site's sums are rounded to 2^-24 (the fixed point): the mean is off by less
+    # than sites * 2^-25 / rows
+    np.testing.assert_allclose(stats.mean, mean, rtol=1e-12, atol=4 * 2**-25 / 3320)
+    np.testing.assert_allclose(stats.std, std, rtol=1e-6)
 
 
 def test_federation_standardized_sites_share_one_scale() -> None:

@@ -77,3 +77,12 @@ def test_target_epsilon_spreads_over_all_rounds() -> None:
     assert plan.sample_rate == pytest.approx(0.1)
     assert plan.steps == 20
     assert 2.9 < spent <= 3.0
+
+
+def test_dp_sgd_accounts_the_local_steps_not_the_epochs() -> None:
+    privacy = PrivacyConfig(mode="record", noise_multiplier=1.0, delta=1e-5)
+    training = TrainingConfig(local_steps=25, batch_size=32)
+
+    plan = plan_round(examples=320, privacy=privacy, training=training, rounds=5)
+
+    assert plan.steps == 25 and plan.sample_rate == pytest.approx(0.1)

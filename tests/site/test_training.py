@@ -79,3 +79,40 @@ def test_share_cores_gives_each_simulated_site_its_share_of_the_cores() -> None:
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def _steps_taken(monkeypatch: pytest.MonkeyPatch, rows: int, config: TrainingConfig) -> int:
+    """Optimizer steps one local_train at a site of ``rows`` digits takes."""
+    import fl_components.site.training as training
+
+    steps = []
+    made = training.make_optimizer
+
+    def counting(model, config):  # type: ignore[no-untyped-def]
+        optimizer = made(model, config)
+        step = optimizer.step
+        optimizer.step = lambda *a, **k: (steps.append(1), step(*a, **k))[1]  # type: ignore[method-assign]
+        return optimizer
+
+    monkeypatch.setattr(training, "make_optimizer", counting)
+    data = load_bundled("digits")
+    split = type(data)(data.features[:rows], data.labels[:rows])
+    model = build_model(ModelConfig(), INFO, seed=0)
+    local_train(model, get_parameters(model), split, config, site="s", round_num=1, seed=0)
+    return len(steps)
+
+
+def test_local_steps_give_every_site_the_same_number_of_updates(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    steps = TrainingConfig(local_steps=7, batch_size=32)
+    epochs = TrainingConfig(epochs=1, batch_size=32)
+
+    # 40 rows: 2 batches a pass, so 7 steps cycle through the rows 3.5 times
+    assert [_steps_taken(monkeypatch, rows, steps) for rows in (40, 400)] == [7, 7]
+    assert [_steps_taken(monkeypatch, rows, epochs) for rows in (40, 400)] == [2, 13]
+
+
+def test_local_steps_and_epochs_together_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"training\.epochs \(3\) and training\.local_steps"):
+        TrainingConfig(epochs=3, local_steps=10)

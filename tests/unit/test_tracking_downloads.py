@@ -143,3 +143,30 @@ def test_an_older_champion_without_safetensors_is_not_compared_and_the_run_goes_
     tracker.end()
     assert decision.alias == "champion"
     assert f"champion version {old} could not be scored" in decision.reason
+
+
+def test_a_model_of_named_inputs_is_called_with_a_dataframe_in_any_column_order(
+    small_config: FederationConfig,
+) -> None:
+    import pandas as pd
+
+    import mlflow
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    tracker = RunTracker(small_config)
+    link = tracker.start(run_name="named-inputs", tags={})
+    names = ("age", "income", "region=north")
+    tracker.log_model(
+        model, input_example=np.zeros((2, 3), np.float32), register=False, input_names=names
+    )
+    tracker.end()
+    pyfunc = mlflow.pyfunc.load_model(f"runs:/{link.run_id}/model")
+
+    assert pyfunc.metadata.get_input_schema().input_names() == list(names)
+    rows = np.array([[30.0, 1.5, 1.0], [50.0, -0.5, 0.0]], np.float32)
+    ordered = pd.DataFrame(rows, columns=list(names))
+    shuffled = ordered[["region=north", "age", "income"]]  # another order: matched by name
+    expected = model(torch.from_numpy(rows)).detach().numpy()
+    np.testing.assert_allclose(np.asarray(pyfunc.predict(ordered)), expected, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(pyfunc.predict(shuffled)), expected, rtol=1e-5)

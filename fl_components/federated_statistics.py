@@ -1,0 +1,210 @@
+"""The statistics stage: the federation's mean and std from the sites' summed statistics.
+
+Before round 1 of a run with ``data.scale: federation``, and for ``fedpipe stats``, each site
+computes the sufficient statistics of its own training rows (row count, per model input the
+sum and the sum of squares, rows per class: :func:`fl_components.data.statistics.site_sums`);
+no row leaves it. The coordinator learns only their sum (Chan, Golub & LeVeque 1983: the
+pooled mean and variance follow from it):
+
+- ``secure_aggregation.enabled``: each site writes its statistics as exact fixed-point
+  digits (:func:`~fl_components.data.statistics.to_limbs`) and masks them with its enrolled
+  keys as it masks a model update (Bonawitz et al. 2017, CCS, arXiv:1611.04482); the
+  coordinator unmasks the sum alone, of at least :data:`MIN_SECURE_PARTICIPANTS` sites.
+- otherwise the sites' statistics are added in the clear, as their updates are in such a run.
+
+Every site then standardizes with the same mean and std, pinned into the run's config
+(``data.scaling``), which each job carries to the site.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from fl_components.config import FederationConfig, FederationScaling, config_from_dict
+from fl_components.data.check import check_sites, dataset_info, load_configured_site, site_folder
+from fl_components.data.contract import DataContract
+from fl_components.data.statistics import (
+    LIMBS,
+    FederationStats,
+    SiteSums,
+    add_sums,
+    from_limb_sums,
+    site_sums,
+    to_limbs,
+)
+from fl_components.errors import ConfigError, DataError
+from fl_components.secure_aggregation import site_stages
+from fl_components.secure_aggregation.protocol import (
+    RoundContext,
+    SecAggCoordinator,
+    SecAggParticipant,
+    SiteKeys,
+    default_threshold,
+)
+from fl_components.secure_aggregation.protocol.quantize import max_bits
+
+
+@dataclass(frozen=True)
+class StatisticsResult:
+    """The federation's statistics, whose sites they sum, and how they were combined.
+
+    ``per_site`` holds each site's own sums only when they were combined in the clear (the
+    coordinator saw them then anyway); under secure aggregation it is empty.
+    """
+
+    stats: FederationStats
+    inputs: tuple[str, ...]
+    sites: tuple[str, ...]
+    secure: bool
+    per_site: dict[str, SiteSums]
+
+    def scaling(self) -> FederationScaling:
+        """What every site standardizes with (``data.scaling``)."""
+        return FederationScaling(
+            mean=tuple(float(m) for m in self.stats.mean),
+            std=tuple(float(s) for s in self.stats.std),
+            rows=self.stats.count,
+            secure=self.secure,
+        )
+
+
+def site_statistics(config: FederationConfig, name: str) -> tuple[SiteSums, tuple[str, ...]]:
+    """At site ``name``: the sums of its own training rows (as read, before any scaling)."""
+    info = dataset_info(config)
+    data = load_configured_site(config, name, site_folder(config, name), info=info)
+    return site_sums(data.train, n_classes=info.n_classes), data.train.columns
+
+
+def statistics_context(config: FederationConfig, *, sites: tuple[str, ...]) -> RoundContext:
+    """The secure sum's context: digits of 16 bits summed exactly (quantizer scale 1).
+
+    With ``clip_range`` = (2^bits - 1) / 2 the quantizer maps ``digit - clip_range`` to the
+    digit itself, so no digit is rounded or clipped.
+
+    Raises
+    ------
+    ConfigError
+        If fewer than :data:`MIN_SECURE_PARTICIPANTS` sites take part.
+    """
+    n = len(sites)
+    if n < site_stages.MIN_SECURE_PARTICIPANTS:
+        raise ConfigError(
+            f"federated statistics under secure aggregation need at least "
+            f"{site_stages.MIN_SECURE_PARTICIPANTS} sites (got {n}: {', '.join(sites)}): with "
+            "fewer, the sum tells each site the other's statistics; add sites"
+        )
+    info = dataset_info(config)
+    bits = max_bits(n)
+    secagg = config.secure_aggregation
+    provisional = RoundContext(
+        run_id=f"stats-{secrets.token_hex(8)}",  # its own masks: never a training round's
+        round=0,
+        participants=sites,
+        threshold=1,
+        dimension=(1 + 2 * info.n_features + info.n_classes) * LIMBS,
+        clip_range=((1 << bits) - 1) / 2,
+        neighbours=secagg.neighbours,
+        bits=bits,
+    )
+    threshold = secagg.threshold or default_threshold(provisional.group_size)
+    return replace(provisional, threshold=threshold)
+
+
+def mask_statistics(
+    config: FederationConfig, name: str, ctx: RoundContext
+) -> tuple[bytes, tuple[str, ...]]:
+    """At site ``name``: its statistics as digits, masked and signed (stage 1 of the sum)."""
+    folder = site_folder(config, name)
+    sums, columns = site_statistics(config, name)
+    digits = to_limbs(sums, site=name).astype(np.float64) - ctx.clip_range
+    registry = site_stages.load_registry(site_stages.registry_path(config), sites=ctx.participants)
+    participant = SecAggParticipant(
+        name,
+        SiteKeys.load(site_stages.site_keys_dir(folder)),
+        registry,
+        state_dir=folder / site_stages.STATE_DIR,
+    )
+    return participant.mask_update(ctx, digits).to_bytes(), columns
+
+
+def _secure_sum(
+    config: FederationConfig, sites: tuple[str, ...]
+) -> tuple[SiteSums, tuple[str, ...], tuple[str, ...]]:
+    """Enrol the local sites, run both stages of the secure sum; the summed statistics."""
+    public = {
+        name: site_stages.enroll_site(site_stages.site_keys_dir(site_folder(config, name)))
+        for name in sites
+    }
+    registry = site_stages.publish_public_keys(site_stages.registry_path(config), public)
+    ctx = statistics_context(config, sites=sites)
+    coordinator = SecAggCoordinator(ctx, registry)
+    columns: tuple[str, ...] = ()
+    for name in sites:
+        payload, columns = mask_statistics(config, name, ctx)
+        coordinator.receive(payload)
+    responses = [
+        site_stages.unmask_at_site(
+            name,
+            site_folder(config, name),
+            ctx,
+            request.to_bytes(),
+            registry=registry,
+            keys_dir=site_stages.site_keys_dir(site_folder(config, name)),
+        )
+        for name, request in coordinator.unmask_requests().items()
+    ]
+    result = coordinator.finish(responses)
+    info = dataset_info(config)
+    digit_sums = result.total + result.count * ctx.clip_range
+    total = from_limb_sums(digit_sums, n_features=info.n_features, n_classes=info.n_classes)
+    return total, columns, result.survivors
+
+
+def federation_statistics(
+    config: FederationConfig, *, sites: tuple[str, ...] | None = None
+) -> StatisticsResult:
+    """Run the statistics stage over the sites' folders on this machine (local backend).
+
+    Raises
+    ------
+    DataError
+        If a site cannot load its files (the message names site, file, column and fix).
+    ConfigError
+        Under secure aggregation, with fewer than three sites.
+    """
+    names = tuple(sites or config.site_names)
+    secure = config.secure_aggregation.enabled
+    if secure:
+        total, columns, summed = _secure_sum(config, names)
+        per_site: dict[str, SiteSums] = {}
+    else:
+        found = {name: site_statistics(config, name) for name in names}
+        per_site = {name: sums for name, (sums, _) in found.items()}
+        total, columns, summed = add_sums(per_site.values()), found[names[0]][1], names
+    inputs = columns or DataContract.of(config.data).model_inputs(config.data.columns or ())
+    return StatisticsResult(FederationStats.from_sums(total), inputs, summed, secure, per_site)
+
+
+def with_federation_scaling(config: FederationConfig) -> FederationConfig:
+    """``config`` with ``data.scaling`` formed by the statistics stage, when it needs one.
+
+    Only for ``data.scale: federation`` without ``data.scaling``; any other config comes
+    back unchanged. With ``data.allow_unloadable_sites``, the sites that load form it.
+    """
+    if config.data.scale != "federation" or config.data.scaling is not None:
+        return config
+    sites = None
+    if config.data.allow_unloadable_sites:  # those sites drop out: the rest form the scale
+        sites = tuple(row.site for row in check_sites(config).sites if row.loaded)
+        if not sites:
+            raise DataError(
+                "data.scale is 'federation' but no site could load its files; fix them "
+                "(`fedpipe data check CONFIG` names what stops each site)"
+            )
+    scaling = federation_statistics(config, sites=sites).scaling()
+    raw = config.model_dump(mode="json", exclude_unset=True)
+    raw["data"] = {**raw.get("data", {}), "scaling": scaling.model_dump(mode="json")}
+    return config_from_dict(raw, source="the config with data.scaling from the statistics stage")
