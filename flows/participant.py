@@ -225,7 +225,7 @@ async def approval(
         return None
     if asked.verdict is None:  # no decision yet: ask the steward and wait
         context = FlowRunContext.get()
-        projected, left = projected_spend(site, message.federation)
+        projected, left, delta = projected_spend(site, message.federation)
         request = gate.ask(
             job.message.federation,
             run_id=message.run_id,
@@ -238,6 +238,7 @@ async def approval(
             round_num=message.round,
             projected_epsilon=projected,
             budget_left=left,
+            delta=delta,
         )
         waited = await await_decision(gate, request, job.message.federation)
         if waited is None:

@@ -158,11 +158,10 @@ class ApprovalRequest(_Model):
 
     def describe(self) -> str:
         """Markdown for the Prefect UI and ``fedpipe site pending``: what is asked."""
-        epsilon = (
-            f"{self.projected_epsilon:.3g} (delta {self.delta:g})"
-            if self.projected_epsilon is not None and self.delta is not None
-            else "none (no record-level DP)"
-        )
+        epsilon = "none (no record-level DP)"
+        if self.projected_epsilon is not None:
+            at = f" at delta {self.delta:g}" if self.delta is not None else ""
+            epsilon = f"{self.projected_epsilon:.3g}{at}"
         left = f"{self.budget_left:.3g}" if self.budget_left is not None else "no budget set"
         diff = (
             "\n".join(f"    {line}" for line in self.config_diff)
@@ -612,6 +611,7 @@ class Gate:
         round_num: int,
         projected_epsilon: float | None,
         budget_left: float | None,
+        delta: float | None = None,
         now: datetime | None = None,
     ) -> ApprovalRequest:
         """Write the pending request (with the diff from the last approved config); log it."""
@@ -634,7 +634,7 @@ class Gate:
             rounds=message_federation.rounds,
             projected_epsilon=projected_epsilon,
             budget_left=budget_left,
-            delta=message_federation.privacy.delta,
+            delta=delta if delta is not None else message_federation.privacy.delta,
             mode=self.rule.mode,
             requested_at=moment,
             expires_at=moment + timedelta(seconds=self.rule.timeout_seconds),
@@ -781,15 +781,17 @@ def decide(
     return request, signed
 
 
-def projected_spend(site: Site, config: FederationConfig) -> tuple[float | None, float | None]:
+def projected_spend(
+    site: Site, config: FederationConfig
+) -> tuple[float | None, float | None, float | None]:
     """The epsilon a whole run of ``config`` would spend at ``site``, and the budget left.
 
-    Record-level, at the config's delta; (None, None without record-level DP).
+    Record-level, with the delta both are at; (None, None, None) without record-level DP.
     ``config`` is the enforced one (the policy's budget and delta in force).
     """
     privacy = config.privacy
     if not privacy.record_level:
-        return None, None
+        return None, None, None
     plan = plan_round(
         examples=len(site.load().train),
         privacy=privacy,
@@ -799,6 +801,6 @@ def projected_spend(site: Site, config: FederationConfig) -> tuple[float | None,
     history = [(plan.noise_multiplier, plan.sample_rate, plan.steps)] * max(config.rounds, 1)
     projected = epsilon_of(history, delta=plan.delta, accountant=privacy.accountant)
     if privacy.max_epsilon is None:
-        return projected, None
+        return projected, None, plan.delta
     ledger = PrivacyLedger.open(site.folder, site=site.name, accountant=privacy.accountant)
-    return projected, max(0.0, privacy.max_epsilon - ledger.epsilon(plan.delta))
+    return projected, max(0.0, privacy.max_epsilon - ledger.epsilon(plan.delta)), plan.delta
