@@ -52,6 +52,7 @@ from fl_components.federation import Site
 from fl_components.privacy.epsilon import epsilon_of
 from fl_components.privacy.ledger import PrivacyLedger
 from fl_components.secure_aggregation.protocol.agreement import encode_fields
+from fl_components.secure_aggregation.protocol.errors import KeyFileError
 from fl_components.secure_aggregation.protocol.keys import SiteKeys
 from fl_components.site.audit import AuditKind, AuditLog
 from fl_components.site.dpsgd import plan_round
@@ -755,7 +756,7 @@ def decide(
     request = store.read_pending(run_id)
     try:
         keys = SiteKeys.load(keys_dir)
-    except FedpipeError as error:
+    except (FedpipeError, KeyFileError, OSError) as error:
         raise ConfigError(
             f"the site's key in {keys_dir} cannot be read ({error}); run this on the site's "
             "host as the account that runs its worker, or pass --keys"

@@ -31,7 +31,7 @@ from tests.deploy.stack_harness import (
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 NAME = "e2e-approval"
-EAST_TIMEOUT = 15
+EAST_TIMEOUT = 10
 
 
 def _folder(stack: dict[str, Any], site: str) -> Path:
