@@ -103,7 +103,10 @@ def _stewards(stack: dict[str, Any], seen: dict[str, Any]) -> Callable[[threadin
             "site", "approve", request.run_id, "--site", "north", "--state-dir", root, timeout=60
         )
         assert approved.returncode == 0, approved.stdout + approved.stderr
+        signed_at = time.monotonic()
         seen["approved"] = approved.stdout
+        _until("north going on", lambda: "approved" in _events(north), stop)
+        seen["approve_to_go_s"] = time.monotonic() - signed_at
         _until("south's request", lambda: _pending(south), stop)
         rejected = _fedpipe(
             "site", "reject", request.run_id, "--reason", "not this study",
@@ -152,6 +155,7 @@ def test_a_run_waits_for_each_steward_and_only_the_declined_sites_drop(
             path.write_text(text)
 
     run_id = seen["run_id"]
+    print(f"north went on {seen['approve_to_go_s']:.2f}s after `fedpipe site approve` returned")
     # north waited visibly, refused the forgery and the bare resume, then went on
     assert seen["north_state"] == "PAUSED", seen
     assert "fedpipe site approve" in seen["north_message"]
