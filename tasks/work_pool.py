@@ -24,13 +24,14 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
@@ -78,6 +79,7 @@ from fl_components.wire.site_job import (
     TaskRef,
 )
 from tasks.sites import SiteBackend, collect_answers
+from tasks.tracking import artifact_key
 
 log = logging.getLogger(__name__)
 SignedSiteJob = Signed[SiteJobMessage]
@@ -90,6 +92,52 @@ _CREATE_LOCK = threading.Lock()
 # participant tasks still waiting cancel their runs (participation.over_select)
 _CLOSED: dict[tuple[str, int, str], threading.Event] = {}
 _CLOSED_LOCK = threading.Lock()
+# participant runs paused for a site steward's approval, per (run id, round): site -> since
+_AWAITING: dict[tuple[str, int], dict[str, str]] = {}
+_AWAITING_LOCK = threading.Lock()
+
+
+def _awaiting_approval(
+    federation: str, run_id: str, round_num: int, site: str
+) -> Callable[[bool], None]:
+    """A callback that records whether ``site`` waits for approval; shows the round's list.
+
+    The list is a Prefect artifact (``<federation>-approvals``): the sites this round waits
+    on, updated as each pauses or goes on.
+    """
+
+    def note(waiting: bool) -> None:
+        with _AWAITING_LOCK:
+            sites = _AWAITING.setdefault((run_id, round_num), {})
+            if waiting:
+                sites[site] = time.strftime("%H:%M:%S", time.gmtime())
+            else:
+                sites.pop(site, None)
+            listed = dict(sites)
+        lines = [f"# Round {round_num} of {federation}: sites waiting for their steward"]
+        lines += [f"- **{s}**: waiting since {since} UTC" for s, since in sorted(listed.items())]
+        if not listed:
+            lines.append("No site waits for approval.")
+        try:
+            create_markdown_artifact(
+                markdown="\n".join(lines),
+                key=artifact_key(federation, "approvals"),
+                description=f"Round {round_num}: sites waiting for approval",
+            )
+        except Exception as error:  # the list is for the UI; the wait goes on without it
+            log.debug("approval artifact not written: %s", error)
+        try:
+            logger: logging.Logger | logging.LoggerAdapter[logging.Logger] = get_run_logger()
+        except MissingContextError:
+            logger = log
+        if waiting:
+            logger.warning(
+                "round %d waits for site %s's data steward (approval asked at the site)",
+                round_num,
+                site,
+            )
+
+    return note
 
 
 def _wave(run_id: str, round_num: int, stage: str) -> threading.Event:
@@ -237,6 +285,7 @@ def _wait(
     poll: float,
     liveness_every: float = 2.0,
     closed: threading.Event | None = None,
+    paused: Callable[[bool], None] | None = None,
 ) -> FlowRun:
     """Wait for a site's flow run to end; give up at the deadline or once its pool is dead.
 
@@ -246,15 +295,25 @@ def _wait(
         At the deadline, once the site's pool has had no live worker for
         ``LIVENESS_GRACE_SECONDS``, or once ``closed`` is set (over-selection: the round has
         enough answers); the run is cancelled in each case.
+
+    ``paused`` is told when the site's run pauses for its steward's approval, and when it
+    goes on.
     """
     started = time.monotonic()
+    was_paused = False
     deadline = started + timeout
     next_check = started + liveness_every
     liveness = _Liveness(pool)
     with get_client(sync_client=True) as client:
         while True:
             run = client.read_flow_run(run_id)
+            is_paused = run.state is not None and run.state.is_paused()
+            if paused is not None and is_paused != was_paused:
+                paused(is_paused)
+            was_paused = is_paused
             if run.state is not None and run.state.is_final():
+                if was_paused and paused is not None:
+                    paused(False)
                 return run
             now = time.monotonic()
             if closed is not None and closed.is_set():
@@ -342,6 +401,7 @@ def run_participant(job: SignedSiteJob) -> dict[str, Any]:
         closed=_wave(run_id, round_num, stage)
         if config.participation.over_select and stage in ("train", "mask")
         else None,
+        paused=_awaiting_approval(config.name, run_id, round_num, site),
     )
     if run.state is None or not run.state.is_completed():
         state = run.state.name if run.state is not None else "unknown"

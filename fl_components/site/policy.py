@@ -27,6 +27,8 @@ What each line guards
   names, as installed here. In every case the job's task hash must be the installed one.
 - ``rounds``: how many rounds one run may ask, and how many the site trains per day.
 - ``columns``: the label and feature columns a job may use (null: any).
+- ``approval``: which runs wait for the data steward's signed approval (``never``,
+  ``new_config``, ``every_run``) and for how long (:mod:`fl_components.site.approval`).
 """
 
 from __future__ import annotations
@@ -142,6 +144,26 @@ class ColumnRules(_Section):
     features: tuple[str, ...] | None = None
 
 
+class ApprovalRule(_Section):
+    """When a run waits for the site's data steward (``fedpipe site approve|reject``).
+
+    ``never``: no approval. ``new_config``: a run whose config hash and task code this
+    site has not approved before waits; a recurring run of an approved config goes
+    without asking. ``every_run``: every coordinator run waits once (its later rounds go
+    on the same decision).
+    """
+
+    mode: Literal["never", "new_config", "every_run"] = Field(
+        default="never", description="Which runs wait for the steward's signed approval."
+    )
+    timeout_seconds: int = Field(
+        default=3600,
+        ge=1,
+        le=7 * 86_400,
+        description="How long a run waits; then the site declines it (typed `declined`).",
+    )
+
+
 class SitePolicy(_Section):
     """A site's policy file (``policy.yaml`` in its folder)."""
 
@@ -156,6 +178,7 @@ class SitePolicy(_Section):
     task: TaskPin = TaskPin()
     rounds: RoundLimits = RoundLimits()
     columns: ColumnRules = ColumnRules()
+    approval: ApprovalRule = ApprovalRule()
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the policy as YAML (atomically), with a header saying who owns it."""

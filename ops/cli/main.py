@@ -13,6 +13,7 @@ local stack and its sites; ``fedpipe schedule on|off|show`` switches recurring r
 
 from __future__ import annotations
 
+from ops.cli import approval as cli_approval
 from ops.cli import data as cli_data
 from ops.cli import report as cli_report
 from ops.cli import run as cli_run
@@ -46,6 +47,9 @@ cli_trust.policy_app.command("show")(cli_trust.policy_show)
 cli_trust.policy_app.command("check")(cli_trust.policy_check)
 site_app.command("audit")(cli_trust.site_audit)
 site_app.command("check")(cli_trust.site_check)
+site_app.command("pending")(cli_approval.pending)
+site_app.command("approve")(cli_approval.approve)
+site_app.command("reject")(cli_approval.reject)
 site_app.command("init")(cli_stack.site_init)
 site_app.command("restart")(cli_stack.site_restart)
 site_app.command(
