@@ -233,14 +233,15 @@ class UpdateAggregation:
             raise RoundError(f"{self.rule}: cannot aggregate zero updates")
         like = updates[0].delta
         fold = self.fold(like)
+        metrics: dict[str, float] = {}
         if fold is not None:  # the mean: folded, as the engine streams it
             for update in updates:
                 fold.add(update)
-            metrics = {"strategy/norm_bounded": float(fold.norm_bounded)}
-            return fold.result(), metrics if self.norm_bound is not None else {}
+            if self.norm_bound is not None:
+                metrics["strategy/norm_bounded"] = float(fold.norm_bounded)
+            return fold.result(), metrics
         self.check_memory(len(updates), like)
         deltas = [u.delta for u in updates]
-        metrics: dict[str, float] = {}
         if self.norm_bound is not None:
             bounded = [bound_norm(d, self.norm_bound) for d in deltas]
             metrics["strategy/norm_bounded"] = float(
