@@ -68,6 +68,7 @@ class MeanFold:
         self._sum = [np.zeros(a.size, dtype=np.float64) for a in like]
         self._weight = 0.0
         self._norm_bound = norm_bound
+        self._spent = False
         self.participants = 0
         self.norm_bounded = 0
 
@@ -79,6 +80,8 @@ class MeanFold:
         RoundError
             If its weight is negative or its arrays are not shaped like the model's.
         """
+        if self._spent:
+            raise RoundError("mean: this fold's result was already taken")
         weight = float(update.num_examples)
         if weight < 0 or not np.isfinite(weight):
             raise RoundError(f"mean: site {update.site!r} reports weight {weight}; must be >= 0")
@@ -114,22 +117,30 @@ class MeanFold:
         self.participants += 1
 
     def result(self) -> NDArrays:
-        """The mean so far, as float32 arrays shaped like the model.
+        """The mean, as float32 arrays shaped like the model; the fold is then spent.
+
+        The running sum is released array by array as the mean is written, so the peak is
+        the sum and one float32 model, never the sum held beside the server's next step.
 
         Raises
         ------
         RoundError
-            If nothing, or only zero weight, was folded.
+            If nothing, or only zero weight, was folded, or the fold was already spent.
         """
+        if self._spent:
+            raise RoundError("mean: this fold's result was already taken")
         if self.participants == 0:
             raise RoundError("mean: cannot aggregate zero updates")
         if self._weight <= 0:
             raise RoundError(f"mean: weights must sum to > 0 (got {self._weight})")
         out = []
-        for total, ref in zip(self._sum, self._like, strict=True):
+        sums, self._sum, self._spent = self._sum, [], True
+        for index, ref in enumerate(self._like):
+            total, sums[index] = sums[index], np.zeros(0)
             mean = np.empty(total.size, dtype=np.float32)
             for start in range(0, total.size, _CHUNK):
                 mean[start : start + _CHUNK] = total[start : start + _CHUNK] / self._weight
+            del total
             out.append(mean.reshape(ref.shape))
         return out
 

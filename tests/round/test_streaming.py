@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fl_components.errors import ConfigError
+from fl_components.errors import ConfigError, RoundError
 from fl_components.round.engine import RoundPlan, run_round
 from fl_components.round.types import Dropout, DropoutKind, LocalUpdate, SiteJob, SiteResult
 from fl_components.strategies import FedAvg, FedAvgM, Scaffold, UpdateAggregation
@@ -96,10 +96,13 @@ def test_the_streamed_mean_equals_the_batch_mean() -> None:
     fold = MeanFold(_model())
     for update in updates:
         fold.add(update)
-    streamed = np.concatenate([a.ravel() for a in fold.result()])
+    mean = fold.result()
+    streamed = np.concatenate([a.ravel() for a in mean])
     np.testing.assert_allclose(streamed, _batch_mean(updates), rtol=1e-6, atol=1e-7)
-    assert [a.shape for a in fold.result()] == SHAPES
+    assert [a.shape for a in mean] == SHAPES
     assert fold.participants == len(SITES)
+    with pytest.raises(RoundError, match="already taken"):  # the sum was released
+        fold.result()
 
 
 def test_the_engine_streams_the_mean_and_holds_a_bounded_number_of_updates() -> None:
@@ -196,12 +199,17 @@ def test_a_robust_rule_past_its_memory_bound_is_refused_before_dispatch(rule: st
 class _Future:
     def __init__(self, value: object) -> None:
         self.value = value
+        self.done = False
         self.callbacks: list[Any] = []
 
-    def add_done_callback(self, fn: Any) -> None:
-        self.callbacks.append(fn)
+    def add_done_callback(self, fn: Any) -> None:  # as concurrent.futures: at once if done
+        if self.done:
+            fn(self)
+        else:
+            self.callbacks.append(fn)
 
     def finish(self) -> None:
+        self.done = True
         for fn in self.callbacks:
             fn(self)
 
@@ -214,12 +222,15 @@ class _Future:
 def test_stream_answers_yields_in_arrival_order_and_lets_each_future_go() -> None:
     futures = {s: _Future(SiteResult(s)) for s in ("a", "b", "c")}
     futures["b"].value = RuntimeError("site b crashed")
-    order = ["c", "a", "b"]
     handles = dict(futures)
-    for site in order:
-        handles[site].finish()
+    handles["c"].finish()  # done before the stream starts
     seen = []
-    for site, answer in stream_answers(futures):
+    stream = stream_answers(futures)
+    for site, answer in stream:
         seen.append((site, type(answer).__name__))
         assert site not in futures  # consumed: nothing here keeps its result
+        if site == "c":
+            handles["a"].finish()
+        if site == "a":
+            handles["b"].finish()
     assert seen == [("c", "SiteResult"), ("a", "SiteResult"), ("b", "Dropout")]
