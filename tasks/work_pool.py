@@ -8,7 +8,7 @@ crashes or misses the deadline becomes a :class:`Dropout` naming the reason, and
 run is cancelled. Results are read back from the shared result storage as plain JSON: a
 result stored with any other serializer is refused, never unpickled.
 
-The model goes to the exchange folder once per wave: as ``<sha256>.npz``, or, with
+The model goes to the exchange folder once per wave: as ``<sha256>.safetensors``, or, with
 ``compression.download: delta``, as the round's delta and full downloads (``.fpmd``, each
 written once and shared by the sites that get it; a site reads only the one it uses). A
 training job carries the round's compression instruction; a compressed update comes back as
