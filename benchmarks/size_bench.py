@@ -332,9 +332,11 @@ def _write(
             "a round for the whole engine at 10M. Not run at 100M: it would hold ~12 GB.",
             "secure = the coordinator's side of secure aggregation (receive and verify the "
             "masked messages, unmask the sum; the sites' masking and unmask responses are not "
-            "counted). SecAggCoordinator keeps every masked vector until it unmasks, so its "
-            "memory is O(n·d); run at the smaller size only (at 100M the masked messages "
-            "alone would be 4 GB).",
+            "counted). SecAggCoordinator adds each masked vector to a running uint32 sum and "
+            "drops it, but the engine's secure path still receives the round's masked answers "
+            "from the dispatch all at once (wire_bytes_held: n masked vectors, about n models, "
+            "held before the coordinator starts and not counted in its peak); streaming that "
+            "path is left to do. Run at the smaller size only.",
             "Robust rules (median, trimmed mean, Krum, Multi-Krum, Bulyan) hold n·d·8 bytes; "
             "a round past strategy.robust_memory_mb (default 4096 MiB) is refused before "
             "dispatch.",
@@ -394,6 +396,11 @@ def main() -> None:
                     "peak_models": peak / model_bytes,
                     "rss_peak_MB": rss / 1e6,
                     "rss_models": rss / model_bytes,
+                    **(
+                        {"held_before_MB": measured[0]["wire_bytes_held"] / 1e6}
+                        if "wire_bytes_held" in measured[0]
+                        else {}
+                    ),
                 }
             )
         _write(rows, args, load, started)  # what has been measured, should a later size fail
