@@ -106,7 +106,11 @@ def stream_answers(
     """
     arrived: queue.SimpleQueue[str] = queue.SimpleQueue()
     for site, future in futures.items():
-        future.add_done_callback(lambda _done, site=site: arrived.put(site))
+        register = getattr(future, "add_done_callback", None)
+        if callable(register):
+            register(lambda _done, site=site: arrived.put(site))
+        else:  # a future without callbacks: read in turn (result() waits for it)
+            arrived.put(site)
     while futures:
         site = arrived.get()
         future = futures.pop(site, None)
