@@ -27,6 +27,7 @@ ORDER = [
     "secagg",
     "dispatch",
     "communication",
+    "size",
 ]
 
 

@@ -428,6 +428,13 @@ class StrategyConfig(_Section):
         description="L2 bound M on each update (Sun et al. 2019); null = none. Works under "
         "secure aggregation (the site bounds its own update).",
     )
+    robust_memory_mb: float | None = Field(
+        default=4096,
+        gt=0,
+        description="median/trimmed_mean/krum/multi_krum/bulyan hold every update at once "
+        "(n sites x d parameters x 8 bytes); a round that would need more MiB than this is "
+        "refused before it is dispatched; null = no bound. The mean streams and ignores it.",
+    )
 
     @property
     def effective_server_lr(self) -> float:

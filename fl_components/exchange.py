@@ -1,7 +1,7 @@
 """What crosses the coordinator/site boundary of the work-pool backend, safely serialized.
 
-The global model is handed to sites as an ``.npz`` file in shared exchange storage, named
-by its SHA-256 (:func:`fl_components.parameters.digest`); a flow parameter carries only the
+The global model is handed to sites as a ``.safetensors`` file in shared exchange storage,
+named by its SHA-256 (:func:`fl_components.parameters.digest`); a flow parameter carries only the
 path and the hash, and the site verifies the hash before training (Prefect caps parameters
 at 512 KB, and weights have no business in a run's parameters). A site answers with a
 JSON-safe payload: arrays as base64 float32 bytes plus their shapes, never a pickle.
@@ -10,14 +10,17 @@ JSON-safe payload: arrays as base64 float32 bytes plus their shapes, never a pic
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import math
+import mmap
 import os
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors.numpy import save_file
 
 from fl_components.compression.download import ModelDownload, apply_download
 from fl_components.compression.encoded import CompressionError
@@ -37,6 +40,9 @@ PAYLOAD_VERSION = 1
 # FEDPIPE_MAX_PAYLOAD_BYTES to raise it.
 MAX_PAYLOAD_BYTES = 256 * 1024 * 1024
 MAX_PAYLOAD_ENV = "FEDPIPE_MAX_PAYLOAD_BYTES"
+MODEL_SUFFIX = ".safetensors"
+# a safetensors header above this is refused unparsed (a 100M-parameter model's is < 1 KiB)
+MAX_HEADER_BYTES = 16 * 1024 * 1024
 
 
 class ExchangeError(FedpipeError):
@@ -98,8 +104,15 @@ def site_pool_name(config: FederationConfig, site: str) -> str:
     raise FedpipeError(f"no site named {site!r} in the federation (sites: {config.site_names})")
 
 
+def _tensor_name(index: int) -> str:
+    return f"p{index:05d}"
+
+
 def write_global_model(parameters: NDArrays, directory: str | os.PathLike[str]) -> tuple[str, str]:
-    """Write the global parameters as ``<sha256>.npz`` under ``directory``.
+    """Write the global parameters as ``<sha256>.safetensors`` under ``directory``.
+
+    safetensors (a JSON header of dtypes, shapes and offsets, then the raw little-endian
+    bytes) carries no code, and the reader maps it instead of reading it into memory.
 
     Returns
     -------
@@ -110,21 +123,75 @@ def write_global_model(parameters: NDArrays, directory: str | os.PathLike[str]) 
     sha = digest(parameters)
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{sha}.npz"
+    target = folder / f"{sha}{MODEL_SUFFIX}"
     if not target.is_file():
-        partial = folder / f".{sha}.{os.getpid()}.tmp.npz"
-        np.savez(partial, *[np.ascontiguousarray(p, dtype=np.float32) for p in parameters])
+        partial = folder / f".{sha}.{os.getpid()}.tmp{MODEL_SUFFIX}"
+        save_file(
+            {
+                _tensor_name(i): np.ascontiguousarray(p, dtype="<f4")
+                for i, p in enumerate(parameters)
+            },
+            str(partial),
+        )
         partial.replace(target)
     return str(target.resolve()), sha
+
+
+def _safetensors_layout(view: memoryview, size: int) -> list[tuple[tuple[int, ...], int, int]]:
+    """The (shape, start, end) of each float32 tensor in a mapped safetensors file, in order.
+
+    Everything is checked before any tensor is touched: the header's length and JSON, the
+    names ``p00000``..., dtype F32, shapes, and offsets that tile the data exactly, in order.
+    """
+    if size < 8:
+        raise ValueError("shorter than the 8-byte header length")
+    header_len = int.from_bytes(view[:8], "little")
+    if header_len > min(MAX_HEADER_BYTES, size - 8):
+        raise ValueError(f"header length {header_len} out of range")
+    header = json.loads(bytes(view[8 : 8 + header_len]))
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_start, data_size = 8 + header_len, size - 8 - header_len
+    layout = []
+    position = 0
+    for index in range(len(header)):
+        entry = header.get(_tensor_name(index))
+        if not isinstance(entry, dict) or entry.get("dtype") != "F32":
+            raise ValueError(f"tensor {_tensor_name(index)} missing or not F32")
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(shape, list) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
+        ):
+            raise ValueError(f"tensor {_tensor_name(index)}: bad shape")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) for n in offsets)
+        ):
+            raise ValueError(f"tensor {_tensor_name(index)}: bad offsets")
+        start, end = offsets
+        if start != position or end - start != 4 * math.prod(shape) or end > data_size:
+            raise ValueError(f"tensor {_tensor_name(index)}: offsets do not match its shape")
+        layout.append((tuple(shape), data_start + start, data_start + end))
+        position += end - start
+    if position != data_size:
+        raise ValueError("tensors do not cover the data exactly")
+    return layout
 
 
 def read_global_model(uri: str, *, sha256: str) -> NDArrays:
     """Load a global model written by :func:`write_global_model` and verify its hash.
 
+    The file is memory-mapped; each tensor is hashed and copied out in one pass over the
+    mapping (:func:`fl_components.parameters.digest`'s bytes), never read whole into memory
+    first.
+
     Raises
     ------
     ExchangeError
-        If the file is missing or its contents do not hash to ``sha256``.
+        If the file is missing, not a safetensors file of float32 tensors, or its contents do
+        not hash to ``sha256``.
     """
     path = Path(uri.removeprefix("file://"))
     if not path.is_file():
@@ -132,16 +199,32 @@ def read_global_model(uri: str, *, sha256: str) -> NDArrays:
             f"global model {uri} is not readable from this site; the exchange folder "
             "(deployment.exchange_dir) must be shared storage mounted at the same path here"
         )
-    check_payload_size(path.stat().st_size, what=f"global model {uri}")
+    size = path.stat().st_size
+    check_payload_size(size, what=f"global model {uri}")
+    hasher = hashlib.sha256()
+    parameters: NDArrays = []
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            parameters = [archive[f"arr_{i}"].astype(np.float32) for i in range(len(archive.files))]
-    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as error:
+        with path.open("rb") as handle:
+            if size == 0:
+                raise ValueError("empty file")
+            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                view = memoryview(mapped)
+                try:
+                    for shape, start, end in _safetensors_layout(view, len(mapped)):
+                        part = view[start:end]
+                        hasher.update(str(shape).encode())
+                        hasher.update(part)
+                        array = np.frombuffer(part, dtype="<f4").astype(np.float32)
+                        parameters.append(array.reshape(shape))
+                        part.release()
+                finally:
+                    view.release()
+    except (ValueError, OSError, RecursionError) as error:  # JSONDecodeError, bad UTF-8, ...
         raise ExchangeError(
-            f"global model {uri} is not a readable .npz of arrays "
+            f"global model {uri} is not a readable safetensors file of float32 tensors "
             f"({error.__class__.__name__}); refusing to train on it"
         ) from None
-    actual = digest(parameters)
+    actual = hasher.hexdigest()
     if actual != sha256:
         raise ExchangeError(
             f"global model {uri}: SHA-256 {actual} does not match the reference {sha256}; "

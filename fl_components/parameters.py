@@ -72,7 +72,10 @@ def unflatten(vector: npt.NDArray[np.floating], like: NDArrays) -> NDArrays:
 
 def add(parameters: NDArrays, delta: NDArrays, *, scale: float = 1.0) -> NDArrays:
     """Return ``parameters + scale * delta`` array by array."""
-    return [(p + scale * d).astype(np.float32) for p, d in zip(parameters, delta, strict=True)]
+    return [
+        (p + scale * d).astype(np.float32, copy=False)
+        for p, d in zip(parameters, delta, strict=True)
+    ]
 
 
 def subtract(a: NDArrays, b: NDArrays) -> NDArrays:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from prefect import task
@@ -49,6 +50,32 @@ class SiteBackend(ABC):
         """The federation's public-key registry (public keys only)."""
 
 
+def _answer_of(
+    site: str,
+    future: Any,
+    *,
+    parse: Callable[[str, Any], SiteResult] | None,
+    kind_of: Callable[[Exception], DropoutKind],
+) -> SiteResult | Dropout:
+    """One site's answer from its future: its result (parsed), or a typed dropout."""
+    try:
+        result = future.result()
+    except Exception as error:  # a site's failure must not sink the round
+        log.warning("site %s failed: %s", site, error)
+        return Dropout(site, kind_of(error), f"{type(error).__name__}: {error}")
+    if parse is None:
+        answer: SiteResult | Dropout = result
+    else:
+        try:
+            answer = parse(site, result)
+        except Exception as error:
+            log.warning("site %s: answer refused: %s", site, error)
+            return Dropout(site, DropoutKind.REJECTED, f"{type(error).__name__}: {error}")
+    if isinstance(answer, SiteResult) and answer.refusal is not None:
+        log.warning("site %s: %s", site, answer.refusal)
+    return answer
+
+
 def collect_answers(
     futures: Mapping[str, Any],
     *,
@@ -60,26 +87,39 @@ def collect_answers(
     ``parse(site, result)`` turns a raw result (a work-pool payload) into a
     :class:`SiteResult`; one it refuses fails the site as ``rejected``.
     """
-    answers: dict[str, SiteResult | Dropout] = {}
+    return {
+        site: _answer_of(site, future, parse=parse, kind_of=kind_of)
+        for site, future in futures.items()
+    }
+
+
+def stream_answers(
+    futures: MutableMapping[str, Any],
+    *,
+    parse: Callable[[str, Any], SiteResult] | None = None,
+    kind_of: Callable[[Exception], DropoutKind] = lambda error: DropoutKind.FAILED,
+) -> Iterator[tuple[str, SiteResult | Dropout]]:
+    """Each site's answer as its future completes, as :func:`collect_answers` reads it.
+
+    Streaming aggregation: ``futures`` is consumed, each future removed once its answer is
+    read, so an answer the round engine has folded and dropped is referenced by nothing here.
+    """
+    arrived: queue.SimpleQueue[str] = queue.SimpleQueue()
     for site, future in futures.items():
-        try:
-            result = future.result()
-        except Exception as error:  # a site's failure must not sink the round
-            log.warning("site %s failed: %s", site, error)
-            answers[site] = Dropout(site, kind_of(error), f"{type(error).__name__}: {error}")
+        register = getattr(future, "add_done_callback", None)
+        if callable(register):
+            register(lambda _done, site=site: arrived.put(site))
+        else:  # a future without callbacks: read in turn (result() waits for it)
+            arrived.put(site)
+    while futures:
+        site = arrived.get()
+        future = futures.pop(site, None)
+        if future is None:  # a callback fired twice
             continue
-        if parse is None:
-            answers[site] = result
-            continue
-        try:
-            answers[site] = parse(site, result)
-        except Exception as error:
-            log.warning("site %s: answer refused: %s", site, error)
-            answers[site] = Dropout(site, DropoutKind.REJECTED, f"{type(error).__name__}: {error}")
-    for site, answer in answers.items():
-        if isinstance(answer, SiteResult) and answer.refusal is not None:
-            log.warning("site %s: %s", site, answer.refusal)
-    return answers
+        answer = _answer_of(site, future, parse=parse, kind_of=kind_of)
+        del future
+        yield site, answer
+        del answer
 
 
 @task(name="site_job", task_run_name="{job.kind}-{job.site}-r{job.round}", cache_policy=NO_CACHE)
@@ -140,6 +180,17 @@ class LocalBackend(SiteBackend):
         self.info = info
         self._registry: Registry | None = None
         self.downloads = ModelDownloads.from_config(config)
+
+    def stream(self, jobs: Sequence[SiteJob]) -> Iterator[tuple[str, SiteResult | Dropout]]:
+        """Submit every job, then each answer as it arrives (streaming aggregation).
+
+        Above ``runner.cohort_threshold`` each cohort's answers arrive together.
+        """
+        if len(jobs) > self.config.runner.cohort_threshold:
+            yield from self(jobs).items()
+            return
+        futures = {job.site: site_job.submit(self.config, self.info, job) for job in jobs}
+        yield from stream_answers(futures)
 
     def __call__(self, jobs: Sequence[SiteJob]) -> dict[str, SiteResult | Dropout]:
         """Submit every job (or cohort) at once, then wait for each (a failure drops it)."""

@@ -8,7 +8,7 @@ crashes or misses the deadline becomes a :class:`Dropout` naming the reason, and
 run is cancelled. Results are read back from the shared result storage as plain JSON: a
 result stored with any other serializer is refused, never unpickled.
 
-The model goes to the exchange folder once per wave: as ``<sha256>.npz``, or, with
+The model goes to the exchange folder once per wave: as ``<sha256>.safetensors``, or, with
 ``compression.download: delta``, as the round's delta and full downloads (``.fpmd``, each
 written once and shared by the sites that get it; a site reads only the one it uses). A
 training job carries the round's compression instruction; a compressed update comes back as
@@ -24,7 +24,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -78,7 +78,7 @@ from fl_components.wire.site_job import (
     SiteJobMessage,
     TaskRef,
 )
-from tasks.sites import SiteBackend, collect_answers
+from tasks.sites import SiteBackend, collect_answers, stream_answers
 from tasks.tracking import artifact_key
 
 log = logging.getLogger(__name__)
@@ -554,8 +554,10 @@ class WorkPoolBackend(SiteBackend):
             payload, expected=expected, identity=self.identity, registry=self._answer_registry
         )
 
-    def __call__(self, jobs: Sequence[SiteJob]) -> dict[str, SiteResult | Dropout]:
-        """Create every site's flow run, then await them together; failures are dropouts."""
+    def _submit(
+        self, jobs: Sequence[SiteJob]
+    ) -> tuple[dict[str, Any], Callable[[str, dict[str, Any]], SiteResult]]:
+        """Create every site's flow run; the futures, and how to open and read an answer."""
         written: dict[int, tuple[str, str]] = {}
         files: dict[tuple[str, str], tuple[str, int]] = {}
         by_site = {job.site: job for job in jobs}
@@ -569,8 +571,6 @@ class WorkPoolBackend(SiteBackend):
             message = self.message(job, model=model, download=download)
             futures[job.site] = run_participant.submit(self.signed(message))
 
-        self._close_when_enough(jobs, futures)
-
         def parse(site: str, payload: dict[str, Any]) -> SiteResult:
             size = len(json.dumps(payload))  # what crossed result storage (sealed)
             opened = self.open(site, by_site[site], payload)
@@ -579,7 +579,28 @@ class WorkPoolBackend(SiteBackend):
             read = sizes[site].get(answer.received, sizes[site][None])
             return replace(answer, bytes_down=read)
 
+        return futures, parse
+
+    def __call__(self, jobs: Sequence[SiteJob]) -> dict[str, SiteResult | Dropout]:
+        """Create every site's flow run, then await them together; failures are dropouts."""
+        futures, parse = self._submit(jobs)
+        self._close_when_enough(jobs, futures)
         return collect_answers(
+            futures,
+            parse=parse,
+            kind_of=lambda error: getattr(error, "kind", DropoutKind.FAILED),
+        )
+
+    def stream(self, jobs: Sequence[SiteJob]) -> Iterator[tuple[str, SiteResult | Dropout]]:
+        """As :meth:`__call__`, each answer opened as it arrives (streaming aggregation).
+
+        With ``participation.over_select`` the answers come all at once, as there.
+        """
+        if self.config.participation.over_select:
+            yield from self(jobs).items()
+            return
+        futures, parse = self._submit(jobs)
+        yield from stream_answers(
             futures,
             parse=parse,
             kind_of=lambda error: getattr(error, "kind", DropoutKind.FAILED),

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -48,10 +48,17 @@ from fl_components.round.types import (
     SiteJob,
     SiteResult,
 )
+from fl_components.strategies.aggregation import MeanFold
 from fl_components.strategies.base import Strategy
 
 Dispatch = Callable[[Sequence[SiteJob]], Mapping[str, "SiteResult | Dropout"]]
-"""Runs the jobs (one per site) and answers for every site: a result or a dropout."""
+"""Runs the jobs (one per site) and answers for every site: a result or a dropout.
+
+A dispatch may also have ``stream(jobs)``: an iterator of ``(site, answer)`` pairs in the
+order the answers arrive. When the round's rule is a mean, the engine then folds each
+update as it arrives and drops it (streaming aggregation): the coordinator holds the running
+sum and a bounded number of updates, not one per site.
+"""
 
 
 @dataclass(frozen=True)
@@ -176,6 +183,99 @@ class RoundReport:
     def rejected(self) -> list[Dropout]:
         """Updates refused before aggregation (invalid or failing a protocol check)."""
         return [d for d in self.dropouts if d.kind in (DropoutKind.INVALID, DropoutKind.REJECTED)]
+
+
+@dataclass
+class UpdateStream:
+    """The round's training updates folded into the strategy's mean as they arrive.
+
+    :meth:`take` validates one answer's update, folds it and returns the answer with its
+    delta emptied (metadata only), so nothing keeps the arrays once the fold has them.
+
+    Attributes
+    ----------
+    fold : MeanFold
+        The running example-weighted sum.
+    updates : list of LocalUpdate
+        Each folded update's metadata (its ``delta`` empty).
+    rejected : list of Dropout
+        Updates refused by :func:`validate_update`.
+    bytes_up : dict
+        What each site's answer weighed on the wire (or its float32 update).
+    held, peak_held : int
+        Updates being folded now, and the most at once this round.
+    """
+
+    fold: MeanFold
+    updates: list[LocalUpdate] = field(default_factory=list)
+    rejected: list[Dropout] = field(default_factory=list)
+    bytes_up: dict[str, int] = field(default_factory=dict)
+    held: int = 0
+    peak_held: int = 0
+
+    def take(
+        self, answer: SiteResult | Dropout, plan: RoundPlan, like: NDArrays
+    ) -> SiteResult | Dropout:
+        """Fold ``answer``'s update if it is a selected site's training update; strip it."""
+        if not isinstance(answer, SiteResult) or answer.site not in plan.selected:
+            return answer
+        update = answer.update
+        if answer.refusal is not None or update is None:
+            return answer
+        self.held += 1
+        self.peak_held = max(self.peak_held, self.held)
+        try:
+            self.bytes_up[answer.site] = answer.bytes_up or nbytes(update.delta)
+            refusal = validate_update(update, like, max_norm=plan.max_update_norm)
+            if refusal is not None:
+                self.rejected.append(refusal)
+            else:
+                self.fold.add(update)
+                self.updates.append(replace(update, delta=[]))
+        finally:
+            self.held -= 1
+        return replace(answer, update=replace(update, delta=[]))
+
+    def consume(
+        self, arrivals: Iterable[tuple[str, SiteResult | Dropout]], plan: RoundPlan, like: NDArrays
+    ) -> dict[str, SiteResult | Dropout]:
+        """Fold every arrival in turn; the answers, stripped of their deltas."""
+        answers: dict[str, SiteResult | Dropout] = {}
+        for site, answer in arrivals:
+            answers[site] = self.take(answer, plan, like)
+            del answer  # the fold has it: drop the arrays before the next one arrives
+        return answers
+
+
+def _streamed_answers(
+    dispatch: Dispatch,
+    jobs: Sequence[SiteJob],
+    stream: UpdateStream | None,
+    plan: RoundPlan,
+    like: NDArrays,
+) -> Mapping[str, SiteResult | Dropout]:
+    """The dispatch's answers; with ``stream``, each update folded as it arrives."""
+    if stream is None:
+        return dispatch(jobs)
+    streaming = getattr(dispatch, "stream", None)
+    # a plain dispatch answers all at once: fold those answers, then let them go
+    arrivals: Iterator[tuple[str, SiteResult | Dropout]] = (
+        streaming(jobs) if callable(streaming) else iter(dispatch(jobs).items())
+    )
+    return stream.consume(arrivals, plan, like)
+
+
+def update_stream(plan: RoundPlan, state: ServerState, strategy: Strategy) -> UpdateStream | None:
+    """Streaming aggregation for this round, or None.
+
+    Only in the clear (secure aggregation sums masked vectors on its own), without
+    over-selection (which keeps the first valid updates in selection order, not arrival
+    order), and when the strategy's rule is a mean (:meth:`Strategy.fold`).
+    """
+    if plan.secure is not None or plan.target is not None:
+        return None
+    fold = strategy.fold(state)
+    return UpdateStream(fold) if fold is not None else None
 
 
 def validate_update(
@@ -358,10 +458,13 @@ def run_round(
         aggregation cannot unmask; the state is then left as it was.
     """
     started = time.perf_counter()
+    strategy.check_memory(len(plan.selected), state)
     jobs = round_jobs(plan, state, strategy)
-    answers = dispatch(jobs)
+    stream = update_stream(plan, state, strategy)
+    answers = _streamed_answers(dispatch, jobs, stream, plan, state.parameters)
     down = download_bytes(plan, jobs, answers)
     results, dropouts, evaluations = _split(answers, plan)
+    del answers
     try:
         return _finish_round(
             state,
@@ -373,11 +476,40 @@ def run_round(
             evaluations,
             started=started,
             down=down,
+            stream=stream,
         )
     except RoundAbortedError:
         raise
     except RoundError as error:
         raise RoundAbortedError(str(error), evaluations=evaluations, dropouts=dropouts) from None
+
+
+def _bytes_up_metrics(per_site: Mapping[str, int]) -> dict[str, float]:
+    metrics = {"bytes/up": float(sum(per_site.values()))}
+    metrics.update({f"bytes/up/site/{site}": float(b) for site, b in per_site.items()})
+    return metrics
+
+
+def _aggregate_streamed(
+    state: ServerState,
+    plan: RoundPlan,
+    strategy: Strategy,
+    results: dict[str, SiteResult],
+    dropouts: list[Dropout],
+    stream: UpdateStream,
+) -> tuple[AggregatedUpdate, list[LocalUpdate], dict[str, float]]:
+    """The mean the stream folded (its refusals join ``dropouts``)."""
+    dropouts += [
+        Dropout(r.site, DropoutKind.REJECTED, "no update returned")
+        for r in results.values()
+        if r.update is None
+    ]
+    dropouts += stream.rejected
+    require_quorum(plan, len(stream.updates), dropouts)
+    aggregated = strategy.aggregate_folded(stream.fold, state)
+    metrics = _bytes_up_metrics(stream.bytes_up)
+    metrics["aggregation/peak_updates_held"] = float(stream.peak_held)
+    return aggregated, stream.updates, metrics
 
 
 def _aggregate_in_clear(
@@ -406,9 +538,7 @@ def _aggregate_in_clear(
         for r in results.values()
         if r.update is not None
     }
-    metrics = {"bytes/up": float(sum(per_site.values()))}
-    metrics.update({f"bytes/up/site/{site}": float(b) for site, b in per_site.items()})
-    return aggregated, updates, metrics
+    return aggregated, updates, _bytes_up_metrics(per_site)
 
 
 def _finish_round(
@@ -422,6 +552,7 @@ def _finish_round(
     *,
     started: float,
     down: Mapping[str, int],
+    stream: UpdateStream | None = None,
 ) -> tuple[ServerState, RoundReport]:
     """Validate and aggregate the round's answers, apply the update, report.
 
@@ -435,6 +566,10 @@ def _finish_round(
             results, state=state, strategy=strategy, dispatch=dispatch
         )
         dropouts += rejected
+    elif stream is not None:
+        aggregated, updates, metrics = _aggregate_streamed(
+            state, plan, strategy, results, dropouts, stream
+        )
     else:
         aggregated, updates, metrics = _aggregate_in_clear(state, plan, strategy, results, dropouts)
     next_state = strategy.apply(state, aggregated)

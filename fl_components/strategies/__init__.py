@@ -60,6 +60,7 @@ def build_strategy(
         byzantine_f=config.byzantine_f,
         multi_krum_m=config.multi_krum_m,
         norm_bound=config.norm_bound,
+        robust_memory_mb=config.robust_memory_mb,
     )
     lr = config.effective_server_lr
     name = config.name

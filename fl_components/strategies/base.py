@@ -26,6 +26,7 @@ import numpy.typing as npt
 from fl_components.errors import ConfigError, RoundError
 from fl_components.parameters import NDArrays
 from fl_components.round.types import AggregatedUpdate, LocalUpdate, ServerState, SiteInstructions
+from fl_components.strategies.aggregation import MeanFold
 
 
 class Strategy(ABC):
@@ -88,6 +89,30 @@ class Strategy(ABC):
             raise RoundError("secure aggregation summed no weight; nothing to average")
         mean = [(np.asarray(t, dtype=np.float64) / weight).astype(np.float32) for t in total]
         return AggregatedUpdate(delta=mean, participants=participants)
+
+    def fold(self, state: ServerState) -> MeanFold | None:
+        """A fold that combines the round's updates one at a time as they arrive, or None.
+
+        Streaming aggregation: when the rule is a mean, the engine folds each valid update
+        into the running sum and drops it, so the coordinator never holds every update; it
+        then calls :meth:`aggregate_folded`. The default (None) hands :meth:`aggregate` the
+        whole list, for rules that need every update.
+        """
+        return None
+
+    def aggregate_folded(self, fold: MeanFold, state: ServerState) -> AggregatedUpdate:
+        """The combined update from a :meth:`fold` every valid update went into."""
+        return AggregatedUpdate(delta=fold.result(), participants=fold.participants)
+
+    def check_memory(self, updates: int, state: ServerState) -> None:
+        """Refuse, before dispatch, a round whose aggregation would hold too much (default: ok).
+
+        Raises
+        ------
+        ConfigError
+            Naming the setting that bounds it and the fix.
+        """
+        del updates, state  # nothing to bound: the default rule streams
 
     @abstractmethod
     def apply(self, state: ServerState, update: AggregatedUpdate) -> ServerState:

@@ -19,7 +19,7 @@ import numpy as np
 
 from fl_components.parameters import NDArrays, add
 from fl_components.round.types import AggregatedUpdate, LocalUpdate, ServerState
-from fl_components.strategies.aggregation import UpdateAggregation
+from fl_components.strategies.aggregation import MeanFold, UpdateAggregation
 from fl_components.strategies.base import Strategy
 
 
@@ -75,6 +75,23 @@ class FedAvg(Strategy):
         """The updates combined by the aggregation step (the example-weighted mean by default)."""
         delta, metrics = self.aggregation.combine(updates)
         return AggregatedUpdate(delta=delta, participants=len(updates), metrics=metrics)
+
+    def fold(self, state: ServerState) -> MeanFold | None:
+        """The streamed mean, when the aggregation step is the mean (robust rules: None)."""
+        return self.aggregation.fold(state.parameters)
+
+    def aggregate_folded(self, fold: MeanFold, state: ServerState) -> AggregatedUpdate:
+        """The folded mean, with the norm bound's count as :meth:`aggregate` reports it."""
+        metrics = {}
+        if self.aggregation.norm_bound is not None:
+            metrics["strategy/norm_bounded"] = float(fold.norm_bounded)
+        return AggregatedUpdate(
+            delta=fold.result(), participants=fold.participants, metrics=metrics
+        )
+
+    def check_memory(self, updates: int, state: ServerState) -> None:
+        """A robust aggregation step's O(n·d) bound (``strategy.robust_memory_mb``)."""
+        self.aggregation.check_memory(updates, state.parameters)
 
     def apply(self, state: ServerState, update: AggregatedUpdate) -> ServerState:
         """Step the global parameters along the combined update."""

@@ -59,6 +59,10 @@ class Scaffold(FedAvg):
         control = state_arrays(state, "control")
         return {site: SiteInstructions(server_control=control) for site in sites}
 
+    def fold(self, state: ServerState) -> None:
+        """No streaming: Δc̄ needs each site's control delta too (batch aggregation)."""
+        return None
+
     def aggregate(self, updates: Sequence[LocalUpdate], state: ServerState) -> AggregatedUpdate:
         """Δx̄ by the aggregation step; Δc̄ = (1/|S|) Σ Δc_i (uniform, Algorithm 1 line 16)."""
         missing = [u.site for u in updates if u.control_delta is None]

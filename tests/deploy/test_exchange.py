@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from fl_components.exchange import (
     ExchangeError,
@@ -41,15 +43,44 @@ def test_tampered_model_file_is_refused(tmp_path: Path) -> None:
     uri, sha = write_global_model(_arrays(), tmp_path)
     tampered = _arrays()
     tampered[0][0, 0] += 1
-    np.savez(uri, *tampered)
+    save_file({f"p{i:05d}": a for i, a in enumerate(tampered)}, uri)
     with pytest.raises(ExchangeError, match="refusing to train"):
         read_global_model(uri, sha256=sha)
+
+
+def test_the_global_model_travels_as_safetensors(tmp_path: Path) -> None:
+    uri, sha = write_global_model(_arrays(), tmp_path)
+    assert uri.endswith(f"{sha}.safetensors")
+    with safe_open(uri, framework="numpy") as opened:  # any safetensors reader reads it
+        np.testing.assert_array_equal(opened.get_tensor("p00001"), _arrays()[1])
 
 
 def test_pickled_object_arrays_are_not_loaded(tmp_path: Path) -> None:
     path = tmp_path / "evil.npz"
     np.savez(path, np.array([{"x": 1}], dtype=object))
-    with pytest.raises(ExchangeError, match=r"not a readable \.npz of arrays \(ValueError\)"):
+    with pytest.raises(ExchangeError, match=r"not a readable safetensors file"):
+        read_global_model(str(path), sha256="0" * 64)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"p00000": {"dtype": "F64", "shape": [2], "data_offsets": [0, 16]}},
+        {
+            "p00000": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            "p00001": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        },
+        {"p00000": {"dtype": "F32", "shape": [9], "data_offsets": [0, 36]}},
+        {"weights": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}},
+    ],
+)
+def test_a_forged_safetensors_header_is_refused_before_reading(
+    tmp_path: Path, header: dict[str, object]
+) -> None:
+    raw = json.dumps(header).encode()
+    path = tmp_path / "forged.safetensors"
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(16))
+    with pytest.raises(ExchangeError, match="refusing to train"):
         read_global_model(str(path), sha256="0" * 64)
 
 
