@@ -20,6 +20,7 @@ from fl_components.exchange import site_pool_name
 from fl_components.wire.signing import COORDINATOR_KEYS_DIR, COORDINATOR_KEYS_ENV
 from flows.resume import CHECKPOINT_DIR_ENV
 from ops.stack.credentials import (
+    MLFLOW_AUTH_DB,
     StackCredentials,
     ensure_credentials,
     load_credentials,
@@ -116,7 +117,10 @@ def up(
     mlflow_url = f"http://127.0.0.1:{mlflow_port}"
     config = stack_config(load_config(config_path), paths, mlflow_url)
     # generated once per state folder (0600); given to each process through its environment
+    fresh = load_credentials(paths.root) is None
     credentials = ensure_credentials(paths.root, config.site_names)
+    if fresh:  # an old auth store knows another admin password: MLflow would refuse it
+        (paths.root / MLFLOW_AUTH_DB).unlink(missing_ok=True)
     record: dict[str, Any] = {
         "root": str(paths.root),
         "prefect_api_url": api_url,

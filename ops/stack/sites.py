@@ -28,6 +28,7 @@ from ops.stack.credentials import (
     mlflow_client_env,
     prefect_auth,
     prefect_settings,
+    provision_mlflow_users,
 )
 from ops.stack.processes import (
     _clean_env,
@@ -288,7 +289,8 @@ def site_init(*, name: str, data: Path, root: Path) -> dict[str, Any]:
         from prefect.settings import temporary_settings
 
         if load_credentials(paths.root) is not None:  # the new site's own MLflow user
-            ensure_credentials(paths.root, [name])
+            credentials = ensure_credentials(paths.root, [name])
+            provision_mlflow_users(record["mlflow_url"], credentials)
         config_file = paths.root / "federation.json"
         config = FederationConfig.model_validate_json(config_file.read_text())
         if name not in config.site_names:
