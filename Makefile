@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint docs docs-serve format bench bench-full up down clean-state
+.PHONY: demo test lint docs docs-serve format bench bench-full up down clean-state test-multihost
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -49,3 +49,7 @@ up: $(STAMP)
 
 down: $(STAMP)
 	$(BIN)/fedpipe down
+
+# issue 20: a coordinator and two sites in their own network namespaces, over TLS (root)
+test-multihost: $(STAMP)
+	FEDPIPE_MULTIHOST=1 $(BIN)/python -m pytest -q -s -p no:xdist tests/multihost

@@ -108,6 +108,63 @@ def check_mlflow(tracking_uri: str | None, *, fix: str) -> Check:
     return Check("mlflow", True, f"{tracking_uri} answers")
 
 
+def check_auth(record: Mapping[str, Any], state_dir: Path) -> list[Check]:
+    """The stack's servers refuse anonymous requests and take its credentials.
+
+    And the files holding secrets are readable by their owner only (0600).
+    """
+    import stat
+
+    from ops.stack.credentials import (
+        CREDENTIALS_FILE,
+        MLFLOW_AUTH_INI,
+        load_credentials,
+    )
+
+    fix_modes = f"chmod 600 {state_dir / CREDENTIALS_FILE} {state_dir / MLFLOW_AUTH_INI}"
+    checks: list[Check] = []
+    for name in (CREDENTIALS_FILE, MLFLOW_AUTH_INI):
+        path = state_dir / name
+        if not path.is_file():
+            checks.append(Check(f"mode {name}", False, f"{path} is missing", "fedpipe down; up"))
+            continue
+        mode = stat.S_IMODE(path.stat().st_mode)
+        checks.append(
+            Check(
+                f"mode {name}",
+                mode == 0o600,
+                f"{path}: {mode:04o}",
+                "" if mode == 0o600 else fix_modes,
+            )
+        )
+    try:
+        credentials = load_credentials(state_dir)
+    except FedpipeError as error:
+        return [*checks, Check("credentials", False, str(error), fix_modes)]
+    if credentials is None:
+        return checks
+    api = str(record["prefect_api_url"]).rstrip("/")
+    mlflow = str(record["mlflow_url"]).rstrip("/")
+    user, _, password = credentials.prefect_auth_string.partition(":")
+    coordinator = (credentials.coordinator.username, credentials.coordinator.password)
+    probes = [
+        ("prefect auth", f"{api}/admin/version", (user, password)),
+        ("mlflow auth", f"{mlflow}/api/2.0/mlflow/experiments/search?max_results=1", coordinator),
+    ]
+    restart = f"fedpipe down --state-dir {state_dir}; fedpipe up --state-dir {state_dir}"
+    for name, url, auth in probes:
+        try:
+            anonymous = httpx.get(url, timeout=5).status_code
+            known = httpx.get(url, timeout=5, auth=auth).status_code
+        except httpx.HTTPError as error:
+            checks.append(Check(name, False, f"{url}: {type(error).__name__}", restart))
+            continue
+        ok = anonymous == 401 and known == 200
+        detail = f"anonymous: HTTP {anonymous} (401 wanted); the stack's credentials: HTTP {known}"
+        checks.append(Check(name, ok, detail, "" if ok else restart))
+    return checks
+
+
 def check_site_workers(
     client: Any,
     sites: Iterable[SiteEntry],
@@ -358,8 +415,13 @@ def diagnose(*, state_dir: Path, api_url: str | None = None) -> list[Check]:
         from prefect.client.orchestration import get_client
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
+        from ops.stack.credentials import prefect_settings
+
+        # the stack's own credentials go to the stack's own server only
+        ours = running and api == str((record or {}).get("prefect_api_url", "")).rstrip("/")
+        updates = prefect_settings(state_dir, api) if ours else {PREFECT_API_URL: api}
         with (
-            temporary_settings(updates={PREFECT_API_URL: api}),
+            temporary_settings(updates=updates),
             get_client(sync_client=True) as client,
         ):
             if not sites:
@@ -381,6 +443,8 @@ def diagnose(*, state_dir: Path, api_url: str | None = None) -> list[Check]:
         mlflow = config.tracking.tracking_uri
     repair = f"fedpipe up --repair --state-dir {state_dir}"
     checks.append(check_mlflow(mlflow, fix=repair if running else "start the MLflow server"))
+    if running and record is not None and record.get("auth"):
+        checks += check_auth(record, state_dir)
     local = [s for s in sites if s.data is not None or s.keys is not None]
     if config is not None and local:
         from fl_components.secure_aggregation.site_stages import registry_path

@@ -14,6 +14,7 @@ local stack and its sites; ``fedpipe schedule on|off|show`` switches recurring r
 from __future__ import annotations
 
 from ops.cli import approval as cli_approval
+from ops.cli import certs as cli_certs
 from ops.cli import data as cli_data
 from ops.cli import report as cli_report
 from ops.cli import run as cli_run
@@ -33,6 +34,7 @@ app.command()(cli_stack.up)
 app.command()(cli_stack.down)
 app.command()(cli_stack.status)
 app.command()(cli_stack.doctor)
+app.command()(cli_certs.certs)
 app.command()(cli_schedule.schedule)
 app.command()(cli_report.budget)
 app.command("privacy-report")(cli_report.privacy_report)

@@ -194,6 +194,10 @@ def start_temporary_server() -> Any:
     for line in stop_orphans(Path(os.environ["PREFECT_HOME"]) / RECORDS):  # a killed run's
         console.print(f"[dim]{line}[/]", soft_wrap=True)
     if os.environ.get("PREFECT_API_URL"):
+        from ops.stack.credentials import adopt_stack_credentials
+
+        # a stack's server asks for its credentials: read from its state folder (0600)
+        adopt_stack_credentials(os.environ["PREFECT_API_URL"])
         return None
     from ops.servers.local import running_api_url
 

@@ -31,8 +31,9 @@ def schedule(
     state_dir: Annotated[Path, typer.Option(help="Stack state folder.")] = STACK_DIR,
 ) -> None:
     """Switch the federated-training deployment's schedule on or off, or show it."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import temporary_settings
 
+    from ops.stack.credentials import prefect_settings
     from ops.stack.schedules import COORDINATOR_DEPLOYMENT, read_schedules, set_schedules
     from ops.stack.state import load_record
 
@@ -41,7 +42,7 @@ def schedule(
     except FedpipeError as error:
         fail(error)
     try:
-        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        with temporary_settings(updates=prefect_settings(state_dir, api_url)):
             if action is ScheduleAction.SHOW:
                 views = read_schedules()
                 if views is None:

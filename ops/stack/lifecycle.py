@@ -19,6 +19,17 @@ from fl_components.config import load_config
 from fl_components.exchange import site_pool_name
 from fl_components.wire.signing import COORDINATOR_KEYS_DIR, COORDINATOR_KEYS_ENV
 from flows.resume import CHECKPOINT_DIR_ENV
+from ops.stack.credentials import (
+    MLFLOW_AUTH_DB,
+    StackCredentials,
+    ensure_credentials,
+    load_credentials,
+    mlflow_client_env,
+    mlflow_server_env,
+    prefect_auth,
+    provision_mlflow_users,
+    record_extra,
+)
 from ops.stack.processes import (
     _bin,
     _clean_env,
@@ -105,6 +116,11 @@ def up(
     api_url = f"http://127.0.0.1:{prefect_port}/api"
     mlflow_url = f"http://127.0.0.1:{mlflow_port}"
     config = stack_config(load_config(config_path), paths, mlflow_url)
+    # generated once per state folder (0600); given to each process through its environment
+    fresh = load_credentials(paths.root) is None
+    credentials = ensure_credentials(paths.root, config.site_names)
+    if fresh:  # an old auth store knows another admin password: MLflow would refuse it
+        (paths.root / MLFLOW_AUTH_DB).unlink(missing_ok=True)
     record: dict[str, Any] = {
         "root": str(paths.root),
         "prefect_api_url": api_url,
@@ -115,6 +131,7 @@ def up(
         "federation": config.name,
         "processes": [],
         "sites": {},
+        **record_extra(credentials),
     }
     base = _clean_env(paths.root)
     processes: list[dict[str, Any]] = record["processes"]
@@ -124,10 +141,11 @@ def up(
 
     try:
         processes.append(_start_prefect_server(paths, base, api_url, database_url))
-        processes.append(_start_mlflow_server(paths, base, mlflow_url))
+        processes.append(_start_mlflow_server(paths, base, mlflow_url, credentials))
         save()
         _wait_http(f"{api_url}/health", process=processes[0], timeout=300, what="Prefect server")
         _wait_http(f"{mlflow_url}/health", process=processes[1], timeout=300, what="MLflow server")
+        provision_mlflow_users(mlflow_url, credentials)
 
         if config.data.source == "bundled":  # stand-in for data the sites already hold
             from fl_components.federation import materialize_sites
@@ -140,7 +158,7 @@ def up(
 
         from fl_components.federation import site_folder
 
-        processes.append(_start_coordinator_worker(paths, base, api_url, mlflow_url))
+        processes.append(_start_coordinator_worker(paths, base, api_url, mlflow_url, credentials))
         pools = [COORDINATOR_POOL]
         for site in config.site_names:
             keys = enrol_keys(paths, site)
@@ -153,12 +171,13 @@ def up(
                 pool=site_pool_name(config, site),
                 data=site_folder(config, site).resolve(),
                 keys=keys,
+                credentials=credentials,
             )
             processes.append(process)
             record["sites"][site] = entry
             pools.append(entry["pool"])
         save()
-        _wait_pools_ready(api_url, pools, timeout=180)
+        _wait_pools_ready(api_url, pools, timeout=180, auth=prefect_auth(paths.root))
     except BaseException:
         save()
         down(root=paths.root)
@@ -181,11 +200,15 @@ def _start_prefect_server(
 
 
 def _start_mlflow_server(
-    paths: StackPaths, base: dict[str, str], mlflow_url: str
+    paths: StackPaths, base: dict[str, str], mlflow_url: str, credentials: StackCredentials | None
 ) -> dict[str, Any]:
     mlflow_env = {**base, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    auth: list[str] = []
+    if credentials is not None:  # its basic-auth app: users, passwords and grants
+        mlflow_env.update(mlflow_server_env(paths.root, credentials))
+        auth = ["--app-name", "basic-auth"]
     mlflow_cmd = [
-        _bin("mlflow"), "server", "--workers", "1",
+        _bin("mlflow"), "server", *auth, "--workers", "1",
         "--backend-store-uri", f"sqlite:///{paths.mlflow_dir / 'mlflow.db'}",
         "--artifacts-destination", str(paths.mlflow_dir / "artifacts"),
         "--host", "127.0.0.1", "--port", _port(mlflow_url),
@@ -194,10 +217,17 @@ def _start_mlflow_server(
 
 
 def _start_coordinator_worker(
-    paths: StackPaths, base: dict[str, str], api_url: str, mlflow_url: str
+    paths: StackPaths,
+    base: dict[str, str],
+    api_url: str,
+    mlflow_url: str,
+    credentials: StackCredentials | None,
 ) -> dict[str, Any]:
-    coordinator_env = _worker_env(base, api_url, paths.root / "workers" / "coordinator")
+    home = paths.root / "workers" / "coordinator"
+    coordinator_env = _worker_env(base, api_url, home, credentials)
     coordinator_env["MLFLOW_TRACKING_URI"] = mlflow_url
+    # the one MLflow user that writes runs and moves aliases
+    coordinator_env.update(mlflow_client_env(credentials.coordinator if credentials else None))
     coordinator_env[CHECKPOINT_DIR_ENV] = str(paths.root / "checkpoints")  # flows.resume
     # the coordinator's signing key: its worker alone is told where it is
     coordinator_env[COORDINATOR_KEYS_ENV] = str(paths.root / COORDINATOR_KEYS_DIR)
@@ -227,6 +257,7 @@ def repair(*, root: Path, database_url: str | None = None) -> list[str]:
     paths = StackPaths(paths_root, Path(record.get("mlflow_dir") or paths_root / "mlflow"))
     base = _clean_env(paths_root)
     api_url, mlflow_url = record["prefect_api_url"], record["mlflow_url"]
+    credentials = load_credentials(paths_root)
     lines: list[str] = []
     for name in [p["name"] for p in record["processes"]]:
         index, process = next(
@@ -249,10 +280,10 @@ def repair(*, root: Path, database_url: str | None = None) -> list[str]:
             started = _start_prefect_server(paths, base, api_url, database_url)
             health = f"{api_url}/health"
         elif name == "mlflow-server":
-            started = _start_mlflow_server(paths, base, mlflow_url)
+            started = _start_mlflow_server(paths, base, mlflow_url, credentials)
             health = f"{mlflow_url}/health"
         elif name == "worker-coordinator":
-            started = _start_coordinator_worker(paths, base, api_url, mlflow_url)
+            started = _start_coordinator_worker(paths, base, api_url, mlflow_url, credentials)
             health = ""
         else:
             continue
@@ -290,8 +321,10 @@ def status(*, root: Path) -> dict[str, Any]:
     }
     if report["prefect_healthy"]:
         pools = [COORDINATOR_POOL, *(s["pool"] for s in record["sites"].values())]
+        auth = prefect_auth(root)
         for pool in pools:
-            response = httpx.get(f"{record['prefect_api_url']}/work_pools/{pool}", timeout=5)
+            url = f"{record['prefect_api_url']}/work_pools/{pool}"
+            response = httpx.get(url, timeout=5, auth=auth)
             ok = response.status_code == 200
             report["pools"][pool] = response.json().get("status") if ok else "MISSING"
     return report

@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from ops.stack.credentials import StackCredentials, load_credentials, prefect_client_env
 from ops.stack.state import (
     REPO,
     RESULTS_BLOCK,
@@ -76,6 +77,7 @@ def _tail(path: str, lines: int = 15) -> str:
 
 
 def _wait_http(url: str, *, process: dict[str, Any], timeout: float, what: str) -> None:
+    """Wait until ``url`` answers 200 (a health probe: answered without credentials)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not _group_members(process["pgid"]):
@@ -130,7 +132,12 @@ def tagged_processes(root: Path) -> list[int]:
     return found
 
 
-def _worker_env(base: dict[str, str], api_url: str, home: Path) -> dict[str, str]:
+def _worker_env(
+    base: dict[str, str],
+    api_url: str,
+    home: Path,
+    credentials: StackCredentials | None = None,
+) -> dict[str, str]:
     home.mkdir(parents=True, exist_ok=True)
     path = os.pathsep.join([str(Path(sys.executable).parent), base.get("PATH", os.defpath)])
     return {
@@ -140,18 +147,21 @@ def _worker_env(base: dict[str, str], api_url: str, home: Path) -> dict[str, str
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), base.get("PYTHONPATH")])),
         **WORKER_ENV,
         "PREFECT_API_URL": api_url,
+        **prefect_client_env(credentials),  # the API's auth string: environment only
         "PREFECT_HOME": str(home),
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
         "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": f"local-file-system/{RESULTS_BLOCK}",
     }
 
 
-def _wait_pools_ready(api_url: str, pools: list[str], timeout: float) -> None:
+def _wait_pools_ready(
+    api_url: str, pools: list[str], timeout: float, auth: httpx.Auth | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     waiting = set(pools)
     while waiting and time.monotonic() < deadline:
         for pool in sorted(waiting):
-            response = httpx.get(f"{api_url}/work_pools/{pool}", timeout=5)
+            response = httpx.get(f"{api_url}/work_pools/{pool}", timeout=5, auth=auth)
             if response.status_code == 200 and response.json().get("status") == "READY":
                 waiting.discard(pool)
         time.sleep(0.3)
@@ -160,7 +170,11 @@ def _wait_pools_ready(api_url: str, pools: list[str], timeout: float) -> None:
 
 
 def server_environment(
-    base: dict[str, str], paths: StackPaths, *, api_url: str, database_url: str | None
+    base: dict[str, str],
+    paths: StackPaths,
+    *,
+    api_url: str,
+    database_url: str | None,
 ) -> dict[str, str]:
     """The Prefect server's environment: its database, and the API address its UI uses.
 
@@ -174,7 +188,12 @@ def server_environment(
     larger (20 by default), so that fewer, longer write transactions compete for the lock.
     Clients retry a 503 (five times, with backoff); PostgreSQL (``database_url``) has no
     such lock.
+
+    With the stack's credentials (``credentials.json`` under its state folder), the API
+    asks every request but its health probe for the stack's basic-auth string, given here
+    through the environment only.
     """
+    credentials = load_credentials(paths.root)
     env = {
         **base,
         "PREFECT_HOME": str(paths.root / "prefect"),
@@ -182,6 +201,9 @@ def server_environment(
         or f"sqlite+aiosqlite:///{paths.root / 'prefect' / 'prefect.db'}",
         "PREFECT_SERVER_UI_API_URL": api_url,
     }
+    if credentials is not None:
+        env["PREFECT_SERVER_API_AUTH_STRING"] = credentials.prefect_auth_string
+        env.update(prefect_client_env(credentials))  # the server's own services' client
     if database_url is None:
         env["PREFECT_SERVER_DATABASE_TIMEOUT"] = "60"
         env["PREFECT_SERVER_SERVICES_EVENT_PERSISTER_BATCH_SIZE"] = "200"

@@ -20,6 +20,16 @@ import yaml
 
 from fl_components.config import FederationConfig
 from fl_components.exchange import SITE_DIR_ENV, SITE_KEYS_ENV, SITE_NAME_ENV, site_pool_name
+from ops.stack.credentials import (
+    StackCredentials,
+    credentials_path,
+    ensure_credentials,
+    load_credentials,
+    mlflow_client_env,
+    prefect_auth,
+    prefect_settings,
+    provision_mlflow_users,
+)
 from ops.stack.processes import (
     _clean_env,
     _group_members,
@@ -99,10 +109,10 @@ def enrol_site(paths: StackPaths, config: FederationConfig, site: str, folder: P
 
 def _register(config: FederationConfig, paths: StackPaths, api_url: str) -> None:
     """Result storage block, work pools and deployments on the running server."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import temporary_settings
 
     with (
-        temporary_settings(updates={PREFECT_API_URL: api_url}),
+        temporary_settings(updates=prefect_settings(paths.root, api_url)),
         contextlib.redirect_stdout(io.StringIO()),  # deploy() prints tables per deployment
     ):
         from prefect.filesystems import LocalFileSystem
@@ -196,6 +206,7 @@ def start_site_worker(
     pool: str,
     data: Path,
     keys: Path | None,
+    credentials: StackCredentials | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Start one site's worker (warm executor + process worker) with only its own settings.
 
@@ -207,7 +218,9 @@ def start_site_worker(
     from ops.site_executor import default_socket
 
     home = paths.root / "workers" / site
-    env = _worker_env(base, api_url, home)
+    env = _worker_env(base, api_url, home, credentials)
+    if credentials is not None:  # the site's own MLflow user: it may read, not write
+        env.update(mlflow_client_env(credentials.site(site)))
     env[SITE_NAME_ENV] = site
     env[SITE_DIR_ENV] = str(data)
     if keys is not None:
@@ -273,15 +286,18 @@ def site_init(*, name: str, data: Path, root: Path) -> dict[str, Any]:
     state_file = paths.state_file
     record = json.loads(state_file.read_text()) if state_file.is_file() else None
     if record is not None and record.get("processes"):
-        from prefect.settings import PREFECT_API_URL, temporary_settings
+        from prefect.settings import temporary_settings
 
+        if load_credentials(paths.root) is not None:  # the new site's own MLflow user
+            credentials = ensure_credentials(paths.root, [name])
+            provision_mlflow_users(record["mlflow_url"], credentials)
         config_file = paths.root / "federation.json"
         config = FederationConfig.model_validate_json(config_file.read_text())
         if name not in config.site_names:
             raw = config.model_dump(mode="json", exclude_unset=True)
             raw["sites"].append({"name": name, "data_path": str(data.resolve()), "work_pool": pool})
             config = FederationConfig.model_validate(raw)
-        with temporary_settings(updates={PREFECT_API_URL: record["prefect_api_url"]}):
+        with temporary_settings(updates=prefect_settings(paths.root, record["prefect_api_url"])):
             ensure_pool(pool)
             deploy_participant(config, name)
         config_file.write_text(config.model_dump_json(indent=2, exclude_unset=True) + "\n")
@@ -297,6 +313,11 @@ def site_init(*, name: str, data: Path, root: Path) -> dict[str, Any]:
         f"PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK=local-file-system/{RESULTS_BLOCK} "
         f"PREFECT_WORKER_QUERY_SECONDS=1 fedpipe site worker --pool {pool}"
     )
+    if credentials_path(paths.root).is_file():  # never the secret itself on a command line
+        entry["worker_command"] = (
+            f"PREFECT_API_AUTH_STRING=<prefect_auth_string in {credentials_path(paths.root)}> "
+            + entry["worker_command"]
+        )
     return entry
 
 
@@ -345,8 +366,10 @@ def restart_site(*, name: str, root: Path, timeout: float = 90.0) -> dict[str, A
         pool=entry["pool"],
         data=Path(entry["data"]),
         keys=keys,
+        credentials=load_credentials(paths_root),
     )
     record["processes"].append(process)
     paths.state_file.write_text(json.dumps(record, indent=2) + "\n")
-    _wait_pools_ready(record["prefect_api_url"], [entry["pool"]], timeout=timeout)
+    auth = prefect_auth(paths_root)
+    _wait_pools_ready(record["prefect_api_url"], [entry["pool"]], timeout=timeout, auth=auth)
     return process

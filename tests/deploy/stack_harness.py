@@ -8,6 +8,7 @@ and tests/deploy/test_stack.py run on it in that order.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -25,11 +26,20 @@ FEDPIPE = [sys.executable, "-m", "ops.cli.main"]
 SITES = ("north", "south", "east")
 FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 SHARED: dict[str, Any] = {}
+# the stack the session's tests talk to: its Prefect API's basic auth (set by running_stack)
+_AUTH: dict[str, httpx.BasicAuth] = {}
+# what a CLI command must find on its own (in the state folder), not inherit from the tests
+_CREDENTIAL_ENV = (
+    "PREFECT_API_AUTH_STRING",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+)
 
 
 def _api(method: str, url: str, **kwargs: Any) -> httpx.Response:
     """One Prefect REST call, retried on 502/503/504 as Prefect's own client does: an
     SQLite-backed server under load answers 503 when its database is briefly locked."""
+    kwargs.setdefault("auth", _AUTH.get("prefect"))
     for delay in (1, 2, 4, 8):
         response = httpx.request(method, url, timeout=30, **kwargs)
         if response.status_code not in (502, 503, 504):
@@ -47,8 +57,16 @@ def _api_post(url: str, **kwargs: Any) -> httpx.Response:
 
 
 def _fedpipe(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run this checkout's CLI; it finds the stack's credentials in its state folder."""
+    env = {k: v for k, v in os.environ.items() if k not in _CREDENTIAL_ENV}
     return subprocess.run(
-        [*FEDPIPE, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False
+        [*FEDPIPE, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env=env,
     )
 
 
@@ -87,9 +105,17 @@ def running_stack(
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     record = json.loads((state / "stack.json").read_text())
+    from ops.stack.credentials import prefect_auth, stack_client_env
+
+    # this process talks to the stack as its coordinator: credentials from the state folder
+    auth = prefect_auth(state)
+    if auth is not None:
+        _AUTH["prefect"] = auth
     try:
-        yield record
+        with stack_client_env(state):
+            yield record
     finally:
+        _AUTH.pop("prefect", None)
         down = _fedpipe("down", "--state-dir", str(state), timeout=120)
         assert down.returncode == 0, down.stdout + down.stderr
         assert "no process left" in down.stdout
