@@ -52,4 +52,4 @@ down: $(STAMP)
 
 # issue 20: a coordinator and two sites in their own network namespaces, over TLS (root)
 test-multihost: $(STAMP)
-	FEDPIPE_MULTIHOST=1 $(BIN)/python -m pytest -q -s -p no:xdist tests/multihost
+	FEDPIPE_MULTIHOST=1 $(BIN)/python -m pytest -q -s tests/multihost
