@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from fl_components.config import load_config
+from fl_components.config import FederationConfig, load_config
 from fl_components.exchange import site_pool_name
 from fl_components.wire.signing import COORDINATOR_KEYS_DIR, COORDINATOR_KEYS_ENV
 from flows.resume import CHECKPOINT_DIR_ENV
@@ -116,23 +116,8 @@ def up(
     api_url = f"http://127.0.0.1:{prefect_port}/api"
     mlflow_url = f"http://127.0.0.1:{mlflow_port}"
     config = stack_config(load_config(config_path), paths, mlflow_url)
-    # generated once per state folder (0600); given to each process through its environment
-    fresh = load_credentials(paths.root) is None
-    credentials = ensure_credentials(paths.root, config.site_names)
-    if fresh:  # an old auth store knows another admin password: MLflow would refuse it
-        (paths.root / MLFLOW_AUTH_DB).unlink(missing_ok=True)
-    record: dict[str, Any] = {
-        "root": str(paths.root),
-        "prefect_api_url": api_url,
-        "prefect_ui_url": f"http://127.0.0.1:{prefect_port}",
-        "mlflow_url": mlflow_url,
-        "database": _redacted(database_url) if database_url else "sqlite",
-        "mlflow_dir": str(paths.mlflow_dir),
-        "federation": config.name,
-        "processes": [],
-        "sites": {},
-        **record_extra(credentials),
-    }
+    credentials = _credentials(paths, config)
+    record = _new_record(paths, config, api_url, mlflow_url, database_url, credentials)
     base = _clean_env(paths.root)
     processes: list[dict[str, Any]] = record["processes"]
 
@@ -147,32 +132,12 @@ def up(
         _wait_http(f"{mlflow_url}/health", process=processes[1], timeout=300, what="MLflow server")
         provision_mlflow_users(mlflow_url, credentials)
 
-        if config.data.source == "bundled":  # stand-in for data the sites already hold
-            from fl_components.federation import materialize_sites
-
-            materialize_sites(config)
-        _register(config, paths, api_url)
-        (paths.root / "federation.json").write_text(
-            config.model_dump_json(indent=2, exclude_unset=True) + "\n"
-        )
-
-        from fl_components.federation import site_folder
+        _prepare_federation(config, paths, api_url)
 
         processes.append(_start_coordinator_worker(paths, base, api_url, mlflow_url, credentials))
         pools = [COORDINATOR_POOL]
         for site in config.site_names:
-            keys = enrol_keys(paths, site)
-            enrol_site(paths, config, site, site_folder(config, site).resolve())
-            process, entry = start_site_worker(
-                paths,
-                base,
-                api_url=api_url,
-                site=site,
-                pool=site_pool_name(config, site),
-                data=site_folder(config, site).resolve(),
-                keys=keys,
-                credentials=credentials,
-            )
+            process, entry = _start_site(paths, config, base, api_url, site, credentials)
             processes.append(process)
             record["sites"][site] = entry
             pools.append(entry["pool"])
@@ -184,6 +149,76 @@ def up(
         raise
     save()
     return record
+
+
+def _credentials(paths: StackPaths, config: FederationConfig) -> StackCredentials:
+    """The stack's credentials: generated once per state folder (0600), passed by environment."""
+    fresh = load_credentials(paths.root) is None
+    credentials = ensure_credentials(paths.root, config.site_names)
+    if fresh:  # an old auth store knows another admin password: MLflow would refuse it
+        (paths.root / MLFLOW_AUTH_DB).unlink(missing_ok=True)
+    return credentials
+
+
+def _prepare_federation(config: FederationConfig, paths: StackPaths, api_url: str) -> None:
+    """The sites' stand-in data (bundled sets), the deployments, and the federation's file."""
+    if config.data.source == "bundled":  # stand-in for data the sites already hold
+        from fl_components.federation import materialize_sites
+
+        materialize_sites(config)
+    _register(config, paths, api_url)
+    (paths.root / "federation.json").write_text(
+        config.model_dump_json(indent=2, exclude_unset=True) + "\n"
+    )
+
+
+def _new_record(
+    paths: StackPaths,
+    config: FederationConfig,
+    api_url: str,
+    mlflow_url: str,
+    database_url: str | None,
+    credentials: StackCredentials,
+) -> dict[str, Any]:
+    """The stack's record (``stack.json``) before anything starts: where it serves, no secret."""
+    return {
+        "root": str(paths.root),
+        "prefect_api_url": api_url,
+        "prefect_ui_url": api_url.removesuffix("/api"),
+        "mlflow_url": mlflow_url,
+        "database": _redacted(database_url) if database_url else "sqlite",
+        "mlflow_dir": str(paths.mlflow_dir),
+        "federation": config.name,
+        "processes": [],
+        "sites": {},
+        **record_extra(credentials),
+    }
+
+
+def _start_site(
+    paths: StackPaths,
+    config: FederationConfig,
+    base: dict[str, str],
+    api_url: str,
+    site: str,
+    credentials: StackCredentials,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Enrol one site (its keys, policy and registry entry) and start its worker."""
+    from fl_components.federation import site_folder
+
+    keys = enrol_keys(paths, site)
+    folder = site_folder(config, site).resolve()
+    enrol_site(paths, config, site, folder)
+    return start_site_worker(
+        paths,
+        base,
+        api_url=api_url,
+        site=site,
+        pool=site_pool_name(config, site),
+        data=folder,
+        keys=keys,
+        credentials=credentials,
+    )
 
 
 def _port(url: str) -> str:
