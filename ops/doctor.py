@@ -412,31 +412,16 @@ def diagnose(*, state_dir: Path, api_url: str | None = None) -> list[Check]:
     config = _record_config(state_dir) if running else None
     sites = _sites_from_record(record) if running and record is not None else []
     if checks[0].ok:
-        from prefect.client.orchestration import get_client
-        from prefect.settings import PREFECT_API_URL, temporary_settings
-
-        from ops.stack.credentials import prefect_settings
-
-        # the stack's own credentials go to the stack's own server only
         ours = running and api == str((record or {}).get("prefect_api_url", "")).rstrip("/")
-        updates = prefect_settings(state_dir, api) if ours else {PREFECT_API_URL: api}
-        with (
-            temporary_settings(updates=updates),
-            get_client(sync_client=True) as client,
-        ):
-            if not sites:
-                sites = _sites_from_server(client)
-            if config is None:
-                config = _coordinator_config(client)
-            if not sites:
-                checks.append(
-                    Check(
-                        "sites", False, "no site is enrolled", "fedpipe site init NAME --data PATH"
-                    )
-                )
-            checks += check_site_workers(
-                client, sites, record=record if running else None, state_dir=state_dir
-            )
+        sites, config, found = _server_checks(
+            state_dir,
+            api,
+            ours=ours,
+            record=record if running else None,
+            sites=sites,
+            config=config,
+        )
+        checks += found
     mlflow = (record or {}).get("mlflow_url") if running else None
     mlflow = mlflow or os.environ.get("MLFLOW_TRACKING_URI")
     if mlflow is None and config is not None:
@@ -447,12 +432,54 @@ def diagnose(*, state_dir: Path, api_url: str | None = None) -> list[Check]:
         checks += check_auth(record, state_dir)
     local = [s for s in sites if s.data is not None or s.keys is not None]
     if config is not None and local:
-        from fl_components.secure_aggregation.site_stages import registry_path
+        checks += _local_site_checks(config, local, state_dir)
+    return checks
 
-        if config.secure_aggregation.enabled or registry_path(config).is_file():
-            checks += check_keys(registry_path(config), local, state_dir=state_dir)
-        checks += check_site_data(config, local)
-        checks += check_budgets(config, local)
+
+def _server_checks(
+    state_dir: Path,
+    api: str,
+    *,
+    ours: bool,
+    record: dict[str, Any] | None,
+    sites: list[SiteEntry],
+    config: FederationConfig | None,
+) -> tuple[list[SiteEntry], FederationConfig | None, list[Check]]:
+    """Ask the Prefect server for the sites and config not known yet; check each site's worker.
+
+    The stack's credentials go to the stack's own server only (``ours``).
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from ops.stack.credentials import prefect_settings
+
+    checks: list[Check] = []
+    updates = prefect_settings(state_dir, api) if ours else {PREFECT_API_URL: api}
+    with temporary_settings(updates=updates), get_client(sync_client=True) as client:
+        if not sites:
+            sites = _sites_from_server(client)
+        if config is None:
+            config = _coordinator_config(client)
+        if not sites:
+            checks.append(
+                Check("sites", False, "no site is enrolled", "fedpipe site init NAME --data PATH")
+            )
+        checks += check_site_workers(client, sites, record=record, state_dir=state_dir)
+    return sites, config, checks
+
+
+def _local_site_checks(
+    config: FederationConfig, local: list[SiteEntry], state_dir: Path
+) -> list[Check]:
+    """What can be checked of the sites on this host: keys, data, privacy budgets."""
+    from fl_components.secure_aggregation.site_stages import registry_path
+
+    checks: list[Check] = []
+    if config.secure_aggregation.enabled or registry_path(config).is_file():
+        checks += check_keys(registry_path(config), local, state_dir=state_dir)
+    checks += check_site_data(config, local)
+    checks += check_budgets(config, local)
     return checks
 
 
