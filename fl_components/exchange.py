@@ -290,6 +290,7 @@ def metrics_payload(metrics: Metrics, *, site: str, round_num: int) -> dict[str,
         "loss": float(metrics.loss),
         "accuracy": float(metrics.accuracy),
         "examples": int(metrics.examples),
+        "label_counts": [int(c) for c in metrics.label_counts],
     }
 
 
@@ -300,6 +301,7 @@ def metrics_from_payload(payload: Mapping[str, Any], *, site: str, round_num: in
         loss=float(payload["loss"]),
         accuracy=float(payload["accuracy"]),
         examples=int(payload["examples"]),
+        label_counts=tuple(int(c) for c in payload.get("label_counts", ())),
     )
 
 

@@ -219,7 +219,13 @@ def evaluate(
     loss = float(nn.functional.cross_entropy(logits, labels))
     accuracy = float((logits.argmax(dim=1) == labels).float().mean())
     model.to("cpu")
-    return Metrics(loss=loss, accuracy=accuracy, examples=len(split))
+    counts = np.bincount(split.labels, minlength=int(logits.shape[1]))
+    return Metrics(
+        loss=loss,
+        accuracy=accuracy,
+        examples=len(split),
+        label_counts=tuple(int(c) for c in counts),
+    )
 
 
 def seed_for(*, base: int, round_num: int, site_index: int) -> int:
