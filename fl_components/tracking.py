@@ -57,6 +57,8 @@ def model_version_url(base_url: str, *, name: str, version: str) -> str:
 def _quiet_mlflow() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    import mlflow  # noqa: F401  (its first import sets its loggers to INFO: quiet them after)
+
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
