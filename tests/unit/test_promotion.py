@@ -17,7 +17,7 @@ from fl_components.config import (
     TrackingConfig,
 )
 from fl_components.data.types import Split
-from fl_components.exchange import metrics_from_payload, metrics_payload
+from fl_components.exchange import ExchangeError, metrics_from_payload, metrics_payload
 from fl_components.parameters import get_parameters
 from fl_components.promotion import (
     PromotionDecision,
@@ -251,3 +251,16 @@ def test_the_decision_and_its_reason_are_logged_and_tagged(
     assert tracker.tags["fedpipe.promotion_reason"] == decision.reason
     assert tracker.metrics["promotion/majority_baseline"] == pytest.approx(0.7)
     assert f"model guarded version 1 is challenger: {decision.reason}" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "counts", [[1, 1, 1], [6, -1], list(range(200_000))], ids=["short", "negative", "huge"]
+)
+def test_label_counts_that_do_not_describe_the_split_are_refused(counts: list[int]) -> None:
+    """A site that misreports its classes, to move the baseline, is refused."""
+    payload = metrics_payload(
+        Metrics(loss=0.1, accuracy=0.9, examples=5), site="site-a", round_num=1
+    )
+
+    with pytest.raises(ExchangeError, match="label_counts"):
+        metrics_from_payload({**payload, "label_counts": counts}, site="site-a", round_num=1)
