@@ -53,10 +53,10 @@ def promote_if_better(
     comparison (``eval/sites`` / ``eval/partial`` at the last step are the evaluation's own,
     logged with the round: once per step).
     """
-    own_scores, own_coverage = (
-        challenger_scores,
-        evaluation_coverage(challenger_scores, config.site_names),
-    )
+    # the guard rails judge the model's own evaluation, before it is narrowed to the sites
+    # the champion was scored on too
+    own_scores = challenger_scores
+    own_coverage = evaluation_coverage(own_scores, config.site_names)
     champion_version = registered_version(config.tracking, name=config.name, alias="champion")
     champion_scores = _champion_scores(
         config,
