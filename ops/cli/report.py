@@ -82,14 +82,17 @@ def print_where_to_look(summary: Any) -> None:
         console.print(f"Model:        models:/{summary.federation}/{summary.model_version}")
     if getattr(summary, "promotion", ""):
         console.print(f"Promotion:    {summary.promotion}", soft_wrap=True, markup=False)
+    port = _free_port(5000)
     console.print("Open the MLflow UI:")
     console.print(
         f"  {venv_bin}/mlflow ui --backend-store-uri {shlex.quote(_absolute_sqlite(uri))} "
-        "--host 127.0.0.1 --port 5000",
+        f"--host 127.0.0.1 --port {port}",
         soft_wrap=True,
     )
     link = run_url(
-        "http://127.0.0.1:5000", experiment_id=summary.experiment_id, run_id=summary.mlflow_run_id
+        f"http://127.0.0.1:{port}",
+        experiment_id=summary.experiment_id,
+        run_id=summary.mlflow_run_id,
     )
     console.print(f"  then {link}", soft_wrap=True)
     api_url = os.environ.get("PREFECT_API_URL", "")
@@ -103,6 +106,18 @@ def print_where_to_look(summary: Any) -> None:
             soft_wrap=True,
         )
         console.print("  then http://127.0.0.1:4200/runs", soft_wrap=True)
+
+
+def _free_port(preferred: int) -> int:
+    """``preferred`` if nothing listens on it now, else a port the system has free."""
+    import socket
+
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", preferred))
+        except OSError:
+            probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def _absolute_sqlite(uri: str) -> str:

@@ -270,3 +270,18 @@ def test_promote_anyway_overrides_every_promotion_guard_rail(
     (config,) = trained
     assert config.promotion.allowed == {"diverged", "below_baseline", "partial"}
     assert config.promotion.max_loss_growth == 5 and config.rounds == 2
+
+
+def test_the_printed_mlflow_ui_port_is_one_that_is_free() -> None:
+    import socket
+
+    from ops.cli.report import _free_port
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+
+        port = _free_port(taken)
+
+    assert port != taken and port > 0
