@@ -55,8 +55,32 @@ def publish_run_summary(
     final: dict[str, float],
     version: str | None,
     decision: PromotionDecision | None,
+) -> str | None:
+    """Write the run's summary to Prefect and MLflow; return its markdown.
+
+    The model is registered and promoted by now: a summary that cannot be written (a
+    server that does not answer) is a warning in the run's log, not a failed run (None).
+    """
+    try:
+        return _publish(config, tracker, final=final, version=version, decision=decision)
+    except Exception as error:  # any client's error: the run itself is done
+        run_logger().warning(
+            "the run's summary could not be written (%s: %s); its results are in MLflow run %s",
+            type(error).__name__,
+            error,
+            tracker.run_id,
+        )
+        return None
+
+
+def _publish(
+    config: FederationConfig,
+    tracker: RunTracker,
+    *,
+    final: dict[str, float],
+    version: str | None,
+    decision: PromotionDecision | None,
 ) -> str:
-    """Write the run's summary to Prefect and MLflow; return its markdown."""
     run_id, experiment_id = tracker.run_id or "", tracker.experiment_id
     server = tracker.tracking_uri if tracker.tracking_uri.startswith("http") else None
     mlflow_run = (

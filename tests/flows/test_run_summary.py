@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+from types import SimpleNamespace
+
+import pytest
+
 from fl_components.config import FederationConfig
 from fl_components.tracking import model_version_url, run_url
 from flows.run_summary import config_difference
@@ -47,3 +52,28 @@ def test_links_open_mlflow_in_its_classic_view() -> None:
     assert model_version_url("http://h:5000", name="fed", version="4") == (
         "http://h:5000/#/models/fed/versions/4?workflowType=machine_learning"
     )
+
+
+def test_a_summary_that_cannot_be_written_is_a_warning_not_a_failed_run(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from flows import run_summary
+
+    def refused(federation: str, markdown: str) -> None:
+        raise ConnectionError("Prefect is not answering")
+
+    monkeypatch.setattr(run_summary, "publish_summary", refused)
+    tracker = SimpleNamespace(run_id="abc", experiment_id="1", tracking_uri="sqlite:///x.db")
+
+    with caplog.at_level(logging.WARNING, logger="fedpipe"):
+        written = run_summary.publish_run_summary(
+            FederationConfig(),
+            tracker,  # type: ignore[arg-type]
+            final={"global/accuracy": 0.9, "global/loss": 0.3},
+            version=None,
+            decision=None,
+        )
+
+    assert written is None
+    assert "summary could not be written (ConnectionError" in caplog.text
+    assert "MLflow run abc" in caplog.text
