@@ -39,12 +39,21 @@ def config_difference(config: FederationConfig, deployed: Any) -> list[str] | No
 
 
 def _deployed_config() -> Any:
-    """The deployment's ``config`` parameter (None: not a deployment run)."""
-    if not deployment.id:
+    """The deployment's own ``config`` parameter (None: not a deployment run).
+
+    Read from the deployment itself: ``prefect.runtime.deployment.parameters`` is the flow
+    run's parameters, the run's config rather than the deployment's.
+    """
+    deployment_id = deployment.id
+    if not deployment_id:
         return None
+    from prefect.client.orchestration import get_client
+
     try:
-        return (deployment.parameters or {}).get("config")
-    except Exception:  # the API is unreachable: the summary goes without the difference
+        with get_client(sync_client=True) as client:
+            return client.read_deployment(deployment_id).parameters.get("config")
+    except Exception as error:  # the summary goes without the difference, and says why
+        run_logger().warning("deployment %s not read for the summary: %s", deployment_id, error)
         return None
 
 
