@@ -52,7 +52,7 @@ def _deployed_config() -> Any:
     try:
         with get_client(sync_client=True) as client:
             return client.read_deployment(deployment_id).parameters.get("config")
-    except Exception as error:  # the summary goes without the difference, and says why
+    except Exception as error:  # the summary goes without the difference; the log says why
         run_logger().warning("deployment %s not read for the summary: %s", deployment_id, error)
         return None
 
