@@ -102,7 +102,8 @@ class DataConfig(_Section):
     )
     label_column: str = Field(default="label", description="Label column of CSV/Parquet files.")
     sites_dir: str = Field(
-        default="sites", description="Generated site folders go to <sites_dir>/<federation>/<site>."
+        default="sites",
+        description="Generated site folders go to `<sites_dir>/<federation>/<site>`.",
     )
     n_features: int | None = Field(
         default=None, ge=1, description="Input width; required for site_files (bundled: known)."
@@ -145,7 +146,7 @@ class DataConfig(_Section):
     categorical: dict[str, tuple[str, ...]] = Field(
         default={},  # pydantic copies it per instance; a plain default shows in the schema
         description="site_files: column -> its levels; one-hot encoded in this order at every "
-        "site (columns '<column>=<level>'); a value outside the levels is refused.",
+        "site (columns `<column>=<level>`); a value outside the levels is refused.",
     )
     delimiter: str = Field(
         default=",", min_length=1, max_length=1, description="CSV field separator, e.g. ';'."
@@ -277,7 +278,7 @@ class SiteConfig(_Section):
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
     data_path: str | None = Field(
         default=None,
-        description="Folder with the site's own train.<ext> and test.<ext> "
+        description="Folder with the site's own `train.<ext>` and `test.<ext>` "
         "(.npz, .csv or .parquet). Only for data.source = 'site_files'.",
     )
     work_pool: str | None = Field(
@@ -504,6 +505,40 @@ class TrackingConfig(_Section):
     register_model: bool = Field(default=True, description="Register the final model.")
 
 
+class PromotionConfig(_Section):
+    """Guard rails before a new model becomes the registry's champion.
+
+    A model that fails one is registered as challenger, with the reason; set its
+    ``allow_*`` to promote it anyway (the reason still names the rail it failed).
+    """
+
+    allow_diverged: bool = Field(
+        default=False,
+        description="Promote even if the run diverged (a non-finite loss, or a final loss "
+        "over max_loss_growth times the starting model's).",
+    )
+    allow_below_baseline: bool = Field(
+        default=False,
+        description="Promote even if the federated accuracy does not beat always predicting "
+        "the most frequent class on the same sites.",
+    )
+    allow_partial: bool = Field(
+        default=False,
+        description="Promote even if the final evaluation left some of the sites out.",
+    )
+    max_loss_growth: float = Field(
+        default=10.0,
+        gt=1.0,
+        description="A final loss above this multiple of the starting model's is divergence.",
+    )
+
+    @property
+    def allowed(self) -> frozenset[str]:
+        """The guard rails the operator overrode (``diverged``, ``below_baseline``, ...)."""
+        rails = ("diverged", "below_baseline", "partial")
+        return frozenset(r for r in rails if getattr(self, f"allow_{r}"))
+
+
 PrivacyMode = Literal["off", "record", "participant", "both"]
 AccountantKind = Literal["rdp", "prv", "gdp"]
 GradSampleMode = Literal["auto", "ew", "ghost", "hooks", "functorch"]
@@ -664,7 +699,7 @@ class DeploymentConfig(_Section):
     )
     participant_deployment: str = Field(
         default="federated-participant",
-        description="Flow name of the participant deployments ('<flow>/<site>' per site).",
+        description="Flow name of the participant deployments (`<flow>/<site>` per site).",
     )
     timeout_seconds: float = Field(
         default=300, gt=0, le=86400, description="A site with no result by then drops out."
@@ -708,7 +743,7 @@ class SecureAggregationConfig(_Section):
     )
     registry: str | None = Field(
         default=None,
-        description="Public-key registry JSON; None = <sites_dir>/<federation>/registry.json.",
+        description="Public-key registry JSON; None = `<sites_dir>/<federation>/registry.json`.",
     )
 
 
@@ -790,6 +825,7 @@ class FederationConfig(_Section):
     training: TrainingConfig = TrainingConfig()
     strategy: StrategyConfig = StrategyConfig()
     tracking: TrackingConfig = TrackingConfig()
+    promotion: PromotionConfig = PromotionConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     backend: BackendKind = Field(default="local", description="Where participants run.")
     deployment: DeploymentConfig = DeploymentConfig()

@@ -33,6 +33,7 @@ SITE_DIR_ENV = "FEDPIPE_SITE_DIR"
 SITE_NAME_ENV = "FEDPIPE_SITE_NAME"
 SITE_KEYS_ENV = "FEDPIPE_SITE_KEYS"
 PAYLOAD_VERSION = 1
+MAX_CLASSES = 100_000  # label counts an evaluation may carry
 # The most bytes fedpipe reads from another party in one piece (a site's JSON answer, a
 # global model or model download file) before parsing it: 256 MiB holds the base64 update
 # of a ~48M-parameter float32 model, far above the models here (the CNN has ~0.1M), and
@@ -382,16 +383,26 @@ def metrics_payload(metrics: Metrics, *, site: str, round_num: int) -> dict[str,
         "loss": float(metrics.loss),
         "accuracy": float(metrics.accuracy),
         "examples": int(metrics.examples),
+        "label_counts": [int(c) for c in metrics.label_counts],
     }
 
 
 def metrics_from_payload(payload: Mapping[str, Any], *, site: str, round_num: int) -> Metrics:
     """Rebuild :class:`Metrics`, checking it is the expected site's and round's."""
     _check_header(payload, stage="evaluate", site=site, round_num=round_num)
+    examples = int(payload["examples"])
+    counts = tuple(int(c) for c in payload.get("label_counts", ())[: MAX_CLASSES + 1])
+    # the counts set the promotion's baseline: they must describe the split that was scored
+    if counts and (len(counts) > MAX_CLASSES or min(counts) < 0 or sum(counts) != examples):
+        raise ExchangeError(
+            f"site {site!r} round {round_num}: label_counts (sum {sum(counts)}, "
+            f"{len(counts)} classes) do not describe its {examples} held-out examples"
+        )
     return Metrics(
         loss=float(payload["loss"]),
         accuracy=float(payload["accuracy"]),
-        examples=int(payload["examples"]),
+        examples=examples,
+        label_counts=counts,
     )
 
 

@@ -36,11 +36,29 @@ _PIP_REQUIREMENTS = ["torch==2.13.0", "numpy", "mlflow==3.17.2"]
 WEIGHTS_ARTIFACT_DIR = "model_weights"
 WEIGHTS_FILE = "parameters.safetensors"
 ALLOW_PICKLED_ENV = "FEDPIPE_ALLOW_PICKLED_MODELS"
+# MLflow 3's UI opens an experiment in its GenAI view (traces) unless the experiment is
+# tagged as model training, or the link asks for the classic view
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+CLASSIC_VIEW = "workflowType=machine_learning"
+
+
+def run_url(base_url: str, *, experiment_id: str, run_id: str) -> str:
+    """The MLflow UI's page of a run, in its classic (model-training) view."""
+    base = base_url.rstrip("/")
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{CLASSIC_VIEW}"
+
+
+def model_version_url(base_url: str, *, name: str, version: str) -> str:
+    """The MLflow UI's page of a registered model version, in its classic view."""
+    return f"{base_url.rstrip('/')}/#/models/{name}/versions/{version}?{CLASSIC_VIEW}"
 
 
 def _quiet_mlflow() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    import mlflow  # noqa: F401  (its first import sets its loggers to INFO: quiet them after)
+
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -87,6 +105,10 @@ class RunTracker:
     def _experiment(self) -> str:
         existing = self.client.get_experiment_by_name(self.config.name)
         if existing is not None:
+            if existing.tags.get(EXPERIMENT_KIND_TAG) is None:  # made by an older fedpipe
+                self.client.set_experiment_tag(
+                    existing.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
+                )
             return str(existing.experiment_id)
         artifact_root = Path(self.config.tracking.artifact_root).resolve() / self.config.name
         is_remote = self.tracking_uri.startswith(("http://", "https://"))
@@ -94,7 +116,10 @@ class RunTracker:
             self.client.create_experiment(
                 self.config.name,
                 artifact_location=None if is_remote else artifact_root.as_uri(),
-                tags={"fedpipe.federation": self.config.name},
+                tags={
+                    "fedpipe.federation": self.config.name,
+                    EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND,
+                },
             )
         )
 
@@ -296,7 +321,7 @@ class RunTracker:
             with self._mlflow.start_run(run_id=self._run()):
                 info = self._mlflow.pytorch.log_model(
                     model,
-                    name="model",
+                    name=self.config.name,  # the federation's model, by name
                     signature=signature,
                     input_example=example,
                     # MLflow's traced format (pt2) takes a tensor signature only; named
@@ -332,6 +357,16 @@ class RunTracker:
         path = folder / WEIGHTS_FILE
         save_file(state, str(path), metadata={"order": json.dumps(list(state))})
         self.client.log_artifact(self._run(), str(path), artifact_path=WEIGHTS_ARTIFACT_DIR)
+
+    def describe(self, text: str) -> None:
+        """The run's description (markdown), shown at the top of its MLflow page."""
+        self.set_tags({"mlflow.note.content": text})
+
+    def describe_version(self, version: str, *, text: str, tags: Mapping[str, str]) -> None:
+        """A registered version's description (markdown) and tags."""
+        self.client.update_model_version(self.config.name, version, description=text)
+        for key, value in tags.items():
+            self.client.set_model_version_tag(self.config.name, version, key, value)
 
     def set_alias(self, alias: str, version: str) -> None:
         """Point a registry alias (champion, challenger) at a version."""

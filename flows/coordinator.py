@@ -49,7 +49,7 @@ from flows.resume import ResumePoint, close_crashed_attempt, find_resume_point, 
 from tasks.evaluation import evaluate_global
 from tasks.privacy import log_privacy
 from tasks.sites import LocalBackend, SiteBackend
-from tasks.tracking import log_round, round_markdown
+from tasks.tracking import log_round, round_markdown, run_logger
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def initial_parameters(config: FederationConfig, model: Any) -> tuple[NDArrays, 
         champion = load_registered_parameters(config.tracking, name=config.name, alias="champion")
         if champion is not None:
             return get_parameters(champion), "champion"
-        log.warning("no 'champion' model registered for %s; starting fresh", config.name)
+        run_logger().warning("no 'champion' model registered for %s; starting fresh", config.name)
     if config.init_from == "run" and config.init_run_id:
         return get_parameters(load_run_model(config.tracking, run_id=config.init_run_id)), "run"
     return get_parameters(model), "fresh"

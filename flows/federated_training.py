@@ -22,6 +22,7 @@ from fl_components.data.check import model_input_names
 from fl_components.data.types import DatasetInfo, Split
 from fl_components.errors import BudgetExhaustedError
 from fl_components.parameters import set_parameters
+from fl_components.promotion import PromotionDecision
 from fl_components.round.engine import (
     EvaluationRequest,
     RoundAbortedError,
@@ -53,7 +54,9 @@ from flows.coordinator import (
 from flows.naming import coordinator_run_name
 from flows.progress import report
 from flows.resume import save_round
-from tasks.promotion import promote_if_better
+from flows.run_summary import publish_run_summary
+from tasks.promotion import promote_if_better, round_losses
+from tasks.tracking import run_logger
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,7 @@ class TrainingSummary:
     model_version: str | None
     history: list[dict[str, float]] = field(default_factory=list)
     prefect_flow_run_id: str = ""
+    promotion: str = ""  # "champion: <why>", "challenger: <why>"; "" if nothing registered
 
 
 def _log_final_model(
@@ -130,7 +134,7 @@ def _record(
         round_num=round_num, history=history, privacy=run.privacy.state_dict(),
     )  # fmt: skip
     report("round", {"round": pending.report.round, "metrics": metrics})
-    log.info(
+    run_logger().info(
         "round %d/%d: accuracy %.4f loss %.4f (%d participants, %.2fs)",
         pending.report.round,
         run.config.rounds,
@@ -143,7 +147,7 @@ def _record(
 
 def _finish(
     run: Run, state: ServerState, history: list[dict[str, float]], scores: dict[str, Metrics]
-) -> str | None:
+) -> tuple[str | None, PromotionDecision | None]:
     """Plots, the final model (registered), and the champion/challenger decision."""
     rounds = [row for row in history if row["round"] > 0]
     run.tracker.log_figure(accuracy_plot(rounds), "plots/accuracy.png")
@@ -154,12 +158,22 @@ def _finish(
     log_privacy_report(run)
     stop_if_cancelled(before="registering the final model")
     version = _log_final_model(run.config, run.info, run.tracker, state, run.central_test)
-    if version is not None:  # scores: the last federated evaluation
-        stop_if_cancelled(before=f"promoting version {version}")
-        promote_if_better(
-            run.config, run.backend, run.tracker, version=version, challenger_scores=scores
+    decision = None
+    if version is None:
+        run_logger().warning(
+            "no model registered (tracking.register_model is false): nothing to promote"
         )
-    return version
+    else:  # scores: the last federated evaluation
+        stop_if_cancelled(before=f"promoting version {version}")
+        decision = promote_if_better(
+            run.config,
+            run.backend,
+            run.tracker,
+            version=version,
+            challenger_scores=scores,
+            losses=round_losses(history),
+        )
+    return version, decision
 
 
 def _retry_worthwhile(run: Run, error: RoundAbortedError) -> bool:
@@ -242,7 +256,7 @@ def federated_training(
     report("start", {"config": config, "run_id": run.run_id})
     first, state, history, evaluation = _starting_point(run)
     pending: TrainedRound | None = None
-    status, version = "FAILED", None
+    status, version, decision = "FAILED", None, None
     try:
         for round_num in range(first, config.rounds + 1):
             stop_if_cancelled(before=f"round {round_num}")
@@ -273,7 +287,10 @@ def federated_training(
             evaluation = EvaluationRequest(round=first - 1, sites=config.site_names)
         scores = evaluate_sites(state.parameters, evaluation, run.backend)
         _record(run, pending, scores, history, ended=time.perf_counter())
-        version = _finish(run, state, history, scores)
+        version, decision = _finish(run, state, history, scores)
+        publish_run_summary(
+            config, run.tracker, final=history[-1], version=version, decision=decision
+        )
         status = "FINISHED"
     except RunCancelledError as cancelled:
         status = "KILLED"
@@ -296,6 +313,7 @@ def federated_training(
         model_version=version,
         history=[row for row in history if row["round"] > 0],
         prefect_flow_run_id=str(flow_run.get_id() or ""),
+        promotion="" if decision is None else f"{decision.alias}: {decision.reason}",
     )
     report("end", {"summary": summary})
     return summary

@@ -7,6 +7,8 @@ in the same run as the new model; :func:`fl_components.promotion.decide_promotio
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Mapping, Sequence
 
 from fl_components.config import FederationConfig
 from fl_components.errors import ConfigError
@@ -17,10 +19,14 @@ from fl_components.promotion import (
     decide_promotion,
     evaluation_coverage,
     federated_accuracy,
+    guard_rails,
+    hold_back,
+    majority_baseline,
 )
 from fl_components.round.engine import Dispatch, EvaluationRequest, evaluate_sites
 from fl_components.round.types import Metrics
 from fl_components.tracking import RunTracker, load_registered_parameters, registered_version
+from tasks.tracking import run_logger
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +38,25 @@ def promote_if_better(
     *,
     version: str,
     challenger_scores: dict[str, Metrics],
+    losses: Sequence[float] = (),
 ) -> PromotionDecision:
     """Give ``version`` the alias ``champion`` or ``challenger`` and tag the run with why.
+
+    ``losses``: the global loss per logged round, round 0 first (the divergence check).
+    A model that would be champion but fails a guard rail
+    (:func:`fl_components.promotion.guard_rails`) is challenger unless ``config.promotion``
+    allows that rail; the decision and its reason go to the flow run's log and the run's
+    tags (``fedpipe.promotion_reason``, ``fedpipe.promotion_held``).
 
     Challenger and champion are compared on the sites that scored both; the run is tagged
     ``fedpipe.eval_partial`` and logs ``promotion/sites`` / ``promotion/partial`` for that
     comparison (``eval/sites`` / ``eval/partial`` at the last step are the evaluation's own,
     logged with the round: once per step).
     """
+    # the guard rails judge the model's own evaluation, before it is narrowed to the sites
+    # the champion was scored on too
+    own_scores = challenger_scores
+    own_coverage = evaluation_coverage(own_scores, config.site_names)
     champion_version = registered_version(config.tracking, name=config.name, alias="champion")
     champion_scores = _champion_scores(
         config,
@@ -82,10 +99,27 @@ def promote_if_better(
             champion_version=champion_version if champion_accuracy is not None else None,
             coverage=coverage,
         )
+    holds = guard_rails(
+        accuracy=federated_accuracy(own_scores),
+        scores=own_scores,
+        coverage=own_coverage,
+        losses=losses,
+        max_loss_growth=config.promotion.max_loss_growth,
+    )
+    decision = hold_back(decision, holds, allowed=config.promotion.allowed)
     tracker.set_alias(decision.alias, version)
+    run_logger().log(
+        logging.INFO if decision.alias == "champion" and not holds else logging.WARNING,
+        "promotion: model %s version %s is %s: %s",
+        config.name,
+        version,
+        decision.alias,
+        decision.reason,
+    )
     tags = {
         "fedpipe.promotion": decision.alias,
-        "fedpipe.promotion_reason": decision.reason,
+        "fedpipe.promotion_reason": decision.reason[:5000],
+        "fedpipe.promotion_held": ",".join(h.rail for h in holds) or "none",
         "fedpipe.model_version": version,
         "fedpipe.eval_partial": str(coverage.partial).lower(),
     }
@@ -99,8 +133,25 @@ def promote_if_better(
     }
     if champion_accuracy is not None:
         metrics["promotion/champion_accuracy"] = champion_accuracy
+    baseline = majority_baseline(own_scores)
+    if baseline is not None:
+        metrics["promotion/majority_baseline"] = baseline
     tracker.log_metrics(metrics, step=config.rounds)
     return decision
+
+
+def round_losses(history: Sequence[Mapping[str, float]]) -> list[float]:
+    """The global loss per logged round, round 0 first, for the divergence check.
+
+    A round no site scored (and with no central test split) has no loss: left out, so that
+    a lost evaluation does not read as divergence.
+    """
+    rows = sorted((r for r in history if "global/loss" in r), key=lambda r: r["round"])
+    return [
+        r["global/loss"]
+        for r in rows
+        if math.isfinite(r["global/loss"]) or r.get("eval/sites", 1.0) > 0
+    ]
 
 
 def _champion_scores(

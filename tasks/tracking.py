@@ -1,12 +1,15 @@
-"""Prefect tasks that record a round: MLflow metrics and Prefect artifacts."""
+"""Prefect tasks that record a round and the run: MLflow metrics and Prefect artifacts."""
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Mapping, Sequence
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
 
 from fl_components.round.types import Metrics
 from fl_components.tracking import RunTracker
@@ -94,4 +97,80 @@ def log_round(
         markdown=markdown,
         key=artifact_key(federation, "round"),
         description=f"Round {round_num} of {federation}",
+    )
+
+
+def run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    """The flow run's logger (what the Prefect UI shows), or fedpipe's outside a run."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("fedpipe")
+
+
+def accuracy_lines(metrics: Mapping[str, float]) -> list[str]:
+    """The run's two accuracies, each named for what it was measured on.
+
+    ``global/accuracy`` is the central test split's (embedded sites), or, with no central
+    split, the federated one; ``sites/mean_accuracy`` is the federated evaluation: the
+    example-weighted mean over the sites' held-out splits, what promotion compares.
+    """
+    federated = metrics.get("sites/mean_accuracy")
+    central = metrics.get("global/accuracy")
+    lines = []
+    if central is not None and (federated is None or central != federated):
+        lines.append(f"- accuracy on the central test split: **{central:.4f}**")
+    if federated is not None:
+        lines.append(
+            f"- federated accuracy (the sites' held-out splits, weighted by examples; what "
+            f"promotion compares): **{federated:.4f}**"
+        )
+    return lines
+
+
+def summary_markdown(
+    *,
+    federation: str,
+    strategy: str,
+    rounds: int,
+    final: Mapping[str, float],
+    promotion: str | None,
+    mlflow_run: str,
+    model_version: str | None,
+    difference: Sequence[str] | None,
+) -> str:
+    """The run's summary: its accuracies, the promotion and why, links, its config's changes.
+
+    ``promotion``: "alias: reason" (None: no model registered); ``mlflow_run`` and
+    ``model_version``: markdown (links where the MLflow server is known); ``difference``:
+    the config's fields that differ from the deployment's (None: not a deployment run).
+    """
+    lines = [
+        f"# {federation}: run summary",
+        "",
+        f"- strategy: {strategy}, rounds: {rounds}",
+        *accuracy_lines(final),
+        f"- final loss: {final.get('global/loss', float('nan')):.4f}",
+        f"- MLflow run: {mlflow_run}",
+        f"- model version: {model_version or 'none registered'}",
+        f"- promotion: {promotion or 'none (no model registered)'}",
+        "",
+        "## Config, against the deployment's",
+        "",
+    ]
+    if difference is None:
+        lines.append("Not a deployment run: the config as given (see the MLflow run's params).")
+    elif not difference:
+        lines.append("The deployment's config, unchanged.")
+    else:
+        lines += [f"- {line}" for line in difference]
+    return "\n".join(lines)
+
+
+def publish_summary(federation: str, markdown: str) -> None:
+    """The run's summary as a Prefect markdown artifact (key ``<federation>-summary``)."""
+    create_markdown_artifact(
+        markdown=markdown,
+        key=artifact_key(federation, "summary"),
+        description=f"Summary of a training run of {federation}",
     )

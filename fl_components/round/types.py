@@ -28,11 +28,16 @@ from fl_components.secure_aggregation.protocol import RoundContext
 
 @dataclass(frozen=True)
 class Metrics:
-    """Loss and accuracy of a model on one split."""
+    """Loss and accuracy of a model on one split.
+
+    ``label_counts``: the split's rows per class (empty from a site too old to send them),
+    what the promotion's majority-class baseline is computed from.
+    """
 
     loss: float
     accuracy: float
     examples: int
+    label_counts: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

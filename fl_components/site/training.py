@@ -250,6 +250,26 @@ def local_train(
     )
 
 
+def label_counts(split: Split | Dataset[Any]) -> tuple[int, ...]:
+    """The held-out rows per class, for the promotion's majority-class baseline.
+
+    Known for a split and for a (features, integer label) tensor dataset, as the built-in
+    tasks give; empty for any other dataset (that rail is then skipped).
+    """
+    if isinstance(split, Split):
+        labels = split.labels
+    elif (
+        isinstance(split, TensorDataset)
+        and len(split.tensors) == 2
+        and split.tensors[1].ndim == 1
+        and not split.tensors[1].is_floating_point()
+    ):
+        labels = split.tensors[1].numpy()
+    else:
+        return ()
+    return tuple(int(c) for c in np.bincount(labels)) if len(labels) else ()
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -273,6 +293,7 @@ def evaluate(
         loss=metric_or_nan(values, "loss"),
         accuracy=metric_or_nan(values, "accuracy"),
         examples=size,
+        label_counts=label_counts(split),
     )
 
 

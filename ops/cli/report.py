@@ -16,6 +16,7 @@ import typer
 
 from fl_components.config import FederationConfig
 from fl_components.errors import FedpipeError
+from fl_components.tracking import run_url
 from ops.cli.app import console, fail
 from ops.run_report import QuietRun
 
@@ -58,23 +59,42 @@ def print_where_to_look(summary: Any) -> None:
     uri = summary.tracking_uri
     venv_bin = Path(sys.executable).parent
     console.print()
+    last = summary.history[-1] if summary.history else {}
+    federated = last.get("sites/mean_accuracy")
+    central = last.get("global/accuracy")
+    scores = (
+        f"accuracy on the central test split [bold]{central:.4f}[/], "
+        if central is not None and federated is not None and central != federated
+        else ""
+    )
+    scores += (
+        f"federated accuracy (the sites' held-out splits) [bold]{federated:.4f}[/]"
+        if federated is not None
+        else f"final accuracy [bold]{summary.final_accuracy:.4f}[/]"
+    )
     console.print(
-        f"[bold green]done[/]: final global accuracy [bold]{summary.final_accuracy:.4f}[/] "
-        f"(loss {summary.final_loss:.4f}) after {summary.rounds} rounds"
+        f"[bold green]done[/]: {scores} (loss {summary.final_loss:.4f}) after "
+        f"{summary.rounds} rounds",
+        soft_wrap=True,
     )
     console.print(f"MLflow run:   {summary.mlflow_run_id} (experiment {summary.experiment_id})")
     if summary.model_version:
         console.print(f"Model:        models:/{summary.federation}/{summary.model_version}")
+    if getattr(summary, "promotion", ""):
+        console.print(f"Promotion:    {summary.promotion}", soft_wrap=True, markup=False)
+    port = _free_port(5000)
     console.print("Open the MLflow UI:")
     console.print(
         f"  {venv_bin}/mlflow ui --backend-store-uri {shlex.quote(_absolute_sqlite(uri))} "
-        "--host 127.0.0.1 --port 5000",
+        f"--host 127.0.0.1 --port {port}",
         soft_wrap=True,
     )
-    console.print(
-        f"  then http://127.0.0.1:5000/#/experiments/{summary.experiment_id}/runs/{summary.mlflow_run_id}",
-        soft_wrap=True,
+    link = run_url(
+        f"http://127.0.0.1:{port}",
+        experiment_id=summary.experiment_id,
+        run_id=summary.mlflow_run_id,
     )
+    console.print(f"  then {link}", soft_wrap=True)
     api_url = os.environ.get("PREFECT_API_URL", "")
     if api_url:  # a server that outlives the run: the local one, or a stack's
         ui = api_url.removesuffix("/").removesuffix("/api")
@@ -86,6 +106,18 @@ def print_where_to_look(summary: Any) -> None:
             soft_wrap=True,
         )
         console.print("  then http://127.0.0.1:4200/runs", soft_wrap=True)
+
+
+def _free_port(preferred: int) -> int:
+    """``preferred`` if nothing listens on it now, else a port the system has free."""
+    import socket
+
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", preferred))
+        except OSError:
+            probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def _absolute_sqlite(uri: str) -> str:

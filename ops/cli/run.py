@@ -86,10 +86,13 @@ def run_with_progress(config: FederationConfig, *, quiet: QuietRun, resume: str 
                 from prefect.runtime import flow_run
 
                 flow_run_ids.append(str(flow_run.get_id() or ""))
-                progress.console.print(
-                    f"[dim]Prefect up after {time.perf_counter() - started:.1f}s; "
-                    f"MLflow run {payload['run_id']}[/]"
+                took = f"{time.perf_counter() - started:.1f}s"
+                prefect = (  # a reused server was up already: the wait was the run's start
+                    f"Prefect up after {took}"
+                    if isinstance(server, TemporaryServer)
+                    else f"run started after {took}"
                 )
+                progress.console.print(f"[dim]{prefect}; MLflow run {payload['run_id']}[/]")
                 progress.console.print(round_header(config))
             elif event == "round":
                 m = payload["metrics"]
@@ -231,13 +234,31 @@ def run(
         str | None,
         typer.Option(help="Go on with this crashed run (its MLflow run id) from its last round."),
     ] = None,
+    promote_anyway: Annotated[
+        bool,
+        typer.Option(
+            help="Make the model champion even if it diverged, does not beat the "
+            "majority-class baseline or was evaluated without some sites (sets every "
+            "promotion.allow_* to true; the reason is still recorded)."
+        ),
+    ] = False,
 ) -> None:
     """Train the federation described in CONFIG_PATH."""
     try:
         config = read_config_file(config_path)
+        raw = config.model_dump(mode="json", exclude_unset=True)
+        flags = []
         if rounds is not None:
-            raw = {**config.model_dump(mode="json", exclude_unset=True), "rounds": rounds}
-            config = config_from_dict(raw, source=f"{config_path} with --rounds {rounds}")
+            raw["rounds"] = rounds
+            flags.append(f"--rounds {rounds}")
+        if promote_anyway:
+            raw["promotion"] = {
+                **raw.get("promotion", {}),
+                **{f"allow_{rail}": True for rail in ("diverged", "below_baseline", "partial")},
+            }
+            flags.append("--promote-anyway")
+        if flags:
+            config = config_from_dict(raw, source=f"{config_path} with {' '.join(flags)}")
     except FedpipeError as error:
         fail(error)
     from ops.cli.data import checked_before_run

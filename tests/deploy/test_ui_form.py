@@ -70,6 +70,22 @@ def test_the_form_with_the_strategy_switched_trains_the_new_rules_step(
     assert mlrun.info.run_name == run["name"]
     # the η is stored unset in the deployment, resolved from the rule when a run starts
     assert "server_lr" in stored["strategy"] and stored["strategy"]["server_lr"] is None
+    # issue 23.5: the run's summary says what it changed and leads to MLflow's classic view
+    found = _api_post(
+        f"{api}/artifacts/filter",
+        json={
+            "artifacts": {
+                "flow_run_id": {"any_": [run["id"]]},
+                "key": {"any_": ["e2e-fed-summary"]},
+            }
+        },
+    )
+    assert found.status_code == 200, found.text
+    (summary,) = found.json()
+    assert "`strategy.name`: fedavg -> fedadam" in summary["data"]
+    assert f"/runs/{mlrun.info.run_id}?workflowType=machine_learning" in summary["data"]
+    assert "model version: none registered" in summary["data"]
+    assert mlrun.data.tags["mlflow.note.content"].startswith(summary["data"])
 
 
 def test_a_partial_config_is_named_from_the_merge_and_a_given_name_is_kept(

@@ -56,6 +56,39 @@ def test_three_sites_two_rounds_end_to_end(small_config) -> None:
     accuracy = float((predictions.argmax(axis=1) == test["y"]).mean())
     assert accuracy == pytest.approx(summary.final_accuracy, abs=1e-6)
     assert summary.final_accuracy > 0.5
+    _check_run_summary(client, summary, small_config.name)
+
+
+def _check_run_summary(client: MlflowClient, summary, federation: str) -> None:  # type: ignore[no-untyped-def]
+    """The run's summary in Prefect; its description, version and experiment in MLflow."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as prefect:
+        artifacts = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"{federation}-summary"]))
+        )
+    (artifact,) = [a for a in artifacts if str(a.flow_run_id) == summary.prefect_flow_run_id]
+    markdown = str(artifact.data)
+    assert f"# {federation}: run summary" in markdown
+    assert "accuracy on the central test split" in markdown and "federated accuracy" in markdown
+    assert "promotion: **champion**: no champion yet" in markdown
+    assert summary.mlflow_run_id in markdown and "Not a deployment run" in markdown
+
+    run = client.get_run(summary.mlflow_run_id)
+    assert run.data.tags["mlflow.note.content"].startswith(markdown)
+    assert run.data.tags["fedpipe.promotion_held"] == "none"
+    version = client.get_model_version(federation, summary.model_version)
+    assert f"from MLflow run {summary.mlflow_run_id}" in version.description
+    assert version.tags["fedpipe.strategy"] == "fedavg" and version.tags["fedpipe.rounds"] == "2"
+    assert version.tags["fedpipe.source_run"] == summary.mlflow_run_id
+    assert float(version.tags["fedpipe.federated_accuracy"]) > 0.5
+    (logged,) = client.search_logged_models(
+        [run.info.experiment_id], filter_string=f"source_run_id = '{summary.mlflow_run_id}'"
+    )
+    assert logged.name == federation  # not "model"
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_a_broken_site_drops_out_and_the_round_goes_on(small_config) -> None:

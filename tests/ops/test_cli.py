@@ -71,7 +71,10 @@ def test_run_shows_each_round_and_stops_prefect_cleanly(tmp_path: Path) -> None:
     assert done.returncode == 0, output
     rows = [line.split() for line in done.stdout.splitlines() if line[:5].strip().isdigit()]
     assert [int(row[0]) for row in rows] == [1, 2, 3]
-    assert "done: final global accuracy" in done.stdout
+    assert "done: accuracy on the central test split" in done.stdout
+    assert "federated accuracy (the sites' held-out splits)" in done.stdout
+    assert "Promotion:    champion: no champion yet" in done.stdout
+    assert "?workflowType=machine_learning" in done.stdout
     assert "Open the MLflow UI" in done.stdout
     assert "Traceback" not in output
     assert "Error flushing" not in output
@@ -248,3 +251,37 @@ def test_doctor_without_a_stack_says_how_to_start_one(tmp_path: Path) -> None:
     assert "no stack is recorded under" in output
     assert "1 problem(s): deployment: fedpipe up" in output
     assert "Traceback" not in output
+
+
+def test_promote_anyway_overrides_every_promotion_guard_rail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ops.cli import data, run
+
+    (tmp_path / "fed.yaml").write_text(
+        yaml.safe_dump({"name": "x", "rounds": 2, "promotion": {"max_loss_growth": 5}})
+    )
+    trained = []
+    monkeypatch.setattr(data, "checked_before_run", lambda config: config)
+    monkeypatch.setattr(run, "train_and_report", lambda config, resume: trained.append(config))
+
+    run.run(tmp_path / "fed.yaml", rounds=None, resume=None, promote_anyway=True)
+
+    (config,) = trained
+    assert config.promotion.allowed == {"diverged", "below_baseline", "partial"}
+    assert config.promotion.max_loss_growth == 5 and config.rounds == 2
+
+
+def test_the_printed_mlflow_ui_port_is_one_that_is_free() -> None:
+    import socket
+
+    from ops.cli.report import _free_port
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+
+        port = _free_port(taken)
+
+    assert port != taken and port > 0

@@ -85,3 +85,22 @@ def test_flat_params_cover_every_section() -> None:
     assert flat["training.epochs"] == "5"
     assert flat["sites.count"] == "10" and flat["sites.3.name"] == "site-03"
     assert flat["data.alpha"] == "0.5"
+
+
+def test_help_text_placeholders_survive_the_prefect_form_markdown() -> None:
+    """The UI renders descriptions as markdown: a bare `<ext>` would vanish as an HTML tag."""
+    import re
+
+    def descriptions(node: object) -> list[str]:
+        if isinstance(node, dict):
+            found = [node["description"]] if isinstance(node.get("description"), str) else []
+            return found + [d for value in node.values() for d in descriptions(value)]
+        if isinstance(node, list):
+            return [d for value in node for d in descriptions(value)]
+        return []
+
+    texts = descriptions(FederationConfig.model_json_schema())
+    bare = [t for t in texts if re.search(r"<[a-z_]+>", re.sub(r"`[^`]*`", "", t))]
+
+    assert any("`train.<ext>`" in t for t in texts)
+    assert bare == []

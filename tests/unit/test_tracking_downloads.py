@@ -161,7 +161,7 @@ def test_a_model_of_named_inputs_is_called_with_a_dataframe_in_any_column_order(
         model, input_example=np.zeros((2, 3), np.float32), register=False, input_names=names
     )
     tracker.end()
-    pyfunc = mlflow.pyfunc.load_model(f"runs:/{link.run_id}/model")
+    pyfunc = mlflow.pyfunc.load_model(f"runs:/{link.run_id}/{small_config.name}")
 
     assert pyfunc.metadata.get_input_schema().input_names() == list(names)
     rows = np.array([[30.0, 1.5, 1.0], [50.0, -0.5, 0.0]], np.float32)
