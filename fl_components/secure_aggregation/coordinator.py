@@ -13,8 +13,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from fl_components.compression.secure import scatter_secure_sum
 from fl_components.config import FederationConfig
@@ -136,6 +138,25 @@ class SecureSum(SecureAggregation):
             reports.append(contribution.report())
         return reports, dropouts
 
+    def _unflatten(
+        self, flat_sum: npt.NDArray[Any], state: ServerState
+    ) -> list[npt.NDArray[np.float64]]:
+        """The unmasked sum in the model's shapes, random-k's values back at their places.
+
+        Float64 until divided by the weight: a sum of many updates loses bits in float32.
+        """
+        ctx = self.ctx
+        bounds = np.cumsum([p.size for p in state.parameters])[:-1]
+        flat = scatter_secure_sum(
+            flat_sum,
+            config=self.config.compression,
+            run_id=ctx.run_id,
+            round=ctx.round,
+            dimension=sum(int(p.size) for p in state.parameters),
+        )
+        pieces = np.split(flat, bounds)
+        return [piece.reshape(p.shape) for piece, p in zip(pieces, state.parameters, strict=True)]
+
     def aggregate(
         self,
         masked: Mapping[str, SiteResult],
@@ -183,17 +204,7 @@ class SecureSum(SecureAggregation):
             result = coordinator.finish(responses)
         except ProtocolError as error:  # too few, or a wrong share: never a corrupted sum
             raise _abort(ctx.round, error) from None
-        # float64 until divided by the weight (a sum of many updates loses bits in float32)
-        bounds = np.cumsum([p.size for p in state.parameters])[:-1]
-        flat = scatter_secure_sum(  # random-k: the k unmasked values back at their places
-            result.total,
-            config=self.config.compression,
-            run_id=ctx.run_id,
-            round=ctx.round,
-            dimension=sum(int(p.size) for p in state.parameters),
-        )
-        pieces = np.split(flat, bounds)
-        total = [piece.reshape(p.shape) for piece, p in zip(pieces, state.parameters, strict=True)]
+        total = self._unflatten(result.total, state)
         aggregated = strategy.aggregate_sum(
             total,
             weight=result.total_examples / weight_scale(self.config),
@@ -202,17 +213,29 @@ class SecureSum(SecureAggregation):
         )
         metrics = secagg_metrics(result)
         metrics["secagg/unmask_failures"] = float(len(requests) - len(responses))
-        # what crossed the wire up: each masked message and each unmask response, as sent
-        # (on the work pool, the JSON answer with its framing)
-        up = {site: r.bytes_up for site, r in masked.items() if r.masked is not None}
-        for site, answer in answers.items():
-            if isinstance(answer, SiteResult) and answer.unmask_response is not None:
-                sent = answer.bytes_up or len(answer.unmask_response)
-                up[site] = up.get(site, 0) + sent
-                metrics["bytes/up/unmask"] = metrics.get("bytes/up/unmask", 0.0) + sent
-        if all(up.values()):
-            metrics["bytes/up"] = float(sum(up.values()))
-            metrics.update({f"bytes/up/site/{site}": float(b) for site, b in up.items()})
-        # the unmask requests went down to the survivors (the engine adds their model)
-        metrics.update({f"bytes/down/site/{s}": float(len(r)) for s, r in requests.items()})
+        metrics.update(_bytes_metrics(masked, answers, requests))
         return aggregated, reports, dropouts, metrics
+
+
+def _bytes_metrics(
+    masked: Mapping[str, SiteResult],
+    answers: Mapping[str, Any],
+    requests: Mapping[str, bytes],
+) -> dict[str, float]:
+    """What crossed the wire: the masked messages, the unmask responses and requests.
+
+    Up, as sent (on the work pool, the JSON answer with its framing); down, the requests.
+    """
+    metrics: dict[str, float] = {}
+    up = {site: r.bytes_up for site, r in masked.items() if r.masked is not None}
+    for site, answer in answers.items():
+        if isinstance(answer, SiteResult) and answer.unmask_response is not None:
+            sent = answer.bytes_up or len(answer.unmask_response)
+            up[site] = up.get(site, 0) + sent
+            metrics["bytes/up/unmask"] = metrics.get("bytes/up/unmask", 0.0) + sent
+    if all(up.values()):
+        metrics["bytes/up"] = float(sum(up.values()))
+        metrics.update({f"bytes/up/site/{site}": float(b) for site, b in up.items()})
+    # the engine adds the model each survivor downloaded
+    metrics.update({f"bytes/down/site/{s}": float(len(r)) for s, r in requests.items()})
+    return metrics
