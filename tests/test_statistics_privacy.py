@@ -26,7 +26,8 @@ from fl_components.federated_statistics import (
 )
 from fl_components.privacy.epsilon import epsilon_of
 from fl_components.privacy.ledger import LEDGER_FILE, PrivacyLedger
-from tests.test_federated_statistics import COLUMNS, SIZES, _config, _write_sites
+from ops.cli.main import app
+from tests.test_federated_statistics import COLUMNS, SIZES, _config, _write_sites, _yaml, runner
 
 BOUNDS = {"income": (0.0, 100_000.0), "age": (0.0, 100.0)}
 
@@ -127,3 +128,15 @@ def test_noised_statistics_still_scale_under_secure_aggregation(tmp_path: Path) 
     assert result.secure and result.epsilon == 4.0 and not result.per_site
     assert abs(result.stats.count - sum(SIZES.values())) < 100
     assert result.stats.mean[1] == pytest.approx(1.0, abs=0.05)  # every age clipped to 1
+
+
+def test_fedpipe_stats_refuses_one_site_and_reports_the_noise(tmp_path: Path) -> None:
+    _write_sites(tmp_path)
+    path = _yaml(tmp_path, _private(tmp_path))
+
+    one = runner.invoke(app, ["stats", str(path), "--site", "north"], terminal_width=200)
+    noised = runner.invoke(app, ["stats", str(path)], terminal_width=200)
+
+    assert one.exit_code == 2 and "min_sites" in one.output and "Traceback" not in one.output
+    assert noised.exit_code == 0, noised.output
+    assert "epsilon 1 each, charged to its privacy ledger" in " ".join(noised.output.split())
