@@ -56,6 +56,10 @@ class FederationScaling(_Section):
     secure: bool = Field(
         default=False, description="Whether the sites' sums were combined by secure aggregation."
     )
+    epsilon: float | None = Field(
+        default=None,
+        description="Epsilon each site spent on its noised statistics (None: no noise).",
+    )
 
     @model_validator(mode="after")
     def _same_width(self) -> FederationScaling:
@@ -66,6 +70,62 @@ class FederationScaling(_Section):
             )
         if any(s < 0 or s != s for s in self.std) or any(m != m for m in self.mean):
             raise ValueError("data.scaling.std must be >= 0 and no value NaN")
+        return self
+
+
+class StatisticsPrivacy(_Section):
+    """Privacy rules of the federated statistics (``fedpipe stats``, ``data.scale: federation``).
+
+    A minimum cohort (sites and rows) below which the statistics are refused, and optional
+    differential privacy: each site clips its values to public bounds and adds Gaussian
+    noise, calibrated to one release of its (count, sum, sum of squares, class counts), to
+    its own statistics before they leave it; the epsilon is charged to its privacy ledger.
+    """
+
+    min_sites: int = Field(
+        default=2,
+        ge=1,
+        description="Fewest sites the statistics are formed from (with one, they are that "
+        "site's own); secure aggregation needs 3 in any case.",
+    )
+    min_rows: int = Field(
+        default=0, ge=0, description="Fewest training rows in all; fewer and they are refused."
+    )
+    epsilon: float | None = Field(
+        default=None,
+        gt=0,
+        description="Each site's epsilon for one release of its statistics (Gaussian "
+        "mechanism); None: no noise. Needs clip or bounds.",
+    )
+    delta: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="Delta of that release; None: a power of ten below 1/(10 n), n the "
+        "site's rows.",
+    )
+    clip: float | None = Field(
+        default=None, gt=0, description="Public bound B: every value is clipped to [-B, B]."
+    )
+    bounds: dict[str, tuple[float, float]] = Field(
+        default={},
+        description="Public bounds per model input, {column: [low, high]}; overrides clip there.",
+    )
+
+    @model_validator(mode="after")
+    def _bounded(self) -> StatisticsPrivacy:
+        if self.epsilon is not None and self.clip is None and not self.bounds:
+            raise ValueError(
+                "data.statistics_privacy.epsilon is set but no bounds are: noise needs public "
+                "bounds on the values; set data.statistics_privacy.clip (every value to "
+                "[-clip, clip]) or data.statistics_privacy.bounds per column"
+            )
+        for column, (low, high) in self.bounds.items():
+            if not low < high:
+                raise ValueError(
+                    f"data.statistics_privacy.bounds[{column!r}] is [{low}, {high}]; give "
+                    "[low, high] with low < high"
+                )
         return self
 
 
@@ -124,6 +184,10 @@ class DataConfig(_Section):
         description="data.scale 'federation': the federation's mean and std per model input. "
         "Unset: `fedpipe run` forms them before round 1 (see `fedpipe stats`); set, they are "
         "used as given (e.g. to reuse a champion's scaling).",
+    )
+    statistics_privacy: StatisticsPrivacy = Field(
+        default_factory=StatisticsPrivacy,
+        description="Privacy rules of the federated statistics: minimum cohort, optional DP noise.",
     )
     # The data contract (site_files): every site reads its files by name against it.
     columns: tuple[str, ...] | None = Field(

@@ -14,6 +14,18 @@ pooled mean and variance follow from it):
 
 Every site then standardizes with the same mean and std, pinned into the run's config
 (``data.scaling``), which each job carries to the site.
+
+Privacy rules (``data.statistics_privacy``): fewer than ``min_sites`` sites or
+``min_rows`` rows in all and the statistics are refused. With ``epsilon`` set, each site
+clips its values to the public bounds (``clip``/``bounds``) and adds Gaussian noise of std
+``sigma = z * Delta`` to its *own* statistics before they leave it (:func:`noised_sums`),
+Delta the L2 sensitivity of one row (:func:`~fl_components.data.statistics.sensitivity`)
+and z the smallest noise multiplier whose single release (sample rate 1, one step) costs at
+most ``epsilon`` at ``delta`` under the site's Opacus accountant (RDP: Mironov 2017,
+arXiv:1702.07476). Each site's guarantee so rests on its own noise alone, whoever else
+colludes (the sum carries sqrt(n) times the noise one central release would). The release
+is charged to the site's privacy ledger as ``(z, 1.0, 1)`` with mechanism "statistics",
+composed with its DP-SGD rounds; a site whose ``privacy.max_epsilon`` it would pass refuses.
 """
 
 from __future__ import annotations
@@ -22,8 +34,14 @@ import secrets
 from dataclasses import dataclass, replace
 
 import numpy as np
+import numpy.typing as npt
 
-from fl_components.config import FederationConfig, FederationScaling, config_from_dict
+from fl_components.config import (
+    FederationConfig,
+    FederationScaling,
+    StatisticsPrivacy,
+    config_from_dict,
+)
 from fl_components.data.check import check_sites, dataset_info, load_configured_site, site_folder
 from fl_components.data.contract import DataContract
 from fl_components.data.statistics import (
@@ -31,11 +49,15 @@ from fl_components.data.statistics import (
     FederationStats,
     SiteSums,
     add_sums,
+    clipped_sums,
     from_limb_sums,
+    sensitivity,
     site_sums,
     to_limbs,
 )
 from fl_components.errors import ConfigError, DataError
+from fl_components.privacy.epsilon import epsilon_of
+from fl_components.privacy.ledger import PrivacyLedger, default_delta
 from fl_components.secure_aggregation import site_stages
 from fl_components.secure_aggregation.protocol import (
     RoundContext,
@@ -60,6 +82,7 @@ class StatisticsResult:
     sites: tuple[str, ...]
     secure: bool
     per_site: dict[str, SiteSums]
+    epsilon: float | None = None  # each site's cost of its noised statistics; None: no noise
 
     def scaling(self) -> FederationScaling:
         """What every site standardizes with (``data.scaling``)."""
@@ -68,14 +91,115 @@ class StatisticsResult:
             std=tuple(float(s) for s in self.stats.std),
             rows=self.stats.count,
             secure=self.secure,
+            epsilon=self.epsilon,
         )
 
 
-def site_statistics(config: FederationConfig, name: str) -> tuple[SiteSums, tuple[str, ...]]:
-    """At site ``name``: the sums of its own training rows (as read, before any scaling)."""
+def site_statistics(
+    config: FederationConfig, name: str, *, rng: np.random.Generator | None = None
+) -> tuple[SiteSums, tuple[str, ...]]:
+    """At site ``name``: the sums of its own training rows (as read, before any scaling).
+
+    With ``data.statistics_privacy.epsilon``: of its values clipped to the public bounds,
+    noised (:func:`noised_sums`) and charged to its ledger first.
+
+    Raises
+    ------
+    BudgetExhaustedError
+        When the release would take the site past ``privacy.max_epsilon``.
+    """
     info = dataset_info(config)
-    data = load_configured_site(config, name, site_folder(config, name), info=info)
-    return site_sums(data.train, n_classes=info.n_classes), data.train.columns
+    folder = site_folder(config, name)
+    data = load_configured_site(config, name, folder, info=info)
+    rules = config.data.statistics_privacy
+    if rules.epsilon is None:
+        return site_sums(data.train, n_classes=info.n_classes), data.train.columns
+    low, high = public_bounds(rules, data.train.columns)
+    sums = clipped_sums(data.train, n_classes=info.n_classes, low=low, high=high)
+    delta = rules.delta or default_delta(max(1, len(data.train)))
+    z = noise_multiplier_for(rules.epsilon, delta, accountant=config.privacy.accountant)
+    ledger = PrivacyLedger.open(folder, site=name, accountant=config.privacy.accountant)
+    budget = config.privacy.max_epsilon
+    ledger.check_round(
+        noise_multiplier=z, sample_rate=1.0, steps=1, delta=delta, max_epsilon=budget
+    )
+    ledger.record(
+        federation=config.name,
+        round_num=0,
+        noise_multiplier=z,
+        sample_rate=1.0,
+        steps=1,
+        delta=delta,
+        max_epsilon=budget,
+        mechanism="statistics",
+    )
+    sigma = z * sensitivity(low, high)
+    return noised_sums(sums, sigma, rng or np.random.default_rng()), data.train.columns
+
+
+def public_bounds(
+    rules: StatisticsPrivacy, columns: tuple[str, ...]
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Per model input: the public ``[low, high]`` (``bounds`` by name, else ``[-clip, clip]``).
+
+    Raises
+    ------
+    ConfigError
+        When a column has no bound, or ``bounds`` names a column that is no model input.
+    """
+    unknown = sorted(set(rules.bounds) - set(columns))
+    if unknown:
+        raise ConfigError(
+            f"data.statistics_privacy.bounds names {', '.join(map(repr, unknown))}, not a model "
+            f"input (inputs: {', '.join(columns)}); fix the column name"
+        )
+    low, high = [], []
+    for column in columns:
+        if column in rules.bounds:
+            bound = rules.bounds[column]
+        elif rules.clip is not None:
+            bound = (-rules.clip, rules.clip)
+        else:
+            raise ConfigError(
+                f"data.statistics_privacy: model input {column!r} has no public bound; add it "
+                "to data.statistics_privacy.bounds or set data.statistics_privacy.clip"
+            )
+        low.append(bound[0])
+        high.append(bound[1])
+    return np.asarray(low, np.float64), np.asarray(high, np.float64)
+
+
+def noise_multiplier_for(epsilon: float, delta: float, *, accountant: str) -> float:
+    """The smallest z (to 0.1 %) whose one Gaussian release costs at most ``epsilon`` at ``delta``.
+
+    The release is recorded as ``(z, 1.0, 1)`` and :func:`epsilon_of` (the ledger's own
+    accountant) recomputes its epsilon; bisection on the same function keeps them equal.
+    """
+
+    def cost(z: float) -> float:
+        return epsilon_of([(z, 1.0, 1)], delta=delta, accountant=accountant)
+
+    low, high = 1e-2, 1.0
+    while cost(high) > epsilon:
+        low, high = high, high * 2
+        if high > 1e6:
+            raise ConfigError(
+                f"data.statistics_privacy.epsilon {epsilon:g} at delta {delta:g} needs more "
+                "than 1e6 times the sensitivity as noise; raise epsilon"
+            )
+    while high - low > 1e-3 * high:
+        middle = (low + high) / 2
+        if cost(middle) > epsilon:
+            low = middle
+        else:
+            high = middle
+    return high
+
+
+def noised_sums(sums: SiteSums, sigma: float, rng: np.random.Generator) -> SiteSums:
+    """``sums`` with independent N(0, sigma^2) noise on every entry of its vector."""
+    vector = sums.vector() + rng.normal(0.0, sigma, size=sums.vector().shape)
+    return SiteSums.from_vector(vector, n_features=len(sums.sums), n_classes=len(sums.label_counts))
 
 
 def statistics_context(config: FederationConfig, *, sites: tuple[str, ...]) -> RoundContext:
@@ -176,6 +300,13 @@ def federation_statistics(
         Under secure aggregation, with fewer than three sites.
     """
     names = tuple(sites or config.site_names)
+    rules = config.data.statistics_privacy
+    if len(names) < rules.min_sites:
+        raise ConfigError(
+            f"federated statistics need at least data.statistics_privacy.min_sites = "
+            f"{rules.min_sites} sites (got {len(names)}: {', '.join(names)}): with fewer they "
+            "tell too much about each site; add sites (lowering min_sites weakens the rule)"
+        )
     secure = config.secure_aggregation.enabled
     if secure:
         total, columns, summed = _secure_sum(config, names)
@@ -184,8 +315,16 @@ def federation_statistics(
         found = {name: site_statistics(config, name) for name in names}
         per_site = {name: sums for name, (sums, _) in found.items()}
         total, columns, summed = add_sums(per_site.values()), found[names[0]][1], names
+    if rules.min_rows and total.count < rules.min_rows:
+        raise DataError(
+            f"federated statistics need at least data.statistics_privacy.min_rows = "
+            f"{rules.min_rows} training rows in all (the {len(summed)} sites hold about "
+            f"{max(0, round(total.count))}); add sites or rows before forming them"
+        )
     inputs = columns or DataContract.of(config.data).model_inputs(config.data.columns or ())
-    return StatisticsResult(FederationStats.from_sums(total), inputs, summed, secure, per_site)
+    return StatisticsResult(
+        FederationStats.from_sums(total), inputs, summed, secure, per_site, rules.epsilon
+    )
 
 
 def with_federation_scaling(config: FederationConfig) -> FederationConfig:

@@ -146,6 +146,9 @@ def _open_tracking(
         }
     )
     tracker.log_task(task_identity(config).as_dict())
+    scaling = config.data.scaling
+    if scaling is not None and scaling.epsilon is not None:  # noised federated statistics
+        tracker.log_metrics({"privacy/statistics_epsilon": scaling.epsilon}, step=0)
     return link
 
 

@@ -72,6 +72,28 @@ def site_sums(split: Split, *, n_classes: int) -> SiteSums:
     )
 
 
+def clipped_sums(split: Split, *, n_classes: int, low: FloatArray, high: FloatArray) -> SiteSums:
+    """:func:`site_sums` of the split's values clipped to the public ``[low, high]`` per column."""
+    features = np.clip(split.features.astype(np.float64), low, high)
+    return SiteSums(
+        count=float(len(split)),
+        sums=features.sum(axis=0),
+        squares=np.square(features).sum(axis=0),
+        label_counts=np.bincount(split.labels, minlength=n_classes).astype(np.float64),
+    )
+
+
+def sensitivity(low: FloatArray, high: FloatArray) -> float:
+    """L2 sensitivity of :meth:`SiteSums.vector` to adding or removing one row.
+
+    One row with values clipped to ``[low, high]`` adds 1 to the count, x_j to each sum,
+    x_j^2 to each sum of squares and 1 to one class count, so with M_j = max(|low_j|,
+    |high_j|) its contribution has L2 norm at most sqrt(1 + sum M_j^2 + sum M_j^4 + 1).
+    """
+    largest = np.maximum(np.abs(low), np.abs(high))
+    return float(np.sqrt(2.0 + np.sum(largest**2) + np.sum(largest**4)))
+
+
 def add_sums(parts: Iterable[SiteSums]) -> SiteSums:
     """The sum of several sites' statistics, in the clear (where secure aggregation is off)."""
     listed = list(parts)

@@ -58,6 +58,9 @@ class LedgerEntry:
     # (fl_components.task.loading); None in entries written before it was recorded
     task: str | None = None
     task_sha256: str | None = None
+    # what was released: None for a DP-SGD round; "statistics" for one release of the
+    # site's noised federated statistics (Gaussian mechanism: sample_rate 1, steps 1)
+    mechanism: str | None = None
 
     @property
     def key(self) -> tuple[str, str, int, str] | None:
@@ -284,6 +287,7 @@ class PrivacyLedger:
         parameters_digest: str | None = None,
         task: str | None = None,
         task_sha256: str | None = None,
+        mechanism: str | None = None,
     ) -> None:
         """Append one trained round and save the ledger (re-read under a lock first).
 
@@ -313,6 +317,7 @@ class PrivacyLedger:
             parameters_digest=parameters_digest,
             task=task,
             task_sha256=task_sha256,
+            mechanism=mechanism,
         )
         with self._locked():  # another delivery of the same job may be recording right now
             if self.path.is_file():

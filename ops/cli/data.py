@@ -194,6 +194,11 @@ def stats(
         fail(error)
     for table in statistics_tables(result):
         console.print(table)
+    if result.epsilon is not None:
+        console.print(
+            f"differential privacy: each site clipped its values and noised its statistics "
+            f"(epsilon {result.epsilon:g} each, charged to its privacy ledger)"
+        )
     if result.secure:
         console.print(
             "[dim]per-site figures are not shown: under secure aggregation the coordinator "
