@@ -121,7 +121,7 @@ def measure(
         lr=0.05,
         device=device,  # type: ignore[arg-type]
         precision=precision,  # type: ignore[arg-type]
-        loader_workers=args.workers if device == "cuda" else 0,
+        loader_workers=args.workers if device == "cuda" else args.cpu_workers,
     )
     samples = len(train) * args.epochs
     _plain(task, train, config.model_copy(update={"epochs": 1}), target, 0)  # warm-up
@@ -175,6 +175,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=4, help="training.loader_workers (CUDA).")
+    parser.add_argument(
+        "--cpu-workers",
+        type=int,
+        default=2,
+        help="training.loader_workers on CPU (0: the augmentation draws from the process's "
+        "global generator and does not repeat).",
+    )
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--output", type=Path, default=OUTPUT)
     args = parser.parse_args()
@@ -198,6 +205,10 @@ def main() -> None:
         "local_train and by a plain torch loop with the same model, loader options, "
         "optimizer and autocast; samples/s is training examples x epochs over the wall time "
         "of the call (loading and decoding the PNG files included), best of the repetitions.",
+        "same_update_twice: two fedpipe runs from the same seed gave the same update bit for "
+        "bit. The task augments in __getitem__ with torch's generator: with loader_workers "
+        ">= 1 each worker's generator is seeded from the round's seed; with 0 it draws from "
+        "the process's global generator and the update does not repeat.",
     ]
     if cuda:
         notes.append(f"Ran on CUDA: {torch.cuda.get_device_name(0)}.")
