@@ -28,6 +28,7 @@ ORDER = [
     "dispatch",
     "communication",
     "size",
+    "gpu",
 ]
 
 

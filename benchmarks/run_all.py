@@ -33,6 +33,7 @@ FULL = [
     ["benchmarks/privacy_bench.py"],
     ["benchmarks/secagg_bench.py"],
     ["benchmarks/dispatch_bench.py"],
+    ["-m", "benchmarks.gpu_bench"],
     ["-m", "benchmarks.strategies_bench", "--rounds", "40", "--seeds", "3"],
     ["-m", "benchmarks.robustness_bench", "--rounds", "20", "--seeds", "2"],
     ["benchmarks/communication_bench.py"],

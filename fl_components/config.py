@@ -389,6 +389,9 @@ class ModelConfig(_Section):
         return value
 
 
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
 class TrainingConfig(_Section):
     """Local training at each site."""
 
@@ -409,6 +412,20 @@ class TrainingConfig(_Section):
     optimizer: OptimizerKind = "sgd"
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="'auto' picks CUDA when a GPU is present."
+    )
+    precision: Precision = Field(
+        default="fp32",
+        description="Mixed precision around the task's step: 'bf16' or 'fp16' run the "
+        "forward pass and the loss under torch.autocast (fp16 with a gradient scaler); the "
+        "weights, the optimizer and the update stay fp32. Not with record-level DP.",
+    )
+    loader_workers: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="Worker processes loading each site's batches (0: in the training "
+        "process). Workers are seeded from the round's seed, so a run repeats; batches are "
+        "copied into pinned memory when training on CUDA.",
     )
     threads: int | None = Field(
         default=None,
@@ -912,6 +929,14 @@ class FederationConfig(_Section):
             raise ValueError(
                 f"participation.min_participants ({self.participation.min_participants}) "
                 f"exceeds the number of sites ({len(self.sites)}); lower it or add sites"
+            )
+        if self.privacy.record_level and self.training.precision != "fp32":
+            raise ValueError(
+                f"training.precision is {self.training.precision!r} and privacy.mode is "
+                f"{self.privacy.mode!r}: Opacus clips and noises per-sample gradients in "
+                "fp32 and does not support autocast or a gradient scaler (a loss scale would "
+                "scale the clipping bound); set training.precision: fp32, or a privacy.mode "
+                "without record-level DP ('off' or 'participant')"
             )
         if self.task is not None and self.data.source == "site_files":
             raise ValueError(

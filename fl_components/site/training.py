@@ -7,9 +7,11 @@ weight; McMahan et al. 2017, AISTATS, arXiv:1602.05629, Algorithm 1, ClientUpdat
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from fl_components.config import TrainingConfig
 from fl_components.data.types import Split
+from fl_components.errors import ConfigError
 from fl_components.parameters import NDArrays, get_parameters, set_parameters, subtract
 from fl_components.round.types import LocalUpdate, Metrics, SiteInstructions
 from fl_components.site.objective import LocalObjective
@@ -69,14 +72,61 @@ def as_dataset(data: Split | Dataset[Any]) -> Dataset[Any]:
     return data
 
 
-def make_loader(data: Split | Dataset[Any], *, batch_size: int, seed: int) -> DataLoader[Any]:
-    """A shuffling loader over a split or dataset, its order fixed by ``seed``."""
+def seed_worker(worker_id: int) -> None:
+    """Seed a loader worker's numpy and ``random`` from the seed torch gave it.
+
+    torch seeds each worker's own generator with a base drawn from the loader's generator
+    plus the worker's index; a dataset that augments with numpy or ``random`` draws from
+    those, seeded here the same way, so a run with workers repeats.
+    """
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_loader(
+    data: Split | Dataset[Any],
+    *,
+    batch_size: int,
+    seed: int,
+    workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader[Any]:
+    """A shuffling loader over a split or dataset, its order fixed by ``seed``.
+
+    ``workers`` processes load the batches (0: this process), each seeded from the loader's
+    generator (:func:`seed_worker`); ``pin_memory`` copies batches into page-locked memory
+    for an asynchronous copy to the GPU.
+    """
     dataset = as_dataset(data)
     generator = torch.Generator().manual_seed(seed)
     size = len(dataset)  # type: ignore[arg-type]
+    if workers == 0 and not pin_memory:  # the plain loader, as before the options existed
+        return DataLoader(
+            dataset, batch_size=max(1, min(batch_size, size)), shuffle=True, generator=generator
+        )
     return DataLoader(
-        dataset, batch_size=max(1, min(batch_size, size)), shuffle=True, generator=generator
+        dataset,
+        batch_size=max(1, min(batch_size, size)),
+        shuffle=True,
+        generator=generator,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        worker_init_fn=seed_worker if workers else None,
     )
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@contextlib.contextmanager
+def autocast(precision: str, device: torch.device) -> Iterator[None]:
+    """``torch.autocast`` at ``precision`` ('bf16', 'fp16') on ``device``; nothing at 'fp32'."""
+    if precision == "fp32":
+        yield
+        return
+    with torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision]):
+        yield
 
 
 @dataclass
@@ -131,6 +181,7 @@ def train_epochs(
     adjust_gradients: Callable[[], None] | None = None,
     task: BoundTask | None = None,
     steps: int | None = None,
+    precision: str = "fp32",
 ) -> float:
     """Run ``epochs`` passes (or exactly ``steps`` batches); return the last pass's mean loss.
 
@@ -141,8 +192,12 @@ def train_epochs(
     are repeated until that many batches were drawn, the last pass cut short. ``loss_fn``
     defaults to the task's loss (cross-entropy without a task); DP-SGD passes the criterion
     Opacus wrapped (ghost clipping needs its own). The reported loss is the data loss alone.
+    ``precision`` 'bf16' or 'fp16' runs the step under ``torch.autocast``; at 'fp16' a
+    gradient scaler scales the loss, and the gradients are unscaled before
+    ``adjust_gradients`` so the strategy's terms add to the true gradient.
     """
     stepper = task if task is not None else CLASSIFICATION
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     loss_fn = loss_fn if loss_fn is not None else stepper.loss
     model.train()
     last_loss = float("nan")
@@ -161,11 +216,20 @@ def train_epochs(
                 continue
             batch = to_device(batch, device)
             optimizer.zero_grad(set_to_none=True)
-            loss: Any = stepper.train_step(model, batch, loss_fn)  # Tensor.backward: untyped
-            loss.backward()
-            if adjust_gradients is not None:
-                adjust_gradients()
-            optimizer.step()
+            with autocast(precision, device):
+                loss: Any = stepper.train_step(model, batch, loss_fn)  # Tensor.backward: untyped
+            if scaler is None:
+                loss.backward()
+                if adjust_gradients is not None:
+                    adjust_gradients()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                if adjust_gradients is not None:
+                    adjust_gradients()
+                scaler.step(optimizer)  # skipped when a gradient overflowed
+                scaler.update()
             total += float(loss.detach()) * size
             count += size
         last_loss = total / max(count, 1)
@@ -195,13 +259,26 @@ def local_train(
     gives the loss and the step (None: cross-entropy on (features, label) batches).
     """
     started = time.perf_counter()
+    if wrapper is not None and config.precision != "fp32":
+        # the site's own check: the config refuses this too, but a site never relies on it
+        raise ConfigError(
+            f"site {site}: training.precision is {config.precision!r} under record-level DP; "
+            "Opacus clips per-sample gradients in fp32 and supports neither autocast nor a "
+            "gradient scaler: set training.precision: fp32"
+        )
     device = pick_device(config.device)
     # the seed reaches the data order through the loader's own generator, never torch's
     # process-wide one (sites train side by side on threads)
     set_parameters(model, global_parameters)
     model.to(device)
     train = as_dataset(train)
-    loader = make_loader(train, batch_size=config.batch_size, seed=seed)
+    loader = make_loader(
+        train,
+        batch_size=config.batch_size,
+        seed=seed,
+        workers=config.loader_workers,
+        pin_memory=device.type == "cuda",
+    )
     objective = LocalObjective.build(model, global_parameters, instructions, folder=folder)
     initial_loss = (
         evaluate(model, global_parameters, train, device=config.device, task=task).loss
@@ -230,6 +307,7 @@ def local_train(
             adjust_gradients=run.adjust_gradients,
             task=task,
             steps=config.local_steps,
+            precision=config.precision,
         )
     finally:
         if run.close is not None:
