@@ -366,8 +366,10 @@ def test_a_partitioned_site_is_dropped_and_the_round_goes_on(
     row = next(line for line in first_round.splitlines() if line.startswith("| south |"))
     assert "dropped:" in row, row
     runs = _site_runs(client, api, "south", seen)
-    later = sorted(_round(n) for n, r in runs.items() if r["state_type"] == "COMPLETED")
-    assert later and later[0] > 1, f"south never took part again: {sorted(runs)}"
+    later = sorted(
+        _round(n) for n, r in runs.items() if r["state_type"] == "COMPLETED" and _round(n) > 1
+    )  # its round-1 run may still end COMPLETED once the link is back: too late, not counted
+    assert later, f"south never took part again: {sorted(runs)}"
     figures = {
         "partition_run_seconds": round(took, 1),
         "given_up_after_seconds": round(given_up - cut, 1),
