@@ -5,7 +5,9 @@ The coordinator's namespace runs `fedpipe up` (its servers on its own 127.0.0.1)
 proxy per server (what Caddy does in infra/compose.yaml) with `fedpipe certs`'s files;
 each site's worker runs in its own namespace and reaches the coordinator only through the
 proxy, trusting the federation's CA and nothing else. A run completes; a client with no
-credentials, another CA's trust store, or (MLflow) no client certificate is refused.
+credentials, another CA's trust store, or (MLflow) no client certificate is refused. A site
+whose link goes down mid-round is dropped (with its reason) and the round goes on; its link
+back up, it takes part again in a later round.
 
 Needs root and `ip netns`: run by `make test-multihost` (FEDPIPE_MULTIHOST=1), skipped
 otherwise.
