@@ -5,7 +5,9 @@ The coordinator's namespace runs `fedpipe up` (its servers on its own 127.0.0.1)
 proxy per server (what Caddy does in infra/compose.yaml) with `fedpipe certs`'s files;
 each site's worker runs in its own namespace and reaches the coordinator only through the
 proxy, trusting the federation's CA and nothing else. A run completes; a client with no
-credentials, another CA's trust store, or (MLflow) no client certificate is refused.
+credentials, another CA's trust store, or (MLflow) no client certificate is refused. A site
+whose link goes down mid-round is dropped (with its reason) and the round goes on; its link
+back up, it takes part again in a later round.
 
 Needs root and `ip netns`: run by `make test-multihost` (FEDPIPE_MULTIHOST=1), skipped
 otherwise.
@@ -161,7 +163,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
     mint(certs, hosts=hosts, sites=list(SITES), federation="netns")
     config = {
         "name": "netns-fed",
-        "rounds": 2,
+        "rounds": 3,  # the partition test drops south in round 1, takes it back after
         "sites": [{"name": s} for s in SITES],
         "participation": {"fraction": 1.0, "min_participants": 2},
         "data": {"dataset": "digits", "sites_dir": str(tmp / "sites")},
@@ -239,7 +241,7 @@ def test_a_run_completes_across_namespaces_over_tls(federation: dict[str, Any]) 
     ).json()
     pools = {c["work_pool_name"] for c in children if c["state_type"] == "COMPLETED"}
     assert pools == {f"fedpipe-{s}" for s in SITES}
-    print(f"\nmultihost: 2 rounds, 2 sites in their own namespaces over TLS: {took:.1f}s")
+    print(f"\nmultihost: 3 rounds, 2 sites in their own namespaces over TLS: {took:.1f}s")
     (federation["tmp"].parent / "multihost-figures.json").write_text(
         json.dumps({"run_seconds": round(took, 1), "participant_runs": len(children)})
     )
@@ -298,3 +300,83 @@ def test_wrong_certificate_or_no_credentials_is_refused(federation: dict[str, An
     assert forged != "200" and "Error" in forged, forged
     # the other site's link cannot reach this one's address: the namespaces are apart
     assert "Error" in _probe("south", "https://10.201.1.2:1/", ca)
+
+
+def _site_runs(client: httpx.Client, api: str, site: str, seen: set[str]) -> dict[str, Any]:
+    """The site's participant runs not in ``seen``, by name (`{site}-r{round}-{stage}-...`)."""
+    answer = client.post(
+        f"{api}/flow_runs/filter",
+        json={"flow_runs": {"tags": {"all_": ["fedpipe", f"site:{site}"]}}, "limit": 200},
+    )
+    assert answer.status_code == 200, answer.text
+    return {r["name"]: r for r in answer.json() if r["id"] not in seen}
+
+
+def _round(name: str) -> int:
+    return int(name.split("-")[1].removeprefix("r"))
+
+
+def test_a_partitioned_site_is_dropped_and_the_round_goes_on(
+    federation: dict[str, Any],
+) -> None:
+    """Once south's round-1 run is out, its link to the coordinator goes down: the round
+    ends without it (a dropout with its reason in the round's artifact), the run finishes,
+    and south, its link back up, takes part again in a later round."""
+    client, api = federation["client"], federation["api"]
+    deployment = client.get(f"{api}/deployments/name/federated-training/federated-training")
+    assert deployment.status_code == 200, deployment.text
+    config = deployment.json()["parameters"]["config"]
+    # one site is enough for a round (the sites' policy caps the rounds at the config's 3)
+    config["participation"] = {**config.get("participation", {}), "min_participants": 1}
+    seen = {r["id"] for r in _site_runs(client, api, "south", set()).values()}
+    started = time.monotonic()
+    run = client.post(
+        f"{api}/deployments/{deployment.json()['id']}/create_flow_run",
+        json={"parameters": {"config": config}},
+    )
+    assert run.status_code == 201, run.text
+    run_id = run.json()["id"]
+    link = ["-n", _ns("south"), "link", "set", f"fps{SITES['south']}"]
+    cut = given_up = None
+    state = ""
+    try:
+        while time.monotonic() - started < 300:
+            state = client.get(f"{api}/flow_runs/{run_id}").json()["state"]["type"]
+            if state in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}:
+                break
+            runs = _site_runs(client, api, "south", seen)
+            first = next((r for name, r in runs.items() if _round(name) == 1), None)
+            if cut is None and first is not None and first["state_type"] == "RUNNING":
+                _ip(*link, "down")  # mid-round: its job is out and being worked on
+                cut = time.monotonic()
+            elif cut is not None and given_up is None and first["state_type"] != "RUNNING":
+                given_up = time.monotonic()  # the coordinator gave up on it (cancelled)
+                _ip(*link, "up")
+            time.sleep(0.5)
+    finally:
+        _ip(*link, "up")
+    took = time.monotonic() - started
+    assert state == "COMPLETED", client.get(f"{api}/flow_runs/{run_id}").json()["state"]
+    assert cut is not None and given_up is not None, (cut, given_up)
+    artifacts = client.post(
+        f"{api}/artifacts/filter",
+        json={"artifacts": {"flow_run_id": {"any_": [run_id]}}, "limit": 50},
+    ).json()
+    rounds = {a["description"]: a["data"] for a in artifacts if a["type"] == "markdown"}
+    first_round = rounds["Round 1 of netns-fed"]
+    assert "participants: 1, dropouts: 1" in first_round, first_round
+    row = next(line for line in first_round.splitlines() if line.startswith("| south |"))
+    assert "dropped:" in row, row
+    runs = _site_runs(client, api, "south", seen)
+    later = sorted(
+        _round(n) for n, r in runs.items() if r["state_type"] == "COMPLETED" and _round(n) > 1
+    )  # its round-1 run may still end COMPLETED once the link is back: too late, not counted
+    assert later, f"south never took part again: {sorted(runs)}"
+    figures = {
+        "partition_run_seconds": round(took, 1),
+        "given_up_after_seconds": round(given_up - cut, 1),
+        "south_completed_rounds": later,
+        "south_round1": row,
+    }
+    print(f"\nmultihost partition: {json.dumps(figures)}")
+    (federation["tmp"].parent / "multihost-partition.json").write_text(json.dumps(figures))
