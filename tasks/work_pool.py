@@ -268,12 +268,17 @@ class _Liveness:
         return why if now - self.since >= self.grace else None
 
 
-def _dead_site_message(site: str, pool: str, why: str, *, waited: float | None) -> str:
+def _dead_site_message(
+    site: str, pool: str, why: str, *, waited: float | None, running: bool = False
+) -> str:
     when = "before dispatch" if waited is None else f"after {waited:.0f}s of waiting"
-    return (
-        f"site {site!r} skipped {when}: {why}, so its flow run cannot start; "
-        f"{_restart_advice(site, pool)}"
+    # a run the site had started: its worker (or the link to it) went away mid-run
+    consequence = (
+        "so its running flow run cannot report back (the worker stopped, or the site is cut off)"
+        if running
+        else "so its flow run cannot start"
     )
+    return f"site {site!r} skipped {when}: {why}, {consequence}; {_restart_advice(site, pool)}"
 
 
 def _wait(
@@ -333,7 +338,13 @@ def _wait(
                 client.set_flow_run_state(run_id, Cancelled(message=reason), force=True)
                 if why is not None:
                     raise ParticipantError(
-                        _dead_site_message(site, pool, why, waited=now - started),
+                        _dead_site_message(
+                            site,
+                            pool,
+                            why,
+                            waited=now - started,
+                            running=run.state is not None and run.state.is_running(),
+                        ),
                         kind=DropoutKind.UNREACHABLE,
                     )
                 raise ParticipantError(

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tasks.work_pool import _Liveness
+from tasks.work_pool import _dead_site_message, _Liveness
 
 
 @dataclass
@@ -44,3 +44,15 @@ def test_a_pool_is_dead_only_after_reading_so_for_the_grace() -> None:
     assert liveness.dead(client, now=127.0) is None  # the grace starts again
     why = liveness.dead(client, now=157.0)
     assert why is not None and "has no live worker" in why
+
+
+def test_the_dropout_reason_says_whether_the_sites_run_had_started() -> None:
+    """A run not yet started cannot start; one the site was running cannot report back (its
+    worker stopped, or the site was cut off mid-round, as tests/multihost partitions it)."""
+    why = "work pool 'fedpipe-east' has no live worker (pool NOT_READY)"
+    pending = _dead_site_message("east", "fedpipe-east", why, waited=40)
+    running = _dead_site_message("east", "fedpipe-east", why, waited=40, running=True)
+
+    assert "after 40s of waiting" in pending and "so its flow run cannot start" in pending
+    assert "cannot start" not in running and "cannot report back" in running
+    assert "fedpipe site restart east" in running
