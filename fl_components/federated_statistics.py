@@ -25,13 +25,15 @@ most ``epsilon`` at ``delta`` under the site's Opacus accountant (RDP: Mironov 2
 arXiv:1702.07476). Each site's guarantee so rests on its own noise alone, whoever else
 colludes (the sum carries sqrt(n) times the noise one central release would). The release
 is charged to the site's privacy ledger as ``(z, 1.0, 1)`` with mechanism "statistics",
-composed with its DP-SGD rounds; a site whose ``privacy.max_epsilon`` it would pass refuses.
+composed with its DP-SGD rounds; a site whose budget (the config's, capped by its own policy) it
+would pass refuses.
 """
 
 from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -67,6 +69,7 @@ from fl_components.secure_aggregation.protocol import (
     default_threshold,
 )
 from fl_components.secure_aggregation.protocol.quantize import max_bits
+from fl_components.site.policy import enforce, load_policy, policy_path
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,7 @@ def site_statistics(
     delta = rules.delta or default_delta(max(1, len(data.train)))
     z = noise_multiplier_for(rules.epsilon, delta, accountant=config.privacy.accountant)
     ledger = PrivacyLedger.open(folder, site=name, accountant=config.privacy.accountant)
-    budget = config.privacy.max_epsilon
+    budget = _site_budget(config, folder)
     ledger.check_round(
         noise_multiplier=z, sample_rate=1.0, steps=1, delta=delta, max_epsilon=budget
     )
@@ -135,6 +138,18 @@ def site_statistics(
     )
     sigma = z * sensitivity(low, high)
     return noised_sums(sums, sigma, rng or np.random.default_rng()), data.train.columns
+
+
+def _site_budget(config: FederationConfig, folder: Path) -> float | None:
+    """The budget a release is checked against: the config's, never above the site's own.
+
+    The config's ``privacy.max_epsilon``, capped by ``max_epsilon_total`` in the site's
+    policy.yaml where it has one: a config cannot lift what the site set.
+    """
+    path = policy_path(folder)
+    if not path.is_file():
+        return config.privacy.max_epsilon
+    return enforce(load_policy(path), config).privacy.max_epsilon
 
 
 def public_bounds(

@@ -140,3 +140,24 @@ def test_fedpipe_stats_refuses_one_site_and_reports_the_noise(tmp_path: Path) ->
     assert one.exit_code == 2 and "min_sites" in one.output and "Traceback" not in one.output
     assert noised.exit_code == 0, noised.output
     assert "epsilon 1 each, charged to its privacy ledger" in " ".join(noised.output.split())
+
+
+def test_the_sites_own_policy_caps_the_statistics_budget(tmp_path: Path) -> None:
+    """The config sets no budget, but north's own policy.yaml says 1.2 in all: the second
+    release is refused at north, whatever the config says (a job cannot lift a site's cap)."""
+    from fl_components.site.policy import PrivacyFloor, SitePolicy, policy_path
+
+    _write_sites(tmp_path)
+    config = _private(tmp_path)
+    assert config.privacy.max_epsilon is None
+    SitePolicy(
+        federation=config.name,
+        coordinator_key_id="0" * 64,
+        privacy=PrivacyFloor(max_epsilon_total=1.2),
+    ).save(policy_path(site_folder(config, "north")))
+    federation_statistics(config)  # epsilon 1 of north's 1.2
+
+    with pytest.raises(BudgetExhaustedError, match=r"1\.2"):
+        federation_statistics(config)
+    ledger = PrivacyLedger.load(site_folder(config, "north") / LEDGER_FILE)
+    assert len(ledger.entries) == 1
