@@ -271,45 +271,8 @@ def provision_mlflow_users(mlflow_url: str, credentials: StackCredentials) -> No
     """
     users = [credentials.coordinator, credentials.reader, *credentials.sites.values()]
     for user in users:
-        body = {"username": user.username, "password": user.password}
-        create = "/api/2.0/mlflow/users/create"
-        made = _admin_call(mlflow_url, credentials, "POST", create, json=body)
-        if made.status_code == 200:
-            continue
-        updated = _admin_call(
-            mlflow_url, credentials, "PATCH", "/api/2.0/mlflow/users/update-password", json=body
-        )
-        if updated.status_code != 200:
-            raise StackError(
-                f"the MLflow server at {mlflow_url} did not create user {user.username!r} "
-                f"(HTTP {made.status_code}, then {updated.status_code} updating it); see its log "
-                "under the stack's logs/mlflow-server.log"
-            )
-    experiments = (
-        _admin_call(
-            mlflow_url,
-            credentials,
-            "GET",
-            "/api/2.0/mlflow/experiments/search",
-            params={"max_results": 1000},
-        )
-        .json()
-        .get("experiments", [])
-    )
-    models = (
-        _admin_call(
-            mlflow_url,
-            credentials,
-            "GET",
-            "/api/2.0/mlflow/registered-models/search",
-            params={"max_results": 1000},
-        )
-        .json()
-        .get("registered_models", [])
-    )
-    grants = [("experiment", e["experiment_id"]) for e in experiments]
-    grants += [("registered_model", m["name"]) for m in models]
-    for resource_type, resource_id in grants:
+        _ensure_user(mlflow_url, credentials, user)
+    for resource_type, resource_id in _existing_resources(mlflow_url, credentials):
         for user in users:
             permission = "MANAGE" if user == credentials.coordinator else "READ"
             _admin_call(
@@ -324,6 +287,41 @@ def provision_mlflow_users(mlflow_url: str, credentials: StackCredentials) -> No
                     "permission": permission,
                 },
             )
+
+
+def _ensure_user(mlflow_url: str, credentials: StackCredentials, user: UserCredentials) -> None:
+    """Create the MLflow user, or set its password if it exists (a stack restarted)."""
+    body = {"username": user.username, "password": user.password}
+    made = _admin_call(mlflow_url, credentials, "POST", "/api/2.0/mlflow/users/create", json=body)
+    if made.status_code == 200:
+        return
+    updated = _admin_call(
+        mlflow_url, credentials, "PATCH", "/api/2.0/mlflow/users/update-password", json=body
+    )
+    if updated.status_code != 200:
+        raise StackError(
+            f"the MLflow server at {mlflow_url} did not create user {user.username!r} "
+            f"(HTTP {made.status_code}, then {updated.status_code} updating it); see its log "
+            "under the stack's logs/mlflow-server.log"
+        )
+
+
+def _existing_resources(mlflow_url: str, credentials: StackCredentials) -> list[tuple[str, str]]:
+    """The experiments and registered models on the server now, as permission targets."""
+    found: list[tuple[str, str]] = []
+    for path, key, resource_type, field in (
+        ("experiments/search", "experiments", "experiment", "experiment_id"),
+        ("registered-models/search", "registered_models", "registered_model", "name"),
+    ):
+        listed = _admin_call(
+            mlflow_url,
+            credentials,
+            "GET",
+            f"/api/2.0/mlflow/{path}",
+            params={"max_results": 1000},
+        ).json()
+        found += [(resource_type, str(item[field])) for item in listed.get(key, [])]
+    return found
 
 
 def record_extra(credentials: StackCredentials) -> dict[str, Any]:
