@@ -232,6 +232,23 @@ def _write_env(path: Path, minted: Minted) -> None:
     minted.written.append(path)
 
 
+def _check_request(hosts: list[str], sites: list[str], days: int) -> None:
+    """Refuse no host, a bad site name or fewer than one day, before anything is written."""
+    if not hosts:
+        raise CertsError(
+            "no --host given: name each DNS name or IP address the sites reach the "
+            "coordinator by (e.g. --host fl.example.org --host 10.0.0.5)"
+        )
+    if days < 1:
+        raise CertsError(f"--days {days}: a certificate must be valid at least 1 day")
+    for site in sites:
+        if not _NAME.match(site) or site == COORDINATOR_CLIENT:
+            raise CertsError(
+                f"--site {site!r}: a site name is 1-63 lowercase letters, digits, '-' or '_' "
+                f"(and not {COORDINATOR_CLIENT!r}), as in the federation config"
+            )
+
+
 def mint(
     folder: Path,
     *,
@@ -247,19 +264,7 @@ def mint(
     CertsError
         If no host is given, a site name or host is not valid, or ``days`` is below 1.
     """
-    if not hosts:
-        raise CertsError(
-            "no --host given: name each DNS name or IP address the sites reach the "
-            "coordinator by (e.g. --host fl.example.org --host 10.0.0.5)"
-        )
-    if days < 1:
-        raise CertsError(f"--days {days}: a certificate must be valid at least 1 day")
-    for site in sites:
-        if not _NAME.match(site) or site == COORDINATOR_CLIENT:
-            raise CertsError(
-                f"--site {site!r}: a site name is 1-63 lowercase letters, digits, '-' or '_' "
-                f"(and not {COORDINATOR_CLIENT!r}), as in the federation config"
-            )
+    _check_request(hosts, sites, days)
     _san(hosts)  # refuse a bad host before anything is written
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "sites").mkdir(exist_ok=True)
