@@ -256,6 +256,28 @@ def site_state(record: dict[str, Any], site: str) -> str:
     return "executor not answering (the worker runs flow runs cold)"
 
 
+def _join_running_stack(
+    paths: StackPaths, record: dict[str, Any], *, name: str, data: Path, pool: str
+) -> None:
+    """Add a site to the running stack: its MLflow user, pool, deployment and enrolment."""
+    from prefect.settings import temporary_settings
+
+    if load_credentials(paths.root) is not None:  # the new site's own MLflow user
+        credentials = ensure_credentials(paths.root, [name])
+        provision_mlflow_users(record["mlflow_url"], credentials)
+    config_file = paths.root / "federation.json"
+    config = FederationConfig.model_validate_json(config_file.read_text())
+    if name not in config.site_names:
+        raw = config.model_dump(mode="json", exclude_unset=True)
+        raw["sites"].append({"name": name, "data_path": str(data.resolve()), "work_pool": pool})
+        config = FederationConfig.model_validate(raw)
+    with temporary_settings(updates=prefect_settings(paths.root, record["prefect_api_url"])):
+        ensure_pool(pool)
+        deploy_participant(config, name)
+    config_file.write_text(config.model_dump_json(indent=2, exclude_unset=True) + "\n")
+    enrol_site(paths, config, name, data.resolve())
+
+
 def site_init(*, name: str, data: Path, root: Path) -> dict[str, Any]:
     """Onboard a site: keys and registry entry, and (stack running) its pool and deployment.
 
@@ -286,22 +308,7 @@ def site_init(*, name: str, data: Path, root: Path) -> dict[str, Any]:
     state_file = paths.state_file
     record = json.loads(state_file.read_text()) if state_file.is_file() else None
     if record is not None and record.get("processes"):
-        from prefect.settings import temporary_settings
-
-        if load_credentials(paths.root) is not None:  # the new site's own MLflow user
-            credentials = ensure_credentials(paths.root, [name])
-            provision_mlflow_users(record["mlflow_url"], credentials)
-        config_file = paths.root / "federation.json"
-        config = FederationConfig.model_validate_json(config_file.read_text())
-        if name not in config.site_names:
-            raw = config.model_dump(mode="json", exclude_unset=True)
-            raw["sites"].append({"name": name, "data_path": str(data.resolve()), "work_pool": pool})
-            config = FederationConfig.model_validate(raw)
-        with temporary_settings(updates=prefect_settings(paths.root, record["prefect_api_url"])):
-            ensure_pool(pool)
-            deploy_participant(config, name)
-        config_file.write_text(config.model_dump_json(indent=2, exclude_unset=True) + "\n")
-        enrol_site(paths, config, name, data.resolve())
+        _join_running_stack(paths, record, name=name, data=data, pool=pool)
         record["sites"][name] = entry
         state_file.write_text(json.dumps(record, indent=2) + "\n")
         api_url = record["prefect_api_url"]
