@@ -238,6 +238,27 @@ def sign_decision(decision: ApprovalDecision, keys: SiteKeys) -> SignedDecision:
     )
 
 
+def _check_signed_by_site(signed: SignedDecision, site_public: bytes) -> None:
+    """Refuse a decision not signed by the site's own key, or altered since it was."""
+    expected_key = key_id_of(site_public)
+    if signed.key_id != expected_key:
+        raise DecisionRefused(
+            f"the decision is signed by key {signed.key_id[:16]}..., not this site's own key "
+            f"{expected_key[:16]}...: only `fedpipe site approve|reject` on this site's host "
+            "decides"
+        )
+    try:
+        signature = base64.b64decode(signed.signature, validate=True)
+        Ed25519PublicKey.from_public_bytes(site_public).verify(
+            signature, decision_bytes(signed.decision, key_id=signed.key_id)
+        )
+    except (ValueError, InvalidSignature):
+        raise DecisionRefused(
+            "the decision's signature does not verify against this site's key: it was "
+            "edited after signing, or forged"
+        ) from None
+
+
 def verify_decision(
     signed: SignedDecision,
     *,
@@ -265,23 +286,7 @@ def verify_decision(
         Naming the first check that failed: another key, a bad signature, or another site,
         federation, config, task code, run or request.
     """
-    expected_key = key_id_of(site_public)
-    if signed.key_id != expected_key:
-        raise DecisionRefused(
-            f"the decision is signed by key {signed.key_id[:16]}..., not this site's own key "
-            f"{expected_key[:16]}...: only `fedpipe site approve|reject` on this site's host "
-            "decides"
-        )
-    try:
-        signature = base64.b64decode(signed.signature, validate=True)
-        Ed25519PublicKey.from_public_bytes(site_public).verify(
-            signature, decision_bytes(signed.decision, key_id=signed.key_id)
-        )
-    except (ValueError, InvalidSignature):
-        raise DecisionRefused(
-            "the decision's signature does not verify against this site's key: it was "
-            "edited after signing, or forged"
-        ) from None
+    _check_signed_by_site(signed, site_public)
     decision = signed.decision
     bindings: list[tuple[str, str, str | None]] = [
         ("site", decision.site, site),
