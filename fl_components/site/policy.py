@@ -414,12 +414,7 @@ def check_job(
     """
     _check_origin(policy, config, key_id=key_id, task_code=task_code, installed=installed_task_code)
     _check_rounds_per_run(policy, config, round_num=round_num)
-    labels = policy.columns.labels
-    if labels is not None and config.data.label_column not in labels:
-        raise _breach(
-            f"columns.labels ({', '.join(labels)})",
-            f"the job's data.label_column is {config.data.label_column!r}",
-        )
+    _check_label_column(policy, config)
     if stage not in (*TRAINING_STAGES, "unmask", "evaluate"):
         raise RejectedJob(RejectReason.MALFORMED, f"unknown stage {stage!r}")
     _check_secure_aggregation(
@@ -432,6 +427,16 @@ def check_job(
                 f"rounds.max_per_day ({policy.rounds.max_per_day})",
                 f"this site trained {rounds_today} rounds in the last 24 hours; try tomorrow",
             )
+
+
+def _check_label_column(policy: SitePolicy, config: FederationConfig) -> None:
+    """Refuse a label column the site's policy does not list (where it lists any)."""
+    labels = policy.columns.labels
+    if labels is not None and config.data.label_column not in labels:
+        raise _breach(
+            f"columns.labels ({', '.join(labels)})",
+            f"the job's data.label_column is {config.data.label_column!r}",
+        )
 
 
 def _check_origin(
