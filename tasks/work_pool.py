@@ -365,6 +365,36 @@ def signed_parameters(job: SignedSiteJob) -> dict[str, Any]:
     return {"job": body}
 
 
+def _create_site_run(
+    name: str,
+    parameters: dict[str, Any],
+    *,
+    site: str,
+    round_num: int,
+    stage: str,
+    run_id: str,
+) -> FlowRun:
+    """Create the site's participant flow run from its deployment (not waiting for it)."""
+    with _CREATE_LOCK:
+        try:
+            # prefect's async_dispatch types it FlowRun | Coroutine; a sync caller gets the run
+            created: FlowRun = run_deployment(  # type: ignore[assignment]
+                name,
+                parameters=parameters,
+                timeout=0,
+                # the coordinator run's short id: runs of different trainings tell apart
+                flow_run_name=f"{site}-r{round_num}-{stage}-{run_id[:8]}",
+                tags=["fedpipe", f"site:{site}", f"round:{round_num}"],
+            )
+        except ObjectNotFound:
+            raise ParticipantError(
+                f"site {site!r}: no deployment {name!r}; onboard the site with "
+                f"`fedpipe site init {site} --data PATH` or start the stack with `fedpipe up`",
+                kind=DropoutKind.UNREACHABLE,
+            ) from None
+    return created
+
+
 @task(
     name="participant",
     task_run_name="participant-{job.audience}-r{job.message.round}-{job.message.stage}",
@@ -385,23 +415,9 @@ def run_participant(job: SignedSiteJob) -> dict[str, Any]:
         raise ParticipantError(
             _dead_site_message(site, pool, why, waited=None), kind=DropoutKind.UNREACHABLE
         )
-    with _CREATE_LOCK:
-        try:
-            # prefect's async_dispatch types it FlowRun | Coroutine; a sync caller gets the run
-            created: FlowRun = run_deployment(  # type: ignore[assignment]
-                name,
-                parameters=parameters,
-                timeout=0,
-                # the coordinator run's short id: runs of different trainings tell apart
-                flow_run_name=f"{site}-r{round_num}-{stage}-{run_id[:8]}",
-                tags=["fedpipe", f"site:{site}", f"round:{round_num}"],
-            )
-        except ObjectNotFound:
-            raise ParticipantError(
-                f"site {site!r}: no deployment {name!r}; onboard the site with "
-                f"`fedpipe site init {site} --data PATH` or start the stack with `fedpipe up`",
-                kind=DropoutKind.UNREACHABLE,
-            ) from None
+    created = _create_site_run(
+        name, parameters, site=site, round_num=round_num, stage=stage, run_id=run_id
+    )
     created_after = time.perf_counter() - started
     run = _wait(
         created.id,
