@@ -45,8 +45,8 @@ def test_top_k_in_the_clear_reports_exact_bytes_and_keeps_residuals(
 
     assert report.metrics["bytes/up"] == 3 * (28 + 8 * k)  # frame + k (index, value) pairs
     assert report.metrics["bytes/up/site/site-0"] == 28 + 8 * k
-    for update in report.updates:
-        assert sum(int(np.count_nonzero(a)) for a in update.delta) <= k
+    # (the mean folds each update as it arrives and keeps no delta: what each site sent, k
+    # values, is what the byte counts above show)
     for site in names:
         assert (site_folder(config, site) / RESIDUAL_FILE).is_file()
 
