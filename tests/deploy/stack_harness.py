@@ -107,7 +107,10 @@ def running_stack(
     record = json.loads((state / "stack.json").read_text())
     from ops.stack.credentials import prefect_auth, stack_client_env
 
-    # this process talks to the stack as its coordinator: credentials from the state folder
+    # this process talks to the stack as its coordinator: credentials from the state folder;
+    # a stack started inside another's session (the PostgreSQL one) gives the outer one's
+    # back when it stops
+    outer = _AUTH.get("prefect")
     auth = prefect_auth(state)
     if auth is not None:
         _AUTH["prefect"] = auth
@@ -115,7 +118,10 @@ def running_stack(
         with stack_client_env(state):
             yield record
     finally:
-        _AUTH.pop("prefect", None)
+        if outer is not None:
+            _AUTH["prefect"] = outer
+        else:
+            _AUTH.pop("prefect", None)
         down = _fedpipe("down", "--state-dir", str(state), timeout=120)
         assert down.returncode == 0, down.stdout + down.stderr
         assert "no process left" in down.stdout
