@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	# the dask extra too, so the suite runs the Dask runner on a local cluster (ray's is
 	# optional: its test runs where `pip install -e '.[ray]'` was done, and skips otherwise)
 	$(BIN)/python -m pip install --quiet -e '.[dev,dask]'
+	# Prefect's empty database, made once: a run in a fresh folder then skips its migrations
+	$(BIN)/fedpipe server prepare
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -157,7 +157,11 @@ def _identity_of(spec: str) -> TaskIdentity:
 
 def _version(package: str) -> str:
     """The installed distribution's version providing ``package``; 'unknown' when none."""
-    names = importlib.metadata.packages_distributions().get(package, [package])
+    try:  # most packages are their distribution's name: one lookup, not a scan of them all
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    names = importlib.metadata.packages_distributions().get(package, [])
     for name in names:
         try:
             return importlib.metadata.version(name)

@@ -9,7 +9,7 @@ label balance, unscaled and ID-like columns, and the error that stops a site, if
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -17,12 +17,10 @@ from rich.table import Table
 from fl_components.config import FederationConfig, config_from_dict
 from fl_components.data.check import DataCheck, check_sites, pin_columns, site_folder
 from fl_components.errors import ConfigError, FedpipeError
-from fl_components.federated_statistics import (
-    StatisticsResult,
-    federation_statistics,
-    with_federation_scaling,
-)
 from ops.cli.app import console, fail, read_config_file
+
+if TYPE_CHECKING:
+    from fl_components.federated_statistics import StatisticsResult
 
 
 def data_table(check: DataCheck) -> Table:
@@ -90,6 +88,9 @@ def checked_before_run(config: FederationConfig) -> FederationConfig:
     pinned = pin_columns(config, check)
     if pinned.data.scale != "federation" or pinned.data.scaling is not None:
         return pinned
+    # imported here: it imports torch (~1 s), which would delay every command's start
+    from fl_components.federated_statistics import with_federation_scaling
+
     try:
         scaled = with_federation_scaling(pinned)
     except FedpipeError as error:
@@ -189,6 +190,9 @@ def stats(
                 f"--site {', '.join(unknown)}: no such site in {config_path} "
                 f"(sites: {', '.join(config.site_names)})"
             )
+        # imported here: it imports torch (~1 s), which would delay every command's start
+        from fl_components.federated_statistics import federation_statistics
+
         result = federation_statistics(config, sites=tuple(site) if site else None)
     except FedpipeError as error:
         fail(error)

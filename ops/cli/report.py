@@ -16,7 +16,6 @@ import typer
 
 from fl_components.config import FederationConfig
 from fl_components.errors import FedpipeError
-from fl_components.tracking import run_url
 from ops.cli.app import console, fail
 from ops.run_report import QuietRun
 
@@ -89,6 +88,10 @@ def print_where_to_look(summary: Any) -> None:
         f"--host 127.0.0.1 --port {port}",
         soft_wrap=True,
     )
+    # imported here: fl_components.tracking imports torch (~1 s), which would delay every
+    # command's start (this runs after the run, when it is imported already)
+    from fl_components.tracking import run_url
+
     link = run_url(
         f"http://127.0.0.1:{port}",
         experiment_id=summary.experiment_id,

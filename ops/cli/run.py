@@ -53,12 +53,15 @@ def run_with_progress(config: FederationConfig, *, quiet: QuietRun, resume: str 
     process's last events and logs, and a bounded time to record them, before it stops.
     """
     server = start_temporary_server()  # boots while the imports below run
+    from ops.startup import warm_in_background
+
+    if server is not None:  # the run's one-time costs, paid while it boots
+        warm_in_background(config)
     from flows.federated_training import federated_training
     from flows.naming import run_name
     from flows.progress import listening
     from flows.runners import task_runner_for
     from ops.servers.temporary import TemporaryServer, flush_and_wait
-    from ops.startup import warm_in_background
 
     console.print(
         f"[bold]fedpipe[/] federation [cyan]{config.name}[/]: {len(config.sites)} sites, "
@@ -113,7 +116,6 @@ def run_with_progress(config: FederationConfig, *, quiet: QuietRun, resume: str 
         )
         try:
             if server is not None:
-                warm_in_background()
                 server.wait_ready(timeout=_startup_timeout())
             with server.serving() if server else contextlib.nullcontext(), listening(on_event):
                 try:

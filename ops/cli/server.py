@@ -43,6 +43,38 @@ def server_start(
     )
 
 
+@server_app.command("prepare")
+def server_prepare() -> None:
+    """Make Prefect's empty database once, so that runs in fresh folders skip its migrations.
+
+    `make` runs this when it creates the environment; a run in a fresh folder does it too,
+    from its own server, when it finds none.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from ops.servers import schema
+    from ops.servers.temporary import TemporaryServer
+
+    template = schema.template_path()
+    if not template.is_file():
+        with tempfile.TemporaryDirectory(prefix="fedpipe-schema-") as home:
+            os.environ["PREFECT_HOME"] = home
+            with console.status("making Prefect's database schema (once)..."):
+                server = TemporaryServer.start(Path(home) / "server.log")
+                try:
+                    server.wait_ready(timeout=300)  # its start writes the template
+                except FedpipeError as error:
+                    console.print(f"[bold red]error:[/] {error}", soft_wrap=True)
+                    raise typer.Exit(code=1) from None
+                finally:
+                    server.stop()
+    if not template.is_file():
+        console.print(f"[bold red]error:[/] could not write {template} (is the folder writable?)")
+        raise typer.Exit(code=1)
+    console.print(f"Prefect's empty database for fresh folders: {template}", soft_wrap=True)
+
+
 @server_app.command("stop")
 def server_stop() -> None:
     """Stop the local server."""

@@ -9,7 +9,6 @@ from typing import Annotated
 import typer
 
 from fl_components.errors import FedpipeError
-from fl_components.tracking import CLASSIC_VIEW
 from ops.cli.app import STACK_DIR, console, fail
 
 
@@ -61,6 +60,10 @@ def up(
     console.print(f"[bold green]stack up[/] in {time.perf_counter() - started:.1f}s")
     console.print(f"Prefect UI: {record['prefect_ui_url']}  (API {record['prefect_api_url']})")
     # the classic (model-training) view: MLflow 3 would open its GenAI view
+    # imported here: fl_components.tracking imports torch (~1 s), which would delay every
+    # command's start
+    from fl_components.tracking import CLASSIC_VIEW
+
     console.print(f"MLflow UI:  {record['mlflow_url']}/#/experiments?{CLASSIC_VIEW}")
     for site, entry in record["sites"].items():
         console.print(f"  site {site}: pool {entry['pool']}, data {entry['data']}")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fl_components.errors import FedpipeError
+from ops.servers import schema
 from ops.servers.temporary import LOCAL_PORT, healthy
 
 RECORD = "fedpipe-server.json"
@@ -104,6 +105,7 @@ def start(*, port: int = LOCAL_PORT, timeout: float = 120.0) -> LocalServer:
     }
     env.pop("PREFECT_API_URL", None)
     (_home() / PID_FILE).unlink(missing_ok=True)  # a stale file from a killed server
+    schema.seed(_home())  # a fresh folder: Prefect's migrations done already
     done = _prefect(
         "server", "start", "--background", "--host", "127.0.0.1", "--port", str(port), env=env
     )

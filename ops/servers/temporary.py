@@ -36,6 +36,7 @@ from typing import Any, TextIO
 from uuid import UUID
 
 from fl_components.errors import FedpipeError
+from ops.servers import schema
 
 PORT_IN_USE = 3  # uvicorn's exit code when its port is taken
 LOCAL_PORT = 4200  # `fedpipe server start`'s default port (ops.servers.local)
@@ -66,6 +67,9 @@ class TemporaryServer:
     process: subprocess.Popen[bytes]
     log_path: Path
     log: TextIO
+    # its database is new and empty (neither seeded from the template nor used before): kept
+    # as the template for the next fresh folder (ops.servers.schema) once the server is up
+    keep_as_template: bool = False
 
     @property
     def api_url(self) -> str:
@@ -78,7 +82,10 @@ class TemporaryServer:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log = log_path.open("a")
         port = _free_port()
-        server = cls(port, _launch(port, log), log_path, log)
+        home = schema.prefect_home()
+        new = schema.uses_default_database() and not (home / schema.DATABASE).exists()
+        seeded = schema.seed(home)  # a fresh folder: its migrations are done already
+        server = cls(port, _launch(port, log), log_path, log, new and not seeded)
         server._record()
         return server
 
@@ -118,6 +125,8 @@ class TemporaryServer:
                     f"the temporary Prefect server exited with code {code}; see {self.log_path}"
                 )
             if healthy(f"{self.api_url}/health"):
+                if self.keep_as_template:  # before any run writes to it
+                    schema.snapshot(schema.prefect_home() / schema.DATABASE)
                 return
             time.sleep(0.1)
         raise FedpipeError(
