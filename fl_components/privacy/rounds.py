@@ -373,7 +373,7 @@ class PrivacyRounds:
             if "epsilon" in update.extra:
                 self.note_site_epsilons({update.site: update.extra["epsilon"]})
                 metrics[f"privacy/site/{update.site}/epsilon"] = update.extra["epsilon"]
-                if update.extra.get("remaining", -1.0) >= 0:
+                if "remaining" in update.extra:  # absent: the site's budget is unlimited
                     metrics[f"privacy/site/{update.site}/remaining"] = update.extra["remaining"]
         self.note_site_epsilons({s: e for s, e in declined.items() if e is not None})
         for site, spent in declined.items():
