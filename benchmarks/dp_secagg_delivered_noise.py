@@ -15,7 +15,6 @@ import numpy as np
 
 from fl_components.config import config_from_dict
 from fl_components.privacy.ledger import epsilon_of
-from fl_components.privacy.rounds import PrivacyRounds
 from fl_components.round.types import LocalUpdate
 from fl_components.secure_aggregation.site_stages import prepare_update, round_context
 from fl_components.strategies import FedAvg
@@ -40,7 +39,7 @@ def main(runs: int) -> None:
         "secure_aggregation": {"enabled": True},
     }
     config = config_from_dict(raw)
-    strategy = DPFedAvg(FedAvg(), PrivacyRounds(config))
+    strategy = DPFedAvg(FedAvg(), config)
     state = strategy.initial_state([np.zeros(D, dtype=np.float32)])
     e0 = np.zeros(D)
     e0[0] = 5.0

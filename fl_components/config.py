@@ -277,31 +277,8 @@ class DataConfig(_Section):
                 f"data.delimiter and data.decimal are both {self.delimiter!r}; a CSV with a "
                 "decimal comma separates fields with ';' (set data.delimiter: ';')"
             )
-        named = {"label_column": (self.label_column,), "drop": self.drop}
         if self.columns is not None:
-            repeated = sorted({c for c in self.columns if self.columns.count(c) > 1})
-            if repeated:
-                raise ValueError(f"data.columns names {repeated} more than once; list each once")
-            for field, names in named.items():
-                both = sorted(set(names) & set(self.columns))
-                if both:
-                    raise ValueError(
-                        f"data.columns and data.{field} both name {both}; a column is a "
-                        f"feature or the {field.replace('_', ' ')}, not both"
-                    )
-            unknown = sorted(set(self.categorical) - set(self.columns))
-            if unknown:
-                raise ValueError(
-                    f"data.categorical names {unknown}, which are not in data.columns; add "
-                    "them to data.columns or remove them from data.categorical"
-                )
-            width = sum(len(self.categorical.get(c, (0,))) for c in self.columns)
-            if self.n_features is not None and self.n_features != width:
-                raise ValueError(
-                    f"data.n_features is {self.n_features} but data.columns gives {width} "
-                    "model inputs (categorical columns count one per level); remove "
-                    "data.n_features or make it match"
-                )
+            self._check_columns(self.columns)
         if self.categorical and self.columns is None:
             raise ValueError(
                 f"data.categorical ({', '.join(self.categorical)}) needs data.columns: list the "
@@ -318,22 +295,53 @@ class DataConfig(_Section):
                     f"(got {list(levels)})"
                 )
         if self.label_map is not None:
-            if not self.label_map:
-                raise ValueError("data.label_map is empty; map each label value to a class index")
-            n = self.n_classes
-            bad = {k: v for k, v in self.label_map.items() if v < 0 or (n is not None and v >= n)}
-            if bad:
-                raise ValueError(
-                    f"data.label_map maps {bad} outside 0..{(n or 1) - 1}; class indices run "
-                    "0..n_classes-1 (raise data.n_classes or fix the map)"
-                )
-            unused = sorted(set(range(n or 0)) - set(self.label_map.values()))
-            if unused:
-                raise ValueError(
-                    f"data.label_map gives no label value for class(es) {unused} of "
-                    f"data.n_classes ({n}); map a value to each class or lower data.n_classes"
-                )
+            self._check_label_map(self.label_map)
         return self
+
+    def _check_columns(self, columns: tuple[str, ...]) -> None:
+        """data.columns: each named once, none also the label or dropped, widths that add up."""
+        named = {"label_column": (self.label_column,), "drop": self.drop}
+        repeated = sorted({c for c in columns if columns.count(c) > 1})
+        if repeated:
+            raise ValueError(f"data.columns names {repeated} more than once; list each once")
+        for field, names in named.items():
+            both = sorted(set(names) & set(columns))
+            if both:
+                raise ValueError(
+                    f"data.columns and data.{field} both name {both}; a column is a "
+                    f"feature or the {field.replace('_', ' ')}, not both"
+                )
+        unknown = sorted(set(self.categorical) - set(columns))
+        if unknown:
+            raise ValueError(
+                f"data.categorical names {unknown}, which are not in data.columns; add "
+                "them to data.columns or remove them from data.categorical"
+            )
+        width = sum(len(self.categorical.get(c, (0,))) for c in columns)
+        if self.n_features is not None and self.n_features != width:
+            raise ValueError(
+                f"data.n_features is {self.n_features} but data.columns gives {width} "
+                "model inputs (categorical columns count one per level); remove "
+                "data.n_features or make it match"
+            )
+
+    def _check_label_map(self, label_map: dict[str, int]) -> None:
+        """data.label_map: not empty, indices inside 0..n_classes-1, every class given."""
+        if not label_map:
+            raise ValueError("data.label_map is empty; map each label value to a class index")
+        n = self.n_classes
+        bad = {k: v for k, v in label_map.items() if v < 0 or (n is not None and v >= n)}
+        if bad:
+            raise ValueError(
+                f"data.label_map maps {bad} outside 0..{(n or 1) - 1}; class indices run "
+                "0..n_classes-1 (raise data.n_classes or fix the map)"
+            )
+        unused = sorted(set(range(n or 0)) - set(label_map.values()))
+        if unused:
+            raise ValueError(
+                f"data.label_map gives no label value for class(es) {unused} of "
+                f"data.n_classes ({n}); map a value to each class or lower data.n_classes"
+            )
 
 
 class SiteConfig(_Section):
@@ -921,113 +929,11 @@ class FederationConfig(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> FederationConfig:
-        names = [site.name for site in self.sites]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"sites: names must be unique (repeated: {', '.join(duplicates)})")
-        if self.participation.min_participants > len(self.sites):
-            raise ValueError(
-                f"participation.min_participants ({self.participation.min_participants}) "
-                f"exceeds the number of sites ({len(self.sites)}); lower it or add sites"
-            )
-        if self.privacy.record_level and self.training.precision != "fp32":
-            raise ValueError(
-                f"training.precision is {self.training.precision!r} and privacy.mode is "
-                f"{self.privacy.mode!r}: Opacus clips and noises per-sample gradients in "
-                "fp32 and does not support autocast or a gradient scaler (a loss scale would "
-                "scale the clipping bound); set training.precision: fp32, or a privacy.mode "
-                "without record-level DP ('off' or 'participant')"
-            )
-        if self.task is not None and self.data.source == "site_files":
-            raise ValueError(
-                f"task is {self.task!r} and data.source is 'site_files': a task loads each "
-                "site's data itself (its load_data); remove data.source, or remove task to "
-                "train the built-in model.kind on the site files"
-            )
-        if self.data.source == "site_files":
-            missing = [s.name for s in self.sites if s.data_path is None]
-            if missing:
-                raise ValueError(
-                    "data.source is 'site_files' but these sites have no data_path: "
-                    f"{', '.join(missing)}; set sites[].data_path"
-                )
-        if self.data.source == "site_files" and (
-            self.data.n_features is None or self.data.n_classes is None
-        ):
-            raise ValueError(
-                "data.source is 'site_files': set data.n_features and data.n_classes "
-                "(the coordinator never opens a site's files to find them)"
-            )
-        if self.participation.over_select and self.privacy.participant_level:
-            raise ValueError(
-                f"participation.over_select ({self.participation.over_select}) changes how "
-                "many sites each round samples, and so the sampling rate q the participant-"
-                "level DP accountant assumes; set it to 0, or raise participation.fraction"
-            )
-        secagg = self.secure_aggregation
-        if secagg.enabled and len(self.sites) < 3:
-            raise ValueError(
-                f"secure_aggregation.enabled with {len(self.sites)} site(s): with two "
-                "participants each learns the other's update from the sum; secure aggregation "
-                "needs at least 3 sites (add sites or set secure_aggregation.enabled: false)"
-            )
-        if secagg.enabled and secagg.threshold is not None and secagg.threshold < 3:
-            raise ValueError(
-                f"secure_aggregation.threshold ({secagg.threshold}) lets a sum of fewer than 3 "
-                "updates be unmasked, and with two each survivor learns the other's update; "
-                "set it to 3 or more, or null (a majority)"
-            )
-        if secagg.enabled and secagg.neighbours is not None and secagg.neighbours < 2:
-            raise ValueError(
-                f"secure_aggregation.neighbours ({secagg.neighbours}) makes groups of fewer "
-                "than 3 sites, whose sums tell each member the other's update; set it to 2 or "
-                "more (an even k such as 6), or null"
-            )
-        if secagg.enabled and secagg.threshold is not None and secagg.threshold > len(self.sites):
-            raise ValueError(
-                f"secure_aggregation.threshold ({secagg.threshold}) exceeds the number of "
-                f"sites ({len(self.sites)}); lower it or set it to null for a majority"
-            )
-        if secagg.enabled and self.privacy.participant_level and self.privacy.adaptive_clipping:
-            raise ValueError(
-                "privacy.adaptive_clipping needs each update's norm, which secure aggregation "
-                "hides from the coordinator; set privacy.adaptive_clipping: false or "
-                "secure_aggregation.enabled: false"
-            )
-        if self.backend == "work-pool" and self.runner.kind != "thread":
-            raise ValueError(
-                f"runner.kind is {self.runner.kind!r} but backend is 'work-pool': sites run "
-                "on their own work pools; set runner.kind: thread or backend: local"
-            )
-        if self.data.scale != "none" and self.data.source != "site_files":
-            raise ValueError(
-                f"data.scale is {self.data.scale!r} but data.source is 'bundled': the bundled "
-                "sets are already scaled to [0, 1] (and the central test split would not be "
-                "standardized); set data.scale: none or data.source: site_files"
-            )
-        scaling = self.data.scaling
-        if scaling is not None and self.data.scale != "federation":
-            raise ValueError(
-                f"data.scaling is set but data.scale is {self.data.scale!r}; set data.scale: "
-                "federation, or remove data.scaling"
-            )
-        width = self.data.n_features
-        if scaling is not None and width is not None and len(scaling.mean) != width:
-            raise ValueError(
-                f"data.scaling has {len(scaling.mean)} means but the model has {width} inputs "
-                "(data.n_features); remove data.scaling so the run forms it again"
-            )
-        if self.data.scale == "federation" and scaling is None and self.backend != "local":
-            raise ValueError(
-                "data.scale is 'federation' with backend 'work-pool': the statistics stage "
-                "runs only over local site folders so far; give data.scaling (the mean and "
-                "std `fedpipe stats` prints), or set data.scale: site"
-            )
-        if self.data.source == "site_files" and "dataset" in self.data.model_fields_set:
-            raise ValueError(
-                f"data.dataset ({self.data.dataset!r}) is set but data.source is 'site_files'; "
-                "remove data.dataset or set data.source: bundled"
-            )
+        _check_sites(self)
+        _check_privacy(self)
+        _check_site_files(self)
+        _check_secure_aggregation(self)
+        _check_runner(self)
         conflict = strategy_conflict(self)
         if conflict:
             raise ValueError(conflict)
@@ -1172,6 +1078,133 @@ def _flatten_into(flat: dict[str, str], key: str, value: Any) -> None:
             _flatten_into(flat, f"{key}.{index}", item)
     else:
         flat[key] = str(value)
+
+
+def _check_sites(config: FederationConfig) -> None:
+    """Site names unique; enough sites for participation.min_participants."""
+    names = [site.name for site in config.sites]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"sites: names must be unique (repeated: {', '.join(duplicates)})")
+    if config.participation.min_participants > len(config.sites):
+        raise ValueError(
+            f"participation.min_participants ({config.participation.min_participants}) "
+            f"exceeds the number of sites ({len(config.sites)}); lower it or add sites"
+        )
+
+
+def _check_privacy(config: FederationConfig) -> None:
+    """Privacy modes against the training and sampling settings they rely on."""
+    if config.privacy.record_level and config.training.precision != "fp32":
+        raise ValueError(
+            f"training.precision is {config.training.precision!r} and privacy.mode is "
+            f"{config.privacy.mode!r}: Opacus clips and noises per-sample gradients in "
+            "fp32 and does not support autocast or a gradient scaler (a loss scale would "
+            "scale the clipping bound); set training.precision: fp32, or a privacy.mode "
+            "without record-level DP ('off' or 'participant')"
+        )
+    if config.participation.over_select and config.privacy.participant_level:
+        raise ValueError(
+            f"participation.over_select ({config.participation.over_select}) changes how "
+            "many sites each round samples, and so the sampling rate q the participant-"
+            "level DP accountant assumes; set it to 0, or raise participation.fraction"
+        )
+
+
+def _check_site_files(config: FederationConfig) -> None:
+    """The data section: site files with their sizes, and the scaling of features."""
+    if config.task is not None and config.data.source == "site_files":
+        raise ValueError(
+            f"task is {config.task!r} and data.source is 'site_files': a task loads each "
+            "site's data itself (its load_data); remove data.source, or remove task to "
+            "train the built-in model.kind on the site files"
+        )
+    if config.data.source == "site_files":
+        missing = [s.name for s in config.sites if s.data_path is None]
+        if missing:
+            raise ValueError(
+                "data.source is 'site_files' but these sites have no data_path: "
+                f"{', '.join(missing)}; set sites[].data_path"
+            )
+    if config.data.source == "site_files" and (
+        config.data.n_features is None or config.data.n_classes is None
+    ):
+        raise ValueError(
+            "data.source is 'site_files': set data.n_features and data.n_classes "
+            "(the coordinator never opens a site's files to find them)"
+        )
+    if config.data.scale != "none" and config.data.source != "site_files":
+        raise ValueError(
+            f"data.scale is {config.data.scale!r} but data.source is 'bundled': the bundled "
+            "sets are already scaled to [0, 1] (and the central test split would not be "
+            "standardized); set data.scale: none or data.source: site_files"
+        )
+    scaling = config.data.scaling
+    if scaling is not None and config.data.scale != "federation":
+        raise ValueError(
+            f"data.scaling is set but data.scale is {config.data.scale!r}; set data.scale: "
+            "federation, or remove data.scaling"
+        )
+    width = config.data.n_features
+    if scaling is not None and width is not None and len(scaling.mean) != width:
+        raise ValueError(
+            f"data.scaling has {len(scaling.mean)} means but the model has {width} inputs "
+            "(data.n_features); remove data.scaling so the run forms it again"
+        )
+    if config.data.scale == "federation" and scaling is None and config.backend != "local":
+        raise ValueError(
+            "data.scale is 'federation' with backend 'work-pool': the statistics stage "
+            "runs only over local site folders so far; give data.scaling (the mean and "
+            "std `fedpipe stats` prints), or set data.scale: site"
+        )
+    if config.data.source == "site_files" and "dataset" in config.data.model_fields_set:
+        raise ValueError(
+            f"data.dataset ({config.data.dataset!r}) is set but data.source is 'site_files'; "
+            "remove data.dataset or set data.source: bundled"
+        )
+
+
+def _check_secure_aggregation(config: FederationConfig) -> None:
+    """Secure aggregation's group sizes, and what it hides from the coordinator."""
+    secagg = config.secure_aggregation
+    if secagg.enabled and len(config.sites) < 3:
+        raise ValueError(
+            f"secure_aggregation.enabled with {len(config.sites)} site(s): with two "
+            "participants each learns the other's update from the sum; secure aggregation "
+            "needs at least 3 sites (add sites or set secure_aggregation.enabled: false)"
+        )
+    if secagg.enabled and secagg.threshold is not None and secagg.threshold < 3:
+        raise ValueError(
+            f"secure_aggregation.threshold ({secagg.threshold}) lets a sum of fewer than 3 "
+            "updates be unmasked, and with two each survivor learns the other's update; "
+            "set it to 3 or more, or null (a majority)"
+        )
+    if secagg.enabled and secagg.neighbours is not None and secagg.neighbours < 2:
+        raise ValueError(
+            f"secure_aggregation.neighbours ({secagg.neighbours}) makes groups of fewer "
+            "than 3 sites, whose sums tell each member the other's update; set it to 2 or "
+            "more (an even k such as 6), or null"
+        )
+    if secagg.enabled and secagg.threshold is not None and secagg.threshold > len(config.sites):
+        raise ValueError(
+            f"secure_aggregation.threshold ({secagg.threshold}) exceeds the number of "
+            f"sites ({len(config.sites)}); lower it or set it to null for a majority"
+        )
+    if secagg.enabled and config.privacy.participant_level and config.privacy.adaptive_clipping:
+        raise ValueError(
+            "privacy.adaptive_clipping needs each update's norm, which secure aggregation "
+            "hides from the coordinator; set privacy.adaptive_clipping: false or "
+            "secure_aggregation.enabled: false"
+        )
+
+
+def _check_runner(config: FederationConfig) -> None:
+    """The runner against the backend."""
+    if config.backend == "work-pool" and config.runner.kind != "thread":
+        raise ValueError(
+            f"runner.kind is {config.runner.kind!r} but backend is 'work-pool': sites run "
+            "on their own work pools; set runner.kind: thread or backend: local"
+        )
 
 
 def _check_compression(config: FederationConfig) -> None:

@@ -275,9 +275,7 @@ class RunTracker:
         """Log the model (or take the one a crash left logged, unregistered); register it."""
         import tempfile
 
-        import torch
         from mlflow.entities import LoggedModelStatus
-        from mlflow.models import infer_signature
 
         logged = self._logged_models()
         for pending in (m for m in logged if m.status == LoggedModelStatus.PENDING):
@@ -291,22 +289,7 @@ class RunTracker:
                 f"models:/{ready[0].model_id}", self.config.name, await_registration_for=60
             )
             return str(version.version)
-        signature = None  # a task without an input example: the model logged unsigned
-        example: Any = input_example
-        if input_example is not None:
-            model.eval()
-            with torch.no_grad():
-                output = model(torch.from_numpy(input_example)).numpy()
-            if input_names is not None:
-                import pandas as pd
-
-                if len(input_names) != input_example.shape[1]:
-                    raise ValueError(
-                        f"{len(input_names)} input names for a model of "
-                        f"{input_example.shape[1]} inputs"
-                    )
-                example = pd.DataFrame(input_example, columns=list(input_names))
-            signature = infer_signature(example, output)
+        example, signature = _signed_example(model, input_example, input_names)
         staging.mkdir(parents=True, exist_ok=True)
         # MLflow stages in tempfile's folder, with no way to name it: point that here while
         # it logs (the process's other threads are idle at the end of a run)
@@ -624,3 +607,32 @@ def _read_weights(path: Path) -> LoggedWeights:
     except SafetensorError as error:
         raise ValueError(f"not a safetensors file: {error}") from None
     return LoggedWeights({k: torch.from_numpy(v) for k, v in arrays.items()})
+
+
+def _signed_example(
+    model: Any,
+    input_example: npt.NDArray[np.float32] | None,
+    input_names: tuple[str, ...] | None,
+) -> tuple[Any, Any]:
+    """The input example MLflow logs with the model (named columns when given) and its signature.
+
+    A task without an input example: (None, None), the model logged unsigned.
+    """
+    import torch
+    from mlflow.models import infer_signature
+
+    if input_example is None:
+        return None, None
+    model.eval()
+    with torch.no_grad():
+        output = model(torch.from_numpy(input_example)).numpy()
+    example: Any = input_example
+    if input_names is not None:
+        import pandas as pd
+
+        if len(input_names) != input_example.shape[1]:
+            raise ValueError(
+                f"{len(input_names)} input names for a model of {input_example.shape[1]} inputs"
+            )
+        example = pd.DataFrame(input_example, columns=list(input_names))
+    return example, infer_signature(example, output)

@@ -168,7 +168,7 @@ def start_run(config: FederationConfig, *, resume: str | None = None) -> Run:
     privacy = PrivacyRounds(config)
     strategy = strategy_for(config)
     if config.privacy.participant_level:
-        strategy = DPFedAvg(strategy, privacy)
+        strategy = DPFedAvg(strategy, config)
     tracker = RunTracker(config)
     flow_run_id = str(flow_run.get_id() or "")
     resumed = find_resume_point(config, tracker, resume=resume, flow_run_id=flow_run_id)

@@ -279,13 +279,10 @@ def federated_training(
                 plan, next_state, outcome = _retry_round(run, state, error, round_num=round_num)
             else:
                 _record(run, pending, outcome.evaluations, history, ended=started)
-            privacy_metrics, next_state = account_round(run, outcome, next_state)
-            metrics = {**outcome.metrics, **privacy_metrics}
-            pending, state = TrainedRound(outcome, next_state, metrics, started), next_state
+            privacy_metrics, state = account_round(run, outcome, next_state)
+            pending = TrainedRound(outcome, state, {**outcome.metrics, **privacy_metrics}, started)
             evaluation = EvaluationRequest(round=round_num, sites=config.site_names)
-        if evaluation is None:  # resumed after the last round: score it for the promotion
-            evaluation = EvaluationRequest(round=first - 1, sites=config.site_names)
-        scores = evaluate_sites(state.parameters, evaluation, run.backend)
+        scores = _final_scores(run, state, evaluation, last_round=first - 1)
         _record(run, pending, scores, history, ended=time.perf_counter())
         version, decision = _finish(run, state, history, scores)
         publish_run_summary(
@@ -301,13 +298,35 @@ def federated_training(
         raise
     finally:
         run.tracker.end(status=status)
+    summary = _summary(run, history, version=version, decision=decision)
+    report("end", {"summary": summary})
+    return summary
+
+
+def _final_scores(
+    run: Run, state: ServerState, evaluation: EvaluationRequest | None, *, last_round: int
+) -> dict[str, Metrics]:
+    """The last round's evaluation (None: resumed after the last round, scored again here)."""
+    if evaluation is None:  # resumed after the last round: score it for the promotion
+        evaluation = EvaluationRequest(round=last_round, sites=run.config.site_names)
+    return evaluate_sites(state.parameters, evaluation, run.backend)
+
+
+def _summary(
+    run: Run,
+    history: list[dict[str, float]],
+    *,
+    version: str | None,
+    decision: PromotionDecision | None,
+) -> TrainingSummary:
+    """What the flow returns: the run's links, its last round's figures, the promotion."""
     last = history[-1]
-    summary = TrainingSummary(
-        federation=config.name,
+    return TrainingSummary(
+        federation=run.config.name,
         mlflow_run_id=run.link.run_id,
         experiment_id=run.link.experiment_id,
         tracking_uri=run.link.tracking_uri,
-        rounds=config.rounds,
+        rounds=run.config.rounds,
         final_accuracy=last["global/accuracy"],
         final_loss=last["global/loss"],
         model_version=version,
@@ -315,5 +334,3 @@ def federated_training(
         prefect_flow_run_id=str(flow_run.get_id() or ""),
         promotion="" if decision is None else f"{decision.alias}: {decision.reason}",
     )
-    report("end", {"summary": summary})
-    return summary

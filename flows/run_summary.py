@@ -82,6 +82,34 @@ def publish_run_summary(
         return None
 
 
+def _describe_version(
+    tracker: RunTracker,
+    config: FederationConfig,
+    version: str,
+    *,
+    final: dict[str, float],
+    run_id: str,
+    decision: PromotionDecision | None,
+) -> None:
+    """The registered version's description and tags: federated accuracy, source run, alias."""
+    federated = final.get("sites/mean_accuracy", final.get("global/accuracy", float("nan")))
+    tracker.describe_version(
+        version,
+        text=(
+            f"{config.name}, {config.strategy.name}, {config.rounds} rounds: federated "
+            f"accuracy {federated:.4f}, from MLflow run {run_id}."
+            + ("" if decision is None else f" {decision.alias}: {decision.reason}")
+        ),
+        tags={
+            "fedpipe.strategy": config.strategy.name,
+            "fedpipe.rounds": str(config.rounds),
+            "fedpipe.federated_accuracy": f"{federated:.4f}",
+            "fedpipe.source_run": run_id,
+            **({} if decision is None else {"fedpipe.promotion": decision.alias}),
+        },
+    )
+
+
 def _publish(
     config: FederationConfig,
     tracker: RunTracker,
@@ -120,22 +148,7 @@ def _publish(
     prefect_run = str(flow_run.get_flow_run_ui_url() or "")
     tracker.describe(markdown + (f"\n\nPrefect flow run: {prefect_run}" if prefect_run else ""))
     if version is not None:
-        federated = final.get("sites/mean_accuracy", final.get("global/accuracy", float("nan")))
-        tracker.describe_version(
-            version,
-            text=(
-                f"{config.name}, {config.strategy.name}, {config.rounds} rounds: federated "
-                f"accuracy {federated:.4f}, from MLflow run {run_id}."
-                + ("" if decision is None else f" {decision.alias}: {decision.reason}")
-            ),
-            tags={
-                "fedpipe.strategy": config.strategy.name,
-                "fedpipe.rounds": str(config.rounds),
-                "fedpipe.federated_accuracy": f"{federated:.4f}",
-                "fedpipe.source_run": run_id,
-                **({} if decision is None else {"fedpipe.promotion": decision.alias}),
-            },
-        )
+        _describe_version(tracker, config, version, final=final, run_id=run_id, decision=decision)
     where = run_url(server, experiment_id=experiment_id, run_id=run_id) if server else run_id
     run_logger().info(
         "run done: %s; MLflow run %s; %s",

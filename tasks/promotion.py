@@ -14,6 +14,8 @@ from fl_components.config import FederationConfig
 from fl_components.errors import ConfigError
 from fl_components.parameters import get_parameters
 from fl_components.promotion import (
+    Coverage,
+    Hold,
     PromotionDecision,
     common_scores,
     decide_promotion,
@@ -56,27 +58,98 @@ def promote_if_better(
     # the guard rails judge the model's own evaluation, before it is narrowed to the sites
     # the champion was scored on too
     own_scores = challenger_scores
-    own_coverage = evaluation_coverage(own_scores, config.site_names)
     champion_version = registered_version(config.tracking, name=config.name, alias="champion")
     champion_scores = _champion_scores(
-        config,
-        dispatch,
-        version=version,
-        champion_version=champion_version,
-        sites=challenger_scores,
+        config, dispatch, version=version, champion_version=champion_version, sites=own_scores
     )
     if champion_scores is not None:
         challenger_scores, champion_scores = common_scores(challenger_scores, champion_scores)
     coverage = evaluation_coverage(challenger_scores, config.site_names)
     challenger = federated_accuracy(challenger_scores)
     champion_accuracy = None if not champion_scores else federated_accuracy(champion_scores)
-    unscored = (
-        champion_scores is None
+    decision = _against_champion(
+        challenger=challenger,
+        champion_accuracy=champion_accuracy,
+        champion_scores=champion_scores,
+        champion_version=champion_version,
+        unscored=champion_scores is None
         and champion_version not in (None, version)
-        and bool(challenger_scores)
+        and bool(challenger_scores),
+        coverage=coverage,
     )
+    decision, holds = _held_back(decision, config, own_scores=own_scores, losses=losses)
+    tracker.set_alias(decision.alias, version)
+    _tag_decision(
+        tracker,
+        config,
+        decision,
+        holds,
+        version=version,
+        champion_version=champion_version,
+        coverage=coverage,
+    )
+    tracker.log_metrics(
+        _promotion_metrics(challenger, champion_accuracy, coverage=coverage, own=own_scores),
+        step=config.rounds,
+    )
+    return decision
+
+
+def _promotion_metrics(
+    challenger: float,
+    champion_accuracy: float | None,
+    *,
+    coverage: Coverage,
+    own: Mapping[str, Metrics],
+) -> dict[str, float]:
+    """The comparison's figures: both accuracies, its sites, the majority-class baseline."""
+    metrics = {
+        "promotion/challenger_accuracy": challenger,
+        "promotion/sites": float(len(coverage.sites)),
+        "promotion/partial": float(coverage.partial),
+    }
+    if champion_accuracy is not None:
+        metrics["promotion/champion_accuracy"] = champion_accuracy
+    baseline = majority_baseline(own)
+    if baseline is not None:
+        metrics["promotion/majority_baseline"] = baseline
+    return metrics
+
+
+def _held_back(
+    decision: PromotionDecision,
+    config: FederationConfig,
+    *,
+    own_scores: dict[str, Metrics],
+    losses: Sequence[float],
+) -> tuple[PromotionDecision, list[Hold]]:
+    """The guard rails on the model's own evaluation; a champion held back to challenger."""
+    holds = guard_rails(
+        accuracy=federated_accuracy(own_scores),
+        scores=own_scores,
+        coverage=evaluation_coverage(own_scores, config.site_names),
+        losses=losses,
+        max_loss_growth=config.promotion.max_loss_growth,
+    )
+    return hold_back(decision, holds, allowed=config.promotion.allowed), holds
+
+
+def _against_champion(
+    *,
+    challenger: float,
+    champion_accuracy: float | None,
+    champion_scores: dict[str, Metrics] | None,
+    champion_version: str | None,
+    unscored: bool,
+    coverage: Coverage,
+) -> PromotionDecision:
+    """Champion or challenger on accuracy alone, before the guard rails have their say.
+
+    ``unscored``: a champion exists but could not be scored; ``champion_scores`` empty: no
+    site scored both models.
+    """
     if unscored:  # no safetensors weights (an older fedpipe's model) or another architecture
-        decision = PromotionDecision(
+        return PromotionDecision(
             "champion",
             f"champion version {champion_version} could not be scored (see the run's log: "
             "logged without safetensors weights, or another architecture); promoted with "
@@ -84,30 +157,33 @@ def promote_if_better(
             challenger,
             None,
         )
-    elif champion_scores is not None and not champion_scores:  # no site scored both models
-        decision = PromotionDecision(
+    if champion_scores is not None and not champion_scores:  # no site scored both models
+        return PromotionDecision(
             "challenger",
             f"champion version {champion_version} scored on none of the sites that scored "
             "this model: no comparison, champion kept",
             challenger,
             None,
         )
-    else:
-        decision = decide_promotion(
-            challenger_accuracy=challenger,
-            champion_accuracy=champion_accuracy,
-            champion_version=champion_version if champion_accuracy is not None else None,
-            coverage=coverage,
-        )
-    holds = guard_rails(
-        accuracy=federated_accuracy(own_scores),
-        scores=own_scores,
-        coverage=own_coverage,
-        losses=losses,
-        max_loss_growth=config.promotion.max_loss_growth,
+    return decide_promotion(
+        challenger_accuracy=challenger,
+        champion_accuracy=champion_accuracy,
+        champion_version=champion_version if champion_accuracy is not None else None,
+        coverage=coverage,
     )
-    decision = hold_back(decision, holds, allowed=config.promotion.allowed)
-    tracker.set_alias(decision.alias, version)
+
+
+def _tag_decision(
+    tracker: RunTracker,
+    config: FederationConfig,
+    decision: PromotionDecision,
+    holds: Sequence[Hold],
+    *,
+    version: str,
+    champion_version: str | None,
+    coverage: Coverage,
+) -> None:
+    """The decision and its reason to the flow run's log and the MLflow run's tags."""
     run_logger().log(
         logging.INFO if decision.alias == "champion" and not holds else logging.WARNING,
         "promotion: model %s version %s is %s: %s",
@@ -126,18 +202,6 @@ def promote_if_better(
     if champion_version is not None:
         tags["fedpipe.previous_champion"] = champion_version
     tracker.set_tags(tags)
-    metrics = {
-        "promotion/challenger_accuracy": challenger,
-        "promotion/sites": float(len(coverage.sites)),
-        "promotion/partial": float(coverage.partial),
-    }
-    if champion_accuracy is not None:
-        metrics["promotion/champion_accuracy"] = champion_accuracy
-    baseline = majority_baseline(own_scores)
-    if baseline is not None:
-        metrics["promotion/majority_baseline"] = baseline
-    tracker.log_metrics(metrics, step=config.rounds)
-    return decision
 
 
 def round_losses(history: Sequence[Mapping[str, float]]) -> list[float]:

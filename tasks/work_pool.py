@@ -28,12 +28,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from prefect.exceptions import MissingContextError, ObjectNotFound
@@ -322,35 +322,60 @@ def _wait(
                 return run
             now = time.monotonic()
             if closed is not None and closed.is_set():
-                reason = "over-selected: the round closed with enough answers"
-                client.set_flow_run_state(run_id, Cancelled(message=reason), force=True)
-                raise ParticipantError(
-                    f"site {site!r}: {reason} (participation.over_select); its run was cancelled",
-                    kind=DropoutKind.SURPLUS,
-                )
+                _cancel_surplus(client, run_id, site=site)
             why = None
             if now >= next_check:
                 why = liveness.dead(client, now)
                 next_check = now + liveness_every
             if now >= deadline or why is not None:
-                state = run.state.name if run.state is not None else "unknown"
-                reason = why or f"no result within {timeout:g}s"
-                client.set_flow_run_state(run_id, Cancelled(message=reason), force=True)
-                if why is not None:
-                    raise ParticipantError(
-                        _dead_site_message(
-                            site,
-                            pool,
-                            why,
-                            waited=now - started,
-                            running=run.state is not None and run.state.is_running(),
-                        ),
-                        kind=DropoutKind.UNREACHABLE,
-                    )
-                raise ParticipantError(
-                    _timeout_message(site, pool, timeout, state), kind=DropoutKind.TIMEOUT
+                _cancel_abandoned(
+                    client,
+                    run,
+                    site=site,
+                    pool=pool,
+                    why=why,
+                    timeout=timeout,
+                    waited=now - started,
                 )
             time.sleep(poll)
+
+
+def _cancel_surplus(client: SyncPrefectClient, run_id: uuid.UUID, *, site: str) -> NoReturn:
+    """Cancel an over-selected site's run: the round closed with enough answers."""
+    reason = "over-selected: the round closed with enough answers"
+    client.set_flow_run_state(run_id, Cancelled(message=reason), force=True)
+    raise ParticipantError(
+        f"site {site!r}: {reason} (participation.over_select); its run was cancelled",
+        kind=DropoutKind.SURPLUS,
+    )
+
+
+def _cancel_abandoned(
+    client: SyncPrefectClient,
+    run: FlowRun,
+    *,
+    site: str,
+    pool: str,
+    why: str | None,
+    timeout: float,
+    waited: float,
+) -> NoReturn:
+    """Cancel a site's run given up on: its pool is dead (``why``), or the deadline passed."""
+    state = run.state.name if run.state is not None else "unknown"
+    reason = why or f"no result within {timeout:g}s"
+    client.set_flow_run_state(run.id, Cancelled(message=reason), force=True)
+    if why is not None:
+        raise ParticipantError(
+            _dead_site_message(
+                site,
+                pool,
+                why,
+                waited=waited,
+                running=run.state is not None and run.state.is_running(),
+            ),
+            kind=DropoutKind.UNREACHABLE,
+        )
+    raise ParticipantError(_timeout_message(site, pool, timeout, state), kind=DropoutKind.TIMEOUT)
 
 
 def signed_parameters(job: SignedSiteJob) -> dict[str, Any]:

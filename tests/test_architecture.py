@@ -176,3 +176,44 @@ def test_flows_holds_only_flows_and_their_helpers() -> None:
 def test_the_rules_catch_a_cycle() -> None:
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+# Functions longer than this are split into named steps (STYLE.md: small pieces, one job).
+MAX_FUNCTION_LINES = 60
+# Not held to it: benchmarks and tests (scripts and scenarios), and what is not ours.
+LENGTH_EXEMPT = {"tests", "benchmarks", "mlflow", "build"}
+
+
+def _long_functions(source: str, filename: str) -> list[str]:
+    """'file:function (N lines)' for each function in ``source`` over the limit.
+
+    A function's length runs from its ``def`` line to its last line (decorators not counted).
+    """
+    tree = ast.parse(source, filename=filename)
+    return [
+        f"{filename}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.end_lineno is not None
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
+
+
+def test_no_function_over_60_lines_outside_benchmarks_and_tests() -> None:
+    long = []
+    for path in sorted(ROOT.rglob("*.py")):
+        parts = path.relative_to(ROOT).parts
+        if parts[0] in LENGTH_EXEMPT or any(p.startswith(".") for p in parts):
+            continue
+        long += _long_functions(path.read_text(), str(path.relative_to(ROOT)))
+    assert long == [], f"split these into named steps of at most {MAX_FUNCTION_LINES} lines"
+
+
+def test_the_length_rule_catches_a_long_function() -> None:
+    lines = [f"x{i} = {i}" for i in range(MAX_FUNCTION_LINES - 1)]
+    short = "def short():\n" + "".join(f"    {line}\n" for line in lines)  # exactly the limit
+    long = "class C:\n    async def long(self):\n" + "".join(
+        f"        {line}\n" for line in [*lines, "return x0"]
+    )
+    assert _long_functions(short, "s.py") == []
+    assert _long_functions(long, "l.py") == [f"l.py:long ({MAX_FUNCTION_LINES + 1} lines)"]

@@ -17,7 +17,8 @@ import numpy as np
 
 from fl_components.config import FederationConfig
 from fl_components.data.check import data_contract, site_folder
-from fl_components.data.partition import partition_labels
+from fl_components.data.contract import DataContract
+from fl_components.data.partition import IndexArray, partition_labels
 from fl_components.data.site_files import (
     CSV_ROWS,
     PARQUET_ROWS,
@@ -52,44 +53,11 @@ def split_pooled_file(
     frame = read_frame(path, contract=contract)
     names = config.site_names
     rng = np.random.default_rng(config.seed)
+    labels_of: list[str | None]
     if by is not None:
-        if by not in frame.columns:
-            raise DataError(
-                f"{path} has no column {by!r} to split by (columns: {', '.join(frame.columns)})"
-            )
-        values = frame[by].map(cell_text)
-        distinct = sorted(v for v in values.unique() if v is not None)
-        if len(distinct) != len(names):
-            raise ConfigError(
-                f"{path}, column {by!r} has {len(distinct)} distinct value(s) "
-                f"({', '.join(distinct[:8])}) but the config has {len(names)} site(s); list "
-                "one site per value (they are matched in sorted order)"
-            )
-        parts = [np.flatnonzero((values == v).to_numpy()) for v in distinct]
-        labels_of: list[str | None] = list(distinct)
+        parts, labels_of = _parts_by_value(path, frame, by=by, names=names)
     else:
-        rows = CSV_ROWS if path.suffix.lower() == ".csv" else PARQUET_ROWS
-        source = f"{path}, column {contract.label_column!r},"
-        if contract.label_column not in frame.columns:
-            raise DataError(
-                f"{path} has no column {contract.label_column!r}; set data.label_column"
-            )
-        raw = frame[contract.label_column].to_numpy()
-        labels = (
-            map_labels(raw, label_map=dict(contract.label_map), source=source, rows=rows)
-            if contract.label_map is not None
-            else validate_labels(raw, source=source, rows=rows)
-        )
-        d = config.data
-        parts = partition_labels(
-            labels,
-            n_sites=len(names),
-            method=d.partitioner,
-            alpha=d.alpha,
-            shards_per_site=d.shards_per_site,
-            quantity_sigma=d.quantity_sigma,
-            rng=rng,
-        )
+        parts = _parts_by_label(path, frame, config, contract=contract, rng=rng)
         labels_of = [None] * len(names)
     sites = []
     for name, indices, value in zip(names, parts, labels_of, strict=True):
@@ -111,6 +79,57 @@ def split_pooled_file(
             )
         )
     return sites
+
+
+def _parts_by_value(
+    path: Path, frame: Any, *, by: str, names: tuple[str, ...]
+) -> tuple[list[IndexArray], list[str | None]]:
+    """One site per distinct value of column ``by`` (sorted): each site's rows, its value."""
+    if by not in frame.columns:
+        raise DataError(
+            f"{path} has no column {by!r} to split by (columns: {', '.join(frame.columns)})"
+        )
+    values = frame[by].map(cell_text)
+    distinct = sorted(v for v in values.unique() if v is not None)
+    if len(distinct) != len(names):
+        raise ConfigError(
+            f"{path}, column {by!r} has {len(distinct)} distinct value(s) "
+            f"({', '.join(distinct[:8])}) but the config has {len(names)} site(s); list "
+            "one site per value (they are matched in sorted order)"
+        )
+    parts = [np.flatnonzero((values == v).to_numpy()) for v in distinct]
+    return parts, list(distinct)
+
+
+def _parts_by_label(
+    path: Path,
+    frame: Any,
+    config: FederationConfig,
+    *,
+    contract: DataContract,
+    rng: np.random.Generator,
+) -> list[IndexArray]:
+    """Each site's rows as the config's label partitioner deals them (labels checked first)."""
+    rows = CSV_ROWS if path.suffix.lower() == ".csv" else PARQUET_ROWS
+    source = f"{path}, column {contract.label_column!r},"
+    if contract.label_column not in frame.columns:
+        raise DataError(f"{path} has no column {contract.label_column!r}; set data.label_column")
+    raw = frame[contract.label_column].to_numpy()
+    labels = (
+        map_labels(raw, label_map=dict(contract.label_map), source=source, rows=rows)
+        if contract.label_map is not None
+        else validate_labels(raw, source=source, rows=rows)
+    )
+    d = config.data
+    return partition_labels(
+        labels,
+        n_sites=len(config.site_names),
+        method=d.partitioner,
+        alpha=d.alpha,
+        shards_per_site=d.shards_per_site,
+        quantity_sigma=d.quantity_sigma,
+        rng=rng,
+    )
 
 
 def write_simulated_sites(

@@ -151,20 +151,10 @@ def _shown_values(values: Any, indices: npt.NDArray[np.intp]) -> str:
     return ", ".join(repr(v) for v in values[indices[:_SHOWN]].tolist())
 
 
-def validate_labels(
-    raw: npt.ArrayLike,
-    *,
-    source: str,
-    rows: _Rows = PARQUET_ROWS,
-    n_classes: int | None = None,
-) -> LabelArray:
-    """Integer class indices from raw labels, or a :class:`DataError` naming every bad row.
-
-    Refused: missing labels, text, non-integer numbers (0.5 is not truncated to 0), and labels
-    outside ``[0, n_classes)`` (below 0 or at least 2**31 when ``n_classes`` is None).
-    ``source`` names the file and column in the message; ``rows`` how its rows are counted.
-    """
-    array = np.asarray(raw).reshape(-1)
+def _label_numbers(
+    array: npt.NDArray[Any],
+) -> tuple[npt.NDArray[Any], npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
+    """Raw labels read as numbers: (the values as shown, their numbers or NaN, missing cells)."""
     values: npt.NDArray[Any] = array
     if array.dtype.kind in "biuf":  # numbers already (npz, most CSV columns): numpy only
         numbers = array.astype(np.float64)
@@ -182,6 +172,18 @@ def validate_labels(
                 warnings.simplefilter("error", np.exceptions.ComplexWarning)
                 numbers = np.asarray(pd.to_numeric(series, errors="coerce"), dtype=np.float64)
         numbers = np.where(missing, np.nan, numbers)
+    return values, numbers, missing
+
+
+def _label_problems(
+    values: npt.NDArray[Any],
+    numbers: npt.NDArray[np.float64],
+    missing: npt.NDArray[np.bool_],
+    *,
+    rows: _Rows,
+    n_classes: int | None,
+) -> list[str]:
+    """One sentence per kind of bad label (missing, text, non-integer, outside the classes)."""
     text = ~missing & np.isnan(numbers)
     present = ~np.isnan(numbers)
     with np.errstate(invalid="ignore"):
@@ -222,6 +224,24 @@ def validate_labels(
             f"{len(where)} label(s) outside [0, {upper}), values {_shown_values(values, where)}, "
             f"at {rows.name(where)}; {fix}"
         )
+    return problems
+
+
+def validate_labels(
+    raw: npt.ArrayLike,
+    *,
+    source: str,
+    rows: _Rows = PARQUET_ROWS,
+    n_classes: int | None = None,
+) -> LabelArray:
+    """Integer class indices from raw labels, or a :class:`DataError` naming every bad row.
+
+    Refused: missing labels, text, non-integer numbers (0.5 is not truncated to 0), and labels
+    outside ``[0, n_classes)`` (below 0 or at least 2**31 when ``n_classes`` is None).
+    ``source`` names the file and column in the message; ``rows`` how its rows are counted.
+    """
+    values, numbers, missing = _label_numbers(np.asarray(raw).reshape(-1))
+    problems = _label_problems(values, numbers, missing, rows=rows, n_classes=n_classes)
     if problems:
         raise DataError(f"{source} has bad labels: " + "; ".join(problems))
     return numbers.astype(np.int64)
@@ -528,16 +548,7 @@ def read_split(
         raise DataError(
             f"{path}: unsupported file type {suffix!r}; use one of {SUPPORTED_SUFFIXES}"
         )
-    try:
-        with np.errstate(over="ignore"):  # beyond float32's range: inf, refused below
-            features = np.asarray(found.values, dtype=np.float32)
-    except (TypeError, ValueError):
-        raise DataError(
-            f"{path}: features are not numbers (dtype {np.asarray(found.values).dtype}); "
-            "encode them as numbers"
-        ) from None
-    if features.ndim != 2:
-        raise DataError(f"{path}: features must be 2-D (examples, features), got {features.shape}")
+    features = _float_features(path, found.values)
     labels = np.asarray(found.labels)
     if labels.shape != (features.shape[0],):
         raise DataError(
@@ -550,7 +561,29 @@ def read_split(
         )
     else:
         checked = validate_labels(labels, source=label_source, rows=rows, n_classes=n_classes)
-    columns = found.names
+    _refuse_non_finite(path, features, columns=found.names, rows=rows)
+    return Split(features, checked, found.names, found.id_like)
+
+
+def _float_features(path: Path, values: Any) -> npt.NDArray[np.float32]:
+    """The features as a 2-D float32 array, or a :class:`DataError` saying why not."""
+    try:
+        with np.errstate(over="ignore"):  # beyond float32's range: inf, refused after
+            features = np.asarray(values, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise DataError(
+            f"{path}: features are not numbers (dtype {np.asarray(values).dtype}); "
+            "encode them as numbers"
+        ) from None
+    if features.ndim != 2:
+        raise DataError(f"{path}: features must be 2-D (examples, features), got {features.shape}")
+    return features
+
+
+def _refuse_non_finite(
+    path: Path, features: npt.NDArray[np.float32], *, columns: tuple[str, ...], rows: _Rows
+) -> None:
+    """Refuse NaN or infinity in the features, naming the columns and the rows."""
     finite = np.isfinite(features)
     if not finite.all():
         names = columns or tuple(f"x[:, {i}]" for i in range(features.shape[1]))
@@ -561,7 +594,6 @@ def read_split(
             f"in column(s) {bad_columns[:8]} at "
             f"{where.replace(' of y', ' of x')}; clean or impute them first"
         )
-    return Split(features, checked, columns, found.id_like)
 
 
 def map_labels(

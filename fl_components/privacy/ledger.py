@@ -322,26 +322,30 @@ class PrivacyLedger:
         with self._locked():  # another delivery of the same job may be recording right now
             if self.path.is_file():
                 self.entries = PrivacyLedger.load(self.path).entries
-            earlier = self.entry_for(
-                federation=federation,
-                mlflow_run_id=mlflow_run_id,
-                round_num=round_num,
-                parameters_digest=parameters_digest,
-            )
-            if earlier is not None:
-                spent = self.epsilon(delta)
-                raise RoundAlreadyCharged(
-                    f"site {self.site!r} declines round {round_num} of run {mlflow_run_id}: "
-                    f"its ledger charged this (run, round, model) already (recorded at "
-                    f"{earlier.recorded_at:.0f}); the update just trained is discarded, not "
-                    "released, so it is not charged",
-                    site=self.site,
-                    spent=spent,
-                    after=spent,
-                )
+            self._refuse_charged_twice(entry, delta=delta)
             self.entries.append(entry)
             self.delta, self.max_epsilon = delta, max_epsilon
             self.save()
+
+    def _refuse_charged_twice(self, entry: LedgerEntry, *, delta: float) -> None:
+        """Raise :class:`RoundAlreadyCharged` when ``entry``'s key is charged already."""
+        earlier = self.entry_for(
+            federation=entry.federation,
+            mlflow_run_id=entry.mlflow_run_id,
+            round_num=entry.round,
+            parameters_digest=entry.parameters_digest,
+        )
+        if earlier is not None:
+            spent = self.epsilon(delta)
+            raise RoundAlreadyCharged(
+                f"site {self.site!r} declines round {entry.round} of run "
+                f"{entry.mlflow_run_id}: its ledger charged this (run, round, model) already "
+                f"(recorded at {earlier.recorded_at:.0f}); the update just trained is "
+                "discarded, not released, so it is not charged",
+                site=self.site,
+                spent=spent,
+                after=spent,
+            )
 
     def _locked(self) -> AbstractContextManager[None]:
         return locked(self.path)

@@ -15,13 +15,12 @@ from typing import Any
 
 from fl_components.config import FederationConfig
 from fl_components.errors import BudgetExhaustedError
+from fl_components.privacy import participant_round
 from fl_components.privacy.accounting import ClientRound, ParticipantAccountant
 from fl_components.privacy.dp_fedavg import (
     DPAggregate,
     SecureRandom,
     adaptive_clip_norm,
-    dp_fedavg_aggregate,
-    update_noise_multiplier,
 )
 from fl_components.privacy.federation_ledger import FederationLedger
 from fl_components.privacy.ledger import default_delta
@@ -229,8 +228,7 @@ class PrivacyRounds:
         Under Poisson selection the fixed q·N (the actual cohort size is secret); under a
         fixed, public selection the count that came back (known anyway).
         """
-        denominator = self.denominator
-        return float(participants) if denominator is None else denominator
+        return participant_round.expected_cohort(self.config, participants)
 
     def count_noise_std(self, participants: int) -> float:
         """σ_b of the centred adaptive-clipping count (Andrew et al.: m / 20), at least z.
@@ -238,34 +236,21 @@ class PrivacyRounds:
         From the *expected* cohort m, so that the noise, like the denominator, does not
         depend on how many were drawn.
         """
-        expected = self.expected_cohort(participants)
-        return max(expected / 20, self.config.privacy.client_noise_multiplier)
+        return participant_round.count_noise_std(self.config, participants)
 
     def update_noise_multiplier(self, participants: int) -> float:
         """Noise multiplier of the update itself (smaller share when the count is noised)."""
-        privacy = self.config.privacy
-        if not privacy.adaptive_clipping:
-            return privacy.client_noise_multiplier
-        return update_noise_multiplier(
-            privacy.client_noise_multiplier,
-            count_noise_std=self.count_noise_std(participants),
-        )
+        return participant_round.noise_multiplier_of_update(self.config, participants)
 
     @property
     def denominator(self) -> float | None:
         """Fixed denominator q·N of DP-FedAvg under Poisson selection; None otherwise."""
-        if not self.poisson:
-            return None
-        return self.config.participation.fraction * len(self.config.sites)
+        return participant_round.fixed_denominator(self.config)
 
     def aggregate(self, updates: list[LocalUpdate]) -> DPAggregate:
         """DP-FedAvg over the round's updates (pure: call :meth:`account` after it)."""
-        return dp_fedavg_aggregate(
-            [u.delta for u in updates],
-            clip_norm=self.clip_norm,
-            noise_multiplier=self.update_noise_multiplier(len(updates)),
-            rng=self.rng,
-            denominator=self.denominator,
+        return participant_round.private_mean(
+            self.config, updates, clip_norm=self.clip_norm, rng=self.rng
         )
 
     def account(
@@ -373,7 +358,7 @@ class PrivacyRounds:
             if "epsilon" in update.extra:
                 self.note_site_epsilons({update.site: update.extra["epsilon"]})
                 metrics[f"privacy/site/{update.site}/epsilon"] = update.extra["epsilon"]
-                if update.extra.get("remaining", -1.0) >= 0:
+                if "remaining" in update.extra:  # absent: the site's budget is unlimited
                     metrics[f"privacy/site/{update.site}/remaining"] = update.extra["remaining"]
         self.note_site_epsilons({s: e for s, e in declined.items() if e is not None})
         for site, spent in declined.items():

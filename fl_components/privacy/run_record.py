@@ -47,9 +47,9 @@ class RunPrivacyRecord:
             )
         )
         self.site_deltas[update.site] = float(extra["delta"])
-        budget = extra.get("max_epsilon", -1.0)
+        budget = extra.get("max_epsilon")  # absent: the site's budget is unlimited
         self.site_budgets[update.site] = SiteBudget(
-            float(extra["epsilon"]), None if budget < 0 else float(budget)
+            float(extra["epsilon"]), None if budget is None else float(budget)
         )
 
     def decline(self, site: str, reason: str, *, epsilon: float | None, round_num: int) -> None:
@@ -139,8 +139,8 @@ def round_columns(
     for update in updates:
         if "epsilon" in update.extra:
             epsilon[update.site] = f"{update.extra['epsilon']:.3f}"
-            left = update.extra.get("remaining", -1.0)
-            remaining[update.site] = "unlimited" if left < 0 else f"{left:.3f}"
+            left = update.extra.get("remaining")  # absent: the site's budget is unlimited
+            remaining[update.site] = "unlimited" if left is None else f"{left:.3f}"
     for site in declined:
         epsilon[site] = "declined"
         remaining[site] = "exhausted"

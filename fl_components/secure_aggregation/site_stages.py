@@ -276,34 +276,8 @@ def prepare_update(
     if config.strategy.norm_bound is not None:  # the coordinator sees only the sum: bound here
         delta = bound_norm(delta, config.strategy.norm_bound)
     vector = flatten(delta).astype(np.float64)
-    privacy = config.privacy
-    if privacy.participant_level:
-        wanted = dp_clip_range(
-            config, participants=len(ctx.participants), dimension=vector.size,
-            threshold=ctx.threshold,
-        )  # fmt: skip
-        if ctx.clip_range < wanted:
-            share_std = privacy.client_noise_multiplier * privacy.clip_norm
-            raise ConfigError(
-                f"site {update.site!r} refuses round {ctx.round}: its clip range "
-                f"±{ctx.clip_range:g} would clip the DP noise (std "
-                f"{share_std / math.sqrt(ctx.threshold):g} per site, t = {ctx.threshold}); "
-                f"it needs at least ±{wanted:.4g}. The "
-                "coordinator sizes it from privacy.clip_norm and client_noise_multiplier: "
-                "run the same fedpipe version on both sides"
-            )
-        norm = float(np.linalg.norm(vector))
-        if norm > privacy.clip_norm:
-            vector *= privacy.clip_norm / norm
-        scale = ctx.quantizer.scale
-        sigma_levels = privacy.client_noise_multiplier * privacy.clip_norm * scale
-        noise = participant_noise(
-            vector.shape,
-            variance_share=sigma_levels**2 / ctx.threshold,
-            rng=rng if rng is not None else SecureRandom(),
-        )
-        vector += noise / scale
-        return vector, 1
+    if config.privacy.participant_level:
+        return _clipped_and_noised(config, update, ctx, vector, rng=rng), 1
     units = weight_units(config, update.num_examples)
     if update.num_examples > config.secure_aggregation.max_weight:
         log.warning(
@@ -315,6 +289,47 @@ def prepare_update(
         )
     vector *= units / weight_scale(config)
     return vector, units
+
+
+def _clipped_and_noised(
+    config: FederationConfig,
+    update: LocalUpdate,
+    ctx: RoundContext,
+    vector: npt.NDArray[np.float64],
+    *,
+    rng: SecureRandom | None,
+) -> npt.NDArray[np.float64]:
+    """Participant-level DP at the site: clip ``vector`` to C, add this site's noise share.
+
+    The noise is in quantization levels: each of t survivors adds 1/t of the variance.
+    """
+    privacy = config.privacy
+    wanted = dp_clip_range(
+        config, participants=len(ctx.participants), dimension=vector.size,
+        threshold=ctx.threshold,
+    )  # fmt: skip
+    if ctx.clip_range < wanted:
+        share_std = privacy.client_noise_multiplier * privacy.clip_norm
+        raise ConfigError(
+            f"site {update.site!r} refuses round {ctx.round}: its clip range "
+            f"±{ctx.clip_range:g} would clip the DP noise (std "
+            f"{share_std / math.sqrt(ctx.threshold):g} per site, t = {ctx.threshold}); "
+            f"it needs at least ±{wanted:.4g}. The "
+            "coordinator sizes it from privacy.clip_norm and client_noise_multiplier: "
+            "run the same fedpipe version on both sides"
+        )
+    norm = float(np.linalg.norm(vector))
+    if norm > privacy.clip_norm:
+        vector *= privacy.clip_norm / norm
+    scale = ctx.quantizer.scale
+    sigma_levels = privacy.client_noise_multiplier * privacy.clip_norm * scale
+    noise = participant_noise(
+        vector.shape,
+        variance_share=sigma_levels**2 / ctx.threshold,
+        rng=rng if rng is not None else SecureRandom(),
+    )
+    vector += noise / scale
+    return vector
 
 
 def mask_at_site(

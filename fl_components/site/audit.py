@@ -44,9 +44,13 @@ class AuditKind(enum.StrEnum):
 
 
 class AuditChainError(FedpipeError):
-    """The audit log was edited, cut or reordered; ``line`` is the first line that breaks."""
+    """The audit log was edited, cut or reordered; ``line`` is the first line that breaks.
 
-    def __init__(self, message: str, *, line: int) -> None:
+    ``line`` is None when only the last line is known to be damaged (read from the end of
+    the file, without counting the lines before it).
+    """
+
+    def __init__(self, message: str, *, line: int | None) -> None:
         super().__init__(message)
         self.line = line
 
@@ -135,7 +139,7 @@ class AuditLog:
             raise AuditChainError(
                 f"{self.path}: the last line is not an audit entry; run `fedpipe site audit` "
                 "to find where the log was damaged",
-                line=-1,
+                line=None,
             ) from None
 
     def append(

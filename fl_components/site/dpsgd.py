@@ -334,60 +334,27 @@ def private_local_train(
 ) -> LocalUpdate:
     """The site's local training (the strategy's objective) under DP-SGD, once the ledger agrees.
 
-    :func:`fl_components.site.training.local_train` with :class:`DPSGD` around it: FedProx's
-    proximal term and SCAFFOLD's correction apply as in plain training; ``seed`` seeds
-    what plain training seeds (never the batch sampling or the noise, which are secret).
-    q-FedAvg's F_k(θ_t) on the training records would be released without noise: refused.
-
-    ``mlflow_run_id`` and ``flow_run_id`` (when the caller knows them) are written into
-    the ledger entry, naming the runs that spent it; ``task_identity`` (spec, sha256) names
-    the code that trained on the records.
-
-    The ledger in ``folder`` is checked first (a round that would pass
-    ``privacy.max_epsilon`` raises :class:`~fl_components.errors.BudgetExhaustedError`
-    before any record is touched) and written after training.
-
-    Returns
-    -------
-    LocalUpdate
-        With ``extra``: epsilon (the site's total, all runs), epsilon_round, delta,
-        noise_multiplier, sample_rate, steps, max_grad_norm, max_epsilon (-1 when
-        unlimited) and remaining (-1 when unlimited).
+    :func:`fl_components.site.training.local_train` with :class:`DPSGD` around it (FedProx's and
+    SCAFFOLD's terms apply; ``seed`` never seeds the secret batch sampling or noise). The ledger
+    in ``folder`` is checked before any record is touched (:func:`_check_budget`), charged
+    after (:class:`_Charge`); ``extra`` holds :func:`_privacy_figures`.
     """
     started = time.perf_counter()
-    privacy = config.privacy
-    if instructions is not None and instructions.report_initial_loss:
-        raise ConfigError(
-            f"site {site!r} refuses round {round_num}: q-FedAvg asks for the loss of the "
-            "global model on its training records, which DP-SGD does not privatize "
-            "(privacy.mode record/both); use another strategy or privacy.mode participant"
-        )
+    _refuse_unprivatized_loss(instructions, site=site, round_num=round_num)
     train = as_dataset(train)
-    plan = plan_round(
-        examples=len(train),  # type: ignore[arg-type]
-        privacy=privacy,
-        training=config.training,
-        rounds=config.rounds,
-    )
-    ledger = PrivacyLedger.open(folder, site=site, accountant=privacy.accountant)
-    digest = parameters_digest(global_parameters)
-    charged = ledger.entry_for(
+    plan = _plan(train, config)
+    ledger = PrivacyLedger.open(folder, site=site, accountant=config.privacy.accountant)
+    charge = _Charge(
         federation=config.name,
-        mlflow_run_id=mlflow_run_id,
         round_num=round_num,
-        parameters_digest=digest,
+        digest=parameters_digest(global_parameters),
+        runs=(mlflow_run_id, flow_run_id),
+        task_identity=task_identity,
     )
-    if charged is not None:  # the same request again, a release paid for: never train twice
+    if (charged := charge.entry_in(ledger)) is not None:  # paid for already: never train twice
         return _released_again(ledger, charged, folder=folder, delta=plan.delta)
-    spent_before = ledger.epsilon(plan.delta)
-    ledger.check_round(
-        noise_multiplier=plan.noise_multiplier,
-        sample_rate=plan.sample_rate,
-        steps=plan.steps,
-        delta=plan.delta,
-        max_epsilon=privacy.max_epsilon,
-    )
-    mode = choose_grad_sample_mode(model, privacy.grad_sample_mode)
+    spent_before = _check_budget(ledger, plan, max_epsilon=config.privacy.max_epsilon)
+    mode = choose_grad_sample_mode(model, config.privacy.grad_sample_mode)
     trained = local_train(
         model,
         global_parameters,
@@ -401,47 +368,149 @@ def private_local_train(
         wrapper=DPSGD(plan, mode),
         task=task,
     )
-    kept = None
-    if mlflow_run_id:
-        kept = release_path(
-            federation=config.name, mlflow_run_id=mlflow_run_id, round_num=round_num, digest=digest
+    kept = charge.record_in(ledger, plan, max_epsilon=config.privacy.max_epsilon)
+    figures = _privacy_figures(
+        ledger, plan, max_epsilon=config.privacy.max_epsilon, mode=mode, spent_before=spent_before
+    )
+    update = replace(trained, seconds=time.perf_counter() - started, extra=figures)
+    if kept is not None:  # charged: what a repeated request for this round gets back
+        keep_release(folder, kept, update)
+    return update
+
+
+def _plan(train: Dataset[Any], config: FederationConfig) -> RecordPlan:
+    """The round's DP-SGD plan for a site of ``len(train)`` records."""
+    return plan_round(
+        examples=len(train),  # type: ignore[arg-type]
+        privacy=config.privacy,
+        training=config.training,
+        rounds=config.rounds,
+    )
+
+
+@dataclass(frozen=True)
+class _Charge:
+    """The key of one round's ledger entry, and what the entry names besides.
+
+    ``runs``: the MLflow run and the Prefect flow run that spend it (when the caller knows
+    them: an auditor can then follow each entry); ``task_identity`` (spec, sha256): the
+    code that trained on the records. ``digest``: the global model trained from.
+    """
+
+    federation: str
+    round_num: int
+    digest: str
+    runs: tuple[str | None, str | None]
+    task_identity: dict[str, str] | None
+
+    def entry_in(self, ledger: PrivacyLedger) -> LedgerEntry | None:
+        """The entry charged already for this (run, round, model), if any."""
+        return ledger.entry_for(
+            federation=self.federation,
+            mlflow_run_id=self.runs[0],
+            round_num=self.round_num,
+            parameters_digest=self.digest,
         )
-    ledger.record(
-        federation=config.name,
-        round_num=round_num,
+
+    def record_in(
+        self, ledger: PrivacyLedger, plan: RecordPlan, *, max_epsilon: float | None
+    ) -> str | None:
+        """Write the round just trained into ``ledger``; return where its release is kept.
+
+        None without an MLflow run to key the release by.
+        """
+        mlflow_run_id, flow_run_id = self.runs
+        release = None
+        if mlflow_run_id:
+            release = release_path(
+                federation=self.federation,
+                mlflow_run_id=mlflow_run_id,
+                round_num=self.round_num,
+                digest=self.digest,
+            )
+        identity = self.task_identity or {}
+        ledger.record(
+            federation=self.federation,
+            round_num=self.round_num,
+            noise_multiplier=plan.noise_multiplier,
+            sample_rate=plan.sample_rate,
+            steps=plan.steps,
+            delta=plan.delta,
+            max_epsilon=max_epsilon,
+            mlflow_run_id=mlflow_run_id,
+            flow_run_id=flow_run_id,
+            release=release,
+            parameters_digest=self.digest,
+            task=identity.get("spec"),
+            task_sha256=identity.get("sha256"),
+        )
+        return release
+
+
+def _refuse_unprivatized_loss(
+    instructions: SiteInstructions | None, *, site: str, round_num: int
+) -> None:
+    """Refuse q-FedAvg's F_k(θ_t): a loss on the training records DP-SGD would not privatize."""
+    if instructions is not None and instructions.report_initial_loss:
+        raise ConfigError(
+            f"site {site!r} refuses round {round_num}: q-FedAvg asks for the loss of the "
+            "global model on its training records, which DP-SGD does not privatize "
+            "(privacy.mode record/both); use another strategy or privacy.mode participant"
+        )
+
+
+def _check_budget(ledger: PrivacyLedger, plan: RecordPlan, *, max_epsilon: float | None) -> float:
+    """Refuse a round that would pass ``max_epsilon``; return the epsilon spent before it.
+
+    Raises :class:`~fl_components.errors.BudgetExhaustedError` before any record is touched.
+    """
+    spent_before = ledger.epsilon(plan.delta)
+    ledger.check_round(
         noise_multiplier=plan.noise_multiplier,
         sample_rate=plan.sample_rate,
         steps=plan.steps,
         delta=plan.delta,
-        max_epsilon=privacy.max_epsilon,
-        mlflow_run_id=mlflow_run_id,
-        flow_run_id=flow_run_id,
-        release=kept,
-        parameters_digest=digest,
-        task=None if task_identity is None else task_identity.get("spec"),
-        task_sha256=None if task_identity is None else task_identity.get("sha256"),
+        max_epsilon=max_epsilon,
     )
+    return spent_before
+
+
+def _privacy_figures(
+    ledger: PrivacyLedger,
+    plan: RecordPlan,
+    *,
+    max_epsilon: float | None,
+    mode: str,
+    spent_before: float,
+) -> dict[str, float]:
+    """The round's privacy figures for ``LocalUpdate.extra``, after the ledger was charged.
+
+    epsilon (the site's total, all runs), epsilon_round, delta, noise_multiplier,
+    sample_rate, steps, max_grad_norm, grad_sample_mode (its code), and max_epsilon and
+    remaining: both left out when the site's budget is unlimited.
+    """
     epsilon = ledger.epsilon(plan.delta)
-    remaining = ledger.remaining(plan.delta)
-    update = replace(
-        trained,
-        seconds=time.perf_counter() - started,
-        extra={
-            "epsilon": epsilon,
-            "epsilon_round": epsilon - spent_before,
-            "delta": plan.delta,
-            "noise_multiplier": plan.noise_multiplier,
-            "sample_rate": plan.sample_rate,
-            "steps": float(plan.steps),
-            "max_grad_norm": plan.max_grad_norm,
-            "max_epsilon": -1.0 if privacy.max_epsilon is None else privacy.max_epsilon,
-            "remaining": -1.0 if remaining is None else remaining,
-            "grad_sample_mode": float(_MODE_CODES[mode]),
-        },
-    )
-    if kept is not None:  # charged: what a repeated request for this round gets back
-        keep_release(folder, kept, update)
-    return update
+    figures = {
+        "epsilon": epsilon,
+        "epsilon_round": epsilon - spent_before,
+        "delta": plan.delta,
+        "noise_multiplier": plan.noise_multiplier,
+        "sample_rate": plan.sample_rate,
+        "steps": float(plan.steps),
+        "max_grad_norm": plan.max_grad_norm,
+        "grad_sample_mode": float(_MODE_CODES[mode]),
+    }
+    return figures | _budget_figures(max_epsilon, ledger.remaining(plan.delta))
+
+
+def _budget_figures(max_epsilon: float | None, remaining: float | None) -> dict[str, float]:
+    """``max_epsilon`` and ``remaining`` for ``LocalUpdate.extra``: absent when unlimited."""
+    figures = {}
+    if max_epsilon is not None:
+        figures["max_epsilon"] = max_epsilon
+    if remaining is not None:
+        figures["remaining"] = remaining
+    return figures
 
 
 def _released_again(
@@ -472,12 +541,16 @@ def _released_again(
             after=spent,
         )
     remaining = ledger.remaining(delta)
-    extra = {  # the ledger's figures as of now; the update itself is the one released
-        **kept.extra,
-        "epsilon": spent,
-        "remaining": -1.0 if remaining is None else remaining,
+    # the ledger's figures as of now; the update itself is the one released. A release kept
+    # before 'unlimited' was written as an absent key carries -1.0 there: dropped on load.
+    extra = {
+        key: value
+        for key, value in kept.extra.items()
+        if not (key in ("max_epsilon", "remaining") and value < 0)
     }
-    return replace(kept, extra=extra)
+    extra = {**extra, "epsilon": spent}
+    extra.pop("remaining", None)
+    return replace(kept, extra=extra | _budget_figures(None, remaining))
 
 
 # LocalUpdate.extra holds floats only; the mode travels as its code

@@ -201,7 +201,7 @@ def train_epochs(
     loss_fn = loss_fn if loss_fn is not None else stepper.loss
     model.train()
     last_loss = float("nan")
-    remaining = steps if steps is not None else -1
+    remaining = steps  # batches still to draw; None: whole passes
     passes = epochs if steps is None else steps  # a pass draws at least one batch
     for _ in range(passes):
         if remaining == 0:
@@ -210,30 +210,111 @@ def train_epochs(
         for batch in loader:
             if remaining == 0:
                 break
-            remaining -= 1
+            if remaining is not None:
+                remaining -= 1
             size = batch_size_of(batch)
             if size == 0:  # Poisson sampling (DP) can draw an empty batch
                 continue
-            batch = to_device(batch, device)
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(precision, device):
-                loss: Any = stepper.train_step(model, batch, loss_fn)  # Tensor.backward: untyped
-            if scaler is None:
-                loss.backward()
-                if adjust_gradients is not None:
-                    adjust_gradients()
-                optimizer.step()
-            else:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                if adjust_gradients is not None:
-                    adjust_gradients()
-                scaler.step(optimizer)  # skipped when a gradient overflowed
-                scaler.update()
-            total += float(loss.detach()) * size
+            loss = _optimizer_step(
+                model,
+                to_device(batch, device),
+                optimizer,
+                data_loss=lambda m, b: stepper.train_step(m, b, loss_fn),
+                scaler=scaler,
+                adjust_gradients=adjust_gradients,
+                autocast_to=(precision, device),
+            )
+            total += loss * size
             count += size
         last_loss = total / max(count, 1)
     return last_loss
+
+
+def _optimizer_step(
+    model: nn.Module,
+    batch: Any,
+    optimizer: torch.optim.Optimizer,
+    *,
+    data_loss: Callable[[nn.Module, Any], Any],
+    scaler: torch.amp.GradScaler | None,
+    adjust_gradients: Callable[[], None] | None,
+    autocast_to: tuple[str, torch.device],
+) -> float:
+    """One step on ``batch``: the loss, back-propagation, the strategy's terms, the update.
+
+    Only the loss runs under autocast (``autocast_to``: precision and device); under a
+    gradient scaler (fp16) the gradients are unscaled before ``adjust_gradients``, so the
+    strategy's terms add to the true gradient. Returns the batch's data loss.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(*autocast_to):
+        loss = data_loss(model, batch)  # Tensor.backward: untyped
+    if scaler is None:
+        loss.backward()
+        if adjust_gradients is not None:
+            adjust_gradients()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        if adjust_gradients is not None:
+            adjust_gradients()
+        scaler.step(optimizer)  # skipped when a gradient overflowed
+        scaler.update()
+    return float(loss.detach())
+
+
+def _refuse_mixed_precision_under_dp(
+    config: TrainingConfig, wrapper: TrainingWrapper | None, *, site: str
+) -> None:
+    """The site's own check (the config refuses this too, but a site never relies on it)."""
+    if wrapper is not None and config.precision != "fp32":
+        raise ConfigError(
+            f"site {site}: training.precision is {config.precision!r} under record-level DP; "
+            "Opacus clips per-sample gradients in fp32 and supports neither autocast nor a "
+            "gradient scaler: set training.precision: fp32"
+        )
+
+
+def _training_run(
+    model: nn.Module,
+    config: TrainingConfig,
+    loader: DataLoader[Any],
+    *,
+    objective: LocalObjective,
+    task: BoundTask | None,
+    wrapper: TrainingWrapper | None,
+) -> TrainingRun:
+    """The run the site trains: the strategy's objective on the task's loss, DP-SGD around it."""
+    run = TrainingRun(
+        model=model,
+        optimizer=make_optimizer(model, config),
+        loader=loader,
+        loss_fn=None if task is None else task.loss,
+        adjust_gradients=objective.adjust_gradients,
+        task=task,
+    )
+    return run if wrapper is None else wrapper.wrap(run)
+
+
+def _train_and_close(run: TrainingRun, config: TrainingConfig, *, device: torch.device) -> float:
+    """:func:`train_epochs` over ``run`` as ``config`` asks; close the run (DP-SGD's hooks)."""
+    try:
+        return train_epochs(
+            run.model,
+            run.loader,
+            run.optimizer,
+            epochs=config.epochs,
+            device=device,
+            loss_fn=run.loss_fn,
+            adjust_gradients=run.adjust_gradients,
+            task=run.task,
+            steps=config.local_steps,
+            precision=config.precision,
+        )
+    finally:
+        if run.close is not None:
+            run.close()
 
 
 def local_train(
@@ -259,13 +340,7 @@ def local_train(
     gives the loss and the step (None: cross-entropy on (features, label) batches).
     """
     started = time.perf_counter()
-    if wrapper is not None and config.precision != "fp32":
-        # the site's own check: the config refuses this too, but a site never relies on it
-        raise ConfigError(
-            f"site {site}: training.precision is {config.precision!r} under record-level DP; "
-            "Opacus clips per-sample gradients in fp32 and supports neither autocast nor a "
-            "gradient scaler: set training.precision: fp32"
-        )
+    _refuse_mixed_precision_under_dp(config, wrapper, site=site)
     device = pick_device(config.device)
     # the seed reaches the data order through the loader's own generator, never torch's
     # process-wide one (sites train side by side on threads)
@@ -286,32 +361,8 @@ def local_train(
         else None
     )
     model.to(device)
-    run = TrainingRun(
-        model=model,
-        optimizer=make_optimizer(model, config),
-        loader=loader,
-        loss_fn=None if task is None else task.loss,
-        adjust_gradients=objective.adjust_gradients,
-        task=task,
-    )
-    if wrapper is not None:
-        run = wrapper.wrap(run)
-    try:
-        loss = train_epochs(
-            run.model,
-            run.loader,
-            run.optimizer,
-            epochs=config.epochs,
-            device=device,
-            loss_fn=run.loss_fn,
-            adjust_gradients=run.adjust_gradients,
-            task=task,
-            steps=config.local_steps,
-            precision=config.precision,
-        )
-    finally:
-        if run.close is not None:
-            run.close()
+    run = _training_run(model, config, loader, objective=objective, task=task, wrapper=wrapper)
+    loss = _train_and_close(run, config, device=device)
     model.to("cpu")
     local = get_parameters(model)
     steps = local_step_count(config, len(run.loader))

@@ -4,8 +4,10 @@ McMahan, Ramage, Talwar & Zhang 2018, "Learning Differentially Private Recurrent
 Models", ICLR, arXiv:1710.06963, Algorithm 1: clip each participant's update to L2 norm S,
 add N(0, z² S² I) to the sum, divide by the (fixed) expected count. As Flower's
 ``DifferentialPrivacyServerSideFixedClipping(strategy, ...)`` does, the wrapper replaces only
-the aggregation; the inner strategy still says what sites are sent and how the server steps
-(so DP-FedAvg composes with FedAvgM or FedAdam: the server optimizer is post-processing).
+the aggregation; a function of the round's ``ServerState`` (the adapted clip norm rides in it)
+and the config, it keeps nothing between rounds. The inner strategy still says what sites
+are sent and how the server steps (so DP-FedAvg composes with FedAvgM or FedAdam: the
+server optimizer is post-processing).
 
 Under secure aggregation each site clips and adds its share of the noise before masking
 (:func:`fl_components.secure_aggregation.site_stages.prepare_update`); the wrapper then only
@@ -23,10 +25,15 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
+from fl_components.config import FederationConfig
 from fl_components.errors import ConfigError
 from fl_components.parameters import NDArrays
-from fl_components.privacy.dp_fedavg import DPAggregate
-from fl_components.privacy.rounds import PrivacyRounds
+from fl_components.privacy.dp_fedavg import DPAggregate, SecureRandom
+from fl_components.privacy.participant_round import (
+    clip_norm_in_force,
+    fixed_denominator,
+    private_mean,
+)
 from fl_components.round.types import AggregatedUpdate, LocalUpdate, ServerState, SiteInstructions
 from fl_components.strategies.base import Strategy
 
@@ -36,7 +43,9 @@ class DPFedAvg(Strategy):
 
     name = "dp-fedavg"
 
-    def __init__(self, inner: Strategy, privacy: PrivacyRounds) -> None:
+    def __init__(
+        self, inner: Strategy, config: FederationConfig, *, rng: SecureRandom | None = None
+    ) -> None:
         if inner.needs_individual_updates:
             raise ConfigError(
                 f"strategy {inner.name!r} combines updates one by one, which DP-FedAvg's "
@@ -44,7 +53,8 @@ class DPFedAvg(Strategy):
                 "strategy"
             )
         self.inner = inner
-        self.privacy = privacy
+        self.config = config
+        self.rng = rng if rng is not None else SecureRandom()  # the OS's CSPRNG unless given
 
     def initial_state(self, parameters: NDArrays) -> ServerState:
         """The inner strategy's initial state."""
@@ -57,8 +67,17 @@ class DPFedAvg(Strategy):
         return self.inner.configure(round_num, state, sites)
 
     def aggregate(self, updates: Sequence[LocalUpdate], state: ServerState) -> AggregatedUpdate:
-        """Clip each update to S, add N(0, z² S²) to the sum, average (no retry: fresh noise)."""
-        dp = self.privacy.aggregate(list(updates))
+        """Clip each update to S, add N(0, z² S²) to the sum, average (no retry: fresh noise).
+
+        S is the clip norm in force for the round ``state`` starts (adapted so far, carried
+        in ``ServerState.clip_norm``; privacy.clip_norm before the first adaptation).
+        """
+        dp = private_mean(
+            self.config,
+            list(updates),
+            clip_norm=clip_norm_in_force(self.config, state),
+            rng=self.rng,
+        )
         return AggregatedUpdate(delta=dp.mean_update, participants=len(updates), private=dp)
 
     def aggregate_sum(
@@ -74,14 +93,14 @@ class DPFedAvg(Strategy):
         Under Poisson selection the sum is divided by the fixed denominator q·N (McMahan
         et al. 2018, f̃_f), not by the weight that came back.
         """
-        denominator = self.privacy.denominator
+        denominator = fixed_denominator(self.config)
         mean = self.inner.aggregate_sum(
             total,
             weight=weight if denominator is None else denominator,
             participants=participants,
             state=state,
         )
-        privacy = self.privacy.config.privacy
+        privacy = self.config.privacy
         dp = DPAggregate(
             mean_update=mean.delta,
             clip_norm=privacy.clip_norm,

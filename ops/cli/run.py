@@ -11,12 +11,20 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from fl_components.config import FederationConfig, config_from_dict, load_config
 from fl_components.errors import ConfigError, FedpipeError
@@ -72,44 +80,17 @@ def run_with_progress(config: FederationConfig, *, quiet: QuietRun, resume: str 
         console.print(
             "[dim]starting Prefect (a temporary server; `fedpipe server start` keeps one)...[/]"
         )
-    columns = (
-        TextColumn("[bold blue]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[status]}"),
-    )
     flow_run_ids: list[str] = []
-    with Progress(*columns, console=console, transient=False) as progress:
+    with Progress(*_COLUMNS, console=console, transient=False) as progress:
         bar = progress.add_task("rounds", total=config.rounds, status="starting")
-        started = time.perf_counter()
-
-        def on_event(event: str, payload: dict[str, Any]) -> None:
-            if event == "start":
-                from prefect.runtime import flow_run
-
-                flow_run_ids.append(str(flow_run.get_id() or ""))
-                took = f"{time.perf_counter() - started:.1f}s"
-                prefect = (  # a reused server was up already: the wait was the run's start
-                    f"Prefect up after {took}"
-                    if isinstance(server, TemporaryServer)
-                    else f"run started after {took}"
-                )
-                progress.console.print(f"[dim]{prefect}; MLflow run {payload['run_id']}[/]")
-                progress.console.print(round_header(config))
-            elif event == "round":
-                m = payload["metrics"]
-                progress.console.print(round_row(config, payload["round"], m))
-                progress.update(
-                    bar,
-                    completed=payload["round"],  # resumed: the rounds before count as done
-                    status=f"acc {m['global/accuracy']:.3f}  loss {m['global/loss']:.3f}",
-                )
-                for site, reason in payload.get("dropouts", {}).items():
-                    quiet.dropouts.add(site, f"round {payload['round']}: {reason}")
-            elif event == "end":  # (resumed after its last round: no round row comes)
-                progress.update(bar, completed=config.rounds)
-
+        on_event = _progress_listener(
+            config,
+            progress,
+            bar,
+            quiet=quiet,
+            temporary=isinstance(server, TemporaryServer),
+            flow_run_ids=flow_run_ids,
+        )
         named = run_name(config.name, strategy=config.strategy.name, started=datetime.now(UTC))
         flow = federated_training.with_options(
             flow_run_name=named, task_runner=task_runner_for(config)
@@ -128,6 +109,58 @@ def run_with_progress(config: FederationConfig, *, quiet: QuietRun, resume: str 
         finally:
             if server is not None:
                 server.stop()
+
+
+_COLUMNS = (
+    TextColumn("[bold blue]{task.description}"),
+    BarColumn(),
+    MofNCompleteColumn(),
+    TimeElapsedColumn(),
+    TextColumn("{task.fields[status]}"),
+)
+
+
+def _progress_listener(
+    config: FederationConfig,
+    progress: Progress,
+    bar: TaskID,
+    *,
+    quiet: QuietRun,
+    temporary: bool,
+    flow_run_ids: list[str],
+) -> Callable[[str, dict[str, Any]], None]:
+    """The flow's progress events as the console shows them: a row per round, the bar moved.
+
+    ``temporary``: the run started its own Prefect server (its wait is Prefect's start).
+    Each started flow run's id is appended to ``flow_run_ids``.
+    """
+    started = time.perf_counter()
+
+    def on_event(event: str, payload: dict[str, Any]) -> None:
+        if event == "start":
+            from prefect.runtime import flow_run  # imported once Prefect runs: start-up time
+
+            flow_run_ids.append(str(flow_run.get_id() or ""))
+            took = f"{time.perf_counter() - started:.1f}s"
+            prefect = (  # a reused server was up already: the wait was the run's start
+                f"Prefect up after {took}" if temporary else f"run started after {took}"
+            )
+            progress.console.print(f"[dim]{prefect}; MLflow run {payload['run_id']}[/]")
+            progress.console.print(round_header(config))
+        elif event == "round":
+            m = payload["metrics"]
+            progress.console.print(round_row(config, payload["round"], m))
+            progress.update(
+                bar,
+                completed=payload["round"],  # resumed: the rounds before count as done
+                status=f"acc {m['global/accuracy']:.3f}  loss {m['global/loss']:.3f}",
+            )
+            for site, reason in payload.get("dropouts", {}).items():
+                quiet.dropouts.add(site, f"round {payload['round']}: {reason}")
+        elif event == "end":  # (resumed after its last round: no round row comes)
+            progress.update(bar, completed=config.rounds)
+
+    return on_event
 
 
 def train_and_report(config: FederationConfig, *, resume: str | None = None) -> None:

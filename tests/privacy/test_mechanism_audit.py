@@ -121,7 +121,7 @@ def _participant_secure(config: FederationConfig) -> tuple[float, float]:
     direction = np.eye(DIM)[0]
     sites = config.site_names
     outputs: dict[str, list[npt.NDArray[np.float64]]] = {"D": [], "D'": []}
-    strategy = DPFedAvg(FedAvg(), PrivacyRounds(config))
+    strategy = DPFedAvg(FedAvg(), config)
     state = strategy.initial_state([np.zeros(DIM, dtype=np.float32)])
     for name, count in (("D", 3), ("D'", 4)):
         ctx = round_context(

@@ -38,8 +38,6 @@ def _update(epsilon: float) -> LocalUpdate:
         seconds=0.0,
         extra={
             "epsilon": epsilon,
-            "remaining": -1.0,
-            "max_epsilon": -1.0,
             "delta": DELTA,
             "noise_multiplier": 1.1,
             "sample_rate": 0.1,

@@ -175,7 +175,7 @@ def test_clipped_fraction_is_not_logged_where_the_coordinator_cannot_know_it() -
 
     config = _config()
     privacy = PrivacyRounds(config)
-    strategy = DPFedAvg(FedAvg(), privacy)
+    strategy = DPFedAvg(FedAvg(), config)
     state = strategy.initial_state([np.zeros(4, dtype=np.float32)])
     privacy.account(None, selected=config.site_names, round_num=1)
 

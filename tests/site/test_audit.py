@@ -32,6 +32,7 @@ def _lines(log: AuditLog) -> list[str]:
 def _broken_at(log: AuditLog) -> int:
     with pytest.raises(AuditChainError) as caught:
         list(verify_chain(log.path))
+    assert caught.value.line is not None
     return caught.value.line
 
 
