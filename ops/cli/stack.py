@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -58,12 +58,17 @@ def up(
     except FedpipeError as error:
         fail(error)
     console.print(f"[bold green]stack up[/] in {time.perf_counter() - started:.1f}s")
-    console.print(f"Prefect UI: {record['prefect_ui_url']}  (API {record['prefect_api_url']})")
-    # the classic (model-training) view: MLflow 3 would open its GenAI view
+    _print_where(record)
+
+
+def _print_where(record: dict[str, Any]) -> None:
+    """The stack's UIs, its sites, and how to start a run."""
     # imported here: fl_components.tracking imports torch (~1 s), which would delay every
     # command's start
     from fl_components.tracking import CLASSIC_VIEW
 
+    console.print(f"Prefect UI: {record['prefect_ui_url']}  (API {record['prefect_api_url']})")
+    # the classic (model-training) view: MLflow 3 would open its GenAI view
     console.print(f"MLflow UI:  {record['mlflow_url']}/#/experiments?{CLASSIC_VIEW}")
     for site, entry in record["sites"].items():
         console.print(f"  site {site}: pool {entry['pool']}, data {entry['data']}")
