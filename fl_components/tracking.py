@@ -75,6 +75,24 @@ def resolve_tracking_uri(config: TrackingConfig) -> str:
     return uri
 
 
+def open_stores(config: TrackingConfig) -> None:
+    """Open (and, the first time, create) a local MLflow store: what a run does first.
+
+    MLflow keeps one store per URI for the process, so a run that follows finds it made;
+    the CLI calls this on a background thread while Prefect's server starts. A remote
+    tracking server is left alone (its stores are its own).
+    """
+    uri = resolve_tracking_uri(config)
+    if not uri.startswith("sqlite:"):
+        return
+    _quiet_mlflow()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.search_experiments(max_results=1)  # the tracking store, its tables made
+    client.search_registered_models(max_results=1)  # the registry's
+
+
 @dataclass(frozen=True)
 class RunLink:
     """Where a run can be found."""

@@ -2,11 +2,11 @@
 
 A process pays, once, for torch's first optimizer (it imports ``torch._dynamo``: ~2 s here,
 8 s on a loaded machine), scikit-learn's data sets, MLflow's PyTorch flavour and SQL store
-(~0.5 s), the identity of the task's code (a hash of its source) and MLflow's map of the
-installed packages (~0.5 s, read when it logs the model). Paid in the run they delay it;
-paid on a background thread while the CLI waits for Prefect's server they cost nothing.
-Every step here is a cache the run would fill itself: a failure is left for the run to
-report.
+(~0.5 s, and ~0.8 s more to make a fresh folder's store), the identity of the task's code
+(a hash of its source) and MLflow's map of the installed packages (~0.5 s, read when it
+logs the model). Paid in the run they delay it; paid on a background thread while the CLI
+waits for Prefect's server they cost nothing. Every step here is a cache the run would
+fill itself: a failure is left for the run to report.
 """
 
 from __future__ import annotations
@@ -29,9 +29,12 @@ def _warm(config: FederationConfig | None) -> None:
     if config is None:
         return
     from fl_components.task.loading import task_identity
+    from fl_components.tracking import open_stores
 
     with contextlib.suppress(Exception):  # the run raises it again, and says what to fix
         task_identity(config)
+    with contextlib.suppress(Exception):  # idem
+        open_stores(config.tracking)
     # MLflow checks the model's requirements against a map of every installed package; it
     # builds that map once per process (private, hence guarded: a rename costs only time)
     with contextlib.suppress(Exception):
