@@ -1,7 +1,7 @@
 """fedpipe side by side with Flower's simulation engine, on the same partition and seeds.
 
     .venv/bin/python -m benchmarks.flower_bench [--reps 2] [--workloads digits-10,...]
-        [--systems flower,fedpipe,fedpipe-server,bare]
+        [--systems flower,flower-central,fedpipe,fedpipe-server,bare,fedpipe-dask]
 
 For every workload (``benchmarks/flower/workloads.py``) fedpipe's partitioner writes the
 sites once; then, interleaved repetition by repetition (the order of the systems rotates),
@@ -21,11 +21,14 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from benchmarks.flower.measure import measure
 from benchmarks.flower.workloads import WORKLOADS, Workload, prepare
@@ -114,16 +117,43 @@ def _machine() -> dict[str, Any]:
 
 def _command(system: str, workload: Workload, paths: tuple[Path, Path], out: Path) -> list[str]:
     config_path, partition = paths
-    if system == "flower":
+    if system.startswith("flower"):
+        app = [str(flower_python()), str(ROOT / "benchmarks/flower/flower_app.py")]
         return [
-            str(flower_python()),
-            str(ROOT / "benchmarks/flower/flower_app.py"),
+            *app,
             str(partition),
             str(out),
+            *(["central"] if system.endswith("central") else []),
         ]
     if system.startswith("fedpipe"):
         return [sys.executable, "-c", FEDPIPE_MAIN, "run", str(config_path)]
     return [sys.executable, "-m", "benchmarks.flower.bare_loop", str(config_path), str(out)]
+
+
+def _variant(system: str, workload: Workload, config_path: Path) -> tuple[Path, Path]:
+    """The config and working folder ``system`` runs with.
+
+    'fedpipe' runs cold: a fresh folder each time (no Prefect database, no MLflow store, no
+    server running), what a new user's first run meets; the site data stays where it is.
+    'fedpipe-dask' is the same run on the Dask runner (a local cluster, 2 workers).
+    Every other system runs in WORKDIR with the workload's own config.
+    """
+    if system not in ("fedpipe", "fedpipe-dask"):
+        return config_path, WORKDIR
+    folder = WORKDIR / f"{system}-{workload.name}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    raw = yaml.safe_load(config_path.read_text())
+    raw["tracking"] = {
+        **raw["tracking"],
+        "tracking_uri": f"sqlite:///{folder / 'mlflow.db'}",
+        "artifact_root": str(folder / "artifacts"),
+    }
+    if system == "fedpipe-dask":
+        raw["runner"] = {"kind": "dask", "workers": 2}
+    variant = folder / config_path.name
+    variant.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return variant, folder
 
 
 def _parse(system: str, output: str, out: Path) -> dict[str, Any]:
@@ -145,9 +175,11 @@ def run_once(
     if system == "fedpipe-server":  # finds the local server (fedpipe server start) there
         env["PREFECT_HOME"] = str(SERVER_HOME)
     retries = 0
+    load_before = os.getloadavg()[0]
     while True:
-        command = _command(system, workload, paths, out)
-        measured = measure(command, cwd=WORKDIR, env=env, timeout=timeout)
+        config_path, cwd = _variant(system, workload, paths[0])
+        command = _command(system, workload, (config_path, paths[1]), out)
+        measured = measure(command, cwd=cwd, env=env, timeout=timeout)
         # Ray gives its raylet a fixed 30 s to register: on a loaded machine it may not
         if retries < 2 and RAY_START_TIMEOUT in measured.output and measured.returncode != 0:
             retries += 1
@@ -166,6 +198,9 @@ def run_once(
         "returncode": measured.returncode,
         "traceback": "Traceback (most recent call last)" in measured.output,
         "retries": retries,
+        # the machine's 1-minute load average before and after: other work running beside
+        "load_before": round(load_before, 2),
+        "load_after": round(os.getloadavg()[0], 2),
     }
 
 
@@ -208,10 +243,14 @@ def summarize(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> list[dict[str
 
 
 RATIOS = [
-    ("fedpipe / flower, whole run", "fedpipe", "flower", "wall_s"),
-    ("fedpipe-server / flower, whole run", "fedpipe-server", "flower", "wall_s"),
+    ("fedpipe cold / flower, whole run", "fedpipe", "flower", "wall_s"),
+    ("fedpipe warm / flower, whole run", "fedpipe-server", "flower", "wall_s"),
+    ("fedpipe cold / flower-central, whole run", "fedpipe", "flower-central", "wall_s"),
+    ("fedpipe warm / flower-central, whole run", "fedpipe-server", "flower-central", "wall_s"),
     ("fedpipe / flower, median round", "fedpipe", "flower", "median_round_s"),
-    ("fedpipe / bare engine, median round", "fedpipe", "bare", "median_round_s"),
+    ("fedpipe cold / bare engine, median round", "fedpipe", "bare", "median_round_s"),
+    ("fedpipe warm / bare engine, median round", "fedpipe-server", "bare", "median_round_s"),
+    ("fedpipe-dask / flower, whole run", "fedpipe-dask", "flower", "wall_s"),
     ("fedpipe / fedpipe-base, whole run", "fedpipe", "fedpipe-base", "wall_s"),
 ]
 
@@ -280,7 +319,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=2, help="Interleaved repetitions.")
     parser.add_argument("--workloads", default=DEFAULT_WORKLOADS, help=f"Of {sorted(WORKLOADS)}.")
-    parser.add_argument("--systems", default="flower,fedpipe,fedpipe-server,bare")
+    parser.add_argument("--systems", default="flower,flower-central,fedpipe,fedpipe-server,bare")
     parser.add_argument("--timeout", type=float, default=900, help="Seconds per run.")
     parser.add_argument(
         "--baseline",
@@ -384,6 +423,11 @@ def write_report(
             f"Repetitions interleaved ({_reps(runs)}); ranges are min-max over them.",
             "fedpipe-base: the same `fedpipe run` from the --baseline revision (before/after "
             "in the same interleaved run).",
+            "fedpipe (cold): `fedpipe run` in a fresh folder each time: no Prefect database, "
+            "no MLflow store, no server running (Prefect's empty schema made once at install "
+            "by `make`: `fedpipe server prepare`). flower: Flower evaluates on every site "
+            "every round, as fedpipe does; flower-central: Flower evaluates centrally only. "
+            "fedpipe-dask: the cold run on the Dask runner (local cluster, 2 workers).",
             "fedpipe-server: the same `fedpipe run` against a local Prefect server started "
             "once before the runs (`fedpipe server start`, as a user keeps one for the UI): "
             "its start is not timed and its memory (~0.3 GB) is not in the run's tree.",

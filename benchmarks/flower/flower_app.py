@@ -28,6 +28,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 PARTITION = Path(sys.argv[1])
 OUTPUT = Path(sys.argv[2])
+# "central": Flower evaluates the global model centrally only (no federated evaluation);
+# otherwise every site evaluates it every round too, as fedpipe does
+EVALUATE_SITES = len(sys.argv) < 4 or sys.argv[3] != "central"
 DATA = dict(np.load(PARTITION))
 SITES, ROUNDS, N_FEATURES, N_CLASSES, DP = (int(v) for v in DATA["meta"])
 THETA0 = [DATA[f"theta0_{i}"] for i in range(sum(k.startswith("theta0_") for k in DATA))]
@@ -148,16 +151,17 @@ def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
 
 @server.main()
 def main(grid: Grid, context: Context) -> None:
-    """FedAvg over every site, every round, with federated evaluation on every site."""
+    """FedAvg over every site, every round; federated evaluation on every site unless
+    'central' (then the central evaluation only)."""
     model = build_model()
     model.load_state_dict(
         {k: torch.from_numpy(v) for k, v in zip(model.state_dict(), THETA0, strict=True)}
     )
     strategy = FedAvg(
         fraction_train=1.0,
-        fraction_evaluate=1.0,
+        fraction_evaluate=1.0 if EVALUATE_SITES else 0.0,
         min_train_nodes=SITES,
-        min_evaluate_nodes=SITES,
+        min_evaluate_nodes=SITES if EVALUATE_SITES else 0,
         min_available_nodes=SITES,
     )
     strategy.start(

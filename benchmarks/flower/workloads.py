@@ -26,6 +26,8 @@ class Workload:
     rounds: int
     model: str
     dp: bool = False
+    hidden: tuple[int, ...] = (128,)
+    epochs: int = 1
 
     def config(self, workdir: Path) -> dict[str, Any]:
         """The fedpipe federation config (a plain mapping, as YAML would give)."""
@@ -41,9 +43,9 @@ class Workload:
                 "alpha": 0.5,
                 "sites_dir": str(workdir / "sites"),
             },
-            "model": {"kind": self.model, "hidden": [128]},
+            "model": {"kind": self.model, "hidden": list(self.hidden)},
             "training": {
-                "epochs": 1,
+                "epochs": self.epochs,
                 "batch_size": 32,
                 "lr": 0.05,
                 "momentum": 0.9,
@@ -72,6 +74,11 @@ WORKLOADS = {
         Workload("digits-10-dp", "digits", 10, 20, "mlp", dp=True),
         Workload("breast_cancer-8-dp", "breast_cancer", 8, 15, "logreg", dp=True),
         Workload("digits-1000", "digits", 1000, 5, "mlp"),
+        # ~1 s of local training per site and round on this machine: the orchestration's
+        # cost next to real training (fedpipe against the bare engine; Flower's app is fixed
+        # to the small MLP and one epoch, so it does not run these)
+        Workload("digits-10-1s", "digits", 10, 4, "mlp", hidden=(1024, 1024), epochs=70),
+        Workload("digits-100-1s", "digits", 100, 2, "mlp", hidden=(1024, 1024), epochs=350),
     )
 }
 
