@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	# optional: its test runs where `pip install -e '.[ray]'` was done, and skips otherwise)
 	$(BIN)/python -m pip install --quiet -e '.[dev,dask]'
 	# Prefect's empty database, made once: a run in a fresh folder then skips its migrations
-	$(BIN)/fedpipe server prepare
+	-$(BIN)/fedpipe server prepare  # optional: without it the first run migrates
 	touch $(STAMP)
 
 demo: $(STAMP)

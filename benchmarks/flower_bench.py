@@ -42,7 +42,7 @@ SERVER_HOME = WORKDIR / "server-home"  # PREFECT_HOME of system 'fedpipe-server'
 # "fedpipe-base": the same CLI from an earlier commit, for before/after (--baseline REV)
 BASELINE = ROOT / "build" / "baseline"
 ROW = re.compile(r"^\s*(\d+)\s+(\d+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)")
-FINAL = re.compile(r"final global accuracy\s+([0-9.]+)")
+FINAL = re.compile(r"(?:final global accuracy|accuracy on the central test split)\s+([0-9.]+)")
 RAY_START_TIMEOUT = "The current node timed out during startup"
 FEDPIPE_MAIN = "from ops.cli.main import main; main()"  # what the `fedpipe` script runs
 DEFAULT_WORKLOADS = "digits-10,digits-100,breast_cancer-8,digits-10-dp,breast_cancer-8-dp"
