@@ -14,11 +14,17 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from fl_components.config import FederationConfig, config_from_dict
 from fl_components.errors import ConfigError
-from flows.runners import task_runner_for
+from flows.runners import SMALL_MODEL_PARAMETERS, model_parameters, task_runner_for
 
 
 def test_the_default_is_a_thread_pool_sized_by_workers() -> None:
     assert isinstance(task_runner_for(FederationConfig()), ThreadPoolTaskRunner)
+    # unset: one thread for a small model (the default digits MLP, 9.1k parameters), whose
+    # sites contend for the GIL side by side; Prefect's pool for a large one
+    assert task_runner_for(FederationConfig())._max_workers == 1
+    large = FederationConfig.model_validate({"model": {"kind": "mlp", "hidden": [1024, 1024]}})
+    assert model_parameters(large) > SMALL_MODEL_PARAMETERS
+    assert task_runner_for(large)._max_workers == ThreadPoolTaskRunner()._max_workers
     runner = task_runner_for(FederationConfig.model_validate({"runner": {"workers": 3}}))
     assert isinstance(runner, ThreadPoolTaskRunner)
     assert runner._max_workers == 3
