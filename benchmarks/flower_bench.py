@@ -329,6 +329,11 @@ def main() -> None:
     parser.add_argument("--output", default="flower", help="Result name under benchmarks/results.")
     parser.add_argument("--note", action="append", default=[], help="A line for the notes.")
     parser.add_argument(
+        "--title",
+        default="Side by side with Flower's simulation engine",
+        help="The section's title in BENCHMARKS.md.",
+    )
+    parser.add_argument(
         "--resummarize",
         action="store_true",
         help="Rebuild tables and plots from the existing JSON's runs; measure nothing.",
@@ -406,7 +411,7 @@ def write_report(
     plot(runs, "peak_memory_gb", "peak memory of the process tree, GB", RESULTS / plots["memory"])
     command = "python -m benchmarks.flower_bench " + " ".join(sys.argv[1:])
     report = {
-        "title": "Side by side with Flower's simulation engine",
+        "title": args.title,
         "command": command.strip(),
         "machine": _machine(),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),

@@ -18,6 +18,8 @@ RESULTS = ROOT / "results"
 OUTPUT = ROOT.parent / "BENCHMARKS.md"
 ORDER = [
     "flower",
+    "orchestration",
+    "flower_1000",
     "flower_tuning",
     "profile",
     "scaling",
