@@ -752,9 +752,10 @@ class RunnerConfig(_Section):
     workers: int | None = Field(
         default=None,
         ge=1,
-        description="thread: pool size (None: 1 for a model under 200k parameters, whose "
-        "sites' steps are too short to run side by side under Python's GIL, else Prefect's "
-        "default); local ray: CPUs; local dask: worker processes (None: the cluster's default).",
+        description="thread: pool size (None: on backend local, 1 for a model under 200k "
+        "parameters, whose sites' steps are too short to run side by side under Python's GIL; "
+        "else Prefect's default); local ray: CPUs; local dask: worker processes (None: the "
+        "cluster's default).",
     )
     cohort_threshold: int = Field(
         default=16,

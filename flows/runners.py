@@ -43,9 +43,16 @@ def task_runner_for(config: FederationConfig) -> TaskRunner[Any]:
 
 
 def thread_workers(config: FederationConfig) -> int | None:
-    """The thread pool's size: ``runner.workers``, else 1 for a small model, else Prefect's."""
+    """The thread pool's size: ``runner.workers``, else 1 or Prefect's default.
+
+    One thread for a small model trained in this process. On the work-pool backend the
+    pool's tasks wait for the sites' own flow runs, elsewhere: they must wait side by side,
+    whatever the model.
+    """
     if config.runner.workers is not None:
         return config.runner.workers
+    if config.backend != "local":
+        return None
     return 1 if model_parameters(config) < SMALL_MODEL_PARAMETERS else None
 
 

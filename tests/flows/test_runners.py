@@ -25,6 +25,9 @@ def test_the_default_is_a_thread_pool_sized_by_workers() -> None:
     large = FederationConfig.model_validate({"model": {"kind": "mlp", "hidden": [1024, 1024]}})
     assert model_parameters(large) > SMALL_MODEL_PARAMETERS
     assert task_runner_for(large)._max_workers == ThreadPoolTaskRunner()._max_workers
+    # the work-pool backend's tasks wait on the sites' flow runs: side by side, always
+    pools = FederationConfig.model_validate({"backend": "work-pool"})
+    assert task_runner_for(pools)._max_workers == ThreadPoolTaskRunner()._max_workers
     runner = task_runner_for(FederationConfig.model_validate({"runner": {"workers": 3}}))
     assert isinstance(runner, ThreadPoolTaskRunner)
     assert runner._max_workers == 3
