@@ -2,6 +2,8 @@
 
 What is checked, each as a :class:`Check` (a row of the table ``fedpipe doctor`` prints):
 
+- the stack's servers run (its PostgreSQL cluster, the Prefect and MLflow servers, the
+  coordinator's worker);
 - the Prefect API answers, and its UI is told the right API (``/ui-settings`` ``api_url``
   equal to the server's own API; unset, Prefect answers port 4200 and the UI cannot connect);
 - every enrolled site's work pool has a live worker (the coordinator's own test,
@@ -92,6 +94,26 @@ def check_prefect(api_url: str, *, fix: str) -> list[Check]:
         )
     else:
         checks.append(Check("prefect ui", True, f"/ui-settings api_url is {told}"))
+    return checks
+
+
+def check_stack_processes(record: Mapping[str, Any], *, fix: str) -> list[Check]:
+    """Whether each recorded server (and the coordinator's worker) still runs.
+
+    A site's worker is checked with its site (:func:`check_site_workers`).
+    """
+    from ops.stack.processes import _group_members
+
+    checks = []
+    for process in record.get("processes", []):
+        name = str(process["name"])
+        if name.startswith("worker-") and name != "worker-coordinator":
+            continue
+        if _group_members(int(process["pgid"])):
+            checks.append(Check(name, True, f"running (pid {process['pid']})"))
+        else:
+            detail = f"stopped; its log: {process.get('log', '?')}"
+            checks.append(Check(name, False, detail, fix))
     return checks
 
 
@@ -408,10 +430,11 @@ def diagnose(*, state_dir: Path, api_url: str | None = None) -> list[Check]:
         if api_url is None
         else f"start the Prefect server behind {api}"
     )
-    checks = check_prefect(api, fix=start)
+    checks = check_stack_processes(record, fix=start) if running and record else []
+    checks += check_prefect(api, fix=start)
     config = _record_config(state_dir) if running else None
     sites = _sites_from_record(record) if running and record is not None else []
-    if checks[0].ok:
+    if all(check.ok for check in checks):
         ours = running and api == str((record or {}).get("prefect_api_url", "")).rstrip("/")
         sites, config, found = _server_checks(
             state_dir,
@@ -450,22 +473,43 @@ def _server_checks(
     The stack's credentials go to the stack's own server only (``ours``).
     """
     from prefect.client.orchestration import get_client
+    from prefect.exceptions import PrefectHTTPStatusError
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from ops.stack.credentials import prefect_settings
 
     checks: list[Check] = []
     updates = prefect_settings(state_dir, api) if ours else {PREFECT_API_URL: api}
-    with temporary_settings(updates=updates), get_client(sync_client=True) as client:
-        if not sites:
-            sites = _sites_from_server(client)
-        if config is None:
-            config = _coordinator_config(client)
-        if not sites:
-            checks.append(
-                Check("sites", False, "no site is enrolled", "fedpipe site init NAME --data PATH")
-            )
-        checks += check_site_workers(client, sites, record=record, state_dir=state_dir)
+    try:
+        with temporary_settings(updates=updates), get_client(sync_client=True) as client:
+            return _ask_server(client, record, sites, config, state_dir)
+    except (PrefectHTTPStatusError, httpx.HTTPError) as error:
+        status = getattr(getattr(error, "response", None), "status_code", None)
+        found = f"HTTP {status}" if status else type(error).__name__
+        fix = f"look at the Prefect server's log; fedpipe up --repair --state-dir {state_dir}"
+        why = f"{api} answers its health probe but not a request ({found}): its database?"
+        checks.append(Check("prefect requests", False, why, fix))
+        return sites, config, checks
+
+
+def _ask_server(
+    client: Any,
+    record: dict[str, Any] | None,
+    sites: list[SiteEntry],
+    config: FederationConfig | None,
+    state_dir: Path,
+) -> tuple[list[SiteEntry], FederationConfig | None, list[Check]]:
+    """The sites and config the server knows, and each site's worker."""
+    checks: list[Check] = []
+    if not sites:
+        sites = _sites_from_server(client)
+    if config is None:
+        config = _coordinator_config(client)
+    if not sites:
+        checks.append(
+            Check("sites", False, "no site is enrolled", "fedpipe site init NAME --data PATH")
+        )
+    checks += check_site_workers(client, sites, record=record, state_dir=state_dir)
     return sites, config, checks
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -10,6 +11,14 @@ import typer
 
 from fl_components.errors import FedpipeError
 from ops.cli.app import STACK_DIR, console, fail
+
+
+class Database(StrEnum):
+    """The Prefect server's database (``fedpipe up --database``)."""
+
+    auto = "auto"
+    postgresql = "postgresql"
+    sqlite = "sqlite"
 
 
 def up(
@@ -20,9 +29,16 @@ def up(
     mlflow_dir: Annotated[Path, typer.Option(help="MLflow store.")] = Path("mlflow/server"),
     prefect_port: Annotated[int, typer.Option(help="Prefect server port (0: any free).")] = 4200,
     mlflow_port: Annotated[int, typer.Option(help="MLflow server port (0: any free).")] = 5000,
+    database: Annotated[
+        Database,
+        typer.Option(
+            help="The Prefect server's database: auto = the stack's own PostgreSQL when "
+            "PostgreSQL is installed here, else SQLite (fine for a try-out, locks under load)."
+        ),
+    ] = Database.auto,
     database_url: Annotated[
         str | None,
-        typer.Option(help="Prefect database (postgresql+asyncpg://...); SQLite if unset."),
+        typer.Option(help="A PostgreSQL server of your own (postgresql+asyncpg://...)."),
     ] = None,
     repair: Annotated[
         bool,
@@ -54,6 +70,7 @@ def up(
             prefect_port=prefect_port,
             mlflow_port=mlflow_port,
             database_url=database_url,
+            database=database.value,
         )
     except FedpipeError as error:
         fail(error)
@@ -70,6 +87,9 @@ def _print_where(record: dict[str, Any]) -> None:
     console.print(f"Prefect UI: {record['prefect_ui_url']}  (API {record['prefect_api_url']})")
     # the classic (model-training) view: MLflow 3 would open its GenAI view
     console.print(f"MLflow UI:  {record['mlflow_url']}/#/experiments?{CLASSIC_VIEW}")
+    console.print(f"Prefect database: {record.get('database', 'sqlite')}", soft_wrap=True)
+    if note := record.get("database_note"):
+        console.print(f"[yellow]note[/]: {note}", soft_wrap=True)
     for site, entry in record["sites"].items():
         console.print(f"  site {site}: pool {entry['pool']}, data {entry['data']}")
     console.print(

@@ -60,6 +60,8 @@ class StackCredentials(BaseModel):
     coordinator: UserCredentials
     reader: UserCredentials
     sites: dict[str, UserCredentials]
+    # the stack's own PostgreSQL cluster (ops.stack.postgres), made when first needed
+    database_password: str | None = None
 
     def site(self, name: str) -> UserCredentials:
         """Site ``name``'s read-only MLflow user."""
@@ -74,7 +76,8 @@ class StackCredentials(BaseModel):
     def secrets(self) -> list[str]:
         """Every secret value (what must appear in no log, config or parameter)."""
         users = [self.admin, self.coordinator, self.reader, *self.sites.values()]
-        return [self.prefect_auth_string, self.mlflow_secret_key, *(u.password for u in users)]
+        found = [self.prefect_auth_string, self.mlflow_secret_key, *(u.password for u in users)]
+        return found + ([self.database_password] if self.database_password else [])
 
 
 def _password() -> str:
@@ -164,6 +167,24 @@ def ensure_credentials(root: Path, sites: Iterable[str]) -> StackCredentials:
         current = current.model_copy(update={"sites": {**current.sites, **extra}})
         save_credentials(root, current)
     return current
+
+
+def ensure_database_password(root: Path) -> str:
+    """The password of the stack's PostgreSQL cluster: made once, kept with its credentials.
+
+    Raises
+    ------
+    StackError
+        If the stack has no credentials yet (``fedpipe up`` makes them first).
+    """
+    current = load_credentials(root)
+    if current is None:
+        raise StackError(f"no credentials under {root}; start the stack with `fedpipe up`")
+    password = current.database_password
+    if password is None:
+        password = _password()
+        save_credentials(root, current.model_copy(update={"database_password": password}))
+    return password
 
 
 def prefect_client_env(credentials: StackCredentials | None) -> dict[str, str]:

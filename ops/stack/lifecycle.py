@@ -23,6 +23,7 @@ from ops.stack.credentials import (
     MLFLOW_AUTH_DB,
     StackCredentials,
     ensure_credentials,
+    ensure_database_password,
     load_credentials,
     mlflow_client_env,
     mlflow_server_env,
@@ -66,6 +67,8 @@ from ops.stack.state import (
     stack_config,
 )
 
+DATABASES = ("auto", "postgresql", "sqlite")
+
 __all__ = [
     "StackError",
     "StackPaths",
@@ -98,14 +101,22 @@ def up(
     prefect_port: int = 4200,
     mlflow_port: int = 5000,
     database_url: str | None = None,
+    database: str = "auto",
 ) -> dict[str, Any]:
     """Start the stack and return its record (also written to ``<root>/stack.json``).
+
+    ``database`` is the Prefect server's: ``auto`` (the stack's own PostgreSQL cluster when
+    PostgreSQL is on this host, else SQLite), ``postgresql`` or ``sqlite``;
+    ``database_url`` (a PostgreSQL server of your own) overrides it.
 
     Raises
     ------
     StackError
-        If a stack is already running from ``root``, or a server or worker fails to start.
+        If a stack is already running from ``root``, a server or worker fails to start, or
+        ``database`` is ``postgresql`` and PostgreSQL cannot be had here.
     """
+    if database not in DATABASES:
+        raise StackError(f"--database {database!r}: choose one of {', '.join(DATABASES)}")
     paths = StackPaths(root.resolve(), mlflow_dir.resolve())
     if paths.state_file.is_file() and tagged_processes(paths.root):
         raise StackError(f"a stack is already running from {paths.root}; `fedpipe down` first")
@@ -125,6 +136,9 @@ def up(
         paths.state_file.write_text(json.dumps(record, indent=2) + "\n")
 
     try:
+        if database_url is None and database != "sqlite":
+            database_url = _start_postgres(paths, base, record, required=database == "postgresql")
+            save()
         processes.append(_start_prefect_server(paths, base, api_url, database_url))
         processes.append(_start_mlflow_server(paths, base, mlflow_url, credentials))
         save()
@@ -149,6 +163,47 @@ def up(
         raise
     save()
     return record
+
+
+def _start_postgres(
+    paths: StackPaths,
+    base: dict[str, str],
+    record: dict[str, Any],
+    *,
+    required: bool,
+    port: int | None = None,
+    started: list[dict[str, Any]] | None = None,
+) -> str | None:
+    """Start the stack's PostgreSQL cluster (made the first time); the Prefect server's URL.
+
+    Without PostgreSQL here, None (SQLite) and the reason in ``record["database_note"]``,
+    unless it is ``required``. Its process goes into ``started`` (the record's processes
+    unless given), at once: ``down`` stops it if it then fails.
+
+    Raises
+    ------
+    StackError
+        If PostgreSQL is required and cannot be had, or does not start.
+    """
+    from ops.stack import postgres
+
+    try:
+        cluster = postgres.cluster_for(paths.root)
+        password = ensure_database_password(paths.root)
+        postgres.initialise(cluster, password)
+    except postgres.PostgresUnusable as error:
+        if required:
+            raise
+        record["database_note"] = f"SQLite, because {error}"
+        return None
+    port = port or free_port()
+    process = _spawn("postgres", cluster.server_command(port), base, paths.logs)
+    (record["processes"] if started is None else started).append(process)
+    record["database"] = f"postgresql (the stack's own, {cluster.data}, 127.0.0.1:{port})"
+    record["postgres"] = {"port": port, "data": str(cluster.data)}
+    postgres.wait_ready(cluster, port, alive=lambda: bool(_group_members(process["pgid"])))
+    postgres.ensure_database(cluster, port, password)
+    return cluster.url(port, password)
 
 
 def _credentials(paths: StackPaths, config: FederationConfig) -> StackCredentials:
@@ -272,6 +327,13 @@ def _start_coordinator_worker(
     )
 
 
+def _own_database_url(root: Path, record: dict[str, Any]) -> str:
+    from ops.stack import postgres
+
+    cluster = postgres.cluster_for(root)
+    return cluster.url(int(record["postgres"]["port"]), ensure_database_password(root))
+
+
 def repair(*, root: Path, database_url: str | None = None) -> list[str]:
     """Start again, as ``up`` did, each process of the running stack that has stopped.
 
@@ -306,8 +368,15 @@ def repair(*, root: Path, database_url: str | None = None) -> list[str]:
             record = load_record(paths_root)
             lines.append(f"{name}: restarted (pid {started['pid']}, log {started['log']})")
             continue
-        if name == "prefect-server":
-            if record.get("database", "sqlite") != "sqlite" and database_url is None:
+        if name == "postgres":
+            spawned: list[dict[str, Any]] = []
+            port = int(record["postgres"]["port"])
+            _start_postgres(paths, base, record, required=True, port=port, started=spawned)
+            started, health = spawned[0], ""
+        elif name == "prefect-server":
+            if "postgres" in record:  # the stack's own cluster: its password is in credentials
+                database_url = _own_database_url(paths.root, record)
+            elif record.get("database", "sqlite") != "sqlite" and database_url is None:
                 raise StackError(
                     f"the Prefect server's database is {record['database']}: give its URL "
                     "again, `fedpipe up --repair --database-url postgresql+asyncpg://...`"
