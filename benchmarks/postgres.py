@@ -1,7 +1,8 @@
 """A throwaway PostgreSQL cluster on 127.0.0.1 for the Prefect server (benchmarks and tests).
 
-PostgreSQL comes from Debian's `postgresql` package, installed when missing (as root, with
-apt-get); :class:`PostgresUnavailable` says why when it cannot be had. The cluster runs as
+For a PostgreSQL server that is not the stack's own (``fedpipe up --database-url``); the
+stack's own cluster is ops/stack/postgres.py. PostgreSQL comes from Debian's `postgresql`
+package, installed when missing (as root, with apt-get); :class:`PostgresUnavailable` says why when it cannot be had. The cluster runs as
 the `postgres` user with fsync off (it is thrown away) and is removed on exit.
 """
 
@@ -32,9 +33,9 @@ PG_DB = "prefect"
 
 
 def _pg_bindir() -> Path | None:
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name))
-    found = [b for b in found if (b / "initdb").is_file() and (b / "pg_ctl").is_file()]
-    return found[-1] if found else None
+    from ops.stack.postgres import find_bindir
+
+    return find_bindir()
 
 
 def _ensure_postgresql() -> Path:

@@ -28,6 +28,7 @@ ORDER = [
     "privacy",
     "secagg",
     "dispatch",
+    "stack_load",
     "communication",
     "size",
     "gpu",

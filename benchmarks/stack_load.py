@@ -251,6 +251,7 @@ def main() -> None:
     RESULTS.write_text(
         json.dumps(
             {
+                "title": "The one-machine stack under load: lock errors and 5xx in 30 minutes",
                 "command": "python -m benchmarks.stack_load --database {sqlite,default} "
                 f"--minutes {options.minutes:g} --run-every {options.run_every:g} "
                 f"--poll {options.poll:g}",

@@ -127,6 +127,7 @@ def status(
         fail(error)
     console.print(f"Prefect {report['prefect_ui_url']}: healthy={report['prefect_healthy']}")
     console.print(f"MLflow  {report['mlflow_url']}: healthy={report['mlflow_healthy']}")
+    console.print(f"Prefect database: {report['database']}", soft_wrap=True)
     for process in report["processes"]:
         state = "[green]running[/]" if process["running"] else "[red]stopped[/]"
         console.print(f"  {process['name']:<24} pid {process['pid']:<8} {state}")

@@ -198,6 +198,7 @@ def _start_postgres(
         return None
     port = port or free_port()
     process = _spawn("postgres", cluster.server_command(port), base, paths.logs)
+    process["stop_signal"] = "SIGINT"  # fast shutdown: do not wait for clients to leave
     (record["processes"] if started is None else started).append(process)
     record["database"] = f"postgresql (the stack's own, {cluster.data}, 127.0.0.1:{port})"
     record["postgres"] = {"port": port, "data": str(cluster.data)}
@@ -405,6 +406,7 @@ def status(*, root: Path) -> dict[str, Any]:
     report: dict[str, Any] = {
         "prefect_ui_url": record["prefect_ui_url"],
         "mlflow_url": record["mlflow_url"],
+        "database": record.get("database", "sqlite"),
         "processes": [
             {**p, "running": bool(_group_members(p["pgid"]))} for p in record["processes"]
         ],

@@ -190,9 +190,11 @@ def wait_ready(
     deadline = time.monotonic() + timeout
     while subprocess.run(ready, capture_output=True, check=False).returncode != 0:
         if not alive() or time.monotonic() > deadline:
+            log = cluster.root.parent / "logs" / "postgres.log"
+            tail = log.read_text(errors="replace").splitlines()[-5:] if log.is_file() else []
             raise StackError(
-                f"PostgreSQL did not start on 127.0.0.1:{port}; see its log, "
-                f"{cluster.root.parent / 'logs' / 'postgres.log'}"
+                f"PostgreSQL did not start on 127.0.0.1:{port}; its log {log} ends:\n"
+                + "\n".join(tail)
             )
         time.sleep(0.3)
 

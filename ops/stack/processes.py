@@ -229,14 +229,14 @@ def down(*, root: Path, grace: float = 10.0) -> list[str]:
     groups = [p for p in record["processes"] if _group_members(p["pgid"])]
     for process in groups:  # workers first, servers last: reverse start order
         try:
-            os.killpg(process["pgid"], signal.SIGTERM)
+            os.killpg(process["pgid"], _stop_signal(process))
         except ProcessLookupError:
             continue
     time.sleep(1.0)
     for process in groups:  # a Prefect worker ignores its first SIGTERM: send a second
         with contextlib.suppress(ProcessLookupError):
             if _group_members(process["pgid"]):
-                os.killpg(process["pgid"], signal.SIGTERM)
+                os.killpg(process["pgid"], _stop_signal(process))
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and any(_group_members(p["pgid"]) for p in groups):
         time.sleep(0.2)
@@ -264,6 +264,14 @@ def down(*, root: Path, grace: float = 10.0) -> list[str]:
     record["processes"] = []
     (root / "stack.json").write_text(json.dumps(record, indent=2) + "\n")
     return lines
+
+
+def _stop_signal(process: dict[str, Any]) -> signal.Signals:
+    """How a recorded process is asked to stop: SIGTERM unless its record names another.
+
+    PostgreSQL's fast shutdown is SIGINT; its SIGTERM waits for every client to leave.
+    """
+    return signal.Signals[process.get("stop_signal", "SIGTERM")]
 
 
 def remove_stale_sockets(record: dict[str, Any]) -> list[str]:

@@ -56,9 +56,12 @@ def _api_post(url: str, **kwargs: Any) -> httpx.Response:
     return _api("POST", url, **kwargs)
 
 
-def _fedpipe(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+def _fedpipe(
+    *args: str, timeout: float, env_extra: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run this checkout's CLI; it finds the stack's credentials in its state folder."""
     env = {k: v for k, v in os.environ.items() if k not in _CREDENTIAL_ENV}
+    env.update(env_extra or {})
     return subprocess.run(
         [*FEDPIPE, *args],
         cwd=REPO,
@@ -75,12 +78,15 @@ def running_stack(
     root: Path,
     *,
     name: str,
-    extra_args: tuple[str, ...] = (),
+    extra_args: tuple[str, ...] = ("--database", "sqlite"),
     shared: dict[str, Any] | None = None,
+    federation_update: dict[str, Any] | None = None,
+    env_extra: dict[str, str] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """`fedpipe up` a 3-site stack under ``root`` and yield its record; on exit `fedpipe
     down` and check that nothing it started is left (a worker a test killed, named in
-    ``shared["killed_worker"]``, must be reported as already stopped)."""
+    ``shared["killed_worker"]``, must be reported as already stopped). SQLite unless
+    ``extra_args`` say otherwise: the session's stack is the same as root or as a user."""
     from ops.stack.lifecycle import tagged_processes
 
     federation = {
@@ -94,6 +100,8 @@ def running_stack(
         "deployment": {"timeout_seconds": 120, "poll_interval": 0.3},
         "seed": 3,
     }
+    federation.update(federation_update or {})
+    federation = {key: value for key, value in federation.items() if value is not None}
     config_file = root / "federation.yaml"
     config_file.write_text(yaml.safe_dump(federation))
     state = root / "state"
@@ -101,7 +109,7 @@ def running_stack(
     result = _fedpipe(
         "up", "--config", str(config_file), *args, "--prefect-port", "0", "--mlflow-port", "0",
         *extra_args,
-        timeout=900,
+        timeout=900, env_extra=env_extra,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     record = json.loads((state / "stack.json").read_text())
@@ -167,6 +175,21 @@ def _assert_one_participant_run_per_site_and_round(api: str, run_id: str, *, rou
             assert job_message(match).get("evaluate_round") == evaluates
             assert match["work_pool_name"] == f"fedpipe-{site}"
             assert match["state_type"] == "COMPLETED"
+
+
+def _assert_every_site_served_every_round(api: str, run_id: str, *, rounds: int) -> None:
+    """Prefect: each site ran each round's stages (whatever they are: secure aggregation
+    adds its own) on its own pool, and every such run completed."""
+    children = _api_post(
+        f"{api}/flow_runs/filter",
+        json={"flows": {"name": {"any_": ["federated-participant"]}}, "limit": 200},
+    ).json()
+    ours = [child for child in children if job_message(child).get("run_id") == run_id]
+    served = {(job_message(c)["site"], job_message(c)["round"]) for c in ours}
+    assert served >= {(site, r) for site in SITES for r in range(1, rounds + 1)}, served
+    for child in ours:
+        assert child["work_pool_name"] == f"fedpipe-{job_message(child)['site']}"
+        assert child["state_type"] == "COMPLETED", child["name"]
 
 
 def _assert_metrics_at_each_round(client: Any, run_id: str, *, rounds: int) -> list[Any]:
