@@ -29,6 +29,7 @@ from fl_components.federation import (
 )
 from fl_components.parameters import NDArrays, get_parameters
 from fl_components.privacy.federation_ledger import FederationLedger, federation_ledger_path
+from fl_components.privacy.participant_round import clip_norm_in_force, next_clip_norm
 from fl_components.privacy.report import PRIVACY_REPORT_JSON, PRIVACY_REPORT_MD, report_markdown
 from fl_components.privacy.rounds import PrivacyRounds, declined_record
 from fl_components.round.engine import EvaluationRequest, RoundPlan, RoundReport
@@ -346,9 +347,10 @@ def account_round(
         private = report.aggregated.private
         entry = privacy.account(private, selected=report.selected, round_num=report.round)
         step = AccountantStep(entry.noise_multiplier, entry.sample_rate, entry.steps)
-        state = state.evolve(
-            clip_norm=privacy.clip_norm, accountant_history=(*state.accountant_history, step)
-        )
+        clip = clip_norm_in_force(run.config, state)
+        if private is not None:  # adaptive clipping: the count is released with the update
+            clip = next_clip_norm(run.config, clip, private, rng=privacy.rng)
+        state = state.evolve(clip_norm=clip, accountant_history=(*state.accountant_history, step))
     declined = declines(report.dropouts)
     reasons = {site: d.reason for site, d in declined.items()}
     spent = {site: d.epsilon_spent for site, d in declined.items()}

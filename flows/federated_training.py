@@ -235,8 +235,7 @@ def _starting_point(
     if point is None or state is None:  # a fresh run: the baseline rides with round 1
         initial = run.strategy.initial_state(run.initial_parameters)
         return 1, initial, [], EvaluationRequest(round=0, sites=run.config.site_names)
-    if state.clip_norm is not None:  # adaptive clipping goes on from where it was
-        run.privacy.clip_norm = state.clip_norm
+    # adaptive clipping goes on from state.clip_norm, where the checkpoint left it
     return point.next_round, state, point.history(), None  # its last round is logged
 
 

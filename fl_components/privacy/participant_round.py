@@ -16,6 +16,7 @@ from fl_components.config import FederationConfig
 from fl_components.privacy.dp_fedavg import (
     DPAggregate,
     SecureRandom,
+    adaptive_clip_norm,
     dp_fedavg_aggregate,
     update_noise_multiplier,
 )
@@ -83,4 +84,29 @@ def private_mean(
         noise_multiplier=noise_multiplier_of_update(config, len(updates)),
         rng=rng,
         denominator=fixed_denominator(config),
+    )
+
+
+def next_clip_norm(
+    config: FederationConfig, clip_norm: float, result: DPAggregate, *, rng: SecureRandom
+) -> float:
+    """The clip norm for the next round, from the one in force and the round's release.
+
+    With adaptive clipping it moves by the round's noised, centred count of unclipped
+    updates, released with the round's update (together one mechanism of multiplier z: see
+    :func:`fl_components.privacy.dp_fedavg.update_noise_multiplier`). Without it, or
+    without per-update norms (under secure aggregation the sites clip), it stays.
+    """
+    privacy = config.privacy
+    if not (privacy.adaptive_clipping and result.norms):
+        return clip_norm
+    participants = len(result.norms)
+    return adaptive_clip_norm(
+        clip_norm,
+        norms=result.norms,
+        target_quantile=privacy.target_quantile,
+        learning_rate=privacy.clip_learning_rate,
+        count_noise_std=count_noise_std(config, participants),
+        expected_count=expected_cohort(config, participants),
+        rng=rng,
     )

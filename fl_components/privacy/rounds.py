@@ -1,8 +1,11 @@
 """The coordinator's view of privacy in a round: epsilon per site, declines, DP-FedAvg.
 
 Pure bookkeeping for the coordinator flow (no Prefect, no MLflow): what each site reported
-in ``LocalUpdate.extra``, which sites declined for budget, the participant-level accountant
-and (with adaptive clipping) the clip norm carried from round to round. DP-FedAvg follows
+in ``LocalUpdate.extra``, which sites declined for budget, and the participant-level
+accountant, charged write-ahead when a round begins and backed by the federation's ledger
+on disk. The clip norm carried from round to round is not here: it rides in
+``ServerState.clip_norm`` and :func:`~fl_components.privacy.participant_round.next_clip_norm`
+moves it. DP-FedAvg follows
 McMahan et al. 2018, ICLR, arXiv:1710.06963; adaptive clipping Andrew et al. 2021, NeurIPS,
 arXiv:1905.03871.
 """
@@ -20,7 +23,6 @@ from fl_components.privacy.accounting import ClientRound, ParticipantAccountant
 from fl_components.privacy.dp_fedavg import (
     DPAggregate,
     SecureRandom,
-    adaptive_clip_norm,
 )
 from fl_components.privacy.federation_ledger import FederationLedger
 from fl_components.privacy.ledger import default_delta
@@ -46,7 +48,6 @@ class PrivacyRounds:
     """Privacy state the coordinator carries across rounds."""
 
     config: FederationConfig
-    clip_norm: float = 0.0
     accountant: ParticipantAccountant | None = None
     rng: SecureRandom = field(default_factory=SecureRandom)
     params_logged: set[str] = field(default_factory=set)
@@ -60,7 +61,6 @@ class PrivacyRounds:
 
     def __post_init__(self) -> None:
         privacy = self.config.privacy
-        self.clip_norm = privacy.clip_norm
         if privacy.participant_level:
             self.accountant = ParticipantAccountant(
                 sampling=privacy.sampling,
@@ -247,12 +247,6 @@ class PrivacyRounds:
         """Fixed denominator q·N of DP-FedAvg under Poisson selection; None otherwise."""
         return participant_round.fixed_denominator(self.config)
 
-    def aggregate(self, updates: list[LocalUpdate]) -> DPAggregate:
-        """DP-FedAvg over the round's updates (pure: call :meth:`account` after it)."""
-        return participant_round.private_mean(
-            self.config, updates, clip_norm=self.clip_norm, rng=self.rng
-        )
-
     def account(
         self,
         result: DPAggregate | None,
@@ -260,7 +254,7 @@ class PrivacyRounds:
         selected: tuple[str, ...],
         round_num: int,
     ) -> ClientRound:
-        """Account the round with its *selection* (q from it) and adapt the clip norm.
+        """Account the round with its *selection* (q from it).
 
         ``result`` is None for a round skipped after selection (cohort too small, every
         update lost): it is accounted all the same. Records it in the federation ledger,
@@ -276,32 +270,9 @@ class PrivacyRounds:
             )
             if self.ledger is not None and self.run_id is not None:
                 self.ledger.record(self.run_id, entry, round_num=round_num)
-        if result is None:
-            return entry
-        self.last_aggregate = result
-        self.adapt_clip(result)
+        if result is not None:
+            self.last_aggregate = result
         return entry
-
-    def adapt_clip(self, result: DPAggregate) -> float:
-        """With adaptive clipping, move the clip norm by the round's noised, centred count.
-
-        Released with the round's update: together one mechanism of multiplier z (see
-        :func:`fl_components.privacy.dp_fedavg.update_noise_multiplier`). Returns the clip
-        norm in force for the next round.
-        """
-        privacy = self.config.privacy
-        if privacy.adaptive_clipping and result.norms:
-            participants = len(result.norms)
-            self.clip_norm = adaptive_clip_norm(
-                self.clip_norm,
-                norms=result.norms,
-                target_quantile=privacy.target_quantile,
-                learning_rate=privacy.clip_learning_rate,
-                count_noise_std=self.count_noise_std(participants),
-                expected_count=self.expected_cohort(participants),
-                rng=self.rng,
-            )
-        return self.clip_norm
 
     def note_site_epsilons(self, site_epsilons: Mapping[str, float]) -> None:
         """Record sites' ledger epsilons: from their updates and from their declines."""

@@ -130,39 +130,68 @@ def up(
     credentials = _credentials(paths, config)
     record = _new_record(paths, config, api_url, mlflow_url, database_url, credentials)
     base = _clean_env(paths.root)
-    processes: list[dict[str, Any]] = record["processes"]
-
-    def save() -> None:
-        paths.state_file.write_text(json.dumps(record, indent=2) + "\n")
-
     try:
-        if database_url is None and database != "sqlite":
-            database_url = _start_postgres(paths, base, record, required=database == "postgresql")
-            save()
-        processes.append(_start_prefect_server(paths, base, api_url, database_url))
-        processes.append(_start_mlflow_server(paths, base, mlflow_url, credentials))
-        save()
-        _wait_http(f"{api_url}/health", process=processes[0], timeout=300, what="Prefect server")
-        _wait_http(f"{mlflow_url}/health", process=processes[1], timeout=300, what="MLflow server")
-        provision_mlflow_users(mlflow_url, credentials)
-
+        _start_servers(paths, base, record, database, database_url, credentials)
         _prepare_federation(config, paths, api_url)
-
-        processes.append(_start_coordinator_worker(paths, base, api_url, mlflow_url, credentials))
-        pools = [COORDINATOR_POOL]
-        for site in config.site_names:
-            process, entry = _start_site(paths, config, base, api_url, site, credentials)
-            processes.append(process)
-            record["sites"][site] = entry
-            pools.append(entry["pool"])
-        save()
+        pools = _start_workers(paths, config, base, record, credentials)
+        _save(paths, record)
         _wait_pools_ready(api_url, pools, timeout=180, auth=prefect_auth(paths.root))
     except BaseException:
-        save()
+        _save(paths, record)
         down(root=paths.root)
         raise
-    save()
+    _save(paths, record)
     return record
+
+
+def _save(paths: StackPaths, record: dict[str, Any]) -> None:
+    paths.state_file.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _start_servers(
+    paths: StackPaths,
+    base: dict[str, str],
+    record: dict[str, Any],
+    database: str,
+    database_url: str | None,
+    credentials: StackCredentials,
+) -> None:
+    """Start the database, then the Prefect and MLflow servers, and wait until they answer.
+
+    The database is the stack's own PostgreSQL unless SQLite or a URL is chosen; MLflow's
+    users are made once it answers.
+    """
+    api_url, mlflow_url = record["prefect_api_url"], record["mlflow_url"]
+    if database_url is None and database != "sqlite":
+        database_url = _start_postgres(paths, base, record, required=database == "postgresql")
+        _save(paths, record)
+    prefect = _start_prefect_server(paths, base, api_url, database_url)
+    mlflow = _start_mlflow_server(paths, base, mlflow_url, credentials)
+    record["processes"] += [prefect, mlflow]
+    _save(paths, record)
+    _wait_http(f"{api_url}/health", process=prefect, timeout=300, what="Prefect server")
+    _wait_http(f"{mlflow_url}/health", process=mlflow, timeout=300, what="MLflow server")
+    provision_mlflow_users(mlflow_url, credentials)
+
+
+def _start_workers(
+    paths: StackPaths,
+    config: FederationConfig,
+    base: dict[str, str],
+    record: dict[str, Any],
+    credentials: StackCredentials,
+) -> list[str]:
+    """The coordinator's worker and each site's; the pools they serve."""
+    api_url, mlflow_url = record["prefect_api_url"], record["mlflow_url"]
+    processes = record["processes"]
+    processes.append(_start_coordinator_worker(paths, base, api_url, mlflow_url, credentials))
+    pools = [COORDINATOR_POOL]
+    for site in config.site_names:
+        process, entry = _start_site(paths, config, base, api_url, site, credentials)
+        processes.append(process)
+        record["sites"][site] = entry
+        pools.append(entry["pool"])
+    return pools
 
 
 def _start_postgres(
@@ -354,7 +383,6 @@ def repair(*, root: Path, database_url: str | None = None) -> list[str]:
         raise StackError(f"no stack is running from {root}; start one: `fedpipe up`")
     paths = StackPaths(paths_root, Path(record.get("mlflow_dir") or paths_root / "mlflow"))
     base = _clean_env(paths_root)
-    api_url, mlflow_url = record["prefect_api_url"], record["mlflow_url"]
     credentials = load_credentials(paths_root)
     lines: list[str] = []
     for name in [p["name"] for p in record["processes"]]:
@@ -369,35 +397,52 @@ def repair(*, root: Path, database_url: str | None = None) -> list[str]:
             record = load_record(paths_root)
             lines.append(f"{name}: restarted (pid {started['pid']}, log {started['log']})")
             continue
-        if name == "postgres":
-            spawned: list[dict[str, Any]] = []
-            port = int(record["postgres"]["port"])
-            _start_postgres(paths, base, record, required=True, port=port, started=spawned)
-            started, health = spawned[0], ""
-        elif name == "prefect-server":
-            if "postgres" in record:  # the stack's own cluster: its password is in credentials
-                database_url = _own_database_url(paths.root, record)
-            elif record.get("database", "sqlite") != "sqlite" and database_url is None:
-                raise StackError(
-                    f"the Prefect server's database is {record['database']}: give its URL "
-                    "again, `fedpipe up --repair --database-url postgresql+asyncpg://...`"
-                )
-            started = _start_prefect_server(paths, base, api_url, database_url)
-            health = f"{api_url}/health"
-        elif name == "mlflow-server":
-            started = _start_mlflow_server(paths, base, mlflow_url, credentials)
-            health = f"{mlflow_url}/health"
-        elif name == "worker-coordinator":
-            started = _start_coordinator_worker(paths, base, api_url, mlflow_url, credentials)
-            health = ""
-        else:
+        restarted = _restart_server(name, paths, base, record, database_url, credentials)
+        if restarted is None:
             continue
+        started, health = restarted
         record["processes"][index] = started
-        paths.state_file.write_text(json.dumps(record, indent=2) + "\n")
+        _save(paths, record)
         if health:
             _wait_http(health, process=started, timeout=300, what=name)
         lines.append(f"{name}: restarted (pid {started['pid']}, log {started['log']})")
     return lines
+
+
+def _restart_server(
+    name: str,
+    paths: StackPaths,
+    base: dict[str, str],
+    record: dict[str, Any],
+    database_url: str | None,
+    credentials: StackCredentials | None,
+) -> tuple[dict[str, Any], str] | None:
+    """Start recorded process ``name`` (not a site's worker) again.
+
+    Returns its process and the URL that answers once it is up ("" where there is none);
+    None for a name not known here.
+    """
+    api_url, mlflow_url = record["prefect_api_url"], record["mlflow_url"]
+    if name == "postgres":  # back on its port, with its data; ready when this returns
+        spawned: list[dict[str, Any]] = []
+        port = int(record["postgres"]["port"])
+        _start_postgres(paths, base, record, required=True, port=port, started=spawned)
+        return spawned[0], ""
+    if name == "prefect-server":
+        if "postgres" in record:  # the stack's own cluster: its password is in credentials
+            database_url = _own_database_url(paths.root, record)
+        elif record.get("database", "sqlite") != "sqlite" and database_url is None:
+            raise StackError(
+                f"the Prefect server's database is {record['database']}: give its URL "
+                "again, `fedpipe up --repair --database-url postgresql+asyncpg://...`"
+            )
+        return _start_prefect_server(paths, base, api_url, database_url), f"{api_url}/health"
+    if name == "mlflow-server":
+        started = _start_mlflow_server(paths, base, mlflow_url, credentials)
+        return started, f"{mlflow_url}/health"
+    if name == "worker-coordinator":
+        return _start_coordinator_worker(paths, base, api_url, mlflow_url, credentials), ""
+    return None
 
 
 def status(*, root: Path) -> dict[str, Any]:

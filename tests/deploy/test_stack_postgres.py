@@ -172,7 +172,9 @@ def test_a_killed_database_is_named_by_doctor_and_repaired(stack: dict[str, Any]
     while _group_members(database["pgid"]) and time.monotonic() < deadline:
         time.sleep(0.2)
 
-    doctor = _fedpipe("doctor", "--state-dir", state, timeout=300)
+    # the operator's shell has the task package installed, as the sites do
+    installed = {"PYTHONPATH": os.pathsep.join([str(REPO), str(Path(state).parent / "user")])}
+    doctor = _fedpipe("doctor", "--state-dir", state, timeout=300, env_extra=installed)
     assert doctor.returncode == 1, doctor.stdout + doctor.stderr
     flat = doctor.stdout.replace("\n", "")
     assert "postgres: fedpipe up --repair --state-dir" in flat, doctor.stdout
@@ -187,5 +189,5 @@ def test_a_killed_database_is_named_by_doctor_and_repaired(stack: dict[str, Any]
     api = stack["prefect_api_url"]
     deployment = _api_get(f"{api}/deployments/name/federated-training/federated-training")
     assert deployment.status_code == 200, deployment.text  # the same data: it is there
-    doctor = _fedpipe("doctor", "--state-dir", state, timeout=300)
+    doctor = _fedpipe("doctor", "--state-dir", state, timeout=300, env_extra=installed)
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr

@@ -131,3 +131,28 @@ def test_every_site_declining_is_logged_before_the_run_fails(prefect_harness, sm
     assert run.data.metrics["privacy/declined"] == 3.0
     assert {f"privacy.declined.site-{i}" for i in range(3)} <= set(run.data.tags)
     assert "epsilon spent 0.000" in run.data.tags["privacy.declined.site-0"]
+
+
+def test_the_adapted_clip_norm_rides_in_the_state_from_round_to_round(
+    prefect_harness, small_config, tmp_path
+) -> None:
+    """Adaptive clipping through the flow: the norm each round clips with is the one the
+    round before moved (carried in ServerState, nowhere else); without it, every round
+    would clip at privacy.clip_norm."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.federated_training import federated_training
+
+    config = _participant(small_config, tmp_path / "empty", adaptive_clipping=True, clip_norm=0.5)
+    config = config.model_copy(
+        update={
+            "rounds": 3,
+            "promotion": PromotionConfig(allow_below_baseline=True, allow_partial=True),
+        }
+    )
+    result = federated_training(config)
+    client = MlflowClient(tracking_uri=result.tracking_uri)
+    clips = _metric(client, result.mlflow_run_id, "privacy/clip_norm")
+    assert len(clips) == 3 and clips[0] == pytest.approx(0.5)
+    assert clips[1] != pytest.approx(clips[0]) and clips[2] != pytest.approx(clips[1])
+    assert len(_metric(client, result.mlflow_run_id, "privacy/clipped_fraction")) == 3

@@ -21,7 +21,7 @@ import pytest
 from fl_components.config import FederationConfig, config_from_dict
 from fl_components.errors import ConfigError
 from fl_components.privacy.dp_fedavg import SecureRandom
-from fl_components.privacy.rounds import PrivacyRounds
+from fl_components.privacy.participant_round import next_clip_norm, private_mean
 from fl_components.round.types import LocalUpdate
 from fl_components.secure_aggregation.site_stages import prepare_update, round_context
 from fl_components.strategies import FedAvg
@@ -85,17 +85,16 @@ def _participant_in_clear(config: FederationConfig) -> tuple[float, float]:
     # (bit "unclipped"): the worst neighbour for the update and for the count at once
     base = [_update(f"s{i:02d}", 5.0 * direction) for i in range(20)]
     extra = _update("s20", privacy.clip_norm * direction)
-    rounds = PrivacyRounds(config)
     outputs: dict[str, list[npt.NDArray[np.float64]]] = {"D": [], "D'": []}
     fractions: dict[str, list[float]] = {"D": [], "D'": []}
     for run in range(RUNS):
         for name, updates in (("D", base), ("D'", [*base, extra])):
-            rounds.rng = SecureRandom(_key(run, 0))  # common random numbers for D and D'
-            rounds.clip_norm = privacy.clip_norm
-            result = rounds.aggregate(updates)
+            rng = SecureRandom(_key(run, 0))  # common random numbers for D and D'
+            # what the coordinator runs: the DP-FedAvg wrapper's mean, then the clip's move
+            result = private_mean(config, updates, clip_norm=privacy.clip_norm, rng=rng)
             outputs[name].append(np.asarray(result.mean_update[0], dtype=np.float64))
             if privacy.adaptive_clipping:
-                after = rounds.adapt_clip(result)
+                after = next_clip_norm(config, privacy.clip_norm, result, rng=rng)
                 # b̃ read back from C' = C exp(-η (b̃ - γ))
                 fraction = (
                     privacy.target_quantile

@@ -13,6 +13,7 @@ from fl_components.federation import select_participants
 from fl_components.privacy.accounting import ClientRound, participant_epsilon
 from fl_components.privacy.dp_fedavg import SecureRandom, dp_fedavg_aggregate
 from fl_components.privacy.ledger import RDP_ORDERS
+from fl_components.privacy.participant_round import private_mean
 from fl_components.privacy.rounds import PrivacyRounds
 from fl_components.round.types import LocalUpdate
 
@@ -55,7 +56,11 @@ def test_a_third_of_each_cohort_dropping_is_accounted_with_the_selection() -> No
             config.site_names, fraction=0.3, minimum=1, round_num=round_num, seed=0, secret=True
         )
         survivors = [_update(s, round_num) for s in selected[len(selected) // 3 :]]
-        result = rounds.aggregate(survivors) if survivors else None
+        result = (
+            private_mean(config, survivors, clip_norm=config.privacy.clip_norm, rng=rounds.rng)
+            if survivors
+            else None
+        )
         rounds.account(result, selected=selected, round_num=round_num)
         logged.append(rounds.metrics(survivors, result, declined={}))
     epsilon = logged[-1]["privacy/client_epsilon"]

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from fl_components.config import FederationConfig, config_from_dict
 from fl_components.privacy.dp_fedavg import SecureRandom, dp_fedavg_aggregate
-from fl_components.privacy.participant_round import clip_norm_in_force, fixed_denominator
+from fl_components.privacy.participant_round import (
+    clip_norm_in_force,
+    fixed_denominator,
+    next_clip_norm,
+    private_mean,
+)
 from fl_components.privacy.rounds import PrivacyRounds
 from fl_components.round.types import LocalUpdate
 from fl_components.strategies import FedAvg
@@ -65,18 +72,29 @@ def test_the_wrapper_clips_to_the_norm_the_state_carries() -> None:
     np.testing.assert_array_equal(result.delta[0], by_hand.mean_update[0])
 
 
-def test_the_wrapper_matches_the_coordinator_s_privacy_rounds() -> None:
-    """The same round through the old shared object and through the state: one release."""
+def test_the_wrapper_releases_the_private_mean_at_the_state_s_clip_norm() -> None:
+    """The wrapper's round is the private mean at the clip norm the state carries."""
     config = _config(adaptive_clipping=True, sampling="random")
-    rounds = PrivacyRounds(config)
-    rounds.rng, rounds.clip_norm = SecureRandom(KEY), 0.7
     strategy = DPFedAvg(FedAvg(), config, rng=SecureRandom(KEY))
     state = strategy.initial_state([np.zeros(4, dtype=np.float32)]).evolve(clip_norm=0.7)
 
     np.testing.assert_array_equal(
         strategy.aggregate(_updates(3), state).delta[0],
-        rounds.aggregate(_updates(3)).mean_update[0],
+        private_mean(config, _updates(3), clip_norm=0.7, rng=SecureRandom(KEY)).mean_update[0],
     )
+
+
+def test_the_clip_norm_moves_only_with_adaptive_clipping_and_known_norms() -> None:
+    """next_clip_norm: C' = C exp(-eta (b - gamma)) with the noised count; else C stays."""
+    adaptive = _config(adaptive_clipping=True, sampling="random")
+    result = private_mean(adaptive, _updates(3), clip_norm=0.7, rng=SecureRandom(KEY))
+    moved = next_clip_norm(adaptive, 0.7, result, rng=SecureRandom(KEY))
+    assert moved != 0.7 and moved > 0
+    assert next_clip_norm(adaptive, 0.7, result, rng=SecureRandom(KEY)) == moved  # same key
+    fixed = _config()
+    assert next_clip_norm(fixed, 0.7, result, rng=SecureRandom(KEY)) == 0.7
+    masked = replace(result, norms=())  # under secure aggregation the sites clip
+    assert next_clip_norm(adaptive, 0.7, masked, rng=SecureRandom(KEY)) == 0.7
 
 
 def test_before_any_adaptation_the_config_s_clip_norm_is_in_force() -> None:
