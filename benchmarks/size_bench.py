@@ -15,9 +15,10 @@ float32 parameters, in four arrays like a model's layers) it measures one coordi
   weighted sum of the updates as they arrive, divided by the weight, added to the model.
 - ``batch_before`` (10M only): the aggregation as fedpipe did it before streaming, every
   update held and stacked into an (n, d) float64 matrix (``weighted_mean``).
-- ``secure`` (10M only): under secure aggregation, the coordinator's side of the protocol
-  (receive and verify the n masked messages, unmask the sum); the sites' masking is not
-  counted.
+- ``secure`` (10M only): under secure aggregation, one round through the engine with
+  ``SecureSum`` over a streaming dispatch (each masked message received into the running
+  sum as it arrives, then dropped; the unmask round trip); the sites' masking and unmask
+  responses are not counted.
 
 Each site's update is made when the coordinator asks for it (a scaled copy of one random
 vector); making it is timed apart and left out. Every repetition runs in a fresh process,
@@ -155,65 +156,104 @@ ROUNDS = {
 }
 
 
-def _secure(d: int, sites: int) -> dict[str, Any]:
-    """The coordinator's side of one secure-aggregation round (masking not counted)."""
-    from fl_components.secure_aggregation.protocol import (
-        Registry,
-        RoundContext,
-        SecAggCoordinator,
-        SecAggParticipant,
-        SiteKeys,
-    )
+class SecureArrivals:
+    """A streaming dispatch for a secure round: each site's masked message is made when
+    the engine asks for the next (its making timed apart); unmask jobs are answered by the
+    sites' own protocol objects. ``held``/``peak`` count the masked messages alive at once."""
 
-    names = tuple(f"site-{k}" for k in range(sites))
-    keys = {s: SiteKeys.generate() for s in names}
-    registry = Registry({s: k.public() for s, k in keys.items()})
-    participants = {
-        s: SecAggParticipant(s, keys[s], registry, rng=np.random.default_rng(i))
-        for i, s in enumerate(names)
-    }
-    ctx = RoundContext(
-        run_id="size",
+    def __init__(self, d: int, sites: int) -> None:
+        from fl_components.config import config_from_dict
+        from fl_components.secure_aggregation.protocol import (
+            Registry,
+            SecAggParticipant,
+            SiteKeys,
+        )
+        from fl_components.secure_aggregation.site_stages import round_context
+
+        self.names = tuple(f"site-{k}" for k in range(sites))
+        self.config = config_from_dict(
+            {
+                "name": "size",
+                "sites": [{"name": n} for n in self.names],
+                "secure_aggregation": {"enabled": True, "clip_range": 1.0},
+            }
+        )
+        keys = {s: SiteKeys.generate() for s in self.names}
+        self.registry = Registry({s: k.public() for s, k in keys.items()})
+        self.participants = {
+            s: SecAggParticipant(s, keys[s], self.registry, rng=np.random.default_rng(i))
+            for i, s in enumerate(self.names)
+        }
+        self.ctx = round_context(
+            self.config, run_id="size", round_num=1, participants=self.names, dimension=d
+        )
+        self.base = np.random.default_rng(0).uniform(-1e-3, 1e-3, d).astype(np.float32)
+        self.making = self.answering = 0.0
+        self.alive = self.peak = 0
+
+    def stream(self, jobs: list[Any]) -> Iterator[tuple[str, Any]]:
+        from fl_components.round.types import MaskedContribution, SiteResult
+
+        for k, job in enumerate(jobs):
+            start = time.perf_counter()
+            payload = (
+                self.participants[job.site]
+                .mask_update(self.ctx, self.base * np.float32(1 + k / 100), num_examples=100)
+                .to_bytes()
+            )
+            self.making += time.perf_counter() - start
+            self.alive += 1
+            self.peak = max(self.peak, self.alive)
+            masked = MaskedContribution(job.site, 1, 100, 0.0, 0.0, payload=payload)
+            del payload
+            yield job.site, SiteResult(site=job.site, masked=masked, bytes_up=len(masked.payload))
+            self.alive -= 1  # the engine took it: what it keeps has no masked vector
+
+    def __call__(self, jobs: list[Any]) -> dict[str, Any]:
+        from fl_components.round.types import SiteResult
+        from fl_components.secure_aggregation.protocol.messages import UnmaskRequest
+
+        start = time.perf_counter()
+        answers = {}
+        for job in jobs:
+            request = UnmaskRequest.from_bytes(job.unmask_request)
+            response = self.participants[job.site].unmask_response(self.ctx, request).to_bytes()
+            answers[job.site] = SiteResult(site=job.site, unmask_response=response)
+        self.answering += time.perf_counter() - start
+        return answers
+
+
+def _secure(d: int, sites: int) -> dict[str, Any]:
+    """One secure round through the engine (``run_round`` with ``SecureSum``, FedAvg),
+    the masked messages streamed in; the sites' masking and unmasking not counted."""
+    from fl_components.round.engine import RoundPlan, run_round
+    from fl_components.secure_aggregation.coordinator import SecureSum
+    from fl_components.strategies import FedAvg
+
+    dispatch = SecureArrivals(d, sites)
+    strategy = FedAvg()
+    state = strategy.initial_state([np.zeros(d, dtype=np.float32)])
+    plan = RoundPlan(
         round=1,
-        participants=names,
-        threshold=sites // 2 + 1,
-        dimension=d,
-        clip_range=1.0,
-        neighbours=None,
+        selected=dispatch.names,
+        seeds=dict.fromkeys(dispatch.names, 0),
+        secure=SecureSum(dispatch.config, dispatch.ctx, dispatch.registry),
     )
-    rng = np.random.default_rng(0)
-    base = rng.uniform(-1e-3, 1e-3, d).astype(np.float32)
-    start = time.perf_counter()
-    wire = {
-        s: participants[s]
-        .mask_update(ctx, base * np.float32(1 + k / 100), num_examples=100)
-        .to_bytes()
-        for k, s in enumerate(names)
-    }
-    masking = time.perf_counter() - start
-    del base
     rss_before = _rss()
     tracemalloc.start()
     baseline = tracemalloc.get_traced_memory()[0]
     start = time.perf_counter()
-    coordinator = SecAggCoordinator(ctx, registry)
-    for s in names:
-        coordinator.receive(wire[s])
-    requests = coordinator.unmask_requests()
-    responding = time.perf_counter()
-    responses = [participants[s].unmask_response(ctx, r).to_bytes() for s, r in requests.items()]
-    responded = time.perf_counter()
-    result = coordinator.finish(responses)
-    seconds = time.perf_counter() - start - (responded - responding)
+    next_state, report = run_round(state, plan, dispatch, strategy)
+    seconds = time.perf_counter() - start - dispatch.making - dispatch.answering
     peak = tracemalloc.get_traced_memory()[1] - baseline
     tracemalloc.stop()
-    assert result.total.shape == (d,)
+    assert report.metrics["secagg/survivors"] == sites and next_state.round == 1
     return {
         "seconds": seconds,
         "tracemalloc_peak_bytes": peak,
         "rss_peak_above_start_bytes": _maxrss() - rss_before,
-        "sites_masking_seconds_total": masking,
-        "wire_bytes_held": sum(len(w) for w in wire.values()),
+        "sites_masking_seconds_total": dispatch.making,
+        "masked_messages_held_at_once": dispatch.peak,
     }
 
 
@@ -332,13 +372,11 @@ def _write(
             "batch_before = the aggregation as fedpipe did it before streaming (all updates "
             "held, stacked into an (n, d) float64 matrix); the issue measured 7.9 s and 3.5 GB "
             "a round for the whole engine at 10M. Not run at 100M: it would hold ~12 GB.",
-            "secure = the coordinator's side of secure aggregation (receive and verify the "
-            "masked messages, unmask the sum; the sites' masking and unmask responses are not "
-            "counted). SecAggCoordinator adds each masked vector to a running uint32 sum and "
-            "drops it, but the engine's secure path still receives the round's masked answers "
-            "from the dispatch all at once (wire_bytes_held: n masked vectors, about n models, "
-            "held before the coordinator starts and not counted in its peak); streaming that "
-            "path is left to do. Run at the smaller size only.",
+            "secure = one round through the engine with SecureSum and FedAvg over a streaming "
+            "dispatch (the sites' masking and unmask responses are not counted): each masked "
+            "message is verified and added to the running uint32 sum as it arrives, and only "
+            "its metadata is kept (masked_held_at_once: messages alive at once, counted in "
+            "the peak). Run at the smaller size only.",
             "Robust rules (median, trimmed mean, Krum, Multi-Krum, Bulyan) hold n·d·8 bytes; "
             "a round past strategy.robust_memory_mb (default 4096 MiB) is refused before "
             "dispatch.",
@@ -399,8 +437,8 @@ def main() -> None:
                     "rss_peak_MB": rss / 1e6,
                     "rss_models": rss / model_bytes,
                     **(
-                        {"held_before_MB": measured[0]["wire_bytes_held"] / 1e6}
-                        if "wire_bytes_held" in measured[0]
+                        {"masked_held_at_once": measured[0]["masked_messages_held_at_once"]}
+                        if "masked_messages_held_at_once" in measured[0]
                         else {}
                     ),
                 }

@@ -129,6 +129,14 @@ class SecureAggregation:
         """The ``mask`` jobs for the round's training jobs."""
         raise NotImplementedError
 
+    def receive(self, answer: SiteResult) -> SiteResult:
+        """Take one selected site's masked answer as it arrives; what is kept of it.
+
+        The default keeps all of it for :meth:`aggregate`; a streaming implementation
+        verifies it and adds it to its running sum now, and keeps only the metadata.
+        """
+        return answer
+
     def aggregate(
         self,
         masked: Mapping[str, SiteResult],
@@ -139,6 +147,37 @@ class SecureAggregation:
     ) -> tuple[AggregatedUpdate, list[LocalUpdate], list[Dropout], dict[str, float]]:
         """Unmask the sum of the masked updates; combine it with the strategy."""
         raise NotImplementedError
+
+
+@dataclass
+class MaskedStream:
+    """A secure round's masked answers handed to secure aggregation one at a time.
+
+    Each selected site's answer goes to :meth:`SecureAggregation.receive` as it arrives,
+    so the coordinator holds the running masked sum and one message at a time, never the
+    round's n masked vectors at once.
+    """
+
+    secure: SecureAggregation
+    held: int = 0
+    peak_held: int = 0
+
+    def consume(
+        self,
+        arrivals: Iterator[tuple[str, SiteResult | Dropout]],
+        plan: RoundPlan,
+        like: NDArrays,
+    ) -> dict[str, SiteResult | Dropout]:
+        """Every answer, each selected site's masked one received as it came."""
+        answers: dict[str, SiteResult | Dropout] = {}
+        for site, answer in arrivals:
+            if isinstance(answer, SiteResult) and site in plan.selected and answer.refusal is None:
+                self.held += 1
+                self.peak_held = max(self.peak_held, self.held)
+                answer = self.secure.receive(answer)
+                self.held -= 1
+            answers[site] = answer
+        return answers
 
 
 class RoundAbortedError(RoundError):
@@ -250,11 +289,15 @@ class UpdateStream:
 def _streamed_answers(
     dispatch: Dispatch,
     jobs: Sequence[SiteJob],
-    stream: UpdateStream | None,
+    stream: UpdateStream | MaskedStream | None,
     plan: RoundPlan,
     like: NDArrays,
 ) -> Mapping[str, SiteResult | Dropout]:
-    """The dispatch's answers; with ``stream``, each update folded as it arrives."""
+    """The dispatch's answers; with ``stream``, each consumed as it arrives.
+
+    In the clear an update is folded into the mean; under secure aggregation a masked
+    update is received into the running masked sum.
+    """
     if stream is None:
         return dispatch(jobs)
     streaming = getattr(dispatch, "stream", None)
@@ -461,7 +504,8 @@ def run_round(
     strategy.check_memory(len(plan.selected), state)
     jobs = round_jobs(plan, state, strategy)
     stream = update_stream(plan, state, strategy)
-    answers = _streamed_answers(dispatch, jobs, stream, plan, state.parameters)
+    masked = MaskedStream(plan.secure) if plan.secure is not None else None
+    answers = _streamed_answers(dispatch, jobs, stream or masked, plan, state.parameters)
     down = download_bytes(plan, jobs, answers)
     results, dropouts, evaluations = _split(answers, plan)
     del answers

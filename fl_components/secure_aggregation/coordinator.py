@@ -76,6 +76,9 @@ class SecureSum(SecureAggregation):
         self.config = config
         self.ctx = ctx
         self.registry = registry
+        # this round's protocol state: the running masked sum, and each site received
+        self._coordinator = SecAggCoordinator(ctx, registry)
+        self._received: dict[str, LocalUpdate | Dropout] = {}
 
     @classmethod
     def for_round(
@@ -120,22 +123,38 @@ class SecureSum(SecureAggregation):
         """Every training job becomes a ``mask`` job carrying the round context."""
         return [replace(job, kind=JobKind.MASK, secagg=self.ctx) for job in jobs]
 
-    def _receive(
-        self, coordinator: SecAggCoordinator, masked: Mapping[str, SiteResult]
-    ) -> tuple[list[LocalUpdate], list[Dropout]]:
+    def receive(self, answer: SiteResult) -> SiteResult:
+        """Verify one site's masked message and add it to the running sum, as it arrives.
+
+        What is kept is the answer without its masked vector (metadata, bytes sent): the
+        coordinator never holds more than the sum and the message in hand.
+        """
+        self._received[answer.site] = self._receive_one(answer)
+        if isinstance(answer.masked, MaskedContribution):
+            return replace(answer, masked=replace(answer.masked, payload=b""))
+        return answer
+
+    def _receive_one(self, result: SiteResult) -> LocalUpdate | Dropout:
+        contribution = result.masked
+        if not isinstance(contribution, MaskedContribution):
+            return Dropout(result.site, DropoutKind.REJECTED, "no masked update returned")
+        try:
+            self._coordinator.receive(contribution.payload)
+        except ProtocolError as error:  # logged by the coordinator; the round goes on
+            return Dropout(result.site, DropoutKind.REJECTED, f"{type(error).__name__}: {error}")
+        return contribution.report()
+
+    def _receive(self, masked: Mapping[str, SiteResult]) -> tuple[list[LocalUpdate], list[Dropout]]:
+        """Each site's outcome in ``masked`` order; those not streamed in are received now."""
         reports, dropouts = [], []
         for site, result in masked.items():
-            contribution = result.masked
-            if not isinstance(contribution, MaskedContribution):
-                dropouts.append(Dropout(site, DropoutKind.REJECTED, "no masked update returned"))
-                continue
-            try:
-                coordinator.receive(contribution.payload)
-            except ProtocolError as error:  # logged by the coordinator; the round goes on
-                kind = f"{type(error).__name__}: {error}"
-                dropouts.append(Dropout(site, DropoutKind.REJECTED, kind))
-                continue
-            reports.append(contribution.report())
+            if site not in self._received:
+                self._received[site] = self._receive_one(result)
+            outcome = self._received[site]
+            if isinstance(outcome, Dropout):
+                dropouts.append(outcome)
+            else:
+                reports.append(outcome)
         return reports, dropouts
 
     def _unflatten(
@@ -173,8 +192,8 @@ class SecureSum(SecureAggregation):
             When fewer than ``threshold`` sites survive or answer, or a share is wrong.
         """
         ctx = self.ctx
-        coordinator = SecAggCoordinator(ctx, self.registry)
-        reports, dropouts = self._receive(coordinator, masked)
+        coordinator = self._coordinator
+        reports, dropouts = self._receive(masked)
         if len(reports) < MIN_SECURE_PARTICIPANTS:  # before anyone is asked to unmask
             raise RoundError(
                 f"round {ctx.round}: secure aggregation aborted: {len(reports)} masked "

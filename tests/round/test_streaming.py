@@ -234,3 +234,42 @@ def test_stream_answers_yields_in_arrival_order_and_lets_each_future_go() -> Non
         if site == "a":
             handles["b"].finish()
     assert seen == [("c", "SiteResult"), ("a", "SiteResult"), ("b", "Dropout")]
+
+
+def test_under_secure_aggregation_each_masked_answer_is_received_as_it_arrives() -> None:
+    """The engine hands each selected site's masked answer to secure aggregation before
+    the dispatch makes the next one (so the coordinator never holds the n masked vectors
+    at once), keeps what it returns, and passes the rest (refusals, others) untouched."""
+    from fl_components.round.engine import MaskedStream, SecureAggregation
+    from fl_components.round.types import MaskedContribution
+
+    events: list[str] = []
+
+    class Secure(SecureAggregation):
+        def receive(self, answer: SiteResult) -> SiteResult:
+            events.append(f"received {answer.site}")
+            assert answer.masked is not None
+            return SiteResult(site=answer.site, masked=None, bytes_up=answer.bytes_up)
+
+    def masked(site: str) -> SiteResult:
+        contribution = MaskedContribution(site, 1, 10, 0.1, 0.0, payload=b"x" * 1000)
+        return SiteResult(site=site, masked=contribution, bytes_up=1000)
+
+    def arrivals() -> Iterator[tuple[str, SiteResult | Dropout]]:
+        for site in ("s0", "s1", "s2"):
+            events.append(f"made {site}")
+            yield site, masked(site)
+        yield "s3", Dropout("s3", DropoutKind.FAILED, "gone")
+        yield "late", masked("late")  # not selected: not received
+
+    plan = RoundPlan(round=1, selected=("s0", "s1", "s2", "s3"), seeds={}, secure=Secure())
+    stream = MaskedStream(Secure())
+    answers = stream.consume(arrivals(), plan, _model())
+
+    assert events == [
+        "made s0", "received s0", "made s1", "received s1", "made s2", "received s2",
+    ]  # fmt: skip
+    assert stream.peak_held == 1
+    assert all(answers[s].masked is None for s in ("s0", "s1", "s2"))  # type: ignore[union-attr]
+    assert isinstance(answers["s3"], Dropout)
+    assert answers["late"].masked is not None  # type: ignore[union-attr]

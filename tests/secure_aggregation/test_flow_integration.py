@@ -298,9 +298,21 @@ def test_work_pool_backend_runs_both_stages_through_the_participant_flow(
         seeds=dict.fromkeys(config.site_names, 0),
         secure=secure,
     )
+    received, kept = [], []
+    receive = secure.receive
+
+    def spy(answer: Any) -> Any:  # each masked answer, as the dispatch streams it in
+        received.append(len(answer.masked.payload))
+        kept.append(receive(answer))
+        return kept[-1]
+
+    monkeypatch.setattr(secure, "receive", spy)
 
     next_state, report = run_round(state, plan, backend, strategy)
 
+    # streamed: each masked vector verified and summed on arrival, then only metadata kept
+    assert len(received) == 3 and all(size > 0 for size in received)
+    assert [k.masked.payload for k in kept] == [b"", b"", b""]
     assert [d["stage"] for d in dispatched] == ["mask"] * 3 + ["unmask"] * 3
     assert all(len(json.dumps(d["secagg"])) < 512_000 for d in dispatched)  # parameter cap
     assert report.metrics["secagg/survivors"] == 3.0
