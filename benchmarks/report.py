@@ -31,6 +31,7 @@ ORDER = [
     "stack_load",
     "communication",
     "size",
+    "size_backends",
     "gpu",
 ]
 

@@ -1,0 +1,210 @@
+"""A ~10M-parameter model through each backend, in the clear and under secure aggregation.
+
+    python -m benchmarks.size_backends
+    python -m benchmarks.size_backends --hidden 3100 3100 --backends thread dask work-pool
+
+Each case trains 3 sites of scikit-learn's digits with an MLP whose hidden layers give
+about 10M parameters, 2 rounds of 1 epoch:
+
+- ``thread`` / ``dask``: ``fedpipe run`` with the local backend and that runner (the sites
+  train in the coordinator's process or its Dask workers);
+- ``work-pool``: one run from the deployment's Run button on a fresh ``fedpipe up`` stack
+  (each site's update crosses the work-pool boundary as its sealed answer).
+
+Reported: whether the run completed, its wall time, the median round time and final
+accuracy from MLflow, and for the local backend the peak RSS of the ``fedpipe run``
+process tree's largest process. The figures go to ``benchmarks/results/size_backends.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import itertools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "size_backends.json"
+FEDPIPE = [sys.executable, "-m", "ops.cli.main"]
+# the child's own peak RSS (and its children's), read after it exits
+MEASURED = (
+    "import resource, subprocess, sys; done = subprocess.run(sys.argv[1:]); "
+    "print('maxrss', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+    "sys.exit(done.returncode)"
+)
+
+
+def _federation(root: Path, hidden: list[int], secure: bool, runner: str) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "name": f"size-{runner}-{'secagg' if secure else 'clear'}",
+        "rounds": 2,
+        "sites": [{"name": f"site-{i}"} for i in range(3)],
+        "participation": {"fraction": 1.0, "min_participants": 2},
+        "data": {"dataset": "digits", "sites_dir": str(root / "sites")},
+        "model": {"kind": "mlp", "hidden": hidden},
+        "training": {"epochs": 1, "batch_size": 64, "lr": 0.01},
+        "secure_aggregation": {"enabled": secure},
+        "tracking": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "register_model": False},
+        "seed": 0,
+    }
+    if runner == "dask":
+        config["runner"] = {"kind": "dask", "workers": 2}
+    return config
+
+
+def _params(hidden: list[int]) -> int:
+    widths = [64, *hidden, 10]
+    return sum(a * b + b for a, b in itertools.pairwise(widths))
+
+
+def _mlflow_figures(tracking_uri: str, experiment: str) -> dict[str, Any]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return {}
+    (run,) = client.search_runs([found.experiment_id], max_results=1)
+    rounds = [m.value for m in client.get_metric_history(run.info.run_id, "round_seconds")]
+    return {
+        "median_round_s": round(statistics.median(rounds), 2) if rounds else None,
+        "final_accuracy": run.data.metrics.get("global/accuracy"),
+    }
+
+
+def local_case(hidden: list[int], secure: bool, runner: str) -> dict[str, Any]:
+    """``fedpipe run`` with the local backend and ``runner``, in a fresh folder."""
+    root = Path(tempfile.mkdtemp(prefix="fedpipe-size-"))
+    config = _federation(root, hidden, secure, runner)
+    (root / "fed.yaml").write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env["PREFECT_HOME"] = str(root / "prefect")
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURED, *FEDPIPE, "run", "fed.yaml"],
+        cwd=root, env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    wall = time.monotonic() - started
+    maxrss = [int(x.split()[1]) for x in done.stdout.splitlines() if x.startswith("maxrss ")]
+    return {
+        "completed": done.returncode == 0,
+        "wall_s": round(wall, 1),
+        "peak_rss_GB": round(maxrss[-1] * 1024 / 1e9, 2) if maxrss else None,
+        **_mlflow_figures(config["tracking"]["tracking_uri"], config["name"]),
+        **({} if done.returncode == 0 else {"error": (done.stdout + done.stderr)[-600:]}),
+    }
+
+
+def work_pool_case(hidden: list[int], secure: bool) -> dict[str, Any]:
+    """One Run-button run on a fresh 3-site stack."""
+    from ops.stack.credentials import prefect_auth
+
+    root = Path(tempfile.mkdtemp(prefix="fedpipe-size-stack-"))
+    root.chmod(0o711)  # run as root, the stack's PostgreSQL runs as `postgres`
+    config = _federation(root, hidden, secure, "work-pool")
+    config.pop("tracking")
+    (root / "fed.yaml").write_text(yaml.safe_dump(config))
+    state = root / "state"
+    args = ["--state-dir", str(state), "--mlflow-dir", str(root / "mlflow")]
+    args += ["--prefect-port", "0", "--mlflow-port", "0", "--config", str(root / "fed.yaml")]
+    up = subprocess.run([*FEDPIPE, "up", *args], capture_output=True, text=True, check=False)
+    if up.returncode != 0:
+        return {"completed": False, "error": (up.stdout + up.stderr)[-600:]}
+    try:
+        record = json.loads((state / "stack.json").read_text())
+        api, auth = record["prefect_api_url"], prefect_auth(state)
+        with httpx.Client(auth=auth, timeout=60) as client:
+            deployment = client.get(
+                f"{api}/deployments/name/federated-training/federated-training"
+            ).json()
+            parameters = {"config": {**deployment["parameters"]["config"], "init_from": "fresh"}}
+            started = time.monotonic()
+            run = client.post(
+                f"{api}/deployments/{deployment['id']}/create_flow_run",
+                json={"parameters": parameters},
+            ).json()
+            while True:
+                state_type = client.get(f"{api}/flow_runs/{run['id']}").json()["state"]["type"]
+                if state_type in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                    break
+                time.sleep(2)
+            wall = time.monotonic() - started
+        from ops.stack.credentials import load_credentials
+
+        credentials = load_credentials(state)
+        if credentials is not None:
+            os.environ["MLFLOW_TRACKING_USERNAME"] = credentials.reader.username
+            os.environ["MLFLOW_TRACKING_PASSWORD"] = credentials.reader.password
+        figures = _mlflow_figures(record["mlflow_url"], config["name"])
+        return {"completed": state_type == "COMPLETED", "wall_s": round(wall, 1), **figures}
+    finally:
+        subprocess.run([*FEDPIPE, "down", "--state-dir", str(state)], capture_output=True)
+        for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            os.environ.pop(key, None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--hidden", type=int, nargs="+", default=[3100, 3100])
+    parser.add_argument("--backends", nargs="+", default=["thread", "dask", "work-pool"])
+    options = parser.parse_args()
+    rows = []
+    for backend in options.backends:
+        for secure in (False, True):
+            print(f"{backend} {'secagg' if secure else 'clear'} ...", flush=True)
+            if backend == "work-pool":
+                figures = work_pool_case(options.hidden, secure)
+            else:
+                figures = local_case(options.hidden, secure, backend)
+            row = {"backend": backend, "secure_aggregation": secure, **figures}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    import prefect
+    import torch
+
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "title": "A 10M-parameter model through each backend",
+                "command": "python -m benchmarks.size_backends --hidden "
+                + " ".join(map(str, options.hidden))
+                + " --backends "
+                + " ".join(options.backends),
+                "machine": {"cpu": platform.machine(), "cores": os.cpu_count()},
+                "versions": {
+                    "python": sys.version.split()[0],
+                    "torch": torch.__version__,
+                    "prefect": prefect.__version__,
+                },
+                "date": dt.date.today().isoformat(),
+                "notes": [
+                    f"MLP {options.hidden} on digits: {_params(options.hidden):,} parameters; "
+                    "3 sites, 2 rounds, 1 epoch each; on CPU.",
+                    "thread / dask: `fedpipe run` (local backend); peak_rss_GB is the largest "
+                    "process of its tree (the coordinator, where the thread runner's sites "
+                    "train too). work-pool: one run from the Run button on a fresh `fedpipe "
+                    "up` stack; each site's update crosses as its sealed JSON answer.",
+                ],
+                "cases": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
