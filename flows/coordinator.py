@@ -36,7 +36,7 @@ from fl_components.round.engine import EvaluationRequest, RoundPlan, RoundReport
 from fl_components.round.planning import draw_selection, plain_plan, strategy_for
 from fl_components.round.types import Dropout, DropoutKind, Metrics
 from fl_components.secure_aggregation.coordinator import SecureSum
-from fl_components.strategies import AccountantStep, ServerState, Strategy
+from fl_components.strategies import ServerState, Strategy
 from fl_components.strategies.private import DPFedAvg
 from fl_components.task.loading import resolve_task, task_identity
 from fl_components.tracking import (
@@ -178,10 +178,6 @@ def start_run(config: FederationConfig, *, resume: str | None = None) -> Run:
     else:
         link = _open_tracking(config, tracker, strategy, origin=origin, flow_run_id=flow_run_id)
     privacy.bind_run(link.run_id)  # record-level rows of the privacy report name it too
-    if config.privacy.participant_level:
-        attach_federation_ledger(config, privacy, mlflow_run_id=link.run_id, origin=origin)
-        if resumed is not None:
-            charge_begun_rounds(tracker, privacy, resumed)
     return Run(
         config=config,
         info=info,
@@ -198,12 +194,35 @@ def start_run(config: FederationConfig, *, resume: str | None = None) -> Run:
     )
 
 
+def starting_privacy(run: Run, state: ServerState) -> ServerState:
+    """The participant-level privacy state the run's first round starts from.
+
+    ``state``: the strategy's initial state, or the checkpoint's. The accountant's rounds of
+    this run are the federation ledger's; resumed, every round the crashed attempt began
+    that the ledger lacks is charged on top (:func:`charge_begun_rounds`).
+    """
+    if not run.config.privacy.participant_level:
+        return state
+    state = attach_federation_ledger(
+        run.config, run.privacy, state, mlflow_run_id=run.run_id, origin=run.origin
+    )
+    if run.resumed is not None:
+        state = charge_begun_rounds(run.tracker, run.privacy, state, run.resumed)
+    return state
+
+
 def attach_federation_ledger(
-    config: FederationConfig, privacy: PrivacyRounds, *, mlflow_run_id: str, origin: str
-) -> None:
+    config: FederationConfig,
+    privacy: PrivacyRounds,
+    state: ServerState,
+    *,
+    mlflow_run_id: str,
+    origin: str,
+) -> ServerState:
     """Compose this run's participant-level rounds with those its starting model spent.
 
     The parent is the champion's MLflow run (``init_from: champion``) or ``init_run_id``.
+    Returns ``state`` holding this run's own rounds as the ledger has them.
     """
     parent = None
     if origin == "champion":
@@ -211,7 +230,8 @@ def attach_federation_ledger(
     elif origin == "run":
         parent = config.init_run_id
     path = federation_ledger_path(config.tracking, config.name)
-    privacy.attach_ledger(
+    return privacy.attach_ledger(
+        state,
         FederationLedger.load(path, federation=config.name),
         mlflow_run_id=mlflow_run_id,
         flow_run_id=str(flow_run.get_id() or "") or None,
@@ -219,13 +239,16 @@ def attach_federation_ledger(
     )
 
 
-def charge_begun_rounds(tracker: RunTracker, privacy: PrivacyRounds, resumed: ResumePoint) -> None:
+def charge_begun_rounds(
+    tracker: RunTracker, privacy: PrivacyRounds, state: ServerState, resumed: ResumePoint
+) -> ServerState:
     """Resuming: charge what the crashed attempt began and its records may lack (as spent).
 
     The federation ledger was charged when each round began; the checkpoint and
-    ``started.json`` make up for a ledger entry lost between the two writes.
+    ``started.json`` make up for a ledger entry lost between the two writes. Returns
+    ``state`` with them charged.
     """
-    charged = privacy.settle(resumed.begun_steps())
+    state, charged = privacy.settle(state, resumed.begun_steps())
     unknown = sorted(r for r in resumed.started if r >= resumed.next_round)
     tags = {"privacy.client.unknown_rounds": ",".join(str(r) for r in unknown) or "none"}
     tracker.set_tags(tags)
@@ -234,24 +257,26 @@ def charge_begun_rounds(tracker: RunTracker, privacy: PrivacyRounds, resumed: Re
         "spent: %s (%s newly charged; %d round(s) of this run accounted)",
         tags["privacy.client.unknown_rounds"],
         ", ".join(f"round {r}" for r in sorted(charged)) or "none",
-        len(privacy.accountant.rounds) if privacy.accountant is not None else 0,
+        len(state.accountant_history),
     )
+    return state
 
 
-def begin_round(run: Run, plan: RoundPlan) -> None:
+def begin_round(run: Run, state: ServerState, plan: RoundPlan) -> ServerState:
     """Record that the round began, then charge its participant-level step (write-ahead).
 
     Both happen before any site is sent anything: however the round ends (a crash
-    included), its step is spent.
+    included), its step is spent. Returns ``state`` with the step charged.
     """
     privacy = run.privacy
     entry = None
-    if privacy.accountant is not None:
+    if privacy.participant_level:
         entry = privacy.begin_round(plan.selected, round_num=plan.round)
     step = None if entry is None else entry.to_json()
     mark_round_started(run_folder(run.config, run.run_id), plan.round, privacy_step=step)
     if entry is not None:
-        privacy.charge(entry, round_num=plan.round)
+        state, _ = privacy.charge(state, entry, round_num=plan.round)
+    return state
 
 
 def plan_round(
@@ -261,7 +286,7 @@ def plan_round(
     config = run.config
     selected = draw_selection(config, round_num=round_num)
     if config.privacy.participant_level:  # refuse the round past privacy.max_client_epsilon
-        run.privacy.check_round(selected, round_num=round_num)
+        run.privacy.check_round(state, selected, round_num=round_num)
     secure = None
     if config.secure_aggregation.enabled:
         secure = SecureSum.for_round(
@@ -338,25 +363,26 @@ def account_round(
     """Account participant-level DP, log the privacy params; the metrics and the new state.
 
     The accountant steps with the round's *selection* (q of the draw, not who answered);
-    the step and the clip norm in force go into the state (what a checkpoint keeps).
+    the step (charged when the round began) and the clip norm in force are the state's
+    (what a checkpoint keeps).
     """
     privacy = run.privacy
     if not privacy.enabled:
         return {}, state
     if run.config.privacy.participant_level:
         private = report.aggregated.private
-        entry = privacy.account(private, selected=report.selected, round_num=report.round)
-        step = AccountantStep(entry.noise_multiplier, entry.sample_rate, entry.steps)
+        state, _ = privacy.account(state, private, selected=report.selected, round_num=report.round)
         clip = clip_norm_in_force(run.config, state)
         if private is not None:  # adaptive clipping: the count is released with the update
             clip = next_clip_norm(run.config, clip, private, rng=privacy.rng)
-        state = state.evolve(clip_norm=clip, accountant_history=(*state.accountant_history, step))
+        state = state.evolve(clip_norm=clip)
     declined = declines(report.dropouts)
     reasons = {site: d.reason for site, d in declined.items()}
     spent = {site: d.epsilon_spent for site, d in declined.items()}
     privacy.note_declines(reasons, spent, round_num=report.round)
     log_privacy(run.tracker, privacy.params(report.updates), reasons, round_num=report.round)
     metrics = privacy.metrics(
+        state,
         report.updates,
         report.aggregated.private,
         declined={site: d.epsilon_spent for site, d in declined.items()},
@@ -364,16 +390,17 @@ def account_round(
     return metrics, state
 
 
-def skip_small_cohort(run: Run, plan: RoundPlan) -> bool:
+def skip_small_cohort(run: Run, state: ServerState, plan: RoundPlan) -> tuple[bool, ServerState]:
     """Under Poisson selection, skip (and still account) a cohort below min_participants.
 
-    Returns True when the round was skipped: the global model is left unchanged.
+    Returns True when the round was skipped (the global model is left unchanged), and the
+    state (the round accounted when skipped).
     """
     privacy = run.privacy
     if not privacy.poisson or not privacy.cohort_too_small(plan.selected):
-        return False
-    privacy.account(None, selected=plan.selected, round_num=plan.round)
-    metrics = privacy.metrics([], None, declined={})
+        return False, state
+    state, _ = privacy.account(state, None, selected=plan.selected, round_num=plan.round)
+    metrics = privacy.metrics(state, [], None, declined={})
     run.tracker.log_metrics(
         {**metrics, "selected": float(len(plan.selected)), "privacy/skipped": 1.0},
         step=plan.round,
@@ -385,50 +412,53 @@ def skip_small_cohort(run: Run, plan: RoundPlan) -> bool:
         len(plan.selected),
         run.config.participation.min_participants,
     )
-    return True
+    return True, state
 
 
-def record_aborted(run: Run, plan: RoundPlan, dropouts: list[Dropout]) -> None:
+def record_aborted(run: Run, state: ServerState, plan: RoundPlan, dropouts: list[Dropout]) -> None:
     """Before an aborted round fails the run: account it, log who declined and the epsilon.
 
-    Accounting a round that released nothing over-counts at worst (never under-counts).
+    ``state``: the one the round began with (its step charged). Accounting a round that
+    released nothing over-counts at worst (never under-counts).
     """
     privacy = run.privacy
     if not privacy.enabled:
         return
     if run.config.privacy.participant_level:
-        privacy.account(None, selected=plan.selected, round_num=plan.round)
+        state, _ = privacy.account(state, None, selected=plan.selected, round_num=plan.round)
     declined = declines(dropouts)
     reasons = {site: d.reason for site, d in declined.items()}
     spent = {site: d.epsilon_spent for site, d in declined.items()}
     privacy.note_declines(reasons, spent, round_num=plan.round)
-    metrics = privacy.metrics([], None, declined=spent)
+    metrics = privacy.metrics(state, [], None, declined=spent)
     record, tags = declined_record(reasons, round_num=plan.round)
     run.tracker.log_metrics({**metrics, **record}, step=plan.round)
     if tags:
         run.tracker.set_tags(tags)
-    log_privacy_report(run)
+    log_privacy_report(run, state)
 
 
-def stop_for_budget(run: Run, refusal: BudgetExhaustedError, *, round_num: int) -> None:
+def stop_for_budget(
+    run: Run, state: ServerState, refusal: BudgetExhaustedError, *, round_num: int
+) -> None:
     """A round refused for privacy.max_client_epsilon ends the run, cleanly.
 
     The refusal came before the round was charged or dispatched. The rounds before it were
     charged and are logged as usual (the last one once its evaluation is in), then the
     privacy report (saying which round was refused and why) and the last good model.
     """
-    metrics = run.privacy.refuse(refusal, round_num=round_num)
+    metrics = run.privacy.refuse(state, refusal, round_num=round_num)
     run.tracker.log_metrics(metrics, step=round_num)
     run.tracker.set_tags({"fedpipe.stopped": f"round {round_num}: {refusal}"[:5000]})
     log.warning("round %d refused, the run stops here: %s", round_num, refusal)
 
 
-def log_privacy_report(run: Run) -> None:
-    """Log the run's privacy report: privacy/privacy_report.json and .md."""
+def log_privacy_report(run: Run, state: ServerState) -> None:
+    """Log the run's privacy report at ``state``: privacy/privacy_report.json and .md."""
     if not run.privacy.enabled:
         return
     report = run.privacy.report(
-        mlflow_run_id=run.run_id, flow_run_id=str(flow_run.get_id() or "") or None
+        state, mlflow_run_id=run.run_id, flow_run_id=str(flow_run.get_id() or "") or None
     )
     run.tracker.log_dict(report, PRIVACY_REPORT_JSON)
     run.tracker.log_text(report_markdown(report), PRIVACY_REPORT_MD)

@@ -48,6 +48,7 @@ from flows.coordinator import (
     record_round,
     skip_small_cohort,
     start_run,
+    starting_privacy,
     stop_for_budget,
     stop_if_cancelled,
 )
@@ -119,7 +120,7 @@ def _record(
         if pending is not None:
             save_round(
                 run.config, mlflow_run_id=run.run_id, state=pending.state,
-                round_num=round_num, history=history, privacy=run.privacy.state_dict(),
+                round_num=round_num, history=history,
             )  # fmt: skip
         return
     if pending is None:
@@ -131,7 +132,7 @@ def _record(
     history.append({"round": float(round_num), **metrics})
     save_round(
         run.config, mlflow_run_id=run.run_id, state=pending.state,
-        round_num=round_num, history=history, privacy=run.privacy.state_dict(),
+        round_num=round_num, history=history,
     )  # fmt: skip
     report("round", {"round": pending.report.round, "metrics": metrics})
     run_logger().info(
@@ -155,7 +156,7 @@ def _finish(
         per_round, trade_off = epsilon_plots(rounds)
         run.tracker.log_figure(per_round, "plots/epsilon.png")
         run.tracker.log_figure(trade_off, "plots/accuracy_vs_epsilon.png")
-    log_privacy_report(run)
+    log_privacy_report(run, state)
     stop_if_cancelled(before="registering the final model")
     version = _log_final_model(run.config, run.info, run.tracker, state, run.central_test)
     decision = None
@@ -209,7 +210,7 @@ def _retry_round(
         )  # fmt: skip
         time.sleep(wait)
         plan = plan_round(run, state, round_num=round_num, evaluation=None)
-        begin_round(run, plan)
+        state = begin_round(run, state, plan)  # each attempt charged: the next one sees it
         try:
             next_state, outcome = run_round(state, plan, run.backend, run.strategy)
         except RoundAbortedError as again:
@@ -218,7 +219,7 @@ def _retry_round(
                 break
             continue
         return plan, next_state, outcome
-    record_aborted(run, plan, error.dropouts)
+    record_aborted(run, state, plan, error.dropouts)
     raise RoundAbortedError(
         f"{error} (after {participation.round_retries} retries)",
         evaluations=error.evaluations,
@@ -233,10 +234,11 @@ def _starting_point(
     point = run.resumed
     state = point.state() if point is not None else None
     if point is None or state is None:  # a fresh run: the baseline rides with round 1
-        initial = run.strategy.initial_state(run.initial_parameters)
+        initial = starting_privacy(run, run.strategy.initial_state(run.initial_parameters))
         return 1, initial, [], EvaluationRequest(round=0, sites=run.config.site_names)
-    # adaptive clipping goes on from state.clip_norm, where the checkpoint left it
-    return point.next_round, state, point.history(), None  # its last round is logged
+    # adaptive clipping goes on from state.clip_norm, where the checkpoint left it; the
+    # accountant from the ledger's rounds and whatever the crashed attempt began
+    return point.next_round, starting_privacy(run, state), point.history(), None
 
 
 @flow(name="federated-training", flow_run_name=coordinator_run_name, log_prints=True)
@@ -262,10 +264,10 @@ def federated_training(
             try:
                 plan = plan_round(run, state, round_num=round_num, evaluation=evaluation)
             except BudgetExhaustedError as refusal:  # nothing spent for it: stop cleanly
-                stop_for_budget(run, refusal, round_num=round_num)
+                stop_for_budget(run, state, refusal, round_num=round_num)
                 break
-            begin_round(run, plan)  # started.json, and its privacy step charged
-            if skip_small_cohort(run, plan):  # Poisson draw too small: accounted, skipped
+            skipped, state = skip_small_cohort(run, begin_round(run, state, plan), plan)
+            if skipped:  # begun (started.json, step charged); a Poisson draw too small
                 continue
             started = time.perf_counter()
             try:
@@ -273,7 +275,7 @@ def federated_training(
             except RoundAbortedError as error:  # the previous round's score still counts
                 _record(run, pending, error.evaluations, history, ended=time.perf_counter())
                 if not _retry_worthwhile(run, error):
-                    record_aborted(run, plan, error.dropouts)
+                    record_aborted(run, state, plan, error.dropouts)
                     raise
                 plan, next_state, outcome = _retry_round(run, state, error, round_num=round_num)
             else:

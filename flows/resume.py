@@ -12,11 +12,13 @@ It goes on from the round after the checkpoint, logging into the same MLflow run
 run, no round logged twice); what the crash left behind is closed: the crashed Prefect flow
 run and its task runs still RUNNING are marked, so nothing stays RUNNING for ever.
 
-Participant-level DP resumes with its accountant: the checkpoint's accountant rounds, and
-every round the crashed attempt *began* (``started.json``) that neither holds, are charged
-as spent before the first round is re-run (:meth:`ResumePoint.begun_steps`), in the
-accountant and in the federation ledger. A round whose outcome is unknown counts as spent;
-its re-run is another run of the mechanism, and counts again.
+Participant-level DP resumes with its accountant: the checkpoint's accountant rounds (its
+``ServerState.accountant_history``), and every round the crashed attempt *began*
+(``started.json``, written before a round is charged) that neither holds, are charged as
+spent before the first round is re-run (:meth:`ResumePoint.begun_steps`), in the state and
+in the federation ledger. A round whose outcome is unknown counts as spent; its re-run is
+another run of the mechanism, and counts again. A checkpoint written before the accountant
+moved into the state kept its rounds under ``extra["privacy"]["rounds"]``: read still.
 """
 
 from __future__ import annotations
@@ -65,10 +67,19 @@ class ResumePoint:
         return 1 if self.checkpoint is None else self.checkpoint.round + 1
 
     def state(self) -> ServerState | None:
-        """The server state after the last completed round (None: no round completed)."""
+        """The server state after the last completed round (None: no round completed).
+
+        From an older checkpoint, the accountant's rounds are those it kept under
+        ``extra["privacy"]`` (with their attempt keys), not its state's unkeyed steps.
+        """
         if self.checkpoint is None:
             return None
-        return ServerState.load_state_dict(self.checkpoint.state)
+        state = ServerState.load_state_dict(self.checkpoint.state)
+        legacy = self.checkpoint.extra.get("privacy", {})
+        if "rounds" in legacy:  # the layout before the accountant moved into the state
+            kept = tuple(ClientRound.from_json(r) for r in legacy["rounds"])
+            state = state.evolve(accountant_history=kept)
+        return state
 
     def begun_steps(self) -> list[ClientRound]:
         """Participant-level steps charged or begun before the crash: all count as spent.
@@ -77,9 +88,9 @@ class ResumePoint:
         begun, its outcome unknown); the accountant skips those it holds (by attempt key).
         """
         steps: list[ClientRound] = []
-        if self.checkpoint is not None:
-            kept = self.checkpoint.extra.get("privacy", {}).get("rounds", [])
-            steps.extend(ClientRound.from_json(r) for r in kept)
+        state = self.state()
+        if state is not None:
+            steps.extend(state.accountant_history)
         for round_num, attempts in sorted(self.started.items()):
             for attempt in attempts:
                 if isinstance(attempt, Mapping):  # None: a round begun without DP
@@ -142,18 +153,18 @@ def save_round(
     state: ServerState,
     round_num: int,
     history: list[dict[str, float]],
-    privacy: Mapping[str, Any] | None = None,
 ) -> Path:
     """Checkpoint round ``round_num`` (logged, its state ``state``); returns its folder.
 
-    ``privacy``: ``PrivacyRounds.state_dict()``, the participant-level accountant's rounds
-    charged so far (those begun after ``round_num`` included: over, never under).
+    The participant-level accountant's rounds charged through round ``round_num`` are the
+    state's; a round begun after it is in ``started.json`` (written before it is charged)
+    and the federation ledger, which a resumed run charges from (over, never under).
     """
     checkpoint = Checkpoint(
         round=round_num,
         mlflow_run_id=mlflow_run_id,
         state=state.state_dict(),
-        extra={"history": history, "privacy": dict(privacy or {})},
+        extra={"history": history},
     )
     return save_checkpoint(run_folder(config, mlflow_run_id), checkpoint)
 

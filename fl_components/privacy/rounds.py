@@ -1,11 +1,12 @@
 """The coordinator's view of privacy in a round: epsilon per site, declines, DP-FedAvg.
 
 Pure bookkeeping for the coordinator flow (no Prefect, no MLflow): what each site reported
-in ``LocalUpdate.extra``, which sites declined for budget, and the participant-level
-accountant, charged write-ahead when a round begins and backed by the federation's ledger
-on disk. The clip norm carried from round to round is not here: it rides in
-``ServerState.clip_norm`` and :func:`~fl_components.privacy.participant_round.next_clip_norm`
-moves it. DP-FedAvg follows
+in ``LocalUpdate.extra``, which sites declined for budget, what the privacy report and
+MLflow are told, and the federation's ledger on disk. The privacy state carried from round
+to round is not here: the participant-level accountant's rounds (charged write-ahead when
+a round begins) and the clip norm ride in ``ServerState``; the methods that change them
+take a state and return a new one (:mod:`fl_components.privacy.participant_state`,
+:func:`~fl_components.privacy.participant_round.next_clip_norm`). DP-FedAvg follows
 McMahan et al. 2018, ICLR, arXiv:1710.06963; adaptive clipping Andrew et al. 2021, NeurIPS,
 arXiv:1905.03871.
 """
@@ -26,8 +27,9 @@ from fl_components.privacy.dp_fedavg import (
 )
 from fl_components.privacy.federation_ledger import FederationLedger
 from fl_components.privacy.ledger import default_delta
+from fl_components.privacy.participant_state import accountant_of, accounted, charged, settled
 from fl_components.privacy.run_record import RunPrivacyRecord, round_columns, site_params
-from fl_components.round.types import LocalUpdate
+from fl_components.round.types import LocalUpdate, ServerState
 
 DECLINED = "declined"
 
@@ -45,10 +47,14 @@ def declined_record(
 
 @dataclass
 class PrivacyRounds:
-    """Privacy state the coordinator carries across rounds."""
+    """The coordinator's privacy reporter: what is logged and reported, and the ledger.
+
+    The accountant's rounds of this run are not kept here: they are ``ServerState``'s
+    (``accountant_history``, ``begun_rounds``); what changes them takes a state and returns
+    a new one. ``prior`` is the earlier runs' rounds (read from the federation ledger once).
+    """
 
     config: FederationConfig
-    accountant: ParticipantAccountant | None = None
     rng: SecureRandom = field(default_factory=SecureRandom)
     params_logged: set[str] = field(default_factory=set)
     site_epsilon: dict[str, float] = field(default_factory=dict)
@@ -56,17 +62,12 @@ class PrivacyRounds:
     ledger: FederationLedger | None = None
     run_id: str | None = None
     record: RunPrivacyRecord = field(default_factory=RunPrivacyRecord)
-    # rounds charged when they began (write-ahead), by round: account() does not step again
-    begun: dict[int, ClientRound] = field(default_factory=dict)
+    prior: list[ClientRound] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        privacy = self.config.privacy
-        if privacy.participant_level:
-            self.accountant = ParticipantAccountant(
-                sampling=privacy.sampling,
-                accountant=privacy.accountant,
-                fraction=self.config.participation.fraction,
-            )
+    @property
+    def participant_level(self) -> bool:
+        """True when participant-level DP-FedAvg is on (privacy.mode)."""
+        return self.config.privacy.participant_level
 
     @property
     def enabled(self) -> bool:
@@ -76,7 +77,7 @@ class PrivacyRounds:
     @property
     def poisson(self) -> bool:
         """True when participants are Poisson-sampled (DP-FedAvg with amplification)."""
-        return self.accountant is not None and self.config.privacy.sampling == "random"
+        return self.participant_level and self.config.privacy.sampling == "random"
 
     @property
     def client_delta(self) -> float:
@@ -84,10 +85,16 @@ class PrivacyRounds:
         delta = self.config.privacy.delta
         return delta if delta is not None else default_delta(len(self.config.sites))
 
-    def _participant_accountant(self) -> ParticipantAccountant:
-        if self.accountant is None:
+    def accountant(self, state: ServerState) -> ParticipantAccountant | None:
+        """The participant-level accountant of ``state`` (None when it is off)."""
+        if not self.participant_level:
+            return None
+        return accountant_of(self.config, state, prior=self.prior)
+
+    def _participant_accountant(self, state: ServerState | None = None) -> ParticipantAccountant:
+        if not self.participant_level:
             raise ValueError("participant-level DP is off (privacy.mode); nothing to account")
-        return self.accountant
+        return accountant_of(self.config, state, prior=self.prior)
 
     def bind_run(self, mlflow_run_id: str) -> None:
         """The MLflow run this coordinator's rounds belong to (names the report's rows)."""
@@ -95,17 +102,19 @@ class PrivacyRounds:
 
     def attach_ledger(
         self,
+        state: ServerState,
         ledger: FederationLedger,
         *,
         mlflow_run_id: str,
         flow_run_id: str | None,
         parent_run_id: str | None,
-    ) -> None:
+    ) -> ServerState:
         """Compose this run with the rounds of every run its model descends from.
 
         ``parent_run_id`` is the MLflow run the starting model came from (the champion's
         run with ``init_from: champion``, ``init_run_id`` with ``init_from: run``); None
-        for a fresh model.
+        for a fresh model. Returns ``state`` holding this run's own rounds as the ledger
+        has them (a resumed run's; none for a fresh one): settle a checkpoint's after.
         """
         accountant = self._participant_accountant()
         ledger.begin_run(
@@ -115,10 +124,11 @@ class PrivacyRounds:
             accountant=accountant.accountant,
             delta=self.client_delta,
         )
-        # a resumed run's own rounds are in the ledger already: they stay this run's
-        accountant.prior = ledger.prior_for(mlflow_run_id)
-        accountant.rounds = ledger.rounds_of(mlflow_run_id)
+        self.prior = ledger.prior_for(mlflow_run_id)
         self.ledger, self.run_id = ledger, mlflow_run_id
+        # a resumed run's own rounds are in the ledger already: they stay this run's
+        own = tuple(ledger.rounds_of(mlflow_run_id))
+        return state.evolve(accountant_history=own, begun_rounds={})
 
     def begin_round(self, selected: tuple[str, ...], *, round_num: int) -> ClientRound:
         """The participant-level step of a round about to be dispatched, with a fresh key.
@@ -133,20 +143,25 @@ class PrivacyRounds:
             round_num=round_num,
         )
 
-    def charge(self, entry: ClientRound, *, round_num: int, settled: bool = False) -> bool:
-        """Account a begun round now (write-ahead): in the accountant and the ledger.
+    def charge(
+        self, state: ServerState, entry: ClientRound, *, round_num: int, settled: bool = False
+    ) -> tuple[ServerState, bool]:
+        """Account a begun round now (write-ahead): in the state and the ledger.
 
         Whatever happens to the round after (trained, skipped, aborted, or a crash), it is
         spent. Idempotent by ``entry.attempt``. ``settled``: charged on resume for a round
-        an earlier attempt began. Returns True when the accountant did not hold it yet.
+        an earlier attempt began. Returns the new state, and True when ``state`` did not
+        hold the round yet.
         """
-        added = self._participant_accountant().charge(entry)
+        self._participant_accountant()
+        state, added = charged(state, entry, round_num=round_num)
         if self.ledger is not None and self.run_id is not None:
             self.ledger.record(self.run_id, entry, round_num=round_num, settled=settled)
-        self.begun[round_num] = entry
-        return added
+        return state, added
 
-    def settle(self, begun: Iterable[ClientRound]) -> dict[int, int]:
+    def settle(
+        self, state: ServerState, begun: Iterable[ClientRound]
+    ) -> tuple[ServerState, dict[int, int]]:
         """On resume: charge every round an earlier attempt began and left unaccounted.
 
         ``begun``: the steps charged or begun before the crash (a checkpoint's accountant
@@ -155,29 +170,27 @@ class PrivacyRounds:
 
         Returns
         -------
-        dict[int, int]
-            Round -> steps newly charged (for the run's log).
+        tuple[ServerState, dict[int, int]]
+            The new state, and round -> steps newly charged (for the run's log).
         """
-        charged: dict[int, int] = {}
-        for entry in begun:
-            round_num = entry.round if entry.round is not None else 0
-            if self.charge(entry, round_num=round_num, settled=True):
-                charged[round_num] = charged.get(round_num, 0) + 1
-        self.begun.clear()  # none of them is the round this attempt is about to run
-        return charged
+        self._participant_accountant()
+        state, outcomes = settled(state, begun)
+        counts: dict[int, int] = {}
+        for entry, round_num, added in outcomes:
+            if self.ledger is not None and self.run_id is not None:
+                self.ledger.record(self.run_id, entry, round_num=round_num, settled=True)
+            if added:
+                counts[round_num] = counts.get(round_num, 0) + 1
+        return state, counts
 
-    def state_dict(self) -> dict[str, Any]:
-        """The participant-level accountant's rounds of this run, as JSON (a checkpoint's)."""
-        if self.accountant is None:
-            return {}
-        return {"rounds": [r.to_json() for r in self.accountant.rounds]}
-
-    def check_round(self, selected: tuple[str, ...], *, round_num: int) -> float:
+    def check_round(
+        self, state: ServerState, selected: tuple[str, ...], *, round_num: int
+    ) -> float:
         """Client epsilon after the round; refuse it past privacy.max_client_epsilon.
 
         Call before dispatching the round. Raises BudgetExhaustedError.
         """
-        accountant = self._participant_accountant()
+        accountant = self._participant_accountant(state)
         privacy = self.config.privacy
         planned = accountant.planned(
             noise_multiplier=privacy.client_noise_multiplier, selected=selected
@@ -201,7 +214,9 @@ class PrivacyRounds:
             )
         return after
 
-    def refuse(self, error: BudgetExhaustedError, *, round_num: int) -> dict[str, float]:
+    def refuse(
+        self, state: ServerState, error: BudgetExhaustedError, *, round_num: int
+    ) -> dict[str, float]:
         """Note the round refused for privacy.max_client_epsilon: the run stops before it.
 
         Nothing was charged for it (the check comes before the write-ahead charge); the
@@ -209,8 +224,9 @@ class PrivacyRounds:
         log at the refused round's step.
         """
         spent = None
-        if self.accountant is not None and (self.accountant.rounds or self.accountant.prior):
-            spent = self.accountant.epsilon(self.client_delta)
+        accountant = self.accountant(state)
+        if accountant is not None and (accountant.rounds or accountant.prior):
+            spent = accountant.epsilon(self.client_delta)
         self.record.refuse(round_num=round_num, reason=str(error), epsilon=spent)
         return {"privacy/refused": 1.0}
 
@@ -249,30 +265,26 @@ class PrivacyRounds:
 
     def account(
         self,
+        state: ServerState,
         result: DPAggregate | None,
         *,
         selected: tuple[str, ...],
         round_num: int,
-    ) -> ClientRound:
-        """Account the round with its *selection* (q from it).
+    ) -> tuple[ServerState, ClientRound]:
+        """Account the round with its *selection* (q from it); the new state and its step.
 
         ``result`` is None for a round skipped after selection (cohort too small, every
         update lost): it is accounted all the same. Records it in the federation ledger,
         unless the round was charged when it began (:meth:`charge`).
         """
-        privacy = self.config.privacy
-        accountant = self._participant_accountant()
-        entry = self.begun.pop(round_num, None)  # charged when it began (write-ahead)
-        if entry is None:
-            # the whole mechanism (update + noised count) has multiplier z: account z
-            entry = accountant.step(
-                noise_multiplier=privacy.client_noise_multiplier, selected=selected
-            )
-            if self.ledger is not None and self.run_id is not None:
-                self.ledger.record(self.run_id, entry, round_num=round_num)
+        self._participant_accountant()
+        # the whole mechanism (update + noised count) has multiplier z: account z
+        state, entry, now = accounted(self.config, state, selected=selected, round_num=round_num)
+        if now and self.ledger is not None and self.run_id is not None:
+            self.ledger.record(self.run_id, entry, round_num=round_num)
         if result is not None:
             self.last_aggregate = result
-        return entry
+        return state, entry
 
     def note_site_epsilons(self, site_epsilons: Mapping[str, float]) -> None:
         """Record sites' ledger epsilons: from their updates and from their declines."""
@@ -289,16 +301,19 @@ class PrivacyRounds:
         for site, reason in reasons.items():
             self.record.decline(site, reason, epsilon=spent.get(site), round_num=round_num)
 
-    def report(self, *, mlflow_run_id: str, flow_run_id: str | None) -> dict[str, Any]:
-        """The run's privacy report (JSON-safe; markdown: ``report.report_markdown``)."""
+    def report(
+        self, state: ServerState, *, mlflow_run_id: str, flow_run_id: str | None
+    ) -> dict[str, Any]:
+        """The run's privacy report at ``state`` (JSON-safe; see ``report.report_markdown``)."""
+        accountant = self.accountant(state)
         return self.record.report(
             self.config.privacy,
             federation=self.config.name,
             mlflow_run_id=mlflow_run_id,
             flow_run_id=flow_run_id,
-            accountant=self.accountant,
+            accountant=accountant,
             ledger=self.ledger,
-            client_delta=self.client_delta if self.accountant is not None else None,
+            client_delta=self.client_delta if accountant is not None else None,
         )
 
     def federation_epsilon(self) -> float | None:
@@ -307,6 +322,7 @@ class PrivacyRounds:
 
     def metrics(
         self,
+        state: ServerState,
         updates: list[LocalUpdate],
         dp: DPAggregate | None,
         *,
@@ -314,9 +330,10 @@ class PrivacyRounds:
     ) -> dict[str, float]:
         """``privacy/...`` metrics of the round.
 
-        ``declined`` maps each site that declined for budget (DropoutKind.DECLINED) to
-        the epsilon its ledger holds (None if unknown). ``privacy/epsilon`` is the max over
-        every site's ledger seen in the run, decliners included.
+        ``state``: the round's, accounted. ``declined`` maps each site that declined for
+        budget (DropoutKind.DECLINED) to the epsilon its ledger holds (None if unknown).
+        ``privacy/epsilon`` is the max over every site's ledger seen in the run, decliners
+        included.
         """
         metrics: dict[str, float] = {}
         for update in updates:
@@ -339,12 +356,13 @@ class PrivacyRounds:
         if site_max is not None:
             metrics["privacy/epsilon"] = site_max
         metrics["privacy/declined"] = float(len(declined))
-        if self.accountant is not None and self.accountant.rounds:
-            client_epsilon = self.accountant.epsilon(self.client_delta)
+        accountant = self.accountant(state)
+        if accountant is not None and accountant.rounds:
+            client_epsilon = accountant.epsilon(self.client_delta)
             metrics["privacy/client_epsilon"] = client_epsilon
-            metrics["privacy/client_sample_rate"] = self.accountant.rounds[-1].sample_rate
+            metrics["privacy/client_sample_rate"] = accountant.rounds[-1].sample_rate
             # rounds charged to this run so far, begun-but-unknown ones of a crash included
-            metrics["privacy/client_rounds"] = float(sum(r.steps for r in self.accountant.rounds))
+            metrics["privacy/client_rounds"] = float(sum(r.steps for r in accountant.rounds))
             if dp is not None:
                 metrics["privacy/clip_norm"] = dp.clip_norm
                 if dp.clipped is not None and dp.norms:  # unknown under secure aggregation
@@ -357,16 +375,17 @@ class PrivacyRounds:
         """Params not logged yet: what anyone needs to recompute every epsilon."""
         privacy = self.config.privacy
         params: dict[str, str] = {}
-        if self.accountant is not None:
+        if self.participant_level:
+            accountant = accountant_of(self.config)
             params.update(
                 {
                     "privacy.client.delta": repr(self.client_delta),
                     "privacy.client.noise_multiplier": repr(privacy.client_noise_multiplier),
                     "privacy.client.clip_norm": repr(privacy.clip_norm),
                     # q of the selection; per round in the metric privacy/client_sample_rate
-                    "privacy.client.sample_rate": repr(self.accountant.sample_rate()),
+                    "privacy.client.sample_rate": repr(accountant.sample_rate()),
                     "privacy.client.sampling": privacy.sampling,
-                    "privacy.client.amplification": self.accountant.amplification,
+                    "privacy.client.amplification": accountant.amplification,
                 }
             )
         for update in updates:

@@ -22,6 +22,7 @@ from fl_components.compression.encoded import EncodedUpdate
 from fl_components.compression.instruction import CompressionInstruction
 from fl_components.errors import ConfigError
 from fl_components.parameters import NDArrays
+from fl_components.privacy.accounting import ClientRound
 from fl_components.privacy.dp_fedavg import DPAggregate
 from fl_components.secure_aggregation.protocol import RoundContext
 
@@ -56,15 +57,6 @@ class LocalUpdate:
 
 
 @dataclass(frozen=True)
-class AccountantStep:
-    """One participant-level accounting step: ``steps`` rounds at (z, q)."""
-
-    noise_multiplier: float
-    sample_rate: float
-    steps: int = 1
-
-
-@dataclass(frozen=True)
 class ServerState:
     """Everything a run needs to continue from the end of round ``round``.
 
@@ -78,9 +70,16 @@ class ServerState:
         The strategy's own arrays: server-optimizer moments (``m``, ``v``), server momentum,
         SCAFFOLD's server control variate ``c``. Keyed by name.
     clip_norm : float or None
-        The participant-level clip norm in force (adaptive clipping moves it).
-    accountant_history : tuple of AccountantStep
-        The participant-level accountant's history (Opacus RDP/PRV ``history`` shape).
+        The participant-level clip norm in force (adaptive clipping moves it:
+        :func:`fl_components.privacy.participant_round.next_clip_norm`).
+    accountant_history : tuple of ClientRound
+        This run's participant-level rounds charged so far, in order, each with its attempt
+        key: what the participant-level accountant composes (with the rounds of the runs the
+        model descends from, which the federation ledger holds). Charged write-ahead, when a
+        round begins (:mod:`fl_components.privacy.participant_state`).
+    begun_rounds : Mapping[int, ClientRound]
+        Rounds charged when they began and not accounted yet, by round: accounting such a
+        round does not charge it again. Empty between rounds.
     rng_state : Mapping[str, Any] or None
         numpy ``bit_generator.state`` of the coordinator's reproducible generator.
     """
@@ -89,7 +88,8 @@ class ServerState:
     parameters: NDArrays
     strategy_state: Mapping[str, NDArrays] = field(default_factory=dict)
     clip_norm: float | None = None
-    accountant_history: tuple[AccountantStep, ...] = ()
+    accountant_history: tuple[ClientRound, ...] = ()
+    begun_rounds: Mapping[int, ClientRound] = field(default_factory=dict)
     rng_state: Mapping[str, Any] | None = None
 
     def evolve(self, **changes: Any) -> ServerState:
@@ -106,9 +106,8 @@ class ServerState:
                 for name, arrays in self.strategy_state.items()
             },
             "clip_norm": self.clip_norm,
-            "accountant_history": [
-                [s.noise_multiplier, s.sample_rate, s.steps] for s in self.accountant_history
-            ],
+            "accountant_history": [r.to_json() for r in self.accountant_history],
+            "begun_rounds": {str(n): r.to_json() for n, r in self.begun_rounds.items()},
             "rng_state": copy.deepcopy(dict(self.rng_state)) if self.rng_state else None,
         }
 
@@ -123,12 +122,20 @@ class ServerState:
                 for name, arrays in state.get("strategy_state", {}).items()
             },
             clip_norm=None if state.get("clip_norm") is None else float(state["clip_norm"]),
-            accountant_history=tuple(
-                AccountantStep(float(z), float(q), int(n))
-                for z, q, n in state.get("accountant_history", ())
-            ),
+            accountant_history=tuple(_client_round(r) for r in state.get("accountant_history", ())),
+            begun_rounds={
+                int(n): ClientRound.from_json(r) for n, r in state.get("begun_rounds", {}).items()
+            },
             rng_state=copy.deepcopy(dict(state["rng_state"])) if state.get("rng_state") else None,
         )
+
+
+def _client_round(saved: Any) -> ClientRound:
+    """A saved accountant step: a ClientRound's JSON, or ``[z, q, steps]`` (before keys)."""
+    if isinstance(saved, Mapping):
+        return ClientRound.from_json(saved)
+    z, q, steps = saved
+    return ClientRound(float(z), float(q), int(steps))
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@
 from fl_components.config import StrategyConfig
 from fl_components.errors import ConfigError
 from fl_components.round.types import (
-    AccountantStep,
     AggregatedUpdate,
     ServerState,
     SiteInstructions,
@@ -19,7 +18,6 @@ from fl_components.strategies.scaffold import Scaffold
 
 __all__ = [
     "AGGREGATORS",
-    "AccountantStep",
     "AggregatedUpdate",
     "FedAdagrad",
     "FedAdam",

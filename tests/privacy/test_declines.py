@@ -11,7 +11,7 @@ from fl_components.config import FederationConfig
 from fl_components.errors import BudgetExhaustedError
 from fl_components.privacy.ledger import PrivacyLedger, SiteBudgetExhausted
 from fl_components.privacy.rounds import PrivacyRounds, declined_record
-from fl_components.round.types import LocalUpdate
+from fl_components.round.types import LocalUpdate, ServerState
 
 
 def _rounds() -> PrivacyRounds:
@@ -50,7 +50,9 @@ def _update(site: str, epsilon: float) -> LocalUpdate:
 
 def test_federation_epsilon_is_the_max_over_every_sites_ledger_decliners_included() -> None:
     rounds = _rounds()
-    metrics = rounds.metrics([_update("h1", 2.19)], None, declined={"h2": 2.99})
+    metrics = rounds.metrics(
+        ServerState(round=0, parameters=[]), [_update("h1", 2.19)], None, declined={"h2": 2.99}
+    )
     # the site that declined had spent 2.99 already: the old max over reporters gave 2.19
     assert metrics["privacy/epsilon"] == pytest.approx(2.99)
     assert metrics["privacy/site/h2/epsilon"] == pytest.approx(2.99)

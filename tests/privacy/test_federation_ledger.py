@@ -12,8 +12,10 @@ from fl_components.privacy.accounting import ClientRound, participant_epsilon
 from fl_components.privacy.federation_ledger import FederationLedger, federation_ledger_path
 from fl_components.privacy.ledger import PrivacyLedger
 from fl_components.privacy.rounds import PrivacyRounds
+from fl_components.round.types import ServerState
 
 ROUND = ClientRound(noise_multiplier=1.0, sample_rate=0.3)
+EMPTY = ServerState(round=0, parameters=[])
 
 
 def _config(max_client_epsilon: float | None = None) -> FederationConfig:
@@ -80,51 +82,55 @@ def test_two_writers_never_lose_each_others_rounds(tmp_path: Path) -> None:
 def test_second_run_continues_the_first_runs_client_epsilon(tmp_path: Path) -> None:
     path = tmp_path / "clinics.json"
     first = PrivacyRounds(_config())
-    first.attach_ledger(
+    state = first.attach_ledger(
+        EMPTY,
         FederationLedger.load(path, federation="clinics"),
         mlflow_run_id="r1",
         flow_run_id="p1",
         parent_run_id=None,
     )
     for round_num in (1, 2, 3):
-        first.account(None, selected=("s1",), round_num=round_num)
+        state, _ = first.account(state, None, selected=("s1",), round_num=round_num)
     second = PrivacyRounds(_config())
-    second.attach_ledger(
+    state = second.attach_ledger(
+        EMPTY,
         FederationLedger.load(path, federation="clinics"),
         mlflow_run_id="r2",
         flow_run_id="p2",
         parent_run_id="r1",
     )
-    second.account(None, selected=("s2",), round_num=1)
+    state, _ = second.account(state, None, selected=("s2",), round_num=1)
     four = participant_epsilon([ClientRound(1.0, 0.3, 4)], delta=1e-3, accountant="rdp")
     # before the ledger, the second run reported one round's epsilon from zero
-    assert second.metrics([], None, declined={})["privacy/client_epsilon"] == pytest.approx(four)
+    metrics = second.metrics(state, [], None, declined={})
+    assert metrics["privacy/client_epsilon"] == pytest.approx(four)
 
 
 def test_max_client_epsilon_refuses_the_round_past_it(tmp_path: Path) -> None:
     three = participant_epsilon([ClientRound(1.0, 0.3, 3)], delta=1e-3, accountant="rdp")
     rounds = PrivacyRounds(_config(max_client_epsilon=three + 1e-6))
-    rounds.attach_ledger(
+    state = rounds.attach_ledger(
+        EMPTY,
         FederationLedger.load(tmp_path / "c.json", federation="clinics"),
         mlflow_run_id="r1",
         flow_run_id=None,
         parent_run_id=None,
     )
     for round_num in (1, 2, 3):
-        rounds.check_round(("s1",), round_num=round_num)
-        rounds.account(None, selected=("s1",), round_num=round_num)
+        rounds.check_round(state, ("s1",), round_num=round_num)
+        state, _ = rounds.account(state, None, selected=("s1",), round_num=round_num)
     with pytest.raises(
         BudgetExhaustedError,
         match=r"federation 'clinics' refuses round 4: participant-level epsilon spent "
         r".* past privacy.max_client_epsilon",
     ):
-        rounds.check_round(("s1",), round_num=4)
+        rounds.check_round(state, ("s1",), round_num=4)
 
 
 def test_max_client_epsilon_without_a_ledger_still_refuses() -> None:
     rounds = PrivacyRounds(_config(max_client_epsilon=0.5))
     with pytest.raises(BudgetExhaustedError, match=r"max_client_epsilon 0\.5"):
-        rounds.check_round(("s1",), round_num=1)
+        rounds.check_round(EMPTY, ("s1",), round_num=1)
 
 
 def test_federation_ledger_of_another_federation_is_refused(tmp_path: Path) -> None:

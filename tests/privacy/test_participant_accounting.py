@@ -15,7 +15,9 @@ from fl_components.privacy.dp_fedavg import SecureRandom, dp_fedavg_aggregate
 from fl_components.privacy.ledger import RDP_ORDERS
 from fl_components.privacy.participant_round import private_mean
 from fl_components.privacy.rounds import PrivacyRounds
-from fl_components.round.types import LocalUpdate
+from fl_components.round.types import LocalUpdate, ServerState
+
+EMPTY = ServerState(round=0, parameters=[])
 
 
 def _config(*, sites: int, fraction: float, sampling: str = "random") -> FederationConfig:
@@ -50,6 +52,7 @@ def test_a_third_of_each_cohort_dropping_is_accounted_with_the_selection() -> No
     # the case: 30 sites, q = 0.3, a third of each cohort drops, z = 1, delta 1e-3
     config = _config(sites=30, fraction=0.3)
     rounds = PrivacyRounds(config)
+    state = EMPTY
     logged: list[dict[str, float]] = []
     for round_num in range(1, 31):
         selected = select_participants(
@@ -61,8 +64,8 @@ def test_a_third_of_each_cohort_dropping_is_accounted_with_the_selection() -> No
             if survivors
             else None
         )
-        rounds.account(result, selected=selected, round_num=round_num)
-        logged.append(rounds.metrics(survivors, result, declined={}))
+        state, _ = rounds.account(state, result, selected=selected, round_num=round_num)
+        logged.append(rounds.metrics(state, survivors, result, declined={}))
     epsilon = logged[-1]["privacy/client_epsilon"]
     # the old survivors-based q (6 of 30 for 9 selected, 3 dropped) reported 6.34
     assert epsilon == pytest.approx(9.5443, abs=1e-3)
@@ -114,8 +117,8 @@ def test_poisson_dp_fedavg_divides_by_the_fixed_denominator() -> None:
 def test_an_empty_cohort_is_skipped_but_still_accounted() -> None:
     rounds = PrivacyRounds(_config(sites=10, fraction=0.2))
     assert rounds.cohort_too_small(())
-    rounds.account(None, selected=(), round_num=1)
-    metrics = rounds.metrics([], None, declined={})
+    state, _ = rounds.account(EMPTY, None, selected=(), round_num=1)
+    metrics = rounds.metrics(state, [], None, declined={})
     expected = participant_epsilon([ClientRound(1.0, 0.2)], delta=1e-3, accountant="rdp")
     assert metrics["privacy/client_epsilon"] == pytest.approx(expected) and expected > 0
     assert metrics["privacy/client_sample_rate"] == 0.2
@@ -123,12 +126,14 @@ def test_an_empty_cohort_is_skipped_but_still_accounted() -> None:
 
 def test_fixed_selection_counts_rounds_a_site_was_selected_in_not_answered() -> None:
     rounds = PrivacyRounds(_config(sites=3, fraction=1.0, sampling="fixed"))
+    state = EMPTY
     for round_num in (1, 2):
         # s00 is selected twice but answers once: it is at risk in both rounds
-        rounds.account(None, selected=("s00", "s01"), round_num=round_num)
+        state, _ = rounds.account(state, None, selected=("s00", "s01"), round_num=round_num)
     two_rounds = participant_epsilon([ClientRound(1.0, 1.0, 2)], delta=1e-3, accountant="rdp")
-    assert rounds.accountant is not None
-    assert rounds.accountant.epsilon(1e-3) == pytest.approx(two_rounds, rel=1e-12)
+    accountant = rounds.accountant(state)
+    assert accountant is not None
+    assert accountant.epsilon(1e-3) == pytest.approx(two_rounds, rel=1e-12)
 
 
 def test_mixed_rounds_take_the_worst_site() -> None:

@@ -11,9 +11,12 @@ from typer.testing import CliRunner
 from fl_components.config import FederationConfig
 from fl_components.privacy.ledger import PrivacyLedger
 from fl_components.privacy.rounds import PrivacyRounds
-from fl_components.round.types import LocalUpdate
+from fl_components.round.types import LocalUpdate, ServerState
 
 DELTA = 1e-5
+
+
+EMPTY = ServerState(round=0, parameters=[])
 
 
 def _rounds() -> PrivacyRounds:
@@ -51,9 +54,9 @@ def _update(epsilon: float) -> LocalUpdate:
 def test_record_level_rows_name_the_run_that_spent_them() -> None:
     rounds = _rounds()
     rounds.bind_run("mlflow-run-7")
-    rounds.metrics([_update(0.8)], None, declined={})
+    rounds.metrics(EMPTY, [_update(0.8)], None, declined={})
 
-    report = rounds.report(mlflow_run_id="mlflow-run-7", flow_run_id=None)
+    report = rounds.report(EMPTY, mlflow_run_id="mlflow-run-7", flow_run_id=None)
 
     (site,) = report["sites"]
     assert [row["run"] for row in site["rounds"]] == ["mlflow-run-7"]
@@ -61,7 +64,7 @@ def test_record_level_rows_name_the_run_that_spent_them() -> None:
 
 def test_record_level_rounds_are_not_logged_without_their_run() -> None:
     with pytest.raises(ValueError, match="bind_run"):
-        _rounds().metrics([_update(0.8)], None, declined={})
+        _rounds().metrics(EMPTY, [_update(0.8)], None, declined={})
 
 
 def test_a_sites_ledger_epsilon_names_the_command_that_recomputes_it(tmp_path: Path) -> None:
@@ -77,9 +80,9 @@ def test_a_sites_ledger_epsilon_names_the_command_that_recomputes_it(tmp_path: P
     spent = PrivacyLedger.open(tmp_path, site="h1", accountant="rdp").epsilon(DELTA)
     rounds = _rounds()
     rounds.bind_run("mlflow-run-7")
-    rounds.metrics([_update(spent)], None, declined={})
+    rounds.metrics(EMPTY, [_update(spent)], None, declined={})
 
-    (site,) = rounds.report(mlflow_run_id="mlflow-run-7", flow_run_id=None)["sites"]
+    (site,) = rounds.report(EMPTY, mlflow_run_id="mlflow-run-7", flow_run_id=None)["sites"]
 
     # this run's rows alone do not give it: the earlier run counts too
     assert site["ledger_epsilon"] == pytest.approx(spent)

@@ -177,7 +177,7 @@ def test_clipped_fraction_is_not_logged_where_the_coordinator_cannot_know_it() -
     privacy = PrivacyRounds(config)
     strategy = DPFedAvg(FedAvg(), config)
     state = strategy.initial_state([np.zeros(4, dtype=np.float32)])
-    privacy.account(None, selected=config.site_names, round_num=1)
+    state, _ = privacy.account(state, None, selected=config.site_names, round_num=1)
 
     secure = strategy.aggregate_sum([np.ones(4)], weight=6.0, participants=6, state=state)
     in_clear = strategy.aggregate(
@@ -185,8 +185,8 @@ def test_clipped_fraction_is_not_logged_where_the_coordinator_cannot_know_it() -
     )
 
     assert secure.private is not None and secure.private.clipped is None
-    secure_metrics = privacy.metrics([], secure.private, declined={})
+    secure_metrics = privacy.metrics(state, [], secure.private, declined={})
     assert "privacy/clipped_fraction" not in secure_metrics  # the sites clipped; norms stayed
     assert secure_metrics["privacy/clip_norm"] == 1.0
-    clear_metrics = privacy.metrics([], in_clear.private, declined={})
+    clear_metrics = privacy.metrics(state, [], in_clear.private, declined={})
     assert clear_metrics["privacy/clipped_fraction"] == 1.0  # norm 4 > C = 1: all clipped

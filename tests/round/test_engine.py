@@ -9,6 +9,7 @@ import pytest
 
 from fl_components.errors import BudgetExhaustedError
 from fl_components.federation import Site, central_test_split, materialize_sites
+from fl_components.privacy.accounting import ClientRound
 from fl_components.round.engine import (
     EvaluationRequest,
     RoundAbortedError,
@@ -27,7 +28,7 @@ from fl_components.round.types import (
     SiteResult,
 )
 from fl_components.site.jobs import InProcessSites
-from fl_components.strategies import AccountantStep, FedAvg, ServerState
+from fl_components.strategies import FedAvg, ServerState
 
 MODEL = [np.zeros(2, dtype=np.float32), np.zeros((1, 1), dtype=np.float32)]
 
@@ -136,7 +137,8 @@ def test_server_state_round_trips_without_sharing_arrays() -> None:
         parameters=[np.arange(3, dtype=np.float32)],
         strategy_state={"m": [np.ones(3, dtype=np.float32)]},
         clip_norm=0.7,
-        accountant_history=(AccountantStep(1.1, 0.3, 4),),
+        accountant_history=(ClientRound(1.1, 0.3, 4, attempt="k1", round=4),),
+        begun_rounds={5: ClientRound(1.1, 0.3, attempt="k2", round=5)},
         rng_state={"bit_generator": "PCG64", "state": {"state": 5, "inc": 7}},
     )
 
@@ -147,7 +149,10 @@ def test_server_state_round_trips_without_sharing_arrays() -> None:
 
     assert state.parameters[0][0] == 0.0 and state.strategy_state["m"][0][0] == 1.0
     assert restored.round == 4 and restored.clip_norm == 0.7
-    assert restored.accountant_history == (AccountantStep(1.1, 0.3, 4),)
+    assert restored.accountant_history == (ClientRound(1.1, 0.3, 4),)
+    assert [(r.attempt, r.round) for r in restored.accountant_history] == [("k1", 4)]
+    assert restored.begun_rounds == {5: ClientRound(1.1, 0.3)}
+    assert restored.begun_rounds[5].attempt == "k2"
     assert restored.rng_state == state.rng_state
     np.testing.assert_array_equal(restored.parameters[0], state.parameters[0])
     assert restored.parameters[0] is not state.parameters[0]
