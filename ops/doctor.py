@@ -434,7 +434,8 @@ def diagnose(*, state_dir: Path, api_url: str | None = None) -> list[Check]:
     checks += check_prefect(api, fix=start)
     config = _record_config(state_dir) if running else None
     sites = _sites_from_record(record) if running and record is not None else []
-    if all(check.ok for check in checks):
+    serving = ("postgres", "prefect-server", "prefect api")  # what the questions below need
+    if all(check.ok for check in checks if check.name in serving):
         ours = running and api == str((record or {}).get("prefect_api_url", "")).rstrip("/")
         sites, config, found = _server_checks(
             state_dir,

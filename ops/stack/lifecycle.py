@@ -19,6 +19,7 @@ from fl_components.config import FederationConfig, load_config
 from fl_components.exchange import site_pool_name
 from fl_components.wire.signing import COORDINATOR_KEYS_DIR, COORDINATOR_KEYS_ENV
 from flows.resume import CHECKPOINT_DIR_ENV
+from ops.stack import postgres
 from ops.stack.credentials import (
     MLFLOW_AUTH_DB,
     StackCredentials,
@@ -214,8 +215,6 @@ def _start_postgres(
     StackError
         If PostgreSQL is required and cannot be had, or does not start.
     """
-    from ops.stack import postgres
-
     try:
         cluster = postgres.cluster_for(paths.root)
         password = ensure_database_password(paths.root)
@@ -358,8 +357,6 @@ def _start_coordinator_worker(
 
 
 def _own_database_url(root: Path, record: dict[str, Any]) -> str:
-    from ops.stack import postgres
-
     cluster = postgres.cluster_for(root)
     return cluster.url(int(record["postgres"]["port"]), ensure_database_password(root))
 
