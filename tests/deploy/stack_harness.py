@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -152,11 +152,14 @@ def _wait_flow_run(api: str, run_id: str, timeout: float) -> dict[str, Any]:
     raise AssertionError(f"flow run {run_id} not finished after {timeout}s")
 
 
-def _assert_one_participant_run_per_site_and_round(api: str, run_id: str, *, rounds: int) -> None:
+def _assert_one_participant_run_per_site_and_round(
+    api: str, run_id: str, *, rounds: int, crashed: Collection[tuple[str, int]] = ()
+) -> None:
     """Prefect: one participant run per site per round, each on its own pool, completed.
 
     A round's ``train`` run also evaluates the model it receives (the previous round's,
     parameter ``evaluate_round``); one ``evaluate`` run per site follows the last round.
+    ``crashed``: the (site, round) train runs a fault test let crash (and only those).
     """
     children = _api_post(
         f"{api}/flow_runs/filter",
@@ -174,7 +177,8 @@ def _assert_one_participant_run_per_site_and_round(api: str, run_id: str, *, rou
             (match,) = seen[(site, r, stage)]
             assert job_message(match).get("evaluate_round") == evaluates
             assert match["work_pool_name"] == f"fedpipe-{site}"
-            assert match["state_type"] == "COMPLETED"
+            allowed = "CRASHED" if (site, r) in crashed and stage == "train" else "COMPLETED"
+            assert match["state_type"] == allowed, (site, r, stage, match["state_type"])
 
 
 def _assert_every_site_served_every_round(api: str, run_id: str, *, rounds: int) -> None:

@@ -403,7 +403,7 @@ def test_the_prefect_server_restarted_mid_run(stack: dict[str, Any], serve: Any)
         assert len(steps) == len(set(steps)), site  # never twice at one step
         missing = {0, 1, 2} - set(steps)
         assert missing <= {r - 1 for s, r in crashed if s == site}, (site, missing, seen)
-    _assert_one_participant_run_per_site_and_round(api, run_id, rounds=2)
+    _assert_one_participant_run_per_site_and_round(api, run_id, rounds=2, crashed=crashed)
 
 
 def test_a_run_cancelled_after_a_server_outage_stops_and_registers_nothing(
