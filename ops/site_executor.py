@@ -253,12 +253,17 @@ def _preload(module: str) -> None:
     _log(f"preloaded {module} and what its runs import in {time.perf_counter() - started:.1f}s")
 
 
+_CHILD_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
 def _run_child(request: _Request, module: str) -> None:
     """In the forked child: become the flow-run process and run ``module`` as __main__."""
     import runpy
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
+    # blocked since before the fork (see _accept): one sent meanwhile is delivered now
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _CHILD_SIGNALS)
     for target, fd in enumerate(request.fds):
         os.dup2(fd, target)
         os.close(fd)
@@ -410,7 +415,12 @@ def _accept(
     flow_run = request.env.get("PREFECT__FLOW_RUN_ID") or (request.argv or ["?"])[0]
     sys.stdout.flush()
     sys.stderr.flush()
+    # A signal sent to the child before it drops the executor's handlers would run the
+    # executor's `stop` in the child and be lost: keep them blocked until _run_child.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _CHILD_SIGNALS)
     pid = os.fork()
+    if pid != 0:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _CHILD_SIGNALS)
     if pid == 0:  # child: drop the executor's sockets, then run the flow run
         for key in list(selector.get_map().values()):
             key.fileobj.close()  # type: ignore[union-attr]

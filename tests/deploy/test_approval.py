@@ -64,6 +64,10 @@ def _pending(folder: Path) -> Any:
     return next((r for r in ApprovalStore(folder).pending() if r.federation == NAME), None)
 
 
+def _paused(state: dict[str, Any]) -> dict[str, Any] | None:
+    return state if state["type"] == "PAUSED" else None
+
+
 def _forge(folder: Path, request: Any) -> None:
     """A decision for exactly this request, signed by a key that is not north's own."""
     from fl_components.secure_aggregation.protocol.keys import SiteKeys
@@ -89,7 +93,13 @@ def _stewards(stack: dict[str, Any], seen: dict[str, Any]) -> Callable[[threadin
     def act(stop: threading.Event) -> None:
         request = _until("north's request", lambda: _pending(north), stop)
         seen["run_id"] = request.run_id
-        state = _api_get(f"{api}/flow_runs/{request.flow_run_id}").json()["state"]
+        # the request is written just before the run pauses: give the pause a moment to land
+        state = _until(
+            "north's run paused",
+            lambda: _paused(_api_get(f"{api}/flow_runs/{request.flow_run_id}").json()["state"]),
+            stop,
+            timeout=60,
+        )
         seen["north_state"], seen["north_message"] = state["type"], state["message"]
         _forge(north, request)
         _until("the forged decision refused", lambda: "refused" in _events(north), stop)
