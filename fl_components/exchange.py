@@ -17,10 +17,10 @@ import mmap
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
-from safetensors.numpy import save_file
+from safetensors.numpy import save, save_file
 
 from fl_components.compression.download import ModelDownload, apply_download
 from fl_components.compression.encoded import CompressionError
@@ -48,6 +48,26 @@ MAX_HEADER_BYTES = 16 * 1024 * 1024
 
 class ExchangeError(FedpipeError):
     """A model reference or a site payload failed verification."""
+
+
+class FieldSink(Protocol):
+    """Where a site puts an answer field too large to travel inline (a sealed file)."""
+
+    def wants(self, size: int) -> bool:
+        """Whether a field of ``size`` bytes goes as a file."""
+        ...
+
+    def put(self, field: str, data: bytes | bytearray | memoryview) -> dict[str, Any]:
+        """Store ``data``; the reference that replaces it in the answer."""
+        ...
+
+
+class FieldSource(Protocol):
+    """Where the coordinator opens a field a site sent as a file."""
+
+    def take(self, raw_ref: object, field: str) -> bytearray:
+        """The field's bytes, verified."""
+        ...
 
 
 def payload_limit() -> int:
@@ -281,19 +301,83 @@ def read_model_download(
         raise ExchangeError(f"model download {uri}: {error}") from None
 
 
-def encode_arrays(arrays: NDArrays) -> dict[str, Any]:
-    """Arrays as JSON-safe base64 float32 bytes with their shapes."""
+def safetensors_bytes(arrays: NDArrays) -> bytes:
+    """``arrays`` as one safetensors document of float32 tensors ``p00000``, ``p00001``, ..."""
+    return save(
+        {_tensor_name(i): np.ascontiguousarray(a, dtype="<f4") for i, a in enumerate(arrays)}
+    )
+
+
+def arrays_from_safetensors(buffer: bytearray, *, what: str) -> NDArrays:
+    """The float32 tensors of a safetensors document, as views of ``buffer`` (no copy).
+
+    Raises
+    ------
+    ExchangeError
+        If it is not a safetensors document of tensors ``p00000``... in order, float32.
+    """
+    view = memoryview(buffer)
+    try:
+        layout = _safetensors_layout(view, len(buffer))
+    except (ValueError, RecursionError) as error:
+        raise ExchangeError(
+            f"{what}: not a safetensors document of float32 tensors ({error}); discarded"
+        ) from None
+    finally:
+        view.release()
+    return [
+        np.frombuffer(buffer, dtype="<f4", count=(end - start) // 4, offset=start).reshape(shape)
+        for shape, start, end in layout
+    ]
+
+
+def encode_arrays(
+    arrays: NDArrays, *, sink: FieldSink | None = None, field: str = "delta"
+) -> dict[str, Any]:
+    """Arrays as JSON-safe base64 float32 bytes with their shapes.
+
+    With a ``sink`` that wants them (large enough), they go as a safetensors document in a
+    sealed file instead, named under ``"file"`` (:mod:`fl_components.wire.answer_files`).
+    """
+    shapes = [list(a.shape) for a in arrays]
+    if sink is not None and sink.wants(4 * sum(int(a.size) for a in arrays)):
+        return {
+            "dtype": "float32",
+            "shapes": shapes,
+            "file": sink.put(field, safetensors_bytes(arrays)),
+        }
     return {
         "dtype": "float32",
-        "shapes": [list(a.shape) for a in arrays],
+        "shapes": shapes,
         "data": base64.b64encode(flatten(arrays).astype("<f4").tobytes()).decode("ascii"),
     }
 
 
-def decode_arrays(encoded: Mapping[str, Any]) -> NDArrays:
+def _arrays_from_file(
+    encoded: Mapping[str, Any], *, source: FieldSource | None, field: str
+) -> NDArrays:
+    """The arrays of a field sent as a sealed file, their shapes checked against the answer's."""
+    if source is None:
+        raise ExchangeError(f"payload arrays: {field!r} names a file where none can be read")
+    arrays = arrays_from_safetensors(source.take(encoded["file"], field), what=f"{field!r} file")
+    shapes = [tuple(a.shape) for a in arrays]
+    stated = [tuple(s) for s in encoded.get("shapes") or []]
+    if shapes != stated:
+        raise ExchangeError(
+            f"payload arrays: the {field!r} file holds shapes {shapes[:3]}..., the answer "
+            f"says {stated[:3]}...; discarded"
+        )
+    return arrays
+
+
+def decode_arrays(
+    encoded: Mapping[str, Any], *, source: FieldSource | None = None, field: str = "delta"
+) -> NDArrays:
     """Inverse of :func:`encode_arrays`, checking dtype, shapes and size before allocating."""
     if not isinstance(encoded, Mapping):
         raise ExchangeError(f"payload arrays: expected a mapping, got {type(encoded).__name__}")
+    if "file" in encoded and encoded.get("dtype") == "float32":
+        return _arrays_from_file(encoded, source=source, field=field)
     if encoded.get("dtype") != "float32":
         raise ExchangeError(
             f"payload arrays: dtype must be 'float32' (got {encoded.get('dtype')!r})"
@@ -334,8 +418,8 @@ def decode_arrays(encoded: Mapping[str, Any]) -> NDArrays:
     return unflatten(vector.astype(np.float32), like)
 
 
-def update_payload(update: LocalUpdate) -> dict[str, Any]:
-    """A site's training result as a JSON-safe mapping."""
+def update_payload(update: LocalUpdate, *, sink: FieldSink | None = None) -> dict[str, Any]:
+    """A site's training result as a JSON-safe mapping (large arrays to ``sink``'s files)."""
     return {
         "version": PAYLOAD_VERSION,
         "stage": "train",
@@ -345,27 +429,40 @@ def update_payload(update: LocalUpdate) -> dict[str, Any]:
         "train_loss": float(update.train_loss),
         "seconds": float(update.seconds),
         "extra": {k: float(v) for k, v in update.extra.items()},
-        "delta": encode_arrays(update.delta),
+        "delta": encode_arrays(update.delta, sink=sink, field="delta"),
         "control_delta": (
-            encode_arrays(update.control_delta) if update.control_delta is not None else None
+            encode_arrays(update.control_delta, sink=sink, field="control_delta")
+            if update.control_delta is not None
+            else None
         ),
         "initial_loss": None if update.initial_loss is None else float(update.initial_loss),
     }
 
 
-def update_from_payload(payload: Mapping[str, Any], *, site: str, round_num: int) -> LocalUpdate:
-    """Rebuild a :class:`LocalUpdate`, checking it is the expected site's and round's."""
+def update_from_payload(
+    payload: Mapping[str, Any],
+    *,
+    site: str,
+    round_num: int,
+    source: FieldSource | None = None,
+) -> LocalUpdate:
+    """Rebuild a :class:`LocalUpdate`, checking it is the expected site's and round's.
+
+    ``source`` opens arrays the site sent as sealed files (the work-pool backend).
+    """
     _check_header(payload, stage="train", site=site, round_num=round_num)
     return LocalUpdate(
         site=site,
         round=round_num,
-        delta=decode_arrays(payload["delta"]),
+        delta=decode_arrays(payload["delta"], source=source, field="delta"),
         num_examples=int(payload["num_examples"]),
         train_loss=float(payload["train_loss"]),
         seconds=float(payload["seconds"]),
         extra={str(k): float(v) for k, v in payload.get("extra", {}).items()},
         control_delta=(
-            decode_arrays(payload["control_delta"]) if payload.get("control_delta") else None
+            decode_arrays(payload["control_delta"], source=source, field="control_delta")
+            if payload.get("control_delta")
+            else None
         ),
         initial_loss=(
             None if payload.get("initial_loss") is None else float(payload["initial_loss"])

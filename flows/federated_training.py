@@ -173,6 +173,7 @@ def _finish(
             version=version,
             challenger_scores=scores,
             losses=round_losses(history),
+            shapes=[tuple(p.shape) for p in state.parameters],
         )
     return version, decision
 

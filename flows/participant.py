@@ -45,6 +45,7 @@ from fl_components.site.admission import (
     Admitted,
     SignedSiteJob,
     admit,
+    answer_sink,
     check_spend,
     seal_answer,
 )
@@ -91,16 +92,26 @@ def site_stage(
             AuditKind.CHARGED,
             {"run_id": job.flow_run_id, "round": job.round, "epsilon_round": epsilon},
         )
-    payload = answer_payload(
-        replace(answer, received=received if received is not None else answer.received), job=job
-    )
-    return seal_answer(
-        payload,
-        enrolment=admitted.enrolment,
-        message=admitted.message,
-        keys_dir=keys,
-        folder=site.folder,
-    )
+    # large fields (the update's arrays) go as sealed files in the run's exchange folder
+    sink = answer_sink(admitted.enrolment, admitted.message)
+    try:
+        payload = answer_payload(
+            replace(answer, received=received if received is not None else answer.received),
+            job=job,
+            sink=sink,
+        )
+        return seal_answer(
+            payload,
+            enrolment=admitted.enrolment,
+            message=admitted.message,
+            keys_dir=keys,
+            folder=site.folder,
+            files=sink.written if sink is not None else (),
+        )
+    except BaseException:
+        if sink is not None:
+            sink.discard()
+        raise
 
 
 def rejected_answer(error: RejectedJob, *, folder: Path, job: SignedSiteJob) -> dict[str, Any]:

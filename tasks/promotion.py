@@ -41,10 +41,13 @@ def promote_if_better(
     version: str,
     challenger_scores: dict[str, Metrics],
     losses: Sequence[float] = (),
+    shapes: Sequence[tuple[int, ...]] | None = None,
 ) -> PromotionDecision:
     """Give ``version`` the alias ``champion`` or ``challenger`` and tag the run with why.
 
     ``losses``: the global loss per logged round, round 0 first (the divergence check).
+    ``shapes``: the registered model's parameter shapes; a champion of other shapes (another
+    architecture) is not sent to the sites, where it could only fail.
     A model that would be champion but fails a guard rail
     (:func:`fl_components.promotion.guard_rails`) is challenger unless ``config.promotion``
     allows that rail; the decision and its reason go to the flow run's log and the run's
@@ -60,7 +63,12 @@ def promote_if_better(
     own_scores = challenger_scores
     champion_version = registered_version(config.tracking, name=config.name, alias="champion")
     champion_scores = _champion_scores(
-        config, dispatch, version=version, champion_version=champion_version, sites=own_scores
+        config,
+        dispatch,
+        version=version,
+        champion_version=champion_version,
+        sites=own_scores,
+        shapes=shapes,
     )
     if champion_scores is not None:
         challenger_scores, champion_scores = common_scores(challenger_scores, champion_scores)
@@ -225,6 +233,7 @@ def _champion_scores(
     version: str,
     champion_version: str | None,
     sites: dict[str, Metrics],
+    shapes: Sequence[tuple[int, ...]] | None = None,
 ) -> dict[str, Metrics] | None:
     """The champion's federated evaluation on ``sites``; None without a champion to score."""
     if champion_version is None or champion_version == version or not sites:
@@ -236,9 +245,22 @@ def _champion_scores(
         return None
     if model is None:
         return None
+    parameters = get_parameters(model)
+    held = [tuple(p.shape) for p in parameters]
+    if shapes is not None and held != [tuple(s) for s in shapes]:
+        log.warning(
+            "champion version %s not compared: another architecture (%d parameter arrays, "
+            "%d values; this run's model has %d arrays, %d values); not sent to the sites",
+            champion_version,
+            len(held),
+            sum(math.prod(s) for s in held),
+            len(shapes),
+            sum(math.prod(s) for s in shapes),
+        )
+        return None
     try:
         request = EvaluationRequest(round=config.rounds, sites=tuple(sites))
-        return evaluate_sites(get_parameters(model), request, dispatch)
+        return evaluate_sites(parameters, request, dispatch)
     except Exception as error:  # e.g. the champion has another architecture
         log.warning("champion version %s could not be evaluated: %s", champion_version, error)
         return None

@@ -66,6 +66,7 @@ from fl_components.secure_aggregation.site_stages import (
 )
 from fl_components.site.policy import installed_task_code
 from fl_components.task.loading import task_identity
+from fl_components.wire.answer_files import ANSWERS_FOLDER, AnswerFileSource, file_limit
 from fl_components.wire.rejection import AnswerReason, RejectedAnswer
 from fl_components.wire.sealed import AnswerContext, open_payload
 from fl_components.wire.signing import CoordinatorIdentity, Signed, coordinator_keys_dir, sign
@@ -581,6 +582,28 @@ class WorkPoolBackend(SiteBackend):
             lifetime=min(lifetime, timedelta(hours=24)),
         )
 
+    def _context(self, site: str, job: SiteJob) -> AnswerContext:
+        return AnswerContext(
+            federation=self.config.name,
+            run_id=self.run_id,
+            round=job.round,
+            stage=str(job.kind),
+            site=site,
+        )
+
+    def files(self, site: str, job: SiteJob) -> AnswerFileSource:
+        """Where the coordinator opens the sealed files of ``site``'s answer to ``job``.
+
+        Only bare names in this run's answers folder, each at most what this model's answer
+        can need (:func:`fl_components.wire.answer_files.file_limit`).
+        """
+        values = sum(int(p.size) for p in job.parameters) if job.parameters is not None else 0
+        return AnswerFileSource(
+            self.exchange / ANSWERS_FOLDER,
+            context=self._context(site, job),
+            limit=file_limit(values),
+        )
+
     def open(self, site: str, job: SiteJob, payload: Any) -> dict[str, Any]:
         """The site's answer inside its stored payload, verified against its enrolled key.
 
@@ -595,15 +618,11 @@ class WorkPoolBackend(SiteBackend):
         if self._answer_registry is None or site not in self._answer_registry:
             # the sites' public keys as enrolled (read again for a site enrolled since)
             self._answer_registry = load_registry(registry_path(self.config))
-        expected = AnswerContext(
-            federation=self.config.name,
-            run_id=self.run_id,
-            round=job.round,
-            stage=str(job.kind),
-            site=site,
-        )
         return open_payload(
-            payload, expected=expected, identity=self.identity, registry=self._answer_registry
+            payload,
+            expected=self._context(site, job),
+            identity=self.identity,
+            registry=self._answer_registry,
         )
 
     def _submit(
@@ -626,7 +645,9 @@ class WorkPoolBackend(SiteBackend):
         def parse(site: str, payload: dict[str, Any]) -> SiteResult:
             size = len(json.dumps(payload))  # what crossed result storage (sealed)
             opened = self.open(site, by_site[site], payload)
-            answer = answer_from_payload(opened, job=by_site[site], size=size)
+            files = self.files(site, by_site[site])
+            answer = answer_from_payload(opened, job=by_site[site], size=size, source=files)
+            answer = replace(answer, bytes_up=size + files.taken)  # its sealed files too
             # what the site read from the exchange: the npz, or the download it used
             read = sizes[site].get(answer.received, sizes[site][None])
             return replace(answer, bytes_down=read)

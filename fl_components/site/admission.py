@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,6 +46,12 @@ from fl_components.site.policy import (
     policy_path,
 )
 from fl_components.task.loading import task_identity
+from fl_components.wire.answer_files import (
+    AnswerFileSink,
+    SealedFileRef,
+    answers_folder,
+    file_threshold,
+)
 from fl_components.wire.rejection import PolicyBreach, RejectedJob, RejectReason
 from fl_components.wire.sealed import AnswerContext, seal
 from fl_components.wire.signing import Signed, digest_of, verify
@@ -199,6 +206,31 @@ def admit(
     return admitted
 
 
+def answer_context(enrolment: SiteEnrolment, message: SiteJobMessage) -> AnswerContext:
+    """Where this site's answer to ``message`` belongs (bound into its sealing)."""
+    return AnswerContext(
+        federation=enrolment.federation,
+        run_id=message.run_id,
+        round=message.round,
+        stage=message.stage,
+        site=enrolment.site,
+    )
+
+
+def answer_sink(enrolment: SiteEnrolment, message: SiteJobMessage) -> AnswerFileSink | None:
+    """Where the answer's large fields go as sealed files, or None.
+
+    The run's folder in the enrolled exchange folder (never one the job names); None for a
+    run id that is not one plain folder name.
+    """
+    folder = answers_folder(enrolment.exchange_dir, message.run_id)
+    if folder is None:
+        return None
+    return AnswerFileSink(
+        folder, context=answer_context(enrolment, message), threshold=file_threshold()
+    )
+
+
 def seal_answer(
     payload: dict[str, Any],
     *,
@@ -206,19 +238,15 @@ def seal_answer(
     message: SiteJobMessage,
     keys_dir: str | os.PathLike[str],
     folder: str | os.PathLike[str],
+    files: Sequence[SealedFileRef] = (),
 ) -> dict[str, Any]:
     """``payload`` sealed to the pinned coordinator key and signed by the site; logged.
 
+    ``files``: the sealed files ``payload`` names (their size and hash go to the audit log).
     Returns ``{"sealed": <SealedAnswer>}``: what goes to result storage.
     """
     plaintext = json.dumps(payload, separators=(",", ":")).encode("utf-8")
-    context = AnswerContext(
-        federation=enrolment.federation,
-        run_id=message.run_id,
-        round=message.round,
-        stage=message.stage,
-        site=enrolment.site,
-    )
+    context = answer_context(enrolment, message)
     sealed = seal(
         plaintext, context=context, recipient=enrolment.coordinator, sender=SiteKeys.load(keys_dir)
     )
@@ -229,9 +257,12 @@ def seal_answer(
             "round": message.round,
             "stage": message.stage,
             "answer": str(payload.get("stage", "")),
-            "bytes": len(plaintext),
+            "bytes": len(plaintext) + sum(ref.bytes for ref in files),
             "sha256": hashlib.sha256(plaintext).hexdigest(),
             "sealed_to": enrolment.coordinator.key_id,
+            "files": [
+                {"file": ref.file, "bytes": ref.bytes, "sha256": ref.sha256} for ref in files
+            ],
         },
     )
     return {SEALED_KEY: sealed.model_dump(mode="json")}

@@ -12,6 +12,10 @@ A compressed update (``compression`` in the clear) travels as its wire message
 (:class:`~fl_components.compression.EncodedUpdate`, base64) under ``"delta"``, decoded at
 the coordinator with the same code as in-process (:func:`decode_upload`); with model
 deltas the answer says which download the site used under ``"received"``.
+
+Large fields (an update's arrays, a masked update's bytes) may instead name a sealed file
+under ``"file"``: the site's ``sink`` writes it, the coordinator's ``source`` opens it
+(:mod:`fl_components.wire.answer_files`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from fl_components.compression.site import decode_upload
 from fl_components.exchange import (
     PAYLOAD_VERSION,
     ExchangeError,
+    FieldSink,
+    FieldSource,
     check_payload_size,
     metrics_from_payload,
     metrics_payload,
@@ -70,11 +76,13 @@ def compressed_update_payload(answer: SiteResult) -> dict[str, Any]:
     return body
 
 
-def update_from_answer(payload: Mapping[str, Any], *, job: SiteJob) -> LocalUpdate:
+def update_from_answer(
+    payload: Mapping[str, Any], *, job: SiteJob, source: FieldSource | None = None
+) -> LocalUpdate:
     """The update of a training answer, float32 or compressed (decoded against the model)."""
     delta = payload.get("delta")
     if not (isinstance(delta, Mapping) and delta.get("encoding") == ENCODED_DELTA):
-        return update_from_payload(payload, site=job.site, round_num=job.round)
+        return update_from_payload(payload, site=job.site, round_num=job.round, source=source)
     if job.parameters is None:
         raise ExchangeError(f"site {job.site!r}: a compressed update needs the job's model")
     update = update_from_payload(
@@ -147,7 +155,15 @@ def response_from_payload(payload: Mapping[str, Any], *, site: str, round_num: i
     return base64.b64decode(payload["response"], validate=True)
 
 
-def _body(answer: SiteResult, job: SiteJob) -> dict[str, Any]:
+def _masked_payload(masked: MaskedContribution, sink: FieldSink | None) -> dict[str, Any]:
+    if sink is None or not sink.wants(len(masked.payload)):
+        return masked.to_payload()
+    body = replace(masked, payload=b"").to_payload()
+    body["masked"] = {"file": sink.put("masked", masked.payload)}
+    return body
+
+
+def _body(answer: SiteResult, job: SiteJob, sink: FieldSink | None) -> dict[str, Any]:
     if answer.refusal is not None:
         return {
             "version": PAYLOAD_VERSION,
@@ -161,9 +177,9 @@ def _body(answer: SiteResult, job: SiteJob) -> dict[str, Any]:
     if job.kind is JobKind.TRAIN and answer.update is not None:
         if answer.upload is not None:
             return compressed_update_payload(answer)
-        return update_payload(answer.update)
+        return update_payload(answer.update, sink=sink)
     if job.kind is JobKind.MASK and isinstance(answer.masked, MaskedContribution):
-        return answer.masked.to_payload()
+        return _masked_payload(answer.masked, sink)
     if job.kind is JobKind.UNMASK and answer.unmask_response is not None:
         return unmask_payload(answer.unmask_response, site=job.site, round_num=job.round)
     if job.kind is JobKind.EVALUATE and answer.evaluation is not None:
@@ -171,9 +187,14 @@ def _body(answer: SiteResult, job: SiteJob) -> dict[str, Any]:
     raise ExchangeError(f"site {job.site!r}: no {job.kind} result to send")
 
 
-def answer_payload(answer: SiteResult, *, job: SiteJob) -> dict[str, Any]:
-    """The site's answer to ``job`` as one JSON-safe mapping (folded evaluation included)."""
-    body = _body(answer, job)
+def answer_payload(
+    answer: SiteResult, *, job: SiteJob, sink: FieldSink | None = None
+) -> dict[str, Any]:
+    """The site's answer to ``job`` as one JSON-safe mapping (folded evaluation included).
+
+    With a ``sink``, its large fields go to sealed files the mapping names.
+    """
+    body = _body(answer, job, sink)
     if job.kind is not JobKind.EVALUATE and answer.evaluation is not None:
         body["evaluation"] = metrics_payload(
             answer.evaluation, site=job.site, round_num=int(job.evaluate_round or 0)
@@ -203,11 +224,14 @@ def _refusal(payload: Mapping[str, Any], job: SiteJob) -> Dropout:
     )
 
 
-def answer_from_payload(payload: Mapping[str, Any], *, job: SiteJob, size: int) -> SiteResult:
+def answer_from_payload(
+    payload: Mapping[str, Any], *, job: SiteJob, size: int, source: FieldSource | None = None
+) -> SiteResult:
     """Inverse of :func:`answer_payload`, checking stage, site and round of every part.
 
     ``size`` is the payload's size on the wire (bytes up); the caller parses the JSON with
     :func:`fl_components.exchange.parse_json_payload`, which bounds it before parsing.
+    ``source`` opens the fields the site sent as sealed files (none are read without it).
 
     Raises
     ------
@@ -218,7 +242,7 @@ def answer_from_payload(payload: Mapping[str, Any], *, job: SiteJob, size: int) 
     if not isinstance(payload, Mapping):
         raise ExchangeError(f"site {job.site!r}: result is a {type(payload).__name__}")
     try:
-        return _answer(payload, job=job, size=size)
+        return _answer(payload, job=job, size=size, source=source)
     except _MALFORMED as error:
         raise ExchangeError(
             f"site {job.site!r} round {job.round}: malformed {job.kind} answer "
@@ -226,7 +250,24 @@ def answer_from_payload(payload: Mapping[str, Any], *, job: SiteJob, size: int) 
         ) from None
 
 
-def _answer(payload: Mapping[str, Any], *, job: SiteJob, size: int) -> SiteResult:
+def _masked(
+    body: Mapping[str, Any], *, job: SiteJob, source: FieldSource | None
+) -> MaskedContribution:
+    field = body.get("masked")
+    if not isinstance(field, Mapping):
+        return MaskedContribution.from_payload(body, site=job.site, round_num=job.round)
+    if source is None:
+        raise ExchangeError(f"site {job.site!r}: its masked update names a file none can read")
+    masked = MaskedContribution.from_payload(
+        {**body, "masked": ""}, site=job.site, round_num=job.round
+    )
+    # the buffer itself (no copy): secure aggregation reads it as bytes once, then drops it
+    return replace(masked, payload=source.take(field.get("file"), "masked"))
+
+
+def _answer(
+    payload: Mapping[str, Any], *, job: SiteJob, size: int, source: FieldSource | None
+) -> SiteResult:
     body = dict(payload)
     folded = body.pop("evaluation", None)
     evaluation = None
@@ -239,10 +280,9 @@ def _answer(payload: Mapping[str, Any], *, job: SiteJob, size: int) -> SiteResul
     if body.get("stage") == "refusal":
         return result(refusal=_refusal(body, job))
     if job.kind is JobKind.TRAIN:
-        return result(update=update_from_answer(body, job=job))
+        return result(update=update_from_answer(body, job=job, source=source))
     if job.kind is JobKind.MASK:
-        masked = MaskedContribution.from_payload(body, site=job.site, round_num=job.round)
-        return result(masked=masked)
+        return result(masked=_masked(body, job=job, source=source))
     if job.kind is JobKind.UNMASK:
         response = response_from_payload(body, site=job.site, round_num=job.round)
         return result(unmask_response=response)

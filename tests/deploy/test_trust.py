@@ -11,6 +11,7 @@ or buggy coordinator would; the site's own policy still refuses what it does not
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -402,14 +403,67 @@ def test_the_site_audit_command_prints_and_verifies_the_chain(stack: dict[str, A
     assert policy.returncode == 0, policy.stdout + policy.stderr
 
 
-def test_a_deployed_secure_round_still_trains(stack: dict[str, Any]) -> None:
-    summary = run_coordinator(
-        stack, deployed_config(stack, rounds=1, secure_aggregation={"enabled": True})
-    )
-    assert summary is not None
-    runs = participant_runs(stack["prefect_api_url"], _flow_run_id_of(summary))
-    stages = {(job_message(r)["site"], job_message(r)["stage"]) for r in runs}
-    assert {(s, "mask") for s in SITES} <= stages
+# ~265k parameters: an update (1.06 MB) above the sites' 1 MiB threshold for sealed files
+LARGE_MODEL = {"kind": "mlp", "hidden": [1024, 192]}
+
+
+def _released_files(stack: dict[str, Any], run_id: str, stage: str) -> dict[str, list[int]]:
+    """Per site, the sizes of the sealed files its audit log says it released in ``run_id``."""
+    from fl_components.site.audit import AuditKind, AuditLog
+
+    found: dict[str, list[int]] = {}
+    for site in SITES:
+        for entry in AuditLog.in_folder(_folder(stack, site)).entries():
+            details = entry.details
+            if entry.kind is AuditKind.RELEASED and details.get("run_id") == run_id:
+                if details.get("stage") == stage:
+                    found.setdefault(site, []).extend(f["bytes"] for f in details["files"])
+    return found
+
+
+def _assert_large_answers_crossed_as_files(
+    stack: dict[str, Any], config: Any, summary: Any, stage: str, per_site: int
+) -> None:
+    run_id = _flow_run_id_of(summary)
+    runs = participant_runs(stack["prefect_api_url"], run_id)
+    assert {(s, stage) for s in SITES} <= {
+        (job_message(r)["site"], job_message(r)["stage"]) for r in runs
+    }
     assert all(r["state_type"] == "COMPLETED" for r in runs)
-    for run in runs:
-        assert "sealed" in _stored_result(stack, run)
+    for run in runs:  # result storage holds the sealed JSON only, not the update
+        stored = _stored_result(stack, run)
+        assert "sealed" in stored and len(json.dumps(stored)) < 64 * 1024
+    released = _released_files(stack, run_id, stage)
+    assert sorted(released) == sorted(SITES), released
+    assert all(len(sizes) == per_site and min(sizes) > 1024 * 1024 for sizes in released.values())
+    # every file was opened by the coordinator, then removed
+    answers = Path(config.deployment.exchange_dir) / run_id / "answers"
+    assert not answers.exists() or not [p for p in answers.iterdir()], list(answers.iterdir())
+
+
+def test_a_deployed_secure_round_of_a_large_model_sends_sealed_files(
+    stack: dict[str, Any],
+) -> None:
+    """Each masked update (1.3 MB) leaves its site as a sealed file, not as result text."""
+    config = deployed_config(
+        stack, rounds=1, model=LARGE_MODEL, secure_aggregation={"enabled": True}
+    )
+    summary = run_coordinator(stack, config)
+    assert summary is not None
+    _assert_large_answers_crossed_as_files(stack, config, summary, "mask", per_site=1)
+
+
+def test_a_large_scaffold_update_and_control_variate_cross_as_sealed_files(
+    stack: dict[str, Any],
+) -> None:
+    """In the clear, a SCAFFOLD site's delta and control delta go as two sealed files."""
+    config = deployed_config(
+        stack,
+        rounds=1,
+        model=LARGE_MODEL,
+        strategy={"name": "scaffold"},
+        secure_aggregation={"enabled": False},
+    )
+    summary = run_coordinator(stack, config)
+    assert summary is not None and summary.final_accuracy is not None
+    _assert_large_answers_crossed_as_files(stack, config, summary, "train", per_site=2)

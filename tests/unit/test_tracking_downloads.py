@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
@@ -143,6 +144,46 @@ def test_an_older_champion_without_safetensors_is_not_compared_and_the_run_goes_
     tracker.end()
     assert decision.alias == "champion"
     assert f"champion version {old} could not be scored" in decision.reason
+
+
+def test_a_champion_of_another_architecture_is_never_sent_to_the_sites(
+    small_config: FederationConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run that changed model.hidden: its sites would only fail on the old champion."""
+    from fl_components.round.types import Metrics
+    from tasks.promotion import promote_if_better
+
+    example = np.zeros((2, 64), np.float32)
+    first = RunTracker(small_config)
+    first.start(run_name="small-model", tags={})
+    old = first.log_model(
+        torch.nn.Sequential(torch.nn.Linear(64, 10)), input_example=example, register=True
+    )
+    assert old is not None
+    first.set_alias("champion", old)
+    first.end()
+    bigger = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    tracker = RunTracker(small_config)
+    tracker.start(run_name="bigger-model", tags={})
+    version = tracker.log_model(bigger, input_example=example, register=True)
+    assert version is not None
+    dispatched: list[object] = []
+    scores = {s: Metrics(loss=1.0, accuracy=0.5, examples=10) for s in small_config.site_names}
+
+    with caplog.at_level(logging.WARNING):
+        decision = promote_if_better(
+            small_config,
+            lambda jobs: dispatched.append(jobs) or {},  # type: ignore[arg-type,func-returns-value]
+            tracker,
+            version=version,
+            challenger_scores=scores,
+            shapes=[tuple(p.shape) for p in bigger.parameters()],
+        )
+    tracker.end()
+
+    assert dispatched == []
+    assert decision.alias == "champion"
+    assert f"champion version {old} not compared: another architecture" in caplog.text
 
 
 def test_a_model_of_named_inputs_is_called_with_a_dataframe_in_any_column_order(
