@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ops.stack.postgres import find_bindir
+
 
 class PostgresUnavailable(RuntimeError):
     """PostgreSQL is not installed and could not be installed here."""
@@ -32,15 +34,9 @@ PG_USER = "fedpipe"
 PG_DB = "prefect"
 
 
-def _pg_bindir() -> Path | None:
-    from ops.stack.postgres import find_bindir
-
-    return find_bindir()
-
-
 def _ensure_postgresql() -> Path:
     """The newest PostgreSQL bin folder; installs Debian's package when there is none."""
-    if (bindir := _pg_bindir()) is not None:
+    if (bindir := find_bindir()) is not None:
         return bindir
     if shutil.which("apt-get") is None or os.geteuid() != 0:
         raise PostgresUnavailable(
@@ -60,7 +56,7 @@ def _ensure_postgresql() -> Path:
                     break
         except subprocess.TimeoutExpired as exc:
             errors.append(f"{' '.join(exc.cmd)}: timed out")
-        if (bindir := _pg_bindir()) is not None:
+        if (bindir := find_bindir()) is not None:
             return bindir
     raise PostgresUnavailable(f"could not install PostgreSQL: {'; '.join(errors)}")
 

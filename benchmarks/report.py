@@ -32,6 +32,7 @@ ORDER = [
     "communication",
     "size",
     "size_backends",
+    "size_backends_100m",
     "gpu",
 ]
 

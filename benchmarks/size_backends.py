@@ -9,11 +9,18 @@ about 10M parameters, 2 rounds of 1 epoch:
 - ``thread`` / ``dask``: ``fedpipe run`` with the local backend and that runner (the sites
   train in the coordinator's process or its Dask workers);
 - ``work-pool``: one run from the deployment's Run button on a fresh ``fedpipe up`` stack
-  (each site's update crosses the work-pool boundary as its sealed answer).
+  (each site's update crosses the work-pool boundary as a sealed file, named in its sealed
+  answer).
 
 Reported: whether the run completed, its wall time, the median round time and final
-accuracy from MLflow, and for the local backend the peak RSS of the ``fedpipe run``
-process tree's largest process. The figures go to ``benchmarks/results/size_backends.json``.
+accuracy from MLflow; for the local backend the peak RSS of the ``fedpipe run`` process
+tree's largest process; for the work-pool the peak RSS of the coordinator's flow-run
+process and of the largest site process, sampled every 0.5 s from ``/proc`` (``VmHWM``).
+The figures go to ``benchmarks/results/size_backends.json`` (``--out`` for another size).
+
+A model above ~60M parameters has a global-model file above the 256 MiB bound on what a
+party reads from another: the benchmark raises ``FEDPIPE_MAX_PAYLOAD_BYTES`` to fit, as an
+operator would (``fedpipe up`` hands it to every process it starts).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -107,6 +115,60 @@ def local_case(hidden: list[int], secure: bool, runner: str) -> dict[str, Any]:
     }
 
 
+def _peak_kb(pid: int) -> int:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    line = next((x for x in status.splitlines() if x.startswith("VmHWM:")), "VmHWM: 0 kB")
+    return int(line.split()[1])
+
+
+def _role(pid: int) -> str | None:
+    """``site`` (a site's worker, executor or flow run), ``coordinator`` (its flow run)."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    if any(v.startswith(b"FEDPIPE_SITE_DIR=") for v in environ):
+        return "site"
+    return "coordinator" if b"prefect.engine" in command else None
+
+
+class _PeakMemory:
+    """The largest VmHWM of the stack's coordinator flow run and site processes, sampled."""
+
+    def __init__(self, state: Path) -> None:
+        self.state = state
+        self.peaks: dict[str, int] = {"site": 0, "coordinator": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        from ops.stack.processes import tagged_processes
+
+        while not self._stop.wait(0.5):
+            for pid in tagged_processes(self.state):
+                role = _role(pid)
+                if role is not None:
+                    self.peaks[role] = max(self.peaks[role], _peak_kb(pid))
+
+    def __enter__(self) -> _PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def figures(self) -> dict[str, float]:
+        return {
+            "coordinator_peak_rss_GB": round(self.peaks["coordinator"] * 1024 / 1e9, 2),
+            "site_peak_rss_GB": round(self.peaks["site"] * 1024 / 1e9, 2),
+        }
+
+
 def work_pool_case(hidden: list[int], secure: bool) -> dict[str, Any]:
     """One Run-button run on a fresh 3-site stack."""
     from ops.stack.credentials import prefect_auth
@@ -131,15 +193,16 @@ def work_pool_case(hidden: list[int], secure: bool) -> dict[str, Any]:
             ).json()
             parameters = {"config": {**deployment["parameters"]["config"], "init_from": "fresh"}}
             started = time.monotonic()
-            run = client.post(
-                f"{api}/deployments/{deployment['id']}/create_flow_run",
-                json={"parameters": parameters},
-            ).json()
-            while True:
-                state_type = client.get(f"{api}/flow_runs/{run['id']}").json()["state"]["type"]
-                if state_type in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
-                    break
-                time.sleep(2)
+            with _PeakMemory(state) as memory:
+                run = client.post(
+                    f"{api}/deployments/{deployment['id']}/create_flow_run",
+                    json={"parameters": parameters},
+                ).json()
+                while True:
+                    run_state = client.get(f"{api}/flow_runs/{run['id']}").json()["state"]
+                    if run_state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                        break
+                    time.sleep(2)
             wall = time.monotonic() - started
         from ops.stack.credentials import load_credentials
 
@@ -148,7 +211,14 @@ def work_pool_case(hidden: list[int], secure: bool) -> dict[str, Any]:
             os.environ["MLFLOW_TRACKING_USERNAME"] = credentials.reader.username
             os.environ["MLFLOW_TRACKING_PASSWORD"] = credentials.reader.password
         figures = _mlflow_figures(record["mlflow_url"], config["name"])
-        return {"completed": state_type == "COMPLETED", "wall_s": round(wall, 1), **figures}
+        done = run_state["type"] == "COMPLETED"
+        return {
+            "completed": done,
+            "wall_s": round(wall, 1),
+            **figures,
+            **memory.figures(),
+            **({} if done else {"error": str(run_state.get("message"))[-600:]}),
+        }
     finally:
         subprocess.run([*FEDPIPE, "down", "--state-dir", str(state)], capture_output=True)
         for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
@@ -159,10 +229,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hidden", type=int, nargs="+", default=[3100, 3100])
     parser.add_argument("--backends", nargs="+", default=["thread", "dask", "work-pool"])
+    parser.add_argument("--secure", choices=["both", "clear", "secure"], default="both")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     options = parser.parse_args()
+    parameters = _params(options.hidden)
+    # the global model file (4 bytes a value) must fit the bound on what a party reads
+    needed = 4 * parameters + 64 * 1024 * 1024
+    if needed > 256 * 1024 * 1024:
+        os.environ["FEDPIPE_MAX_PAYLOAD_BYTES"] = str(needed)
+    modes = {"both": (False, True), "clear": (False,), "secure": (True,)}[options.secure]
     rows = []
     for backend in options.backends:
-        for secure in (False, True):
+        for secure in modes:
             print(f"{backend} {'secagg' if secure else 'clear'} ...", flush=True)
             if backend == "work-pool":
                 figures = work_pool_case(options.hidden, secure)
@@ -174,14 +252,20 @@ def main() -> None:
     import prefect
     import torch
 
-    RESULTS.write_text(
+    millions = round(parameters / 1e6)
+    command = [
+        "python -m benchmarks.size_backends --hidden",
+        *map(str, options.hidden),
+        "--backends",
+        *options.backends,
+        *(["--secure", options.secure] if options.secure != "both" else []),
+        *(["--out", str(options.out)] if options.out != RESULTS else []),
+    ]
+    options.out.write_text(
         json.dumps(
             {
-                "title": "A 10M-parameter model through each backend",
-                "command": "python -m benchmarks.size_backends --hidden "
-                + " ".join(map(str, options.hidden))
-                + " --backends "
-                + " ".join(options.backends),
+                "title": f"A {millions}M-parameter model through each backend",
+                "command": " ".join(command),
                 "machine": {"cpu": platform.machine(), "cores": os.cpu_count()},
                 "versions": {
                     "python": sys.version.split()[0],
@@ -190,12 +274,14 @@ def main() -> None:
                 },
                 "date": dt.date.today().isoformat(),
                 "notes": [
-                    f"MLP {options.hidden} on digits: {_params(options.hidden):,} parameters; "
+                    f"MLP {options.hidden} on digits: {parameters:,} parameters; "
                     "3 sites, 2 rounds, 1 epoch each; on CPU.",
                     "thread / dask: `fedpipe run` (local backend); peak_rss_GB is the largest "
                     "process of its tree (the coordinator, where the thread runner's sites "
                     "train too). work-pool: one run from the Run button on a fresh `fedpipe "
-                    "up` stack; each site's update crosses as its sealed JSON answer.",
+                    "up` stack; each site's update crosses as a sealed file named in its sealed "
+                    "answer; coordinator_peak_rss_GB is its flow-run process, site_peak_rss_GB "
+                    "the largest site process (VmHWM sampled every 0.5 s).",
                 ],
                 "cases": rows,
             },
@@ -203,7 +289,7 @@ def main() -> None:
         )
         + "\n"
     )
-    print(f"wrote {RESULTS}")
+    print(f"wrote {options.out}")
 
 
 if __name__ == "__main__":

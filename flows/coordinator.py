@@ -28,6 +28,7 @@ from fl_components.federation import (
     materialize_sites,
 )
 from fl_components.parameters import NDArrays, get_parameters
+from fl_components.privacy.accounting import ClientRound
 from fl_components.privacy.federation_ledger import FederationLedger, federation_ledger_path
 from fl_components.privacy.participant_round import clip_norm_in_force, next_clip_norm
 from fl_components.privacy.report import PRIVACY_REPORT_JSON, PRIVACY_REPORT_MD, report_markdown
@@ -203,11 +204,13 @@ def starting_privacy(run: Run, state: ServerState) -> ServerState:
     """
     if not run.config.privacy.participant_level:
         return state
+    # resumed, ``state`` is the checkpoint's: its rounds, before the ledger's replace them
+    begun = run.resumed.begun_steps(state) if run.resumed is not None else None
     state = attach_federation_ledger(
         run.config, run.privacy, state, mlflow_run_id=run.run_id, origin=run.origin
     )
-    if run.resumed is not None:
-        state = charge_begun_rounds(run.tracker, run.privacy, state, run.resumed)
+    if run.resumed is not None and begun is not None:
+        state = charge_begun_rounds(run.tracker, run.privacy, state, run.resumed, begun)
     return state
 
 
@@ -240,15 +243,19 @@ def attach_federation_ledger(
 
 
 def charge_begun_rounds(
-    tracker: RunTracker, privacy: PrivacyRounds, state: ServerState, resumed: ResumePoint
+    tracker: RunTracker,
+    privacy: PrivacyRounds,
+    state: ServerState,
+    resumed: ResumePoint,
+    begun: list[ClientRound],
 ) -> ServerState:
     """Resuming: charge what the crashed attempt began and its records may lack (as spent).
 
     The federation ledger was charged when each round began; the checkpoint and
-    ``started.json`` make up for a ledger entry lost between the two writes. Returns
-    ``state`` with them charged.
+    ``started.json`` (``begun``: :meth:`ResumePoint.begun_steps`) make up for a ledger entry
+    lost between the two writes. Returns ``state`` with them charged.
     """
-    state, charged = privacy.settle(state, resumed.begun_steps())
+    state, charged = privacy.settle(state, begun)
     unknown = sorted(r for r in resumed.started if r >= resumed.next_round)
     tags = {"privacy.client.unknown_rounds": ",".join(str(r) for r in unknown) or "none"}
     tracker.set_tags(tags)

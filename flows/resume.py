@@ -81,14 +81,15 @@ class ResumePoint:
             state = state.evolve(accountant_history=kept)
         return state
 
-    def begun_steps(self) -> list[ClientRound]:
+    def begun_steps(self, state: ServerState | None) -> list[ClientRound]:
         """Participant-level steps charged or begun before the crash: all count as spent.
 
         The checkpoint's accountant rounds and each attempt ``started.json`` lists (a round
         begun, its outcome unknown); the accountant skips those it holds (by attempt key).
+        ``state``: this point's :meth:`state`, as the caller already built it (not built
+        again here: that would hold a second copy of the model).
         """
         steps: list[ClientRound] = []
-        state = self.state()
         if state is not None:
             steps.extend(state.accountant_history)
         for round_num, attempts in sorted(self.started.items()):

@@ -91,9 +91,12 @@ class PrivacyRounds:
             return None
         return accountant_of(self.config, state, prior=self.prior)
 
-    def _participant_accountant(self, state: ServerState | None = None) -> ParticipantAccountant:
+    def _require_participant_level(self) -> None:
         if not self.participant_level:
             raise ValueError("participant-level DP is off (privacy.mode); nothing to account")
+
+    def _participant_accountant(self, state: ServerState | None = None) -> ParticipantAccountant:
+        self._require_participant_level()
         return accountant_of(self.config, state, prior=self.prior)
 
     def bind_run(self, mlflow_run_id: str) -> None:
@@ -153,7 +156,7 @@ class PrivacyRounds:
         an earlier attempt began. Returns the new state, and True when ``state`` did not
         hold the round yet.
         """
-        self._participant_accountant()
+        self._require_participant_level()
         state, added = charged(state, entry, round_num=round_num)
         if self.ledger is not None and self.run_id is not None:
             self.ledger.record(self.run_id, entry, round_num=round_num, settled=settled)
@@ -173,7 +176,7 @@ class PrivacyRounds:
         tuple[ServerState, dict[int, int]]
             The new state, and round -> steps newly charged (for the run's log).
         """
-        self._participant_accountant()
+        self._require_participant_level()
         state, outcomes = settled(state, begun)
         counts: dict[int, int] = {}
         for entry, round_num, added in outcomes:
@@ -277,7 +280,7 @@ class PrivacyRounds:
         update lost): it is accounted all the same. Records it in the federation ledger,
         unless the round was charged when it began (:meth:`charge`).
         """
-        self._participant_accountant()
+        self._require_participant_level()
         # the whole mechanism (update + noised count) has multiplier z: account z
         state, entry, now = accounted(self.config, state, selected=selected, round_num=round_num)
         if now and self.ledger is not None and self.run_id is not None:

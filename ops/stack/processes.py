@@ -42,10 +42,20 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
+# the host's own size settings, handed to every process the stack starts (the one-machine
+# stack's operator is every site's operator too): a model above ~60M parameters needs both
+PASSED_SETTINGS = ("FEDPIPE_MAX_PAYLOAD_BYTES", "FEDPIPE_ANSWER_FILE_BYTES")
+
+
 def _clean_env(root: Path) -> dict[str, str]:
-    """The current environment without Prefect/MLflow/fedpipe settings, tagged."""
+    """The current environment without Prefect/MLflow/fedpipe settings, tagged.
+
+    Of fedpipe's settings only :data:`PASSED_SETTINGS` pass.
+    """
     env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "FEDPIPE_"))
+        k: v
+        for k, v in os.environ.items()
+        if k in PASSED_SETTINGS or not k.startswith(("PREFECT_", "MLFLOW_", "FEDPIPE_"))
     }
     env[STACK_TAG_ENV] = str(root)
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"

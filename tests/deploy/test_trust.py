@@ -415,9 +415,9 @@ def _released_files(stack: dict[str, Any], run_id: str, stage: str) -> dict[str,
     for site in SITES:
         for entry in AuditLog.in_folder(_folder(stack, site)).entries():
             details = entry.details
-            if entry.kind is AuditKind.RELEASED and details.get("run_id") == run_id:
-                if details.get("stage") == stage:
-                    found.setdefault(site, []).extend(f["bytes"] for f in details["files"])
+            ours = details.get("run_id") == run_id and details.get("stage") == stage
+            if entry.kind is AuditKind.RELEASED and ours:
+                found.setdefault(site, []).extend(f["bytes"] for f in details["files"])
     return found
 
 

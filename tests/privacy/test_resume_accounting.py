@@ -102,8 +102,9 @@ def test_resuming_charges_the_unknown_round_even_when_the_ledger_missed_it(
 
     resumed, fresh = _attempt(tmp_path / "ledger.json")
     point = ResumePoint("r1", Checkpoint(2, "r1", checkpointed), started=started_rounds(folder))
-    state, charged = resumed.settle(fresh, point.begun_steps())
-    state, again = resumed.settle(state, point.begun_steps())  # a second resume adds nothing
+    state, charged = resumed.settle(fresh, point.begun_steps(point.state()))
+    # a second resume adds nothing
+    state, again = resumed.settle(state, point.begun_steps(point.state()))
 
     assert charged == {3: 1} and again == {}
     ledger = FederationLedger.load(tmp_path / "ledger.json")
@@ -182,7 +183,7 @@ def test_clip_norm_and_accountant_resume_from_a_checkpoint_as_if_never_interrupt
     restored = point.state()
     assert restored is not None and restored.clip_norm == clips[1]  # bit for bit
     resumed, state = _attempt(tmp_path / "ledger.json", config=config, state=restored)
-    state, _ = resumed.settle(state, point.begun_steps())
+    state, _ = resumed.settle(state, point.begun_steps(point.state()))
     for round_num in (3, 4):
         state = _train(resumed, state, folder, round_num)
 
@@ -223,5 +224,5 @@ def test_a_checkpoint_of_the_earlier_layout_resumes_its_keyed_rounds_once(tmp_pa
         r.attempt for r in state.accountant_history
     ]
     resumed, fresh = _attempt(tmp_path / "ledger.json", state=restored)
-    fresh, charged = resumed.settle(fresh, point.begun_steps())
+    fresh, charged = resumed.settle(fresh, point.begun_steps(point.state()))
     assert charged == {} and len(fresh.accountant_history) == 2
