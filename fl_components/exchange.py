@@ -65,7 +65,7 @@ class FieldSink(Protocol):
 class FieldSource(Protocol):
     """Where the coordinator opens a field a site sent as a file."""
 
-    def take(self, raw_ref: object, field: str) -> bytearray:
+    def take(self, raw_ref: object, field: str) -> memoryview:
         """The field's bytes, verified."""
         ...
 
@@ -308,7 +308,7 @@ def safetensors_bytes(arrays: NDArrays) -> bytes:
     )
 
 
-def arrays_from_safetensors(buffer: bytearray, *, what: str) -> NDArrays:
+def arrays_from_safetensors(buffer: memoryview, *, what: str) -> NDArrays:
     """The float32 tensors of a safetensors document, as views of ``buffer`` (no copy).
 
     Raises
@@ -316,15 +316,12 @@ def arrays_from_safetensors(buffer: bytearray, *, what: str) -> NDArrays:
     ExchangeError
         If it is not a safetensors document of tensors ``p00000``... in order, float32.
     """
-    view = memoryview(buffer)
     try:
-        layout = _safetensors_layout(view, len(buffer))
+        layout = _safetensors_layout(buffer, len(buffer))
     except (ValueError, RecursionError) as error:
         raise ExchangeError(
             f"{what}: not a safetensors document of float32 tensors ({error}); discarded"
         ) from None
-    finally:
-        view.release()
     return [
         np.frombuffer(buffer, dtype="<f4", count=(end - start) // 4, offset=start).reshape(shape)
         for shape, start, end in layout

@@ -594,12 +594,12 @@ class WorkPoolBackend(SiteBackend):
     def files(self, site: str, job: SiteJob) -> AnswerFileSource:
         """Where the coordinator opens the sealed files of ``site``'s answer to ``job``.
 
-        Only bare names in this run's answers folder, each at most what this model's answer
-        can need (:func:`fl_components.wire.answer_files.file_limit`).
+        Only bare names in that site's folder of this run's answers, each at most what this
+        model's answer can need (:func:`fl_components.wire.answer_files.file_limit`).
         """
         values = sum(int(p.size) for p in job.parameters) if job.parameters is not None else 0
         return AnswerFileSource(
-            self.exchange / ANSWERS_FOLDER,
+            self.exchange / ANSWERS_FOLDER / site,  # only the answering site's own folder
             context=self._context(site, job),
             limit=file_limit(values),
         )

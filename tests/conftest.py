@@ -62,15 +62,23 @@ def small_config(tmp_path: Path, mlflow_store: dict[str, str]):  # type: ignore[
     )
 
 
+# deploy test modules that start a stack of their own (not the session's): they may run on
+# the other worker, beside the shared stack's tests, which are the suite's longest chain
+OWN_STACK = frozenset({"tests/deploy/test_stack_postgres.py"})
+
+
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     """Under `pytest -n 2` (make test) the deploy tests run on one worker, in file order, on
-    the session's one stack (tests/deploy/conftest.py); every other test is balanced beside
-    them. (xdist's own ``xdist_group`` marks do nothing under pytest 9: its hook renames node
+    the session's one stack (tests/deploy/conftest.py); every other test (and a deploy module
+    with a stack of its own, :data:`OWN_STACK`) is balanced beside them. (xdist's own ``xdist_group`` marks do nothing under pytest 9: its hook renames node
     ids, which pytest 9 no longer lets it do.)"""
     from xdist.scheduler import LoadScopeScheduling
 
     class DeployTogether(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::")[0]
+            if module in OWN_STACK:  # its own stack: beside the shared one, module together
+                return module
             return "tests/deploy" if nodeid.startswith("tests/deploy/") else nodeid
 
     return DeployTogether(config, log)

@@ -316,7 +316,7 @@ class MaskedContribution:
     num_examples: int
     train_loss: float
     seconds: float
-    payload: bytes | bytearray
+    payload: bytes | bytearray | memoryview
     extra: dict[str, float] = field(default_factory=dict)
 
     def report(self) -> LocalUpdate:

@@ -220,10 +220,10 @@ def answer_context(enrolment: SiteEnrolment, message: SiteJobMessage) -> AnswerC
 def answer_sink(enrolment: SiteEnrolment, message: SiteJobMessage) -> AnswerFileSink | None:
     """Where the answer's large fields go as sealed files, or None.
 
-    The run's folder in the enrolled exchange folder (never one the job names); None for a
-    run id that is not one plain folder name.
+    This site's folder of the run's answers in the enrolled exchange folder (never one the
+    job names); None for a run id that is not one plain folder name.
     """
-    folder = answers_folder(enrolment.exchange_dir, message.run_id)
+    folder = answers_folder(enrolment.exchange_dir, message.run_id, enrolment.site)
     if folder is None:
         return None
     return AnswerFileSink(

@@ -15,13 +15,18 @@ leaves the site as a file of its own:
   :class:`SealedFileRef` *inside* the JSON answer, which is itself sealed to the
   coordinator and signed by the site (:mod:`fl_components.wire.sealed`): result storage and
   every other site see only ciphertext, and only the signed answer says what the file is.
-- **Confined.** The site writes only under ``<its enrolled exchange folder>/<run>/answers``
-  (never a folder a job names); the coordinator reads only a bare file name under its own
-  ``<exchange_dir>/<run>/answers``, refuses one larger than the bound it sets from the
+- **Confined.** The site writes only under ``<its enrolled exchange folder>/<run>/answers/
+  <site>`` (never a folder a job names); the coordinator reads only a bare file name in the
+  answering site's folder of its own ``<exchange_dir>/<run>/answers``, so no site can name
+  (or get removed) another's file; it refuses one larger than the bound it sets from the
   model's size, and deletes the file once read.
-- **One pass.** The coordinator maps the file, hashes and decrypts it chunk by chunk into one
-  buffer (one model's worth of memory per update), checks the tag and the hash, and only
-  then reads the safetensors header and takes the tensors as views of that buffer.
+- **One pass.** The coordinator maps the file and decrypts it chunk by chunk into one buffer
+  (one model's worth of memory per update); GCM authenticates every byte in that same pass
+  under a key only the signed answer carries, and the tag is checked before the safetensors
+  header is read and the tensors are taken as views of that buffer. The SHA-256 in the
+  reference is the site's record of what it released (its audit log); the coordinator does
+  not hash the file again, which would take it from ~5 GB/s to ~1 GB/s on this machine and
+  add nothing the tag does not already guarantee.
 
 A site whose exchange folder it cannot write answers inline, as before, and says so in its
 log. ``FEDPIPE_ANSWER_FILE_BYTES`` (the site's own environment; default 1 MiB) is the size
@@ -42,6 +47,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -61,8 +67,9 @@ DEFAULT_THRESHOLD = 1024 * 1024
 CHUNK_BYTES = 8 * 1024 * 1024
 ANSWERS_FOLDER = "answers"
 _NAME = re.compile(r"^[0-9a-f]{32}\.fpsealed$")
-# a run id becomes one folder name: nothing that could climb out of the exchange folder
+# a run id and a site name each become one folder name: nothing that could climb out
 _RUN_ID = re.compile(r"^[0-9A-Za-z][0-9A-Za-z_.-]{0,127}$")
+_SITE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")  # as config.SiteConfig.name
 _BLOCK = 16  # AES block: the slack `update_into` asks of its output buffer
 
 
@@ -76,7 +83,7 @@ class SealedFileRef(BaseModel):
     bytes : int
         Its size (ciphertext, equal to the plaintext's under GCM).
     sha256 : str
-        SHA-256 of the ciphertext, as written.
+        SHA-256 of the ciphertext, as written (the site's audit record of the file).
     key, nonce, tag : str
         Base64 of the file's AES-256 key, 12-byte GCM nonce and 16-byte GCM tag.
     """
@@ -95,11 +102,11 @@ def _associated_data(context: AnswerContext, field: str) -> bytes:
     return AD_LABEL + encode_fields(context.encoded(), field)
 
 
-def answers_folder(exchange: str | os.PathLike[str], run_id: str) -> Path | None:
-    """``<exchange>/<run_id>/answers``, or None for a run id that is not one plain name."""
-    if not _RUN_ID.match(run_id) or run_id in (".", ".."):
+def answers_folder(exchange: str | os.PathLike[str], run_id: str, site: str) -> Path | None:
+    """``<exchange>/<run_id>/answers/<site>``, or None unless both are one plain name."""
+    if not _RUN_ID.match(run_id) or run_id in (".", "..") or not _SITE.match(site):
         return None
-    return Path(exchange) / run_id / ANSWERS_FOLDER
+    return Path(exchange) / run_id / ANSWERS_FOLDER / site
 
 
 def file_threshold() -> int:
@@ -199,7 +206,7 @@ class AnswerFileSource:
     Parameters
     ----------
     folder : Path
-        The run's answers folder inside the coordinator's exchange folder.
+        The answering site's folder of the run's answers, in the coordinator's exchange.
     context : AnswerContext
         The context the coordinator asked for (the file must have been sealed in it).
     limit : int
@@ -212,14 +219,14 @@ class AnswerFileSource:
         self.limit = limit
         self.taken = 0  # bytes read, for the answer's size on the wire
 
-    def take(self, raw_ref: object, field: str) -> bytearray:
+    def take(self, raw_ref: object, field: str) -> memoryview:
         """The plaintext of the file ``raw_ref`` names, verified; the file is then removed.
 
         Raises
         ------
         RejectedAnswer
             If the reference is malformed, the file is missing, larger than the bound or
-            than the reference says, or fails its hash or its GCM tag.
+            than the reference says, or fails its GCM tag (altered, or moved).
         """
         site = self.context.site
         try:
@@ -237,7 +244,7 @@ class AnswerFileSource:
             with contextlib.suppress(OSError):
                 path.unlink()
 
-    def _open(self, path: Path, ref: SealedFileRef, field: str) -> bytearray:
+    def _open(self, path: Path, ref: SealedFileRef, field: str) -> memoryview:
         site = self.context.site
         if ref.bytes > self.limit:
             raise RejectedAnswer(
@@ -266,8 +273,12 @@ class AnswerFileSource:
 
 def _decrypt(
     path: Path, ref: SealedFileRef, associated: bytes, *, site: str, field: str
-) -> bytearray:
-    """Hash and decrypt ``path`` in one pass over its mapping; tag and hash checked last."""
+) -> memoryview:
+    """Decrypt ``path`` in one pass over its mapping; the GCM tag checked before it is used.
+
+    Into an uninitialised buffer (``numpy.empty``: no pass to zero it first, half the time
+    of a ``bytearray`` at 40 MB).
+    """
     key, nonce, tag = _unb64(ref.key, 32), _unb64(ref.nonce, 12), _unb64(ref.tag, 16)
     if key is None or nonce is None or tag is None:
         raise RejectedAnswer(
@@ -275,9 +286,7 @@ def _decrypt(
         )
     decryptor = Cipher(algorithms.AES(key), modes.GCM(nonce)).decryptor()
     decryptor.authenticate_additional_data(associated)
-    hasher = hashlib.sha256()
-    out = bytearray(ref.bytes + _BLOCK)
-    target = memoryview(out)
+    target = np.empty(ref.bytes + _BLOCK, dtype=np.uint8).data  # a memoryview of it
     written = 0
     with path.open("rb") as handle:
         if ref.bytes:
@@ -286,13 +295,11 @@ def _decrypt(
                 try:
                     for start in range(0, ref.bytes, CHUNK_BYTES):
                         chunk = source[start : start + CHUNK_BYTES]
-                        hasher.update(chunk)
                         end = written + len(chunk) + _BLOCK - 1
                         written += decryptor.update_into(chunk, target[written:end])
                         chunk.release()
                 finally:
                     source.release()
-    target.release()
     try:
         decryptor.finalize_with_tag(tag)
     except InvalidTag:
@@ -301,13 +308,7 @@ def _decrypt(
             f"site {site!r}: its {field!r} file failed AES-GCM authentication (altered, or "
             "sealed for another run, round, stage, site or field); discarded",
         ) from None
-    if hasher.hexdigest() != ref.sha256:
-        raise RejectedAnswer(
-            AnswerReason.UNREADABLE,
-            f"site {site!r}: its {field!r} file does not hash to what the signed answer says",
-        )
-    del out[written:]
-    return out
+    return target[:written]
 
 
 def file_limit(model_values: int) -> int:

@@ -438,7 +438,9 @@ def _assert_large_answers_crossed_as_files(
     assert all(len(sizes) == per_site and min(sizes) > 1024 * 1024 for sizes in released.values())
     # every file was opened by the coordinator, then removed
     answers = Path(config.deployment.exchange_dir) / run_id / "answers"
-    assert not answers.exists() or not [p for p in answers.iterdir()], list(answers.iterdir())
+    assert sorted(p.name for p in answers.iterdir()) == sorted(SITES)  # one folder a site
+    left = [f for folder in answers.iterdir() for f in folder.iterdir()]
+    assert left == [], left
 
 
 def test_a_deployed_secure_round_of_a_large_model_sends_sealed_files(

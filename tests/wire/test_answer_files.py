@@ -181,11 +181,30 @@ def test_stated_shapes_must_match_the_files(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("run_id", ["..", ".", "../x", "a/b", "", "-x"])
 def test_a_run_id_that_is_not_one_plain_name_gets_no_folder(run_id: str) -> None:
-    assert answers_folder("/exchange", run_id) is None
+    assert answers_folder("/exchange", run_id, "site-a") is None
 
 
-def test_a_run_id_gets_its_folder_inside_the_exchange() -> None:
-    assert answers_folder("/exchange", "6f1c-2e.a_b") == Path("/exchange/6f1c-2e.a_b/answers")
+@pytest.mark.parametrize("site", ["..", "../site-b", "a/b", "", "Site"])
+def test_a_site_name_that_is_not_one_plain_name_gets_no_folder(site: str) -> None:
+    assert answers_folder("/exchange", "run-1", site) is None
+
+
+def test_each_site_gets_its_own_folder_of_the_run_inside_the_exchange() -> None:
+    assert answers_folder("/exchange", "6f1c-2e.a_b", "site-a") == Path(
+        "/exchange/6f1c-2e.a_b/answers/site-a"
+    )
+
+
+def test_a_site_cannot_name_another_sites_file(tmp_path: Path) -> None:
+    """Site b's answer names site a's genuine file: the coordinator looks only in b's
+    folder, so it never opens (nor removes) a's file, and a's answer still opens."""
+    a_folder, b_folder = tmp_path / "site-a", tmp_path / "site-b"
+    genuine = encode_arrays(ARRAYS, sink=_sink(a_folder))
+    stolen = {**genuine, "file": dict(genuine["file"])}
+    with pytest.raises(RejectedAnswer, match="not in the exchange folder"):
+        decode_arrays(stolen, source=_source(b_folder, site="site-b"))
+    back = decode_arrays(genuine, source=_source(a_folder))
+    assert np.array_equal(back[1], ARRAYS[1])
 
 
 def test_an_unwritable_folder_falls_back_to_inline(tmp_path: Path) -> None:

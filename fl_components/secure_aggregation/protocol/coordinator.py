@@ -147,7 +147,7 @@ class SecAggCoordinator:
             )
 
     # -- stage 1 ------------------------------------------------------------------------
-    def receive(self, message: MaskedUpdate | bytes | bytearray) -> None:
+    def receive(self, message: MaskedUpdate | bytes | bytearray | memoryview) -> None:
         """Verify one masked update and add it to the running sum.
 
         Raises
