@@ -52,26 +52,19 @@ def promote_if_better(
     (:func:`fl_components.promotion.guard_rails`) is challenger unless ``config.promotion``
     allows that rail; the decision and its reason go to the flow run's log and the run's
     tags (``fedpipe.promotion_reason``, ``fedpipe.promotion_held``).
-
-    Challenger and champion are compared on the sites that scored both; the run is tagged
-    ``fedpipe.eval_partial`` and logs ``promotion/sites`` / ``promotion/partial`` for that
-    comparison (``eval/sites`` / ``eval/partial`` at the last step are the evaluation's own,
-    logged with the round: once per step).
+    See :func:`_record_decision` for the tags and metrics of the comparison.
     """
-    # the guard rails judge the model's own evaluation, before it is narrowed to the sites
-    # the champion was scored on too
+    # the guard rails judge the model's own evaluation (own_scores), not the narrowed one
     own_scores = challenger_scores
     champion_version = registered_version(config.tracking, name=config.name, alias="champion")
-    champion_scores = _champion_scores(
+    challenger_scores, champion_scores = _scores_to_compare(
         config,
         dispatch,
         version=version,
         champion_version=champion_version,
-        sites=own_scores,
+        own_scores=own_scores,
         shapes=shapes,
     )
-    if champion_scores is not None:
-        challenger_scores, champion_scores = common_scores(challenger_scores, champion_scores)
     coverage = evaluation_coverage(challenger_scores, config.site_names)
     challenger = federated_accuracy(challenger_scores)
     champion_accuracy = None if not champion_scores else federated_accuracy(champion_scores)
@@ -86,8 +79,7 @@ def promote_if_better(
         coverage=coverage,
     )
     decision, holds = _held_back(decision, config, own_scores=own_scores, losses=losses)
-    tracker.set_alias(decision.alias, version)
-    _tag_decision(
+    _record_decision(
         tracker,
         config,
         decision,
@@ -95,12 +87,34 @@ def promote_if_better(
         version=version,
         champion_version=champion_version,
         coverage=coverage,
-    )
-    tracker.log_metrics(
-        _promotion_metrics(challenger, champion_accuracy, coverage=coverage, own=own_scores),
-        step=config.rounds,
+        metrics=_promotion_metrics(
+            challenger, champion_accuracy, coverage=coverage, own=own_scores
+        ),
     )
     return decision
+
+
+def _scores_to_compare(
+    config: FederationConfig,
+    dispatch: Dispatch,
+    *,
+    version: str,
+    champion_version: str | None,
+    own_scores: dict[str, Metrics],
+    shapes: Sequence[tuple[int, ...]] | None,
+) -> tuple[dict[str, Metrics], dict[str, Metrics] | None]:
+    """Challenger and champion scores on the sites that scored both (champion None: unscored)."""
+    champion_scores = _champion_scores(
+        config,
+        dispatch,
+        version=version,
+        champion_version=champion_version,
+        sites=own_scores,
+        shapes=shapes,
+    )
+    if champion_scores is None:
+        return own_scores, None
+    return common_scores(own_scores, champion_scores)
 
 
 def _promotion_metrics(
@@ -181,7 +195,7 @@ def _against_champion(
     )
 
 
-def _tag_decision(
+def _record_decision(
     tracker: RunTracker,
     config: FederationConfig,
     decision: PromotionDecision,
@@ -190,8 +204,17 @@ def _tag_decision(
     version: str,
     champion_version: str | None,
     coverage: Coverage,
+    metrics: Mapping[str, float],
 ) -> None:
-    """The decision and its reason to the flow run's log and the MLflow run's tags."""
+    """The alias on ``version``; the decision and its reason to the log and the run's tags.
+
+    Challenger and champion are compared on the sites that scored both; the run is tagged
+    ``fedpipe.eval_partial`` and logs ``metrics`` (``promotion/sites`` /
+    ``promotion/partial``, ...) at its last step for that comparison (``eval/sites`` /
+    ``eval/partial`` at the last step are the evaluation's own, logged with the round: once
+    per step).
+    """
+    tracker.set_alias(decision.alias, version)
     run_logger().log(
         logging.INFO if decision.alias == "champion" and not holds else logging.WARNING,
         "promotion: model %s version %s is %s: %s",
@@ -210,6 +233,7 @@ def _tag_decision(
     if champion_version is not None:
         tags["fedpipe.previous_champion"] = champion_version
     tracker.set_tags(tags)
+    tracker.log_metrics(metrics, step=config.rounds)
 
 
 def round_losses(history: Sequence[Mapping[str, float]]) -> list[float]:
