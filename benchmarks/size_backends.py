@@ -115,12 +115,12 @@ def local_case(hidden: list[int], secure: bool, runner: str) -> dict[str, Any]:
     }
 
 
-def _peak_kb(pid: int) -> int:
+def _peak_kb(pid: int, field: str = "VmHWM") -> int:
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return 0
-    line = next((x for x in status.splitlines() if x.startswith("VmHWM:")), "VmHWM: 0 kB")
+    line = next((x for x in status.splitlines() if x.startswith(f"{field}:")), "x: 0 kB")
     return int(line.split()[1])
 
 
@@ -139,8 +139,9 @@ def _role(pid: int) -> str | None:
 class _PeakMemory:
     """The largest VmHWM of the stack's coordinator flow run and site processes, sampled."""
 
-    def __init__(self, state: Path) -> None:
+    def __init__(self, state: Path, trace: Path | None = None) -> None:
         self.state = state
+        self.trace = trace  # the coordinator's VmRSS over time, one "unix-time kB" line each
         self.peaks: dict[str, int] = {"site": 0, "coordinator": 0}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -148,11 +149,16 @@ class _PeakMemory:
     def _sample(self) -> None:
         from ops.stack.processes import tagged_processes
 
-        while not self._stop.wait(0.5):
+        lines = []
+        while not self._stop.wait(0.5 if self.trace is None else 0.2):
             for pid in tagged_processes(self.state):
                 role = _role(pid)
                 if role is not None:
                     self.peaks[role] = max(self.peaks[role], _peak_kb(pid))
+                if role == "coordinator" and self.trace is not None:
+                    lines.append(f"{time.time():.2f} {_peak_kb(pid, 'VmRSS')}\n")
+        if self.trace is not None:
+            self.trace.write_text("".join(lines))
 
     def __enter__(self) -> _PeakMemory:
         self._thread.start()
@@ -169,8 +175,12 @@ class _PeakMemory:
         }
 
 
-def work_pool_case(hidden: list[int], secure: bool) -> dict[str, Any]:
-    """One Run-button run on a fresh 3-site stack."""
+def work_pool_case(hidden: list[int], secure: bool, trace: Path | None = None) -> dict[str, Any]:
+    """One Run-button run on a fresh 3-site stack.
+
+    ``trace``: a folder for the coordinator's memory over time (``coordinator_rss.txt``) and
+    its flow run's log lines (``coordinator_log.txt``), to see which step holds what.
+    """
     from ops.stack.credentials import prefect_auth
 
     root = Path(tempfile.mkdtemp(prefix="fedpipe-size-stack-"))
@@ -193,7 +203,8 @@ def work_pool_case(hidden: list[int], secure: bool) -> dict[str, Any]:
             ).json()
             parameters = {"config": {**deployment["parameters"]["config"], "init_from": "fresh"}}
             started = time.monotonic()
-            with _PeakMemory(state) as memory:
+            rss_trace = None if trace is None else trace / "coordinator_rss.txt"
+            with _PeakMemory(state, rss_trace) as memory:
                 run = client.post(
                     f"{api}/deployments/{deployment['id']}/create_flow_run",
                     json={"parameters": parameters},
@@ -204,6 +215,8 @@ def work_pool_case(hidden: list[int], secure: bool) -> dict[str, Any]:
                         break
                     time.sleep(2)
             wall = time.monotonic() - started
+            if trace is not None:
+                _write_flow_log(client, api, run["id"], trace / "coordinator_log.txt")
         from ops.stack.credentials import load_credentials
 
         credentials = load_credentials(state)
@@ -225,12 +238,39 @@ def work_pool_case(hidden: list[int], secure: bool) -> dict[str, Any]:
             os.environ.pop(key, None)
 
 
+def _write_flow_log(client: httpx.Client, api: str, run_id: str, path: Path) -> None:
+    """The flow run's log lines, "unix-time message" each, in order."""
+    found: list[str] = []
+    while True:
+        page = client.post(
+            f"{api}/logs/filter",
+            json={
+                "logs": {"flow_run_id": {"any_": [run_id]}},
+                "sort": "TIMESTAMP_ASC",
+                "offset": len(found),
+                "limit": 200,
+            },
+        ).json()
+        found += [
+            f"{dt.datetime.fromisoformat(x['timestamp']).timestamp():.2f} {x['message'][:300]}\n"
+            for x in page
+        ]
+        if len(page) < 200:
+            break
+    path.write_text("".join(found))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hidden", type=int, nargs="+", default=[3100, 3100])
     parser.add_argument("--backends", nargs="+", default=["thread", "dask", "work-pool"])
     parser.add_argument("--secure", choices=["both", "clear", "secure"], default="both")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--memory-trace",
+        type=Path,
+        help="a folder: the work-pool coordinator's RSS over time and its flow run's log",
+    )
     options = parser.parse_args()
     parameters = _params(options.hidden)
     # the global model file (4 bytes a value) must fit the bound on what a party reads
@@ -243,7 +283,11 @@ def main() -> None:
         for secure in modes:
             print(f"{backend} {'secagg' if secure else 'clear'} ...", flush=True)
             if backend == "work-pool":
-                figures = work_pool_case(options.hidden, secure)
+                trace = options.memory_trace
+                if trace is not None:
+                    trace = trace / f"{'secure' if secure else 'clear'}"
+                    trace.mkdir(parents=True, exist_ok=True)
+                figures = work_pool_case(options.hidden, secure, trace)
             else:
                 figures = local_case(options.hidden, secure, backend)
             row = {"backend": backend, "secure_aggregation": secure, **figures}
@@ -282,6 +326,9 @@ def main() -> None:
                     "up` stack; each site's update crosses as a sealed file named in its sealed "
                     "answer; coordinator_peak_rss_GB is its flow-run process, site_peak_rss_GB "
                     "the largest site process (VmHWM sampled every 0.5 s).",
+                    "final_accuracy: the local backend scores the global model on the central "
+                    "test split; the work-pool backend (the coordinator holds no data) on the "
+                    "sites' own test splits, hence the different figure for the same training.",
                 ],
                 "cases": rows,
             },
