@@ -19,7 +19,8 @@ leaves the site as a file of its own:
   <site>`` (never a folder a job names); the coordinator reads only a bare file name in the
   answering site's folder of its own ``<exchange_dir>/<run>/answers``, so no site can name
   (or get removed) another's file; it refuses one larger than the bound it sets from the
-  model's size, and deletes the file once read.
+  model's size, opens it only as a regular file, never through a link nor waiting on a
+  FIFO put in its place, and deletes the file once read.
 - **One pass.** The coordinator maps the file and decrypts it chunk by chunk into one buffer
   (one model's worth of memory per update); GCM authenticates every byte in that same pass
   under a key only the signed answer carries, and the tag is checked before the safetensors
@@ -42,10 +43,11 @@ import logging
 import mmap
 import os
 import re
+import stat
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -252,29 +254,50 @@ class AnswerFileSource:
                 f"site {site!r}: its {field!r} file would be {ref.bytes} bytes, above the "
                 f"{self.limit} bytes this model's answer can need; refused unread",
             )
-        try:
-            size = path.stat().st_size
-        except OSError:
+        try:  # never through a link, never waiting on a FIFO someone put there
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
             raise RejectedAnswer(
                 AnswerReason.MALFORMED,
                 f"site {site!r}: its {field!r} file {path} is not in the exchange folder; the "
                 "site and the coordinator must mount the same exchange storage at the same path",
             ) from None
-        if size != ref.bytes:
+        except OSError as error:  # ELOOP: a symbolic link; others: unreadable
             raise RejectedAnswer(
                 AnswerReason.UNREADABLE,
-                f"site {site!r}: its {field!r} file has {size} bytes, the signed answer says "
-                f"{ref.bytes}: altered or truncated; discarded",
+                f"site {site!r}: its {field!r} file {path} cannot be opened as a plain file "
+                f"({error.strerror}); discarded",
+            ) from None
+        handle = os.fdopen(fd, "rb", buffering=0, closefd=True) if _plain(fd) else None
+        if handle is None:
+            os.close(fd)
+            raise RejectedAnswer(
+                AnswerReason.UNREADABLE,
+                f"site {site!r}: its {field!r} file {path} is not a regular file; discarded",
             )
-        plain = _decrypt(path, ref, _associated_data(self.context, field), site=site, field=field)
-        self.taken += size
+        with handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size != ref.bytes:
+                raise RejectedAnswer(
+                    AnswerReason.UNREADABLE,
+                    f"site {site!r}: its {field!r} file has {size} bytes, the signed "
+                    f"answer says {ref.bytes}: altered or truncated; discarded",
+                )
+            associated = _associated_data(self.context, field)
+            plain = _decrypt(handle, ref, associated, site=site, field=field)
+        self.taken += ref.bytes
         return plain
 
 
+def _plain(fd: int) -> bool:
+    """Whether the open descriptor is a regular file (not a folder, FIFO or device)."""
+    return stat.S_ISREG(os.fstat(fd).st_mode)
+
+
 def _decrypt(
-    path: Path, ref: SealedFileRef, associated: bytes, *, site: str, field: str
+    handle: BinaryIO, ref: SealedFileRef, associated: bytes, *, site: str, field: str
 ) -> memoryview:
-    """Decrypt ``path`` in one pass over its mapping; the GCM tag checked before it is used.
+    """Decrypt the open file in one pass over its mapping; the GCM tag checked before use.
 
     Into an uninitialised buffer (``numpy.empty``: no pass to zero it first, half the time
     of a ``bytearray`` at 40 MB).
@@ -288,18 +311,17 @@ def _decrypt(
     decryptor.authenticate_additional_data(associated)
     target = np.empty(ref.bytes + _BLOCK, dtype=np.uint8).data  # a memoryview of it
     written = 0
-    with path.open("rb") as handle:
-        if ref.bytes:
-            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                source = memoryview(mapped)
-                try:
-                    for start in range(0, ref.bytes, CHUNK_BYTES):
-                        chunk = source[start : start + CHUNK_BYTES]
-                        end = written + len(chunk) + _BLOCK - 1
-                        written += decryptor.update_into(chunk, target[written:end])
-                        chunk.release()
-                finally:
-                    source.release()
+    if ref.bytes:
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            source = memoryview(mapped)
+            try:
+                for start in range(0, ref.bytes, CHUNK_BYTES):
+                    chunk = source[start : start + CHUNK_BYTES]
+                    end = written + len(chunk) + _BLOCK - 1
+                    written += decryptor.update_into(chunk, target[written:end])
+                    chunk.release()
+            finally:
+                source.release()
     try:
         decryptor.finalize_with_tag(tag)
     except InvalidTag:

@@ -8,6 +8,7 @@ the coordinator never allocates more than the model's size allows, and removes w
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +146,43 @@ def test_a_reference_naming_a_path_is_refused_before_any_read(tmp_path: Path, na
     encoded["file"]["file"] = name
     assert _reason(lambda: decode_arrays(encoded, source=_source(tmp_path))) is (
         AnswerReason.MALFORMED
+    )
+
+
+def _planted(tmp_path: Path, plant) -> dict:  # type: ignore[no-untyped-def,type-arg]
+    """A genuine answer whose file another party replaced with what ``plant`` makes."""
+    encoded = encode_arrays(ARRAYS, sink=_sink(tmp_path))
+    path = tmp_path / encoded["file"]["file"]
+    path.unlink()
+    plant(path)
+    return encoded
+
+
+def test_a_symbolic_link_in_place_of_the_file_is_never_followed(tmp_path: Path) -> None:
+    """A link to a file of the right size elsewhere: refused without reading its target."""
+    secret = tmp_path.parent / f"{tmp_path.name}-secret"
+    secret.write_bytes(b"s" * (4 * VALUES + 1024))
+    encoded = encode_arrays(ARRAYS, sink=_sink(tmp_path))
+    path = tmp_path / encoded["file"]["file"]
+    secret.write_bytes(b"s" * path.stat().st_size)
+    path.unlink()
+    path.symlink_to(secret)
+    with pytest.raises(RejectedAnswer, match="cannot be opened as a plain file"):
+        decode_arrays(encoded, source=_source(tmp_path))
+    assert secret.exists() and not path.is_symlink()  # the link removed, its target kept
+
+
+def test_a_fifo_in_place_of_the_file_is_refused_without_waiting(tmp_path: Path) -> None:
+    """A named pipe would block a plain open() forever: the coordinator never waits on it."""
+    encoded = _planted(tmp_path, os.mkfifo)
+    with pytest.raises(RejectedAnswer, match="not a regular file"):
+        decode_arrays(encoded, source=_source(tmp_path))
+
+
+def test_a_folder_in_place_of_the_file_is_refused(tmp_path: Path) -> None:
+    encoded = _planted(tmp_path, Path.mkdir)
+    assert _reason(lambda: decode_arrays(encoded, source=_source(tmp_path))) is (
+        AnswerReason.UNREADABLE
     )
 
 
