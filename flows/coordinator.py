@@ -73,7 +73,6 @@ class Run:
     link: RunLink
     central_test: Split | None
     origin: str
-    initial_parameters: NDArrays
     resumed: ResumePoint | None = None  # a crashed run picked up again (flows.resume)
 
     @property
@@ -154,11 +153,13 @@ def _open_tracking(
     return link
 
 
-def start_run(config: FederationConfig, *, resume: str | None = None) -> Run:
+def start_run(config: FederationConfig, *, resume: str | None = None) -> tuple[Run, NDArrays]:
     """Prepare the data (embedded sites only), the model, the strategy; open the MLflow run.
 
     The MLflow run is a new one, or, resuming (``resume``, or a Prefect retry of this very
-    flow run), the crashed run's, reopened (see :mod:`flows.resume`).
+    flow run), the crashed run's, reopened (see :mod:`flows.resume`). Returned beside the
+    run, not in it: θ_0, which the first state copies and nothing needs after that (a
+    100M-parameter model is 400 MB the coordinator would otherwise hold all run).
     """
     if config.data.source == "bundled" and config.backend == "local":
         materialize_sites(config)  # work-pool: sites hold their own data; never touch it here
@@ -179,7 +180,7 @@ def start_run(config: FederationConfig, *, resume: str | None = None) -> Run:
     else:
         link = _open_tracking(config, tracker, strategy, origin=origin, flow_run_id=flow_run_id)
     privacy.bind_run(link.run_id)  # record-level rows of the privacy report name it too
-    return Run(
+    run = Run(
         config=config,
         info=info,
         backend=build_backend(config, info, run_id=link.run_id),
@@ -190,9 +191,9 @@ def start_run(config: FederationConfig, *, resume: str | None = None) -> Run:
         # work-pool: the coordinator holds no data; the global score is the federated one
         central_test=central_test_split(config) if config.backend == "local" else None,
         origin=origin,
-        initial_parameters=parameters,
         resumed=resumed,
     )
+    return run, parameters
 
 
 def starting_privacy(run: Run, state: ServerState) -> ServerState:

@@ -21,7 +21,7 @@ from fl_components.config import FederationConfig
 from fl_components.data.check import model_input_names
 from fl_components.data.types import DatasetInfo, Split
 from fl_components.errors import BudgetExhaustedError
-from fl_components.parameters import set_parameters
+from fl_components.parameters import NDArrays, set_parameters
 from fl_components.promotion import PromotionDecision
 from fl_components.round.engine import (
     EvaluationRequest,
@@ -107,12 +107,15 @@ def _record(
     scores: dict[str, Metrics],
     history: list[dict[str, float]],
     *,
+    start: ServerState,
     ended: float,
 ) -> None:
     """Log the round (None: the baseline, round 0) whose evaluation just came in; checkpoint it.
 
-    Resumed, a round the crashed attempt logged already is only checkpointed (never logged
-    twice at one step), and the baseline is not logged again.
+    ``start``: the state the round now running started from; with ``pending`` None its
+    model is θ_0, which the baseline's central evaluation scores. Resumed, a round the
+    crashed attempt logged already is only checkpointed (never logged twice at one step),
+    and the baseline is not logged again.
     """
     logged = run.resumed.logged_rounds if run.resumed is not None else frozenset()
     round_num = 0 if pending is None else pending.report.round
@@ -124,7 +127,7 @@ def _record(
             )  # fmt: skip
         return
     if pending is None:
-        baseline = evaluation_metrics(run, run.initial_parameters, scores, round_num=0)
+        baseline = evaluation_metrics(run, start.parameters, scores, round_num=0)
         run.tracker.log_metrics(baseline, step=0)
         history.append({"round": 0.0, **baseline})
         return
@@ -213,7 +216,7 @@ def _retry_round(
         plan = plan_round(run, state, round_num=round_num, evaluation=None)
         state = begin_round(run, state, plan)  # each attempt charged: the next one sees it
         try:
-            next_state, outcome = run_round(state, plan, run.backend, run.strategy)
+            next_state, outcome = _run_round(run, state, plan)
         except RoundAbortedError as again:
             error = again
             if not _retry_worthwhile(run, again):
@@ -228,14 +231,38 @@ def _retry_round(
     ) from None
 
 
-def _starting_point(
+def _after_abort(
     run: Run,
+    pending: TrainedRound | None,
+    state: ServerState,
+    plan: RoundPlan,
+    error: RoundAbortedError,
+    history: list[dict[str, float]],
+    *,
+    round_num: int,
+) -> tuple[RoundPlan, ServerState, RoundReport]:
+    """An aborted round: log the previous round (its score still counts); retry, or raise."""
+    _record(run, pending, error.evaluations, history, start=state, ended=time.perf_counter())
+    if not _retry_worthwhile(run, error):
+        record_aborted(run, state, plan, error.dropouts)
+        raise error
+    return _retry_round(run, state, error, round_num=round_num)
+
+
+def _run_round(run: Run, state: ServerState, plan: RoundPlan) -> tuple[ServerState, RoundReport]:
+    """One round through the engine; its report kept without the arrays it applied."""
+    next_state, outcome = run_round(state, plan, run.backend, run.strategy)
+    return next_state, outcome.released()
+
+
+def _starting_point(
+    run: Run, theta_0: NDArrays
 ) -> tuple[int, ServerState, list[dict[str, float]], EvaluationRequest | None]:
     """First round, state, history so far, and the evaluation the first dispatch carries."""
     point = run.resumed
     state = point.state() if point is not None else None
     if point is None or state is None:  # a fresh run: the baseline rides with round 1
-        initial = starting_privacy(run, run.strategy.initial_state(run.initial_parameters))
+        initial = starting_privacy(run, run.strategy.initial_state(theta_0))
         return 1, initial, [], EvaluationRequest(round=0, sites=run.config.site_names)
     # adaptive clipping goes on from state.clip_norm, where the checkpoint left it; the
     # accountant from the ledger's rounds and whatever the crashed attempt began
@@ -254,9 +281,10 @@ def federated_training(
     Cancelled (its flow run CANCELLING, seen between rounds or before the registration),
     it returns a ``Cancelled`` state: its MLflow run ends KILLED, nothing is registered.
     """
-    run = start_run(config, resume=resume)
+    run, theta_0 = start_run(config, resume=resume)
     report("start", {"config": config, "run_id": run.run_id})
-    first, state, history, evaluation = _starting_point(run)
+    first, state, history, evaluation = _starting_point(run, theta_0)
+    del theta_0  # the first state holds its own copy: one model fewer held all run
     pending: TrainedRound | None = None
     status, version, decision = "FAILED", None, None
     try:
@@ -272,20 +300,18 @@ def federated_training(
                 continue
             started = time.perf_counter()
             try:
-                next_state, outcome = run_round(state, plan, run.backend, run.strategy)
+                next_state, outcome = _run_round(run, state, plan)
             except RoundAbortedError as error:  # the previous round's score still counts
-                _record(run, pending, error.evaluations, history, ended=time.perf_counter())
-                if not _retry_worthwhile(run, error):
-                    record_aborted(run, state, plan, error.dropouts)
-                    raise
-                plan, next_state, outcome = _retry_round(run, state, error, round_num=round_num)
+                plan, next_state, outcome = _after_abort(
+                    run, pending, state, plan, error, history, round_num=round_num
+                )
             else:
-                _record(run, pending, outcome.evaluations, history, ended=started)
+                _record(run, pending, outcome.evaluations, history, start=state, ended=started)
             privacy_metrics, state = account_round(run, outcome, next_state)
             pending = TrainedRound(outcome, state, {**outcome.metrics, **privacy_metrics}, started)
             evaluation = EvaluationRequest(round=round_num, sites=config.site_names)
         scores = _final_scores(run, state, evaluation, last_round=first - 1)
-        _record(run, pending, scores, history, ended=time.perf_counter())
+        _record(run, pending, scores, history, start=state, ended=time.perf_counter())
         version, decision = _finish(run, state, history, scores)
         publish_run_summary(
             config, run.tracker, final=history[-1], version=version, decision=decision

@@ -223,6 +223,18 @@ class RoundReport:
         """Updates refused before aggregation (invalid or failing a protocol check)."""
         return [d for d in self.dropouts if d.kind in (DropoutKind.INVALID, DropoutKind.REJECTED)]
 
+    def released(self) -> RoundReport:
+        """The report without its arrays: the aggregate's and the updates' (applied already).
+
+        What a caller keeps while the next round runs: who, scores, figures and the privacy
+        record, so no model-sized array of a round already applied stays alive.
+        """
+        return replace(
+            self,
+            updates=[replace(u, delta=[], control_delta=None) for u in self.updates],
+            aggregated=replace(self.aggregated, delta=[], control_delta=None),
+        )
+
 
 @dataclass
 class UpdateStream:
